@@ -1,0 +1,267 @@
+//! Types shared by the XDP program and the agent: map keys, map values and limits.
+//!
+//! Everything here is `#[repr(C)]` plain old data, so the same bytes mean the same thing on
+//! both sides of a BPF map. Addresses and ports are kept in network byte order, exactly as
+//! they appear in packets, so the data plane compares them without swapping.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Most VIPs one balancer serves; also the length of the per-VIP arrays.
+pub const MAX_VIPS: u32 = 512;
+/// Most backends over all VIPs; a backend id indexes the backend arrays.
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Entries of the ring slab: every VIP's selection ring lives in one slice of it.
+pub const RING_SLAB_LEN: u32 = 1 << 22;
+/// Flows the flow table keeps before the least recently used are evicted.
+pub const MAX_FLOWS: u32 = 1 << 20;
+/// Egress interfaces the devmap can hold.
+pub const MAX_TX_PORTS: u32 = 64;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An address of either family. IPv4 uses the first word; the rest stay zero so that one
+/// key type serves both families without ambiguity (the family byte sits beside it).
+pub type Addr = [u32; 4];
+
+/// A virtual service: what clients connect to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// A VIP's address alone: packets to it are ours to judge even when no service matches
+/// (fragments, options, extension headers are dropped rather than handed to the host).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipAddr {
+    pub addr: Addr,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Where a VIP's current selection ring lives, swapped whole on every change so the data
+/// plane never reads a half-written ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipMeta {
+    /// Index of this VIP in the per-VIP arrays (counters, round robin cursors).
+    pub vip_id: u32,
+    /// First slab entry of the ring in use.
+    pub ring_off: u32,
+    /// Entries in the ring; 0 means no backend can take new flows.
+    pub ring_len: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+}
+
+/// New flows take ring entries by hash of the 5-tuple (Maglev) instead of in turn.
+pub const VIP_F_HASH: u32 = 1;
+
+/// The 5-tuple of a flow, as seen arriving from the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The backend a flow is pinned to. The generation guards against a backend id being
+/// reused for another server after the one the flow was pinned to was removed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowValue {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+}
+
+/// A real server as the data plane needs it: where to send frames and how.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Bumped each time the id is given to another server.
+    pub generation: u32,
+    /// Egress interface (from the kernel's FIB), 0 while unknown.
+    pub ifindex: u32,
+    /// Destination MAC (from the kernel's neighbour table).
+    pub mac: [u8; 6],
+    /// Source MAC: the egress interface's own.
+    pub src_mac: [u8; 6],
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The id is in use by a configured backend.
+pub const BACKEND_F_IN_USE: u32 = 1;
+/// `mac`, `src_mac` and `ifindex` are valid.
+pub const BACKEND_F_RESOLVED: u32 = 1 << 1;
+/// Established flows may stay (set while the backend is up, and while it drains).
+pub const BACKEND_F_KEEP_FLOWS: u32 = 1 << 2;
+
+/// Packet and byte counters, kept per CPU and summed by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Why a packet was passed to the kernel or dropped. The index into the reason counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Forwarded to a backend (XDP_TX or XDP_REDIRECT).
+    Forwarded = 0,
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): the host's business.
+    PassNotIp,
+    /// IP traffic not addressed to a configured VIP.
+    PassNotVip,
+    /// The chosen backend's neighbour is not resolved yet.
+    PassNoNeigh,
+    /// The frame ends inside the Ethernet, VLAN or IP header.
+    DropTruncatedL3,
+    /// The frame ends inside the TCP or UDP header of a packet to a VIP address.
+    DropTruncatedL4,
+    /// Impossible IP header: bad version, IHL below 5, lengths past the frame.
+    DropBadIpHeader,
+    /// IPv4 fragment to a VIP address: it cannot be tied to a flow.
+    DropFragment,
+    /// IPv4 options on a packet to a VIP.
+    DropIpOptions,
+    /// IPv6 extension header (or other next header) to a VIP address.
+    DropIpv6ExtHeader,
+    /// The VIP has no backend that can take a new flow.
+    DropNoBackend,
+    /// Redirect to the egress interface failed.
+    DropRedirectFailed,
+}
+
+pub const REASON_COUNT: u32 = 12;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::Forwarded,
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassNoNeigh,
+        Reason::DropTruncatedL3,
+        Reason::DropTruncatedL4,
+        Reason::DropBadIpHeader,
+        Reason::DropFragment,
+        Reason::DropIpOptions,
+        Reason::DropIpv6ExtHeader,
+        Reason::DropNoBackend,
+        Reason::DropRedirectFailed,
+    ];
+
+    /// Stable name used in the CLI, JSON and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassNoNeigh => "pass_no_neigh",
+            Reason::DropTruncatedL3 => "drop_truncated_l3",
+            Reason::DropTruncatedL4 => "drop_truncated_l4",
+            Reason::DropBadIpHeader => "drop_bad_ip_header",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropIpOptions => "drop_ip_options",
+            Reason::DropIpv6ExtHeader => "drop_ipv6_ext_header",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropRedirectFailed => "drop_redirect_failed",
+        }
+    }
+}
+
+/// Map names, shared so the loader looks up exactly what the program defines.
+pub mod maps {
+    pub const VIPS: &str = "VIPS";
+    pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const RING_SLAB: &str = "RING_SLAB";
+    pub const RR_CURSOR: &str = "RR_CURSOR";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+}
+
+/// The XDP program's name in the object file.
+pub const PROGRAM_NAME: &str = "lb_xdp";
+
+/// Hash of a flow's 5-tuple, the same in the data plane and in the agent (Maglev tests and
+/// tools predict where a flow lands). A murmur3-style mix: cheap, no tables, no loops the
+/// verifier has to bound beyond the fixed ten words.
+#[inline(always)]
+pub fn flow_hash(k: &FlowKey) -> u32 {
+    let words: [u32; 10] = bytemuck::cast(*k);
+    let mut h: u32 = 0x9747_b28c;
+    let mut i = 0;
+    while i < 10 {
+        let mut w = words[i].wrapping_mul(0xcc9e_2d51);
+        w = w.rotate_left(15).wrapping_mul(0x1b87_3593);
+        h ^= w;
+        h = h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 40;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C) Pod types with no padding holes the kernel could
+    // misread (checked by bytemuck's derive).
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipAddr {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_indexed_in_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.name());
+        }
+    }
+
+    #[test]
+    fn layouts_have_no_surprises() {
+        assert_eq!(core::mem::size_of::<VipKey>(), 20);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<Backend>(), 44);
+    }
+}
