@@ -8,7 +8,7 @@ use std::os::fd::AsFd as _;
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
     programs::{TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
@@ -23,7 +23,8 @@ pub struct Datapath {
     vip_addrs: HashMap<MapData, VipAddr, u32>,
     ring_slab: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    flows: LruHashMap<MapData, FlowKey, FlowValue>,
+    // aya reads LRU hash maps through its HashMap type.
+    flows: HashMap<MapData, FlowKey, FlowValue>,
     tx_ports: DevMapHash<MapData>,
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
@@ -135,7 +136,7 @@ impl Datapath {
     }
 
     pub fn set_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
-        self.vip_addrs.insert(addr, 1, 0).context("writing VIP_ADDRS")
+        self.vip_addrs.insert(addr, &1, 0).context("writing VIP_ADDRS")
     }
 
     pub fn del_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
@@ -192,7 +193,7 @@ impl Datapath {
     /// Zeroes a VIP's or backend's counters when its id is given to a new one.
     pub fn reset_counters(&mut self, vip_id: Option<u32>, backend_id: Option<u32>) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let zero = || aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus]);
+        let zero = || aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]);
         if let Some(id) = vip_id {
             self.vip_stats.set(id, zero()?, 0)?;
         }

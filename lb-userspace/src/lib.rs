@@ -1,4 +1,12 @@
 //! The agent and CLI of the XDP load balancer.
 
+pub mod agent;
+pub mod config;
+pub mod control;
+pub mod datapath;
+pub mod model;
+pub mod netif;
+pub mod table;
+
 /// The compiled XDP program, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

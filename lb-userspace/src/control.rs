@@ -1,0 +1,126 @@
+//! The control protocol between the CLI and the agent: one JSON request line, one JSON
+//! response line, over a root-only Unix socket.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Proto;
+
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+/// Longest request line the agent reads; anything longer is refused, not buffered.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    VipAdd { vip: SocketAddr, proto: Proto },
+    VipDel { vip: SocketAddr, proto: Proto },
+    VipList,
+    BackendAdd { vip: SocketAddr, proto: Proto, backend: IpAddr },
+    BackendDel { vip: SocketAddr, proto: Proto, backend: IpAddr },
+    BackendList { vip: Option<SocketAddr>, proto: Proto },
+    Stats,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// Done; `message` is for people, `data` for `--json` and tables.
+    Ok {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        #[serde(default)]
+        data: serde_json::Value,
+    },
+    /// Refused or failed; the running state is unchanged.
+    Error { error: String },
+}
+
+impl Response {
+    pub fn message(m: impl Into<String>) -> Self {
+        Response::Ok { message: Some(m.into()), data: serde_json::Value::Null }
+    }
+
+    pub fn data(data: serde_json::Value) -> Self {
+        Response::Ok { message: None, data }
+    }
+}
+
+/// Decodes one request line; never panics, whatever the bytes.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+    }
+    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+/// Sends one request to the agent at `socket` and waits for its answer.
+pub fn call(socket: &Path, request: &Request) -> Result<Response> {
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
+            "no agent is running on {} (start one with `lb run --iface IF`)",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow!("permission denied on {}: the control socket is root-only", socket.display())
+        }
+        _ => anyhow!("cannot reach the agent on {}: {e}", socket.display()),
+    })?;
+    // Backend changes wait briefly for neighbour resolution; nothing takes longer.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer)?;
+    if answer.is_empty() {
+        bail!("the agent closed the connection without answering");
+    }
+    serde_json::from_str(&answer).map_err(|e| anyhow!("unreadable answer from the agent: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::BackendAdd {
+            vip: "[fd00::1]:80".parse().unwrap(),
+            proto: Proto::Tcp,
+            backend: "fd00::2".parse().unwrap(),
+        };
+        let line = serde_json::to_vec(&r).unwrap();
+        assert_eq!(decode_request(&line).unwrap(), r);
+    }
+
+    #[test]
+    fn junk_is_a_clear_error() {
+        assert!(decode_request(b"").is_err());
+        assert!(decode_request(b"{\"cmd\":\"vip_add\"}").unwrap_err().contains("missing field"));
+        assert!(decode_request(b"{\"cmd\":\"vip_add\",\"vip\":\"10.0.0.1\",\"proto\":\"tcp\"}").is_err());
+        assert!(decode_request(b"{\"cmd\":\"rm_rf\"}").is_err());
+        assert!(decode_request(&vec![b' '; MAX_REQUEST_BYTES + 1]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_near_misses(s in r#"\{"cmd":"(vip|backend)_(add|del|list)"(,"[a-z]{1,8}":("[0-9a-f.:\[\]]{0,20}"|[0-9]{1,6}|null))*\}"#) {
+            let _ = decode_request(s.as_bytes());
+        }
+    }
+}

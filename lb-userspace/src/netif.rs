@@ -1,0 +1,182 @@
+//! What the kernel knows about reaching a backend: egress interface (FIB), the backend's MAC
+//! (neighbour table) and the interface's own MAC. Read over rtnetlink, in the agent's
+//! network namespace (sysfs may show another one under `nsenter`).
+
+use std::{ffi::CString, net::IpAddr, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures::TryStreamExt as _;
+use netlink_packet_route::{
+    link::LinkAttribute,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::{RouteAttribute, RouteType},
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+/// Interface index by name; a one-line error when it does not exist.
+pub fn index(name: &str) -> Result<u32> {
+    let c = CString::new(name).map_err(|_| anyhow!("bad interface name {name:?}"))?;
+    // SAFETY: valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface named {name}"),
+        i => Ok(i),
+    }
+}
+
+/// How to put a frame on the wire for a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Path {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// Why a backend cannot be reached at L2 (yet).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unresolved {
+    /// The route goes through a gateway: direct server return needs backends on-link.
+    NotOnLink(String),
+    /// No usable neighbour entry yet (being resolved, or failed).
+    NoNeighbour { ifindex: u32 },
+}
+
+/// Talks rtnetlink; one per agent.
+pub struct Netif {
+    handle: Handle,
+}
+
+impl Netif {
+    /// Opens a netlink connection; its I/O runs on the current tokio runtime.
+    pub fn new() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// The egress interface for `addr`, if it is directly connected.
+    pub async fn route(&self, addr: IpAddr) -> Result<std::result::Result<u32, Unresolved>> {
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(addr, prefix)
+            .map_err(|e| anyhow!("{e}"))?
+            .build();
+        let mut routes = self.handle.route().get(msg).execute();
+        let Some(route) = routes.try_next().await.with_context(|| format!("no route to {addr}"))?
+        else {
+            bail!("no route to {addr}");
+        };
+        if route.header.kind != RouteType::Unicast {
+            bail!("{addr} is not a unicast destination ({:?})", route.header.kind);
+        }
+        let mut oif = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Gateway(gw) => {
+                    return Ok(Err(Unresolved::NotOnLink(format!("{addr} is routed via {gw:?}"))));
+                }
+                _ => {}
+            }
+        }
+        oif.map(Ok).ok_or_else(|| anyhow!("route to {addr} has no output interface"))
+    }
+
+    /// The MAC address of interface `ifindex`.
+    pub async fn link_mac(&self, ifindex: u32) -> Result<[u8; 6]> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links
+            .try_next()
+            .await?
+            .ok_or_else(|| anyhow!("interface {ifindex} vanished"))?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(mac) if mac.len() == 6 => mac.as_slice().try_into().ok(),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
+    }
+
+    /// The neighbour entry for `addr` on `ifindex`, if the kernel has a usable one.
+    pub async fn neighbour(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
+        let mut neighbours = self.handle.neighbours().get().execute();
+        while let Some(n) = neighbours.try_next().await? {
+            if n.header.ifindex != ifindex {
+                continue;
+            }
+            let usable = matches!(
+                n.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            );
+            let mut dst = None;
+            let mut lladdr = None;
+            for attr in &n.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(*a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(*a))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(mac) if mac.len() == 6 => {
+                        lladdr = <[u8; 6]>::try_from(mac.as_slice()).ok()
+                    }
+                    _ => {}
+                }
+            }
+            if dst == Some(addr) && usable {
+                return Ok(lladdr);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Everything needed to forward to `addr`, or why not yet. When the neighbour is missing
+    /// it asks the kernel to resolve it (see `provoke_resolution`), so a later call succeeds.
+    pub async fn resolve(&self, addr: IpAddr) -> Result<std::result::Result<L2Path, Unresolved>> {
+        let ifindex = match self.route(addr).await? {
+            Ok(i) => i,
+            Err(why) => return Ok(Err(why)),
+        };
+        let src_mac = self.link_mac(ifindex).await?;
+        match self.neighbour(ifindex, addr).await? {
+            Some(dst_mac) => Ok(Ok(L2Path { ifindex, src_mac, dst_mac })),
+            None => {
+                provoke_resolution(addr);
+                Ok(Err(Unresolved::NoNeighbour { ifindex }))
+            }
+        }
+    }
+
+    /// Resolves, waiting up to `timeout` for the neighbour to appear.
+    pub async fn resolve_within(
+        &self,
+        addr: IpAddr,
+        timeout: Duration,
+    ) -> Result<std::result::Result<L2Path, Unresolved>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let r = self.resolve(addr).await?;
+            if r.is_ok() || tokio::time::Instant::now() >= deadline {
+                return Ok(r);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The kernel resolves a neighbour when it has something to send to it. One empty UDP
+/// datagram to the discard port is the least intrusive such thing: no connection, no
+/// payload, and the backend answers at most with an ICMP error.
+fn provoke_resolution(addr: IpAddr) {
+    let bind: std::net::SocketAddr =
+        if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    if let Ok(sock) = std::net::UdpSocket::bind(bind) {
+        let _ = sock.send_to(&[], (addr, 9));
+    }
+}
