@@ -65,8 +65,10 @@ impl Netif {
         else {
             bail!("no route to {addr}");
         };
-        if route.header.kind != RouteType::Unicast {
-            bail!("{addr} is not a unicast destination ({:?})", route.header.kind);
+        match route.header.kind {
+            RouteType::Unicast => {}
+            RouteType::Local => bail!("{addr} is an address of this host, not a backend"),
+            kind => bail!("{addr} is not a unicast destination ({kind:?})"),
         }
         let mut oif = None;
         for attr in &route.attributes {

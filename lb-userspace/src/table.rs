@@ -55,10 +55,13 @@ pub fn stats(data: &Value) -> String {
     out += "\n";
     out += &backends(&data["backends"]);
     out += "\n";
-    let reasons = data["reasons"].as_object().cloned().unwrap_or_default();
-    let rows = reasons
+    // In the data plane's order (forwarded, passes, drops), not the JSON object's.
+    let rows = lb_common::Reason::ALL
         .iter()
-        .map(|(name, c)| vec![name.clone(), s(&c["packets"]), s(&c["bytes"])])
+        .map(|r| {
+            let c = &data["reasons"][r.name()];
+            vec![r.name().to_string(), s(&c["packets"]), s(&c["bytes"])]
+        })
         .collect();
     out += &render(&["REASON", "PACKETS", "BYTES"], rows);
     out
