@@ -22,7 +22,11 @@ fn main() -> anyhow::Result<()> {
     let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.98.0".into());
     println!("cargo::rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "lb-ebpf", root_dir: root_dir.as_str(), ..Default::default() }],
+        [aya_build::Package {
+            name: "lb-ebpf",
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(&toolchain),
     )
 }

@@ -104,11 +104,17 @@ impl Agent {
     }
 
     fn vip(&self, service: &Service) -> Result<&VipState> {
-        self.vips.iter().find(|v| v.service == *service).ok_or_else(|| anyhow!("no VIP {service}"))
+        self.vips
+            .iter()
+            .find(|v| v.service == *service)
+            .ok_or_else(|| anyhow!("no VIP {service}"))
     }
 
     fn vip_index(&self, service: &Service) -> Result<usize> {
-        self.vips.iter().position(|v| v.service == *service).ok_or_else(|| anyhow!("no VIP {service}"))
+        self.vips
+            .iter()
+            .position(|v| v.service == *service)
+            .ok_or_else(|| anyhow!("no VIP {service}"))
     }
 
     // ---- changes ---------------------------------------------------------------------
@@ -117,7 +123,10 @@ impl Agent {
         if self.vip(&service).is_ok() {
             bail!("VIP {service} already exists");
         }
-        let (id, _) = self.vip_ids.take().ok_or_else(|| anyhow!("VIP table full ({MAX_VIPS})"))?;
+        let (id, _) = self
+            .vip_ids
+            .take()
+            .ok_or_else(|| anyhow!("VIP table full ({MAX_VIPS})"))?;
         let Some(rings) = RingRegions::alloc(&mut self.slab, INITIAL_RING_CAPACITY) else {
             self.vip_ids.give_back(id);
             bail!("ring slab full: remove unused VIPs first");
@@ -129,9 +138,20 @@ impl Agent {
             self.datapath.set_vip_addr(&addr_key)?;
         }
         *refs += 1;
-        let meta = VipMeta { vip_id: id, ring_off: rings.offs[rings.active], ring_len: 0, flags: 0 };
+        let meta = VipMeta {
+            vip_id: id,
+            ring_off: rings.offs[rings.active],
+            ring_len: 0,
+            flags: 0,
+        };
         self.datapath.set_vip(&service.key(), &meta)?;
-        self.vips.push(VipState { service, id, backends: Vec::new(), rings, ring_len: 0 });
+        self.vips.push(VipState {
+            service,
+            id,
+            backends: Vec::new(),
+            rings,
+            ring_len: 0,
+        });
         Ok(())
     }
 
@@ -173,9 +193,17 @@ impl Agent {
             bail!("backend {addr} already serves VIP {service}");
         }
         let (l2, note) = self.resolve(addr, wait).await?;
-        let (id, generation) =
-            self.backend_ids.take().ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
-        let mut backend = BackendState { addr, id, generation, l2: None, note: None };
+        let (id, generation) = self
+            .backend_ids
+            .take()
+            .ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
+        let mut backend = BackendState {
+            addr,
+            id,
+            generation,
+            l2: None,
+            note: None,
+        };
         self.datapath.reset_counters(None, Some(id))?;
         self.write_backend(&mut backend, l2, note.clone())?;
         self.vips[index].backends.push(backend);
@@ -194,24 +222,41 @@ impl Agent {
         // Out of the ring first, so no new flow picks it while it is being cleared.
         self.rebuild_ring(index)?;
         self.clear_backend(&backend)?;
-        self.retired.push((Instant::now(), Retired::BackendId(backend.id)));
+        self.retired
+            .push((Instant::now(), Retired::BackendId(backend.id)));
         Ok(())
     }
 
     /// Flows pinned to a cleared backend find it not in use and are re-balanced.
     fn clear_backend(&mut self, b: &BackendState) -> Result<()> {
-        self.datapath.set_backend(b.id, &Backend { generation: b.generation, ..Default::default() })
+        self.datapath.set_backend(
+            b.id,
+            &Backend {
+                generation: b.generation,
+                ..Default::default()
+            },
+        )
     }
 
-    async fn resolve(&self, addr: IpAddr, wait: Duration) -> Result<(Option<L2Path>, Option<String>)> {
+    async fn resolve(
+        &self,
+        addr: IpAddr,
+        wait: Duration,
+    ) -> Result<(Option<L2Path>, Option<String>)> {
         Ok(match self.netif.resolve_within(addr, wait).await? {
             Ok(l2) => (Some(l2), None),
-            Err(Unresolved::NotOnLink(why)) => {
-                (None, Some(format!("{why}: direct server return needs backends on a local link")))
-            }
-            Err(Unresolved::NoNeighbour { ifindex }) => {
-                (None, Some(format!("MAC address not resolved yet (interface {ifindex})")))
-            }
+            Err(Unresolved::NotOnLink(why)) => (
+                None,
+                Some(format!(
+                    "{why}: direct server return needs backends on a local link"
+                )),
+            ),
+            Err(Unresolved::NoNeighbour { ifindex }) => (
+                None,
+                Some(format!(
+                    "MAC address not resolved yet (interface {ifindex})"
+                )),
+            ),
         })
     }
 
@@ -251,8 +296,16 @@ impl Agent {
     /// VIP to it with one map update.
     fn rebuild_ring(&mut self, index: usize) -> Result<()> {
         let vip = &self.vips[index];
-        let eligible: Vec<u32> =
-            vip.backends.iter().filter(|b| b.l2.is_some()).map(|b| b.id).collect();
+        let eligible: Vec<model::RingMember> = vip
+            .backends
+            .iter()
+            .filter(|b| b.l2.is_some())
+            .map(|b| model::RingMember {
+                id: b.id,
+                weight: 1,
+                addr: b.addr,
+            })
+            .collect();
         let ring = model::round_robin_ring(&eligible);
         let len = ring.len() as u32;
         let mut rings = vip.rings;
@@ -264,7 +317,12 @@ impl Agent {
         }
         let off = rings.inactive_off();
         self.datapath.write_ring(off, &ring)?;
-        let meta = VipMeta { vip_id: vip.id, ring_off: off, ring_len: len, flags: 0 };
+        let meta = VipMeta {
+            vip_id: vip.id,
+            ring_off: off,
+            ring_len: len,
+            flags: 0,
+        };
         self.datapath.set_vip(&vip.service.key(), &meta)?;
         rings.active = 1 - rings.active;
         let vip = &mut self.vips[index];
@@ -290,13 +348,26 @@ impl Agent {
                 if l2 != old {
                     let mut b = std::mem::replace(
                         &mut self.vips[index].backends[bi],
-                        BackendState { addr, id: 0, generation: 0, l2: None, note: None },
+                        BackendState {
+                            addr,
+                            id: 0,
+                            generation: 0,
+                            l2: None,
+                            note: None,
+                        },
                     );
                     let result = self.write_backend(&mut b, l2, note);
                     self.vips[index].backends[bi] = b;
                     result?;
                     changed_ring |= l2.is_some() != old.is_some();
-                    log::info!("backend {addr}: {}", if l2.is_some() { "resolved" } else { "lost its neighbour" });
+                    log::info!(
+                        "backend {addr}: {}",
+                        if l2.is_some() {
+                            "resolved"
+                        } else {
+                            "lost its neighbour"
+                        }
+                    );
                 } else {
                     self.vips[index].backends[bi].note = note;
                 }
@@ -306,8 +377,9 @@ impl Agent {
             }
         }
         let now = Instant::now();
-        let (due, keep): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.retired).into_iter().partition(|(t, _)| now - *t >= QUARANTINE);
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(t, _)| now - *t >= QUARANTINE);
         self.retired = keep;
         for (_, r) in due {
             match r {
@@ -329,7 +401,11 @@ impl Agent {
                 .map(|v| VipConfig {
                     address: v.service.addr,
                     proto: v.service.proto,
-                    backends: v.backends.iter().map(|b| BackendConfig { address: b.addr }).collect(),
+                    backends: v
+                        .backends
+                        .iter()
+                        .map(|b| BackendConfig { address: b.addr })
+                        .collect(),
                 })
                 .collect(),
         }
@@ -347,7 +423,13 @@ impl Agent {
         }
         // Resolution was asked for above; give the kernel a moment to answer.
         let deadline = Instant::now() + RESOLVE_WAIT;
-        while Instant::now() < deadline && self.vips.iter().flat_map(|v| &v.backends).any(|b| b.l2.is_none()) {
+        while Instant::now() < deadline
+            && self
+                .vips
+                .iter()
+                .flat_map(|v| &v.backends)
+                .any(|b| b.l2.is_none())
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
             self.refresh(false).await?;
         }
@@ -370,7 +452,9 @@ impl Agent {
                 },
             },
             Ok(response) => response,
-            Err(e) => Response::Error { error: format!("{e:#}") },
+            Err(e) => Response::Error {
+                error: format!("{e:#}"),
+            },
         }
     }
 
@@ -386,7 +470,11 @@ impl Agent {
                 self.del_vip(&service)?;
                 Response::message(format!("removed VIP {service}"))
             }
-            Request::BackendAdd { vip, proto, backend } => {
+            Request::BackendAdd {
+                vip,
+                proto,
+                backend,
+            } => {
                 let service = Service { addr: vip, proto };
                 let note = self.add_backend(&service, backend, RESOLVE_WAIT).await?;
                 Response::message(match note {
@@ -396,7 +484,11 @@ impl Agent {
                     ),
                 })
             }
-            Request::BackendDel { vip, proto, backend } => {
+            Request::BackendDel {
+                vip,
+                proto,
+                backend,
+            } => {
                 let service = Service { addr: vip, proto };
                 self.del_backend(&service, backend)?;
                 Response::message(format!("removed backend {backend} from VIP {service}"))
@@ -433,7 +525,11 @@ impl Agent {
     fn backend_list(&self, filter: Option<&Service>) -> Result<serde_json::Value> {
         let flows = self.datapath.flows_per_backend();
         let mut out = Vec::new();
-        for v in self.vips.iter().filter(|v| filter.is_none_or(|f| *f == v.service)) {
+        for v in self
+            .vips
+            .iter()
+            .filter(|v| filter.is_none_or(|f| *f == v.service))
+        {
             for b in &v.backends {
                 let c = self.datapath.backend_counters(b.id)?;
                 let generation_flows = flows.get(&b.id).copied().unwrap_or(0);
@@ -459,7 +555,10 @@ impl Agent {
         let reasons = self.datapath.reason_counters()?;
         let mut by_reason = serde_json::Map::new();
         for (r, c) in Reason::ALL.iter().zip(&reasons) {
-            by_reason.insert(r.name().into(), json!({"packets": c.packets, "bytes": c.bytes}));
+            by_reason.insert(
+                r.name().into(),
+                json!({"packets": c.packets, "bytes": c.bytes}),
+            );
         }
         Ok(json!({
             "vips": self.vip_list()?,
@@ -470,7 +569,10 @@ impl Agent {
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 // ---- running ---------------------------------------------------------------------------
@@ -515,7 +617,12 @@ pub async fn run(opts: Options) -> Result<()> {
             let mut tick = tokio::time::interval(REFRESH_TICK);
             for n in 0u32.. {
                 tick.tick().await;
-                if let Err(e) = agent.lock().await.refresh(n % FULL_REFRESH_TICKS == 0).await {
+                if let Err(e) = agent
+                    .lock()
+                    .await
+                    .refresh(n % FULL_REFRESH_TICKS == 0)
+                    .await
+                {
                     log::warn!("neighbour refresh: {e:#}");
                 }
             }
@@ -563,8 +670,8 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding the control socket {}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

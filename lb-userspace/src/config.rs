@@ -73,11 +73,16 @@ impl Config {
     /// the new one, never a torn one: temp file in the same directory, fsync, rename.
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = toml::to_string_pretty(self).context("serializing the configuration")?;
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let tmp: PathBuf = dir.join(format!(
             ".{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("lb.toml")
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("lb.toml")
         ));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
@@ -126,7 +131,9 @@ proto = "udp"
         assert!(err.contains("protocol"), "{err}");
         assert!(!err.contains('\n'), "{err}");
 
-        let err = Config::parse("[[vip]]\naddress = \"10.0.0.1\"\n").unwrap_err().to_string();
+        let err = Config::parse("[[vip]]\naddress = \"10.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("line 2:"), "{err}");
     }
 
@@ -138,7 +145,10 @@ proto = "udp"
         let config = Config::parse("[[vip]]\naddress = \"10.0.0.1:80\"\n").unwrap();
         config.save(&path).unwrap();
         assert_eq!(Config::load(&path).unwrap(), config);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "no temp file left behind: {names:?}");
     }
 }

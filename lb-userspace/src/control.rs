@@ -21,12 +21,29 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    VipAdd { vip: SocketAddr, proto: Proto },
-    VipDel { vip: SocketAddr, proto: Proto },
+    VipAdd {
+        vip: SocketAddr,
+        proto: Proto,
+    },
+    VipDel {
+        vip: SocketAddr,
+        proto: Proto,
+    },
     VipList,
-    BackendAdd { vip: SocketAddr, proto: Proto, backend: IpAddr },
-    BackendDel { vip: SocketAddr, proto: Proto, backend: IpAddr },
-    BackendList { vip: Option<SocketAddr>, proto: Proto },
+    BackendAdd {
+        vip: SocketAddr,
+        proto: Proto,
+        backend: IpAddr,
+    },
+    BackendDel {
+        vip: SocketAddr,
+        proto: Proto,
+        backend: IpAddr,
+    },
+    BackendList {
+        vip: Option<SocketAddr>,
+        proto: Proto,
+    },
     Stats,
 }
 
@@ -46,11 +63,17 @@ pub enum Response {
 
 impl Response {
     pub fn message(m: impl Into<String>) -> Self {
-        Response::Ok { message: Some(m.into()), data: serde_json::Value::Null }
+        Response::Ok {
+            message: Some(m.into()),
+            data: serde_json::Value::Null,
+        }
     }
 
     pub fn data(data: serde_json::Value) -> Self {
-        Response::Ok { message: None, data }
+        Response::Ok {
+            message: None,
+            data,
+        }
     }
 }
 
@@ -70,7 +93,10 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
             socket.display()
         ),
         std::io::ErrorKind::PermissionDenied => {
-            anyhow!("permission denied on {}: the control socket is root-only", socket.display())
+            anyhow!(
+                "permission denied on {}: the control socket is root-only",
+                socket.display()
+            )
         }
         _ => anyhow!("cannot reach the agent on {}: {e}", socket.display()),
     })?;
@@ -106,8 +132,15 @@ mod tests {
     #[test]
     fn junk_is_a_clear_error() {
         assert!(decode_request(b"").is_err());
-        assert!(decode_request(b"{\"cmd\":\"vip_add\"}").unwrap_err().contains("missing field"));
-        assert!(decode_request(b"{\"cmd\":\"vip_add\",\"vip\":\"10.0.0.1\",\"proto\":\"tcp\"}").is_err());
+        assert!(
+            decode_request(b"{\"cmd\":\"vip_add\"}")
+                .unwrap_err()
+                .contains("missing field")
+        );
+        assert!(
+            decode_request(b"{\"cmd\":\"vip_add\",\"vip\":\"10.0.0.1\",\"proto\":\"tcp\"}")
+                .is_err()
+        );
         assert!(decode_request(b"{\"cmd\":\"rm_rf\"}").is_err());
         assert!(decode_request(&vec![b' '; MAX_REQUEST_BYTES + 1]).is_err());
     }

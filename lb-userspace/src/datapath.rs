@@ -36,7 +36,9 @@ fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the program"))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the program"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -56,7 +58,9 @@ impl Datapath {
             .program_mut(PROGRAM_NAME)
             .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
             .try_into()?;
-        program.load().context("the kernel verifier rejected the XDP program")?;
+        program
+            .load()
+            .context("the kernel verifier rejected the XDP program")?;
         Ok(Self {
             vips: take(&mut ebpf, maps::VIPS)?,
             vip_addrs: take(&mut ebpf, maps::VIP_ADDRS)?,
@@ -83,7 +87,11 @@ impl Datapath {
     /// Attaches to an interface by name. `generic` selects the kernel's SKB mode, for NICs
     /// whose drivers have no native XDP.
     pub fn attach(&mut self, iface: &str, generic: bool) -> Result<()> {
-        let mode = if generic { XdpMode::Skb } else { XdpMode::Driver };
+        let mode = if generic {
+            XdpMode::Skb
+        } else {
+            XdpMode::Driver
+        };
         let index = crate::netif::index(iface)?;
         let link = self
             .program()
@@ -116,7 +124,11 @@ impl Datapath {
     }
 
     /// Like `test_run`, returning the kernel-measured run time too (for benchmarks).
-    pub fn test_run_timed(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, std::time::Duration)> {
+    pub fn test_run_timed(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration)> {
         let result = self.program().test_run(TestRunOptions {
             data_in: Some(frame),
             repeat,
@@ -136,23 +148,31 @@ impl Datapath {
     }
 
     pub fn set_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
-        self.vip_addrs.insert(addr, &1, 0).context("writing VIP_ADDRS")
+        self.vip_addrs
+            .insert(addr, &1, 0)
+            .context("writing VIP_ADDRS")
     }
 
     pub fn del_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
-        self.vip_addrs.remove(addr).context("deleting from VIP_ADDRS")
+        self.vip_addrs
+            .remove(addr)
+            .context("deleting from VIP_ADDRS")
     }
 
     /// Writes `ring` into the slab starting at `off`.
     pub fn write_ring(&mut self, off: u32, ring: &[u32]) -> Result<()> {
         for (i, backend_id) in ring.iter().enumerate() {
-            self.ring_slab.set(off + i as u32, backend_id, 0).context("writing RING_SLAB")?;
+            self.ring_slab
+                .set(off + i as u32, backend_id, 0)
+                .context("writing RING_SLAB")?;
         }
         Ok(())
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).context("writing BACKENDS")
+        self.backends
+            .set(id, backend, 0)
+            .context("writing BACKENDS")
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -187,13 +207,16 @@ impl Datapath {
 
     /// Counters per `lb_common::Reason`, in `Reason::ALL` order.
     pub fn reason_counters(&self) -> Result<Vec<Counters>> {
-        (0..REASON_COUNT).map(|i| Self::sum(&self.reason_stats, i)).collect()
+        (0..REASON_COUNT)
+            .map(|i| Self::sum(&self.reason_stats, i))
+            .collect()
     }
 
     /// Zeroes a VIP's or backend's counters when its id is given to a new one.
     pub fn reset_counters(&mut self, vip_id: Option<u32>, backend_id: Option<u32>) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let zero = || aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]);
+        let zero =
+            || aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]);
         if let Some(id) = vip_id {
             self.vip_stats.set(id, zero()?, 0)?;
         }
@@ -226,10 +249,16 @@ impl Datapath {
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lifting it is harmless after.
 fn raise_memlock_limit() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
     if ret != 0 {
-        log::debug!("setrlimit(RLIMIT_MEMLOCK) failed: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "setrlimit(RLIMIT_MEMLOCK) failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

@@ -11,7 +11,11 @@ use lb::{
 };
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "XDP layer-4 load balancer: agent and control CLI")]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP layer-4 load balancer: agent and control CLI"
+)]
 struct Cli {
     /// The running agent's control socket.
     #[arg(long, global = true, env = "LB_SOCKET", default_value = control::DEFAULT_SOCKET)]
@@ -102,7 +106,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let (request, json) = match cli.command {
-        Command::Run { iface, config, generic } => {
+        Command::Run {
+            iface,
+            config,
+            generic,
+        } => {
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(agent::run(agent::Options {
                 ifaces: iface,
@@ -111,12 +119,20 @@ fn run(cli: Cli) -> Result<()> {
                 generic,
             }));
         }
-        Command::Vip(VipCommand::Add(v)) => {
-            (Request::VipAdd { vip: model::parse_vip_addr(&v.vip)?, proto: v.proto }, false)
-        }
-        Command::Vip(VipCommand::Del(v)) => {
-            (Request::VipDel { vip: model::parse_vip_addr(&v.vip)?, proto: v.proto }, false)
-        }
+        Command::Vip(VipCommand::Add(v)) => (
+            Request::VipAdd {
+                vip: model::parse_vip_addr(&v.vip)?,
+                proto: v.proto,
+            },
+            false,
+        ),
+        Command::Vip(VipCommand::Del(v)) => (
+            Request::VipDel {
+                vip: model::parse_vip_addr(&v.vip)?,
+                proto: v.proto,
+            },
+            false,
+        ),
         Command::Vip(VipCommand::List { json }) => (Request::VipList, json),
         Command::Backend(BackendCommand::Add { vip, backend }) => (
             Request::BackendAdd {

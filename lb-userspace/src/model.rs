@@ -12,8 +12,20 @@ use anyhow::{Result, bail};
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipAddr, VipKey};
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[derive(Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     #[default]
@@ -57,12 +69,21 @@ impl Service {
 
     pub fn key(&self) -> VipKey {
         let (addr, family) = addr_to_map(self.addr.ip());
-        VipKey { addr, port: self.addr.port().to_be(), proto: self.proto.number(), family }
+        VipKey {
+            addr,
+            port: self.addr.port().to_be(),
+            proto: self.proto.number(),
+            family,
+        }
     }
 
     pub fn addr_key(&self) -> VipAddr {
         let (addr, family) = addr_to_map(self.addr.ip());
-        VipAddr { addr, family, _pad: [0; 3] }
+        VipAddr {
+            addr,
+            family,
+            _pad: [0; 3],
+        }
     }
 }
 
@@ -131,7 +152,12 @@ pub struct IdPool {
 
 impl IdPool {
     pub fn new(capacity: u32) -> Self {
-        Self { capacity, next: 0, free: Vec::new(), generations: Vec::new() }
+        Self {
+            capacity,
+            next: 0,
+            free: Vec::new(),
+            generations: Vec::new(),
+        }
     }
 
     /// A free id and its new generation (1 on first use).
@@ -165,7 +191,9 @@ pub struct SlabAllocator {
 
 impl SlabAllocator {
     pub fn new(len: u32) -> Self {
-        Self { free: vec![(0, len)] }
+        Self {
+            free: vec![(0, len)],
+        }
     }
 
     pub fn alloc(&mut self, len: u32) -> Option<u32> {
@@ -210,7 +238,11 @@ impl RingRegions {
             slab.release(a, capacity);
             return None;
         };
-        Some(Self { offs: [a, b], capacity, active: 0 })
+        Some(Self {
+            offs: [a, b],
+            capacity,
+            active: 0,
+        })
     }
 
     pub fn release(self, slab: &mut SlabAllocator) {
@@ -224,10 +256,121 @@ impl RingRegions {
     }
 }
 
-/// The round-robin ring: each backend that may take new flows once, in the order they were
-/// added, so consecutive new flows go to consecutive backends.
-pub fn round_robin_ring(eligible_ids: &[u32]) -> Vec<u32> {
-    eligible_ids.to_vec()
+/// Longest round-robin ring; weights whose reduced sum is larger are scaled down to fit.
+pub const MAX_RR_RING: u32 = 4096;
+
+/// A backend as ring builders see it: its id in the data plane, its weight, and (Maglev)
+/// its address, which decides its place in the table identically on every balancer.
+#[derive(Clone, Copy, Debug)]
+pub struct RingMember {
+    pub id: u32,
+    pub weight: u32,
+    pub addr: IpAddr,
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The weighted round-robin ring: new flows take its entries in turn. Built with the
+/// smooth weighted round robin of nginx, so the picks interleave (weights 3:1 give
+/// A A B A, not A A A B), over one period of the weights reduced by their gcd.
+pub fn round_robin_ring(members: &[RingMember]) -> Vec<u32> {
+    let members: Vec<RingMember> = members.iter().copied().filter(|m| m.weight > 0).collect();
+    if members.is_empty() {
+        return Vec::new();
+    }
+    let g = members.iter().fold(0, |g, m| gcd(g, m.weight));
+    let mut weights: Vec<u64> = members.iter().map(|m| (m.weight / g) as u64).collect();
+    let total: u64 = weights.iter().sum();
+    if total > MAX_RR_RING as u64 {
+        // Keep proportions as far as the ring length allows; nobody drops to zero.
+        weights = weights
+            .iter()
+            .map(|w| (w * MAX_RR_RING as u64 / total).max(1))
+            .collect();
+    }
+    let total: i64 = weights.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; members.len()];
+    let mut ring = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..members.len() {
+            current[i] += weights[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        ring.push(members[best].id);
+    }
+    ring
+}
+
+/// Maglev table size: prime, and large against the number of backends so each backend's
+/// share is even to within a fraction of a percent.
+pub const MAGLEV_TABLE_SIZE: u32 = 65_537;
+
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // fnv's low bits mix poorly; finish with a multiply-xorshift.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// The Maglev lookup table (Eisenbud et al., NSDI 2016) of `size` entries (a prime). Each
+/// backend walks its own permutation of the table, derived from its address only, and the
+/// backends take turns claiming free entries, `weight` claims per turn. Two balancers with
+/// the same backends build the same table, and removing a backend moves little more than
+/// the flows that were on it.
+pub fn maglev_ring(members: &[RingMember], size: u32) -> Vec<u32> {
+    let mut members: Vec<RingMember> = members.iter().copied().filter(|m| m.weight > 0).collect();
+    if members.is_empty() {
+        return Vec::new();
+    }
+    // Turn order must not depend on the order backends were added in.
+    members.sort_by_key(|m| m.addr);
+    let m = size as u64;
+    let perms: Vec<(u64, u64)> = members
+        .iter()
+        .map(|b| {
+            let key = match b.addr {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            (
+                fnv1a(&key, 0) % m,
+                fnv1a(&key, 0x9e37_79b9_7f4a_7c15) % (m - 1) + 1,
+            )
+        })
+        .collect();
+    let mut next = vec![0u64; members.len()];
+    let mut table = vec![u32::MAX; size as usize];
+    let mut filled = 0u32;
+    'fill: loop {
+        for (i, member) in members.iter().enumerate() {
+            for _ in 0..member.weight {
+                let (offset, skip) = perms[i];
+                let mut slot = (offset + next[i] * skip) % m;
+                while table[slot as usize] != u32::MAX {
+                    next[i] += 1;
+                    slot = (offset + next[i] * skip) % m;
+                }
+                table[slot as usize] = member.id;
+                next[i] += 1;
+                filled += 1;
+                if filled == size {
+                    break 'fill;
+                }
+            }
+        }
+    }
+    table
 }
 
 #[cfg(test)]
@@ -238,11 +381,23 @@ mod tests {
     fn vip_parsing_accepts_both_families_and_rejects_junk() {
         assert_eq!(parse_vip_addr("10.0.0.1:80").unwrap().port(), 80);
         assert!(parse_vip_addr("[fd00::1]:443").unwrap().is_ipv6());
-        for bad in ["10.0.0.1", "10.0.0.1:", "10.0.0.1:99999", "fd00::1:80", "x:80", ""] {
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:",
+            "10.0.0.1:99999",
+            "fd00::1:80",
+            "x:80",
+            "",
+        ] {
             let err = parse_vip_addr(bad).unwrap_err().to_string();
             assert!(!err.contains('\n'), "{err}");
         }
-        assert!(parse_vip_addr("10.0.0.1").unwrap_err().to_string().contains("no port"));
+        assert!(
+            parse_vip_addr("10.0.0.1")
+                .unwrap_err()
+                .to_string()
+                .contains("no port")
+        );
         let any = parse_vip_addr("0.0.0.0:80").unwrap();
         assert!(Service::new(any, Proto::Tcp).is_err());
         let zero = parse_vip_addr("10.0.0.1:0").unwrap();
@@ -253,7 +408,12 @@ mod tests {
     fn backend_parsing() {
         assert!(parse_backend_addr("10.0.0.2").is_ok());
         assert!(parse_backend_addr("fd00::2").is_ok());
-        assert!(parse_backend_addr("10.0.0.2:80").unwrap_err().to_string().contains("port"));
+        assert!(
+            parse_backend_addr("10.0.0.2:80")
+                .unwrap_err()
+                .to_string()
+                .contains("port")
+        );
         assert!(parse_backend_addr("10.0.0.300").is_err());
     }
 
@@ -280,6 +440,89 @@ mod tests {
         assert_eq!(pool.take(), Some((0, 2)));
     }
 
+    fn member(id: u32, weight: u32) -> RingMember {
+        RingMember {
+            id,
+            weight,
+            addr: IpAddr::from([10, 0, 0, id as u8 + 1]),
+        }
+    }
+
+    #[test]
+    fn round_robin_interleaves_weights() {
+        assert_eq!(round_robin_ring(&[member(0, 1), member(1, 1)]), vec![0, 1]);
+        assert_eq!(
+            round_robin_ring(&[member(0, 3), member(1, 1)]),
+            vec![0, 0, 1, 0]
+        );
+        assert_eq!(
+            round_robin_ring(&[member(0, 30), member(1, 10)]),
+            vec![0, 0, 1, 0]
+        );
+        assert_eq!(round_robin_ring(&[member(0, 0), member(1, 5)]), vec![1]);
+        assert!(round_robin_ring(&[member(0, 0)]).is_empty());
+        let ring = round_robin_ring(&[member(0, 2), member(1, 3), member(2, 5)]);
+        assert_eq!(ring.len(), 10);
+        for (id, want) in [(0, 2), (1, 3), (2, 5)] {
+            assert_eq!(ring.iter().filter(|&&x| x == id).count(), want);
+        }
+    }
+
+    #[test]
+    fn round_robin_caps_huge_weight_sums() {
+        let ring = round_robin_ring(&[member(0, 9_999), member(1, 1), member(2, 10_000)]);
+        assert!(ring.len() as u32 <= MAX_RR_RING + 3);
+        assert!(ring.contains(&1), "a tiny weight still gets flows");
+    }
+
+    #[test]
+    fn maglev_is_balanced_weighted_and_order_independent() {
+        let members: Vec<_> = (0..10).map(|i| member(i, 1)).collect();
+        let table = maglev_ring(&members, 65_537);
+        for id in 0..10 {
+            let share = table.iter().filter(|&&x| x == id).count() as f64 / 65_537.0;
+            assert!((share - 0.1).abs() < 0.01, "backend {id} share {share}");
+        }
+        let mut reversed = members.clone();
+        reversed.reverse();
+        assert_eq!(maglev_ring(&reversed, 65_537), table);
+
+        let weighted = maglev_ring(&[member(0, 3), member(1, 1)], 4_099);
+        let share = weighted.iter().filter(|&&x| x == 0).count() as f64 / 4_099.0;
+        assert!((share - 0.75).abs() < 0.01, "weight 3 of 4 got {share}");
+    }
+
+    /// The bound: removing 1 of 10 backends moves at most 1/10 + 2% of flows.
+    #[test]
+    fn maglev_removal_moves_few_flows() {
+        let members: Vec<_> = (0..10).map(|i| member(i, 1)).collect();
+        let before = maglev_ring(&members, MAGLEV_TABLE_SIZE);
+        let after = maglev_ring(&members[..9], MAGLEV_TABLE_SIZE);
+        let flows = 200_000u32;
+        let mut moved = 0;
+        for f in 0..flows {
+            let key = lb_common::FlowKey {
+                src: [f.to_be(), 0, 0, 0],
+                dst: [0x0a00_0001, 0, 0, 0],
+                sport: (f % 50_000) as u16,
+                dport: 80u16.to_be(),
+                proto: PROTO_TCP,
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            };
+            let slot = (lb_common::flow_hash(&key) % MAGLEV_TABLE_SIZE) as usize;
+            if before[slot] != after[slot] {
+                moved += 1;
+            }
+        }
+        let fraction = moved as f64 / flows as f64;
+        assert!(fraction <= 0.1 + 0.02, "moved {fraction}");
+        assert!(
+            fraction >= 0.09,
+            "at least the removed backend's flows move: {fraction}"
+        );
+    }
+
     #[test]
     fn slab_merges_free_extents() {
         let mut slab = SlabAllocator::new(100);
@@ -287,7 +530,10 @@ mod tests {
         let b = RingRegions::alloc(&mut slab, 20).unwrap();
         assert_eq!(a.offs, [0, 10]);
         assert_eq!(b.offs, [20, 40]);
-        assert!(RingRegions::alloc(&mut slab, 21).is_none(), "40 left, 42 asked");
+        assert!(
+            RingRegions::alloc(&mut slab, 21).is_none(),
+            "40 left, 42 asked"
+        );
         a.release(&mut slab);
         b.release(&mut slab);
         assert_eq!(slab.free, vec![(0, 100)]);

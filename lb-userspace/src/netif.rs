@@ -61,7 +61,10 @@ impl Netif {
             .map_err(|e| anyhow!("{e}"))?
             .build();
         let mut routes = self.handle.route().get(msg).execute();
-        let Some(route) = routes.try_next().await.with_context(|| format!("no route to {addr}"))?
+        let Some(route) = routes
+            .try_next()
+            .await
+            .with_context(|| format!("no route to {addr}"))?
         else {
             bail!("no route to {addr}");
         };
@@ -75,12 +78,15 @@ impl Netif {
             match attr {
                 RouteAttribute::Oif(i) => oif = Some(*i),
                 RouteAttribute::Gateway(gw) => {
-                    return Ok(Err(Unresolved::NotOnLink(format!("{addr} is routed via {gw:?}"))));
+                    return Ok(Err(Unresolved::NotOnLink(format!(
+                        "{addr} is routed via {gw:?}"
+                    ))));
                 }
                 _ => {}
             }
         }
-        oif.map(Ok).ok_or_else(|| anyhow!("route to {addr} has no output interface"))
+        oif.map(Ok)
+            .ok_or_else(|| anyhow!("route to {addr} has no output interface"))
     }
 
     /// The MAC address of interface `ifindex`.
@@ -147,7 +153,11 @@ impl Netif {
         };
         let src_mac = self.link_mac(ifindex).await?;
         match self.neighbour(ifindex, addr).await? {
-            Some(dst_mac) => Ok(Ok(L2Path { ifindex, src_mac, dst_mac })),
+            Some(dst_mac) => Ok(Ok(L2Path {
+                ifindex,
+                src_mac,
+                dst_mac,
+            })),
             None => {
                 provoke_resolution(addr);
                 Ok(Err(Unresolved::NoNeighbour { ifindex }))
@@ -176,8 +186,11 @@ impl Netif {
 /// datagram to the discard port is the least intrusive such thing: no connection, no
 /// payload, and the backend answers at most with an ICMP error.
 fn provoke_resolution(addr: IpAddr) {
-    let bind: std::net::SocketAddr =
-        if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: std::net::SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     if let Ok(sock) = std::net::UdpSocket::bind(bind) {
         let _ = sock.send_to(&[], (addr, 9));
     }

@@ -19,8 +19,11 @@ fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> =
-            cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         padded.join("  ").trim_end().to_string() + "\n"
     };
     let mut out = line(headers.iter().map(|h| h.to_string()).collect());
@@ -32,20 +35,64 @@ fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 
 fn rows(data: &Value, fields: &[&str]) -> Vec<Vec<String>> {
     data.as_array()
-        .map(|a| a.iter().map(|item| fields.iter().map(|f| s(&item[*f])).collect()).collect())
+        .map(|a| {
+            a.iter()
+                .map(|item| fields.iter().map(|f| s(&item[*f])).collect())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 pub fn vips(data: &Value) -> String {
-    let fields = ["vip", "proto", "backends", "active_backends", "packets", "bytes", "new_flows"];
-    render(&["VIP", "PROTO", "BACKENDS", "ACTIVE", "PACKETS", "BYTES", "NEW FLOWS"], rows(data, &fields))
+    let fields = [
+        "vip",
+        "proto",
+        "backends",
+        "active_backends",
+        "packets",
+        "bytes",
+        "new_flows",
+    ];
+    render(
+        &[
+            "VIP",
+            "PROTO",
+            "BACKENDS",
+            "ACTIVE",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+        ],
+        rows(data, &fields),
+    )
 }
 
 pub fn backends(data: &Value) -> String {
-    let fields =
-        ["vip", "proto", "address", "state", "mac", "packets", "bytes", "new_flows", "flows", "note"];
+    let fields = [
+        "vip",
+        "proto",
+        "address",
+        "state",
+        "mac",
+        "packets",
+        "bytes",
+        "new_flows",
+        "flows",
+        "note",
+    ];
     render(
-        &["VIP", "PROTO", "BACKEND", "STATE", "MAC", "PACKETS", "BYTES", "NEW FLOWS", "FLOWS", "NOTE"],
+        &[
+            "VIP",
+            "PROTO",
+            "BACKEND",
+            "STATE",
+            "MAC",
+            "PACKETS",
+            "BYTES",
+            "NEW FLOWS",
+            "FLOWS",
+            "NOTE",
+        ],
         rows(data, &fields),
     )
 }
