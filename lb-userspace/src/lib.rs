@@ -4,6 +4,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod health;
 pub mod model;
 pub mod netif;
 pub mod table;
