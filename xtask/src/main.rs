@@ -1,1 +1,116 @@
-fn main() {}
+//! `cargo xtask <command>`: development tasks, plus the traffic helpers the test bed runs
+//! inside its namespaces (`serve`, `client`, `keepalive`).
+
+mod cmd;
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use xtask::{testbed, traffic};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Development tasks for the XDP load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build everything and run the whole test suite (needs root, ip, nsenter, ethtool).
+    Test {
+        /// Passed to `cargo test` as they are (e.g. `-- --nocapture`, `--test e2e`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show the balancer at work in a throw-away namespace test bed.
+    Demo {
+        /// Requests to send through the VIP.
+        #[arg(long, default_value_t = 10)]
+        requests: u32,
+    },
+    /// Bring the test bed up with backends, agent, VIPs (v4 and v6) and two backends each,
+    /// keep it for HOLD_SECS (or until Ctrl-C) to look around, then tear it down.
+    Up {
+        #[arg(long, default_value_t = 300)]
+        hold_secs: u64,
+    },
+    /// Delete test bed namespaces left behind by test runs that were killed.
+    Clean,
+    /// (test bed) Attach an XDP program that passes everything to IFACE (in this netns).
+    XdpPass {
+        #[arg(long)]
+        iface: String,
+    },
+    /// (test bed) Serve HTTP on [::]:PORT, answering every request with NAME.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+    },
+    /// (test bed) Make COUNT new connections to TO, one request each; print a JSON tally.
+    Client {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// (test bed) One keep-alive connection to TO, a request every INTERVAL_MS; prints
+    /// `ok SEQ BACKEND` per answer, stops at the first error or after MAX_SECS.
+    Keepalive {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 60)]
+        max_secs: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Test { args } => cmd::test::run(&args),
+        Command::Demo { requests } => cmd::demo::run(requests),
+        Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
+        Command::Clean => testbed::clean_stale().map(|deleted| {
+            if deleted.is_empty() {
+                println!("nothing to clean");
+            }
+            for ns in deleted {
+                println!("deleted namespace {ns}");
+            }
+        }),
+        Command::XdpPass { iface } => xtask::xdp_pass::attach(&iface),
+        Command::Serve { name, port } => traffic::serve(&name, port),
+        Command::Client {
+            to,
+            count,
+            timeout_ms,
+        } => {
+            let tally = traffic::client(to, count, Duration::from_millis(timeout_ms));
+            serde_json::to_string(&tally)
+                .map_err(Into::into)
+                .map(|json| println!("{json}"))
+        }
+        Command::Keepalive {
+            to,
+            interval_ms,
+            max_secs,
+        } => traffic::keepalive(
+            to,
+            Duration::from_millis(interval_ms),
+            Duration::from_secs(max_secs),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

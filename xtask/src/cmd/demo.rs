@@ -1,0 +1,149 @@
+//! `cargo xtask demo`: the balancer at work in a throw-away test bed, told step by step.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use xtask::testbed::{self, Config, HTTP_PORT, Testbed, VIP4};
+
+pub fn run(requests: u32) -> Result<()> {
+    testbed::check_environment().context("the demo builds a namespace test bed")?;
+    step("building the agent and the test bed helpers");
+    super::cargo(&["build", "-p", "lb-userspace", "-p", "xtask"])?;
+    // Ctrl-C (or SIGTERM) from here on still removes the namespaces and processes.
+    testbed::teardown_on_signal()?;
+
+    step("creating the test bed");
+    let bed = Testbed::new(Config { backends: 2 })?;
+    let vip = SocketAddr::new(IpAddr::V4(VIP4), HTTP_PORT);
+    println!("  one L2 segment (bridge in namespace {}):", bed.switch);
+    println!(
+        "    client   {:<16} {:<12} routes {VIP4} via the balancer",
+        bed.client.ns, bed.client.ipv4
+    );
+    println!(
+        "    balancer {:<16} {:<12} XDP on {}",
+        bed.lb.ns, bed.lb.ipv4, bed.lb.ifname
+    );
+    for (i, b) in bed.backends.iter().enumerate() {
+        println!(
+            "    backend  {:<16} {:<12} holds {VIP4} on lo, serves \"backend-{}\"",
+            b.ns,
+            b.ipv4,
+            i + 1
+        );
+    }
+    let result = show(&bed, vip, requests);
+    step("tearing the test bed down");
+    drop(bed);
+    result?;
+    println!("\ndone.");
+    Ok(())
+}
+
+fn show(bed: &Testbed, vip: SocketAddr, requests: u32) -> Result<()> {
+    step("starting the backends");
+    let _backends = bed.start_backends()?;
+
+    step("starting the agent: lb run --iface eth0 (in the balancer namespace)");
+    let config = bed.dir().join("lb.toml");
+    let socket = bed.dir().join("lb.sock");
+    let mut agent = bed.start_agent(&config, &socket)?;
+
+    let lb = |args: &[&str]| -> Result<()> {
+        println!("$ lb {}", args.join(" "));
+        let out = bed.lb_cli_ok(&socket, args)?;
+        print!("{}", indent(&out));
+        Ok(())
+    };
+    step("configuring a VIP with two backends");
+    let vip_s = vip.to_string();
+    lb(&["vip", "add", &vip_s, "--proto", "tcp"])?;
+    for b in &bed.backends {
+        lb(&["backend", "add", &vip_s, &b.ipv4.to_string()])?;
+    }
+    lb(&["vip", "list"])?;
+
+    step(&format!(
+        "sending {requests} requests, each on a new connection, from the client to {vip}"
+    ));
+    let tally = bed.requests(vip, requests)?;
+    for (i, name) in tally.sequence.iter().enumerate() {
+        println!("  request {:>3} -> {name}", i + 1);
+    }
+    for e in &tally.errors {
+        println!("  FAILED: {e}");
+    }
+    println!("  per backend: {:?}", tally.counts);
+
+    step("what the agent counted");
+    lb(&["backend", "list"])?;
+    lb(&["stats"])?;
+
+    step("stopping the agent (SIGTERM)");
+    let status = agent.stop(Duration::from_secs(10))?;
+    println!("  agent exited: {status}");
+    if !tally.errors.is_empty() {
+        bail!("{} of {requests} requests failed", tally.errors.len());
+    }
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("\n== {what}");
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// `xtask up`: the configured test bed, held for a person (or a debugger) to look at.
+pub fn up(hold: Duration) -> Result<()> {
+    testbed::check_environment()?;
+    testbed::teardown_on_signal()?;
+    let bed = Testbed::new(Config { backends: 2 })?;
+    let _backends = bed.start_backends()?;
+    let config = bed.dir().join("lb.toml");
+    let socket = bed.dir().join("lb.sock");
+    let _agent = bed.start_agent(&config, &socket)?;
+    let vip6 = SocketAddr::new(IpAddr::V6(testbed::VIP6), HTTP_PORT).to_string();
+    let vip4 = SocketAddr::new(IpAddr::V4(VIP4), HTTP_PORT).to_string();
+    bed.lb_cli_ok(&socket, ["vip", "add", vip4.as_str()])?;
+    bed.lb_cli_ok(&socket, ["vip", "add", vip6.as_str()])?;
+    for b in &bed.backends {
+        bed.lb_cli_ok(
+            &socket,
+            ["backend", "add", vip4.as_str(), &b.ipv4.to_string()],
+        )?;
+        bed.lb_cli_ok(
+            &socket,
+            ["backend", "add", vip6.as_str(), &b.ipv6.to_string()],
+        )?;
+    }
+    println!(
+        "namespaces: {} {} {} {}",
+        bed.switch,
+        bed.client.ns,
+        bed.lb.ns,
+        bed.backends
+            .iter()
+            .map(|b| b.ns.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "socket: {}\nconfig: {}\nlogs: {}",
+        socket.display(),
+        config.display(),
+        bed.dir().display()
+    );
+    println!(
+        "e.g.  nsenter --net=/run/netns/{} curl -s http://{vip4}/",
+        bed.client.ns
+    );
+    println!("holding for {hold:?} (Ctrl-C tears down)");
+    std::thread::sleep(hold);
+    Ok(())
+}
