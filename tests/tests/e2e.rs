@@ -1,0 +1,429 @@
+//! End to end: the `lb` agent in a namespace test bed (see `xtask::testbed`), real TCP
+//! connections from a client through the VIP to HTTP backends that answer directly.
+//!
+//! Needs root, `ip`, `nsenter`, `ethtool`, and the binaries `target/<profile>/{lb,xtask}`
+//! (`cargo xtask test` builds them first). When any of it is missing the tests fail and say
+//! what is missing; they never skip.
+//!
+//! The tests run one at a time (a mutex): each builds its own test bed, and test beds could
+//! run side by side, but on a small machine parallel agents and servers make the timing of
+//! everything worse for no gain. Every connect and read has a timeout, every loop a bound.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::Output,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xtask::{
+    testbed::{self, Agent, Config, HTTP_PORT, Proc, Testbed, VIP4, VIP6},
+    traffic::{Answer, Tally},
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the next test needs it all the same.
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn vip4() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP4), HTTP_PORT)
+}
+
+fn vip6() -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(VIP6), HTTP_PORT)
+}
+
+/// A test bed with every backend serving and the agent running. Fields drop in order:
+/// the agent and the servers stop before the test bed removes the namespaces.
+struct Setup {
+    agent: Agent,
+    _servers: Vec<Proc>,
+    config: PathBuf,
+    socket: PathBuf,
+    bed: Testbed,
+}
+
+impl Setup {
+    fn new(backends: usize) -> Setup {
+        let bed = Testbed::new(Config { backends }).unwrap_or_else(|e| panic!("{e:#}"));
+        let servers = bed.start_backends().unwrap_or_else(|e| panic!("{e:#}"));
+        let config = bed.dir().join("lb.toml");
+        let socket = bed.dir().join("lb.sock");
+        let agent = bed
+            .start_agent(&config, &socket)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Setup {
+            agent,
+            _servers: servers,
+            config,
+            socket,
+            bed,
+        }
+    }
+
+    /// `lb ARGS --socket S`, which must succeed; returns stdout.
+    fn lb(&self, args: &[&str]) -> String {
+        self.bed
+            .lb_cli_ok(&self.socket, args)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// `lb ARGS --socket S`, which must fail with exactly one line on stderr; returns it.
+    fn lb_fails(&self, args: &[&str]) -> String {
+        let out = self
+            .bed
+            .lb_cli(&self.socket, args)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        one_line_error(&format!("lb {}", args.join(" ")), &out)
+    }
+
+    /// Backend `i` (1-based) by address family.
+    fn backend(&self, i: usize, v6: bool) -> String {
+        self.bed.backends[i - 1].addr(v6).to_string()
+    }
+
+    /// A VIP with the given backends (1-based indices), through the CLI.
+    fn configure(&self, vip: SocketAddr, backends: &[usize]) {
+        let v = vip.to_string();
+        self.lb(&["vip", "add", &v, "--proto", "tcp"]);
+        for &i in backends {
+            self.lb(&["backend", "add", &v, &self.backend(i, vip.is_ipv6())]);
+        }
+    }
+
+    /// `count` new connections through `to`; every one must be answered.
+    fn requests(&self, to: SocketAddr, count: u32) -> Tally {
+        let tally = self
+            .bed
+            .requests(to, count)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(
+            tally.errors.is_empty(),
+            "{} of {count} connections to {to} failed, first: {}\nagent log:\n{}",
+            tally.errors.len(),
+            tally.errors[0],
+            self.agent.proc.log()
+        );
+        tally
+    }
+
+    /// `lb backend list --json`.
+    fn backend_list(&self) -> Vec<Value> {
+        let out = self.lb(&["backend", "list", "--json"]);
+        match serde_json::from_str(&out) {
+            Ok(Value::Array(v)) => v,
+            other => panic!("`lb backend list --json` is not a JSON array: {other:?}\n{out}"),
+        }
+    }
+
+    /// (vip, proto, address, state) of every backend: what bad input must not change.
+    fn backend_set(&self) -> BTreeSet<(String, String, String, String)> {
+        self.backend_list()
+            .iter()
+            .map(|b| {
+                (
+                    field(b, "vip"),
+                    field(b, "proto"),
+                    field(b, "address"),
+                    field(b, "state"),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until every backend of the agent reports state "up".
+    fn wait_all_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = self.backend_list();
+            if !list.is_empty() && list.iter().all(|b| field(b, "state") == "up") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backends not all up after 10 s: {list:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A JSON field as a string (numbers and strings alike), panicking if it is missing.
+fn field(v: &Value, name: &str) -> String {
+    match v.get(name) {
+        Some(Value::String(s)) => s.clone(),
+        Some(other @ Value::Number(_)) => other.to_string(),
+        other => panic!("backend entry without \"{name}\" ({other:?}): {v}"),
+    }
+}
+
+fn number(v: &Value, name: &str) -> u64 {
+    v.get(name)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no number \"{name}\" in {v}"))
+}
+
+/// Checks a failed command: non-zero exit and one non-empty line on stderr.
+fn one_line_error(what: &str, out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "`{what}` should fail but exited 0; stdout: {}",
+        { String::from_utf8_lossy(&out.stdout) }
+    );
+    let text = stderr.trim_end();
+    assert!(
+        !text.is_empty(),
+        "`{what}` failed ({}) without a message",
+        out.status
+    );
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "`{what}` should say one line on stderr, said:\n{text}"
+    );
+    text.to_string()
+}
+
+fn name(i: usize) -> String {
+    format!("backend-{i}")
+}
+
+/// The counts must be exactly `expected` (backend index, count); nobody else answered.
+fn assert_split(tally: &Tally, expected: &[(usize, u32)]) {
+    let want: std::collections::BTreeMap<String, u32> = expected
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|&(i, n)| (name(i), n))
+        .collect();
+    assert_eq!(
+        tally.counts, want,
+        "connections per backend; in order: {:?}",
+        tally.sequence
+    );
+}
+
+/// New connections over two backends split exactly; a backend added at runtime takes its
+/// share of new connections and a removed one gets none, while a keep-alive connection to
+/// another backend goes on being answered by that backend throughout.
+#[test]
+fn balances_and_follows_runtime_changes() {
+    let _serial = serial();
+    let s = Setup::new(3);
+    s.configure(vip4(), &[1, 2]);
+    s.wait_all_up();
+
+    let tally = s.requests(vip4(), 200);
+    assert_split(&tally, &[(1, 100), (2, 100)]);
+    for b in s.backend_list() {
+        assert_eq!(number(&b, "new_flows"), 100, "agent's new-flow count: {b}");
+    }
+
+    // One long-lived connection, a request every 100 ms.
+    let keepalive = s
+        .bed
+        .keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(40))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let first = keepalive
+        .wait_answers(3, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let kept = match &first[0] {
+        Answer::Ok { backend, .. } => backend.clone(),
+        Answer::Err { message, .. } => panic!("keep-alive connection failed at once: {message}"),
+    };
+    let kept_index: usize = kept
+        .trim_start_matches("backend-")
+        .parse()
+        .expect("backend-N");
+
+    // Backend 3 joins: new connections go round all three.
+    s.lb(&["backend", "add", &vip4().to_string(), &s.backend(3, false)]);
+    s.wait_all_up();
+    let tally = s.requests(vip4(), 30);
+    assert_split(&tally, &[(1, 10), (2, 10), (3, 10)]);
+
+    // The other of the first two leaves: it gets nothing more.
+    let removed = if kept_index == 1 { 2 } else { 1 };
+    s.lb(&[
+        "backend",
+        "del",
+        &vip4().to_string(),
+        &s.backend(removed, false),
+    ]);
+    let listed: Vec<String> = s
+        .backend_list()
+        .iter()
+        .map(|b| field(b, "address"))
+        .collect();
+    assert!(
+        !listed.contains(&s.backend(removed, false)),
+        "deleted backend still listed: {listed:?}"
+    );
+    let tally = s.requests(vip4(), 20);
+    let remaining: Vec<(usize, u32)> = [1, 2, 3]
+        .into_iter()
+        .filter(|&i| i != removed)
+        .map(|i| (i, 10))
+        .collect();
+    assert_split(&tally, &remaining);
+    assert_eq!(tally.count(&name(removed)), 0);
+
+    // The keep-alive connection saw all of it and was always answered by its backend.
+    let before = keepalive.answers().len();
+    keepalive
+        .wait_answers(before + 5, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let answers = keepalive.stop();
+    assert!(
+        answers.len() >= before + 5,
+        "keep-alive answers stopped after the changes: {answers:?}"
+    );
+    for a in &answers {
+        match a {
+            Answer::Ok { backend, .. } => {
+                assert_eq!(backend, &kept, "keep-alive answers: {answers:?}")
+            }
+            Answer::Err { seq, message } => {
+                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
+            }
+        }
+    }
+}
+
+/// The agent writes its config back; stopped with SIGTERM and started again with the same
+/// file, it serves the same VIP over the same backends.
+#[test]
+fn config_survives_restart() {
+    let _serial = serial();
+    let mut s = Setup::new(2);
+    s.configure(vip4(), &[1, 2]);
+    let config = std::fs::read_to_string(&s.config).expect("the agent wrote its config file");
+    for i in [1, 2] {
+        assert!(
+            config.contains(&s.backend(i, false)),
+            "config lacks backend {i}:\n{config}"
+        );
+    }
+
+    let status = s
+        .agent
+        .stop(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(
+        status.success(),
+        "agent exit on SIGTERM: {status}\n{}",
+        s.agent.proc.log()
+    );
+    // Nobody answers on the socket now.
+    s.lb_fails(&["vip", "list"]);
+
+    s.agent = s
+        .bed
+        .start_agent(&s.config, &s.socket)
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    s.wait_all_up();
+    let listed: BTreeSet<(String, String)> = s
+        .backend_list()
+        .iter()
+        .map(|b| (field(b, "vip"), field(b, "address")))
+        .collect();
+    let want: BTreeSet<(String, String)> = [1, 2]
+        .into_iter()
+        .map(|i| (vip4().to_string(), s.backend(i, false)))
+        .collect();
+    assert_eq!(listed, want, "backends after restart");
+
+    let tally = s.requests(vip4(), 20);
+    assert_split(&tally, &[(1, 10), (2, 10)]);
+}
+
+/// An IPv6 VIP with IPv6 backends balances like an IPv4 one.
+#[test]
+fn ipv6_vip_balances() {
+    let _serial = serial();
+    let s = Setup::new(2);
+    s.configure(vip6(), &[1, 2]);
+    s.wait_all_up();
+    let tally = s.requests(vip6(), 20);
+    assert_split(&tally, &[(1, 10), (2, 10)]);
+}
+
+/// Malformed or impossible changes are refused with one line on stderr and a non-zero
+/// exit, and change neither the running state, nor the config file, nor the traffic.
+#[test]
+fn bad_input_changes_nothing() {
+    let _serial = serial();
+    let s = Setup::new(2);
+    s.configure(vip4(), &[1, 2]);
+    s.wait_all_up();
+    let state = s.backend_set();
+    let config = std::fs::read_to_string(&s.config).expect("config file");
+    let vip = vip4().to_string();
+    let b1 = s.backend(1, false);
+
+    let bad: &[&[&str]] = &[
+        &["backend", "add", &vip, "not-an-address"],
+        &["backend", "add", &vip, "10.99.0.300"],
+        &["backend", "add", &vip, "10.99.0.13:80"],
+        &["backend", "add", "10.99.9.9:80", &b1],
+        &["backend", "add", "10.99.1.1", &b1],
+        &["backend", "add", &vip, &b1],
+        &["backend", "del", &vip, "10.99.0.99"],
+        &["vip", "add", "10.99.1.1"],
+        &["vip", "add", "[fd00:99:1::1:80"],
+    ];
+    for args in bad {
+        let message = s.lb_fails(args);
+        eprintln!("lb {} -> {message}", args.join(" "));
+        assert_eq!(
+            s.backend_set(),
+            state,
+            "state changed by `lb {}`",
+            args.join(" ")
+        );
+        let now = std::fs::read_to_string(&s.config).expect("config file");
+        assert_eq!(
+            now,
+            config,
+            "config file changed by `lb {}`",
+            args.join(" ")
+        );
+    }
+
+    let tally = s.requests(vip4(), 20);
+    assert_split(&tally, &[(1, 10), (2, 10)]);
+}
+
+/// With no agent behind the socket, every CLI command says so on one line.
+#[test]
+fn cli_without_agent_fails_clearly() {
+    let _serial = serial();
+    let lb = testbed::bin_dir().expect("binary dir").join("lb");
+    assert!(
+        lb.is_file(),
+        "{} not found: build the binaries first (`cargo xtask test` does)",
+        lb.display()
+    );
+    let dir = std::env::temp_dir().join(format!("lb-e2e-noagent-{}", std::process::id()));
+    let socket = dir.join("lb.sock");
+    for args in [
+        &["vip", "list"][..],
+        &["backend", "add", "10.99.1.1:80", "10.99.0.11"],
+        &["stats"],
+    ] {
+        let mut cmd = std::process::Command::new(&lb);
+        cmd.args(args).arg("--socket").arg(&socket);
+        let out = testbed::run_with_timeout(&mut cmd, Duration::from_secs(10)).expect("run lb");
+        let message = one_line_error(&format!("lb {}", args.join(" ")), &out);
+        assert!(
+            message.contains(&socket.display().to_string()) || message.contains("agent"),
+            "the error should name the socket or say no agent runs: {message}"
+        );
+    }
+}
