@@ -103,6 +103,8 @@ struct Teardown {
     /// PIDs of started processes not yet reaped. Reaping happens under this lock, so a PID
     /// in here always still names our own child (alive or a zombie), never a reused PID.
     pids: Mutex<BTreeSet<u32>>,
+    /// The temp dir, removed by the signal handler (`Drop` leaves that to `TempDir`).
+    dir: PathBuf,
 }
 
 impl Teardown {
@@ -138,6 +140,7 @@ pub fn teardown_on_signal() -> Result<()> {
         eprintln!("\ninterrupted: tearing the test bed down");
         for t in LIVE.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             t.run();
+            let _ = fs::remove_dir_all(&t.dir);
         }
         std::process::exit(130);
     })
@@ -195,9 +198,15 @@ impl Testbed {
                 h
             })
             .collect();
+        let dir = tempfile::Builder::new()
+            .prefix("lbt-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let bin_dir = bin_dir()?;
         let teardown = Arc::new(Teardown {
             namespaces: Mutex::new(Vec::new()),
             pids: Mutex::new(BTreeSet::new()),
+            dir: dir.path().to_path_buf(),
         });
         LIVE.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -209,11 +218,8 @@ impl Testbed {
             lb,
             backends,
             teardown,
-            dir: tempfile::Builder::new()
-                .prefix("lbt-")
-                .tempdir()
-                .context("creating a temp dir")?,
-            bin_dir: bin_dir()?,
+            dir,
+            bin_dir,
         };
         // On error `bed` is dropped here, which removes whatever was already created.
         bed.build()
@@ -918,10 +924,7 @@ pub fn check_environment() -> Result<()> {
         }
     }
     if !missing.is_empty() {
-        bail!(
-            "the namespace test bed cannot run here; missing: {}",
-            missing.join(", ")
-        );
+        bail!("the namespace test bed needs {}", missing.join(", "));
     }
     Ok(())
 }

@@ -6,8 +6,7 @@ use xtask::testbed;
 pub fn run(extra: &[String]) -> Result<()> {
     // The end-to-end tests need all of this; say so up front instead of letting them fail
     // one by one (and never let them skip).
-    testbed::check_environment()
-        .context("`cargo xtask test` runs the namespace tests, which cannot run here")?;
+    testbed::check_environment().context("cannot run the end-to-end tests")?;
     // lb-ebpf is a BPF-target crate: the `lb` build script compiles it (and embeds it);
     // built for the host it does not compile, so it is left out of --workspace here.
     super::cargo(&["build", "--workspace", "--exclude", "lb-ebpf", "--bins"])?;
