@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, Counters,
-    FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, MAX_BACKENDS, MAX_FLOWS, MAX_TX_PORTS, MAX_VIPS,
-    PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipKey,
-    VipMeta, flow_hash,
+    Addr, BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, Counters, FAMILY_V4,
+    FAMILY_V6, FlowKey, FlowValue, MAX_BACKENDS, MAX_FLOWS, MAX_TX_PORTS, MAX_VIPS, PROTO_TCP,
+    PROTO_UDP, REASON_COUNT, RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipKey, VipMeta,
+    flow_hash,
 };
 use network_types::{
     eth::EthHdr,
@@ -119,7 +119,10 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         _ => return Err(Reason::PassNotIp),
     };
     parse_ports(ctx, l4, &mut flow)?;
-    Ok(Packet { flow, len: frame_len as u64 })
+    Ok(Packet {
+        flow,
+        len: frame_len as u64,
+    })
 }
 
 /// The EtherType and the offset of the L3 header, past at most one 802.1Q tag.
@@ -131,9 +134,11 @@ fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), Reason> {
         return Ok((ether_type, EthHdr::LEN));
     }
     // The inner EtherType sits in the last two bytes of the tag.
-    let inner: *const [u8; 2] =
-        ptr_at(ctx, EthHdr::LEN + 2).ok_or(Reason::DropTruncatedL3)?;
-    Ok((u16::from_be_bytes(unsafe { *inner }), EthHdr::LEN + VLAN_HLEN))
+    let inner: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + 2).ok_or(Reason::DropTruncatedL3)?;
+    Ok((
+        u16::from_be_bytes(unsafe { *inner }),
+        EthHdr::LEN + VLAN_HLEN,
+    ))
 }
 
 /// Checks the IPv4 header the way the kernel's receive path would (so dropping here never
@@ -209,7 +214,11 @@ fn addr_from_v6(b: [u8; 16]) -> Addr {
 
 #[inline(always)]
 fn require_vip_addr(flow: &FlowKey) -> Result<(), Reason> {
-    let key = VipAddr { addr: flow.dst, family: flow.family, _pad: [0; 3] };
+    let key = VipAddr {
+        addr: flow.dst,
+        family: flow.family,
+        _pad: [0; 3],
+    };
     match VIP_ADDRS.get_ptr(&key) {
         Some(_) => Ok(()),
         None => Err(Reason::PassNotVip),
@@ -234,7 +243,12 @@ fn parse_ports(ctx: &XdpContext, l4: usize, flow: &mut FlowKey) -> Result<(), Re
 
 #[inline(always)]
 fn lookup_vip(flow: &FlowKey) -> Result<VipMeta, Reason> {
-    let key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
+    let key = VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
     match VIPS.get_ptr(&key) {
         Some(meta) => Ok(unsafe { *meta }),
         None => Err(Reason::PassNotVip),
@@ -259,7 +273,10 @@ fn select_backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Reaso
     if backend.flags & BACKEND_F_IN_USE == 0 {
         return Err(Reason::DropNoBackend);
     }
-    let pinned = FlowValue { backend_id, backend_generation: backend.generation };
+    let pinned = FlowValue {
+        backend_id,
+        backend_generation: backend.generation,
+    };
     // A full table evicts the least recently used flow; insert cannot fail otherwise.
     let _ = FLOWS.insert(flow, &pinned, 0);
     count(&VIP_STATS, vip.vip_id, 0, true);
@@ -277,11 +294,16 @@ fn pick_from_ring(flow: &FlowKey, vip: &VipMeta) -> Result<u32, Reason> {
     let slot = if vip.flags & VIP_F_HASH != 0 {
         flow_hash(flow) % vip.ring_len
     } else {
-        let cursor = RR_CURSOR.get_ptr_mut(vip.vip_id).ok_or(Reason::DropNoBackend)?;
+        let cursor = RR_CURSOR
+            .get_ptr_mut(vip.vip_id)
+            .ok_or(Reason::DropNoBackend)?;
         let turn = unsafe { fetch_add(cursor, 1) };
         (turn % vip.ring_len as u64) as u32
     };
-    RING_SLAB.get(vip.ring_off + slot).copied().ok_or(Reason::DropNoBackend)
+    RING_SLAB
+        .get(vip.ring_off + slot)
+        .copied()
+        .ok_or(Reason::DropNoBackend)
 }
 
 /// Atomic fetch-and-add. rustc hands bpf-linker the "generic" CPU, for which LLVM refuses
