@@ -143,7 +143,8 @@ pub enum Reason {
     PassNoNeigh,
     /// The frame ends inside the Ethernet, VLAN or IP header.
     DropTruncatedL3,
-    /// The frame ends inside the TCP or UDP header of a packet to a VIP address.
+    /// The IP packet (or the frame) ends inside the TCP or UDP header of a packet to a VIP
+    /// address.
     DropTruncatedL4,
     /// Impossible IP header: bad version, IHL below 5, lengths past the frame.
     DropBadIpHeader,

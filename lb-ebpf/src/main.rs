@@ -113,12 +113,12 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     let (ether_type, l3) = parse_eth(ctx)?;
     let frame_len = ctx.data_end() - ctx.data();
     let mut flow = FlowKey::default();
-    let l4 = match ether_type {
+    let (l4, ip_end) = match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3, frame_len, &mut flow)?,
         ETH_P_IPV6 => parse_ipv6(ctx, l3, frame_len, &mut flow)?,
         _ => return Err(Reason::PassNotIp),
     };
-    parse_ports(ctx, l4, &mut flow)?;
+    parse_ports(ctx, l4, ip_end, &mut flow)?;
     Ok(Packet {
         flow,
         len: frame_len as u64,
@@ -143,14 +143,14 @@ fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), Reason> {
 
 /// Checks the IPv4 header the way the kernel's receive path would (so dropping here never
 /// drops anything the host would have accepted), fills the addresses and protocol, and
-/// returns the L4 offset.
+/// returns the L4 offset and where the IP packet ends (Ethernet padding may follow).
 #[inline(always)]
 fn parse_ipv4(
     ctx: &XdpContext,
     l3: usize,
     frame_len: usize,
     flow: &mut FlowKey,
-) -> Result<usize, Reason> {
+) -> Result<(usize, usize), Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::DropTruncatedL3)?;
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
@@ -173,7 +173,7 @@ fn parse_ipv4(
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return Err(Reason::PassNotVip);
     }
-    Ok(l3 + Ipv4Hdr::LEN)
+    Ok((l3 + Ipv4Hdr::LEN, l3 + tot_len))
 }
 
 #[inline(always)]
@@ -182,7 +182,7 @@ fn parse_ipv6(
     l3: usize,
     frame_len: usize,
     flow: &mut FlowKey,
-) -> Result<usize, Reason> {
+) -> Result<(usize, usize), Reason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::DropTruncatedL3)?;
     let ip = unsafe { &*ip };
     let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
@@ -195,7 +195,7 @@ fn parse_ipv6(
     flow.dst = addr_from_v6(ip.dst_addr);
     require_vip_addr(flow)?;
     match ip.next_hdr {
-        PROTO_TCP | PROTO_UDP => Ok(l3 + Ipv6Hdr::LEN),
+        PROTO_TCP | PROTO_UDP => Ok((l3 + Ipv6Hdr::LEN, l3 + Ipv6Hdr::LEN + payload_len)),
         // ICMPv6 (neighbour discovery, errors) and "no next header" belong to the host.
         58 | 59 => Err(Reason::PassNotVip),
         _ => Err(Reason::DropIpv6ExtHeader),
@@ -225,11 +225,18 @@ fn require_vip_addr(flow: &FlowKey) -> Result<(), Reason> {
     }
 }
 
-/// Source and destination ports sit in the first four bytes of both TCP and UDP.
+/// Source and destination ports sit in the first four bytes of both TCP and UDP. The whole
+/// minimal header must lie inside the IP packet, not merely inside the frame: Ethernet
+/// padding after a cut-short packet is no header.
 #[inline(always)]
-fn parse_ports(ctx: &XdpContext, l4: usize, flow: &mut FlowKey) -> Result<(), Reason> {
+fn parse_ports(
+    ctx: &XdpContext,
+    l4: usize,
+    ip_end: usize,
+    flow: &mut FlowKey,
+) -> Result<(), Reason> {
     let min_len = if flow.proto == PROTO_TCP { 20 } else { 8 };
-    if ctx.data() + l4 + min_len > ctx.data_end() {
+    if l4 + min_len > ip_end || ctx.data() + l4 + min_len > ctx.data_end() {
         return Err(Reason::DropTruncatedL4);
     }
     let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::DropTruncatedL4)?;
