@@ -98,6 +98,8 @@ pub struct Backend {
     pub addr: Addr,
     /// Bumped each time the id is given to another server.
     pub generation: u32,
+    /// The VIP this backend serves, so a restarted agent can adopt the pinned maps.
+    pub vip_id: u32,
     /// Egress interface (from the kernel's FIB), 0 while unknown.
     pub ifindex: u32,
     /// Destination MAC (from the kernel's neighbour table).
@@ -114,7 +116,8 @@ pub struct Backend {
 pub const BACKEND_F_IN_USE: u32 = 1;
 /// `mac`, `src_mac` and `ifindex` are valid.
 pub const BACKEND_F_RESOLVED: u32 = 1 << 1;
-/// Established flows may stay (set while the backend is up, and while it drains).
+/// Established flows may stay (set while the backend is up, also while it drains or has
+/// weight 0; cleared when its health checks fail, so its flows move on their next packet).
 pub const BACKEND_F_KEEP_FLOWS: u32 = 1 << 2;
 
 /// Packet and byte counters, kept per CPU and summed by the agent.
@@ -140,7 +143,8 @@ pub enum Reason {
     PassNoNeigh,
     /// The frame ends inside the Ethernet, VLAN or IP header.
     DropTruncatedL3,
-    /// The frame ends inside the TCP or UDP header of a packet to a VIP address.
+    /// The IP packet (or the frame) ends inside the TCP or UDP header of a packet to a VIP
+    /// address.
     DropTruncatedL4,
     /// Impossible IP header: bad version, IHL below 5, lengths past the frame.
     DropBadIpHeader,
@@ -262,6 +266,6 @@ mod tests {
     fn layouts_have_no_surprises() {
         assert_eq!(core::mem::size_of::<VipKey>(), 20);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
-        assert_eq!(core::mem::size_of::<Backend>(), 44);
+        assert_eq!(core::mem::size_of::<Backend>(), 48);
     }
 }

@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, Counters,
-    FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, MAX_BACKENDS, MAX_FLOWS, MAX_TX_PORTS, MAX_VIPS,
-    PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipKey,
-    VipMeta, flow_hash,
+    Addr, BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, Counters, FAMILY_V4,
+    FAMILY_V6, FlowKey, FlowValue, MAX_BACKENDS, MAX_FLOWS, MAX_TX_PORTS, MAX_VIPS, PROTO_TCP,
+    PROTO_UDP, REASON_COUNT, RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipKey, VipMeta,
+    flow_hash,
 };
 use network_types::{
     eth::EthHdr,
@@ -113,13 +113,16 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     let (ether_type, l3) = parse_eth(ctx)?;
     let frame_len = ctx.data_end() - ctx.data();
     let mut flow = FlowKey::default();
-    let l4 = match ether_type {
+    let (l4, ip_end) = match ether_type {
         ETH_P_IP => parse_ipv4(ctx, l3, frame_len, &mut flow)?,
         ETH_P_IPV6 => parse_ipv6(ctx, l3, frame_len, &mut flow)?,
         _ => return Err(Reason::PassNotIp),
     };
-    parse_ports(ctx, l4, &mut flow)?;
-    Ok(Packet { flow, len: frame_len as u64 })
+    parse_ports(ctx, l4, ip_end, &mut flow)?;
+    Ok(Packet {
+        flow,
+        len: frame_len as u64,
+    })
 }
 
 /// The EtherType and the offset of the L3 header, past at most one 802.1Q tag.
@@ -131,21 +134,23 @@ fn parse_eth(ctx: &XdpContext) -> Result<(u16, usize), Reason> {
         return Ok((ether_type, EthHdr::LEN));
     }
     // The inner EtherType sits in the last two bytes of the tag.
-    let inner: *const [u8; 2] =
-        ptr_at(ctx, EthHdr::LEN + 2).ok_or(Reason::DropTruncatedL3)?;
-    Ok((u16::from_be_bytes(unsafe { *inner }), EthHdr::LEN + VLAN_HLEN))
+    let inner: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + 2).ok_or(Reason::DropTruncatedL3)?;
+    Ok((
+        u16::from_be_bytes(unsafe { *inner }),
+        EthHdr::LEN + VLAN_HLEN,
+    ))
 }
 
 /// Checks the IPv4 header the way the kernel's receive path would (so dropping here never
 /// drops anything the host would have accepted), fills the addresses and protocol, and
-/// returns the L4 offset.
+/// returns the L4 offset and where the IP packet ends (Ethernet padding may follow).
 #[inline(always)]
 fn parse_ipv4(
     ctx: &XdpContext,
     l3: usize,
     frame_len: usize,
     flow: &mut FlowKey,
-) -> Result<usize, Reason> {
+) -> Result<(usize, usize), Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::DropTruncatedL3)?;
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
@@ -168,7 +173,7 @@ fn parse_ipv4(
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return Err(Reason::PassNotVip);
     }
-    Ok(l3 + Ipv4Hdr::LEN)
+    Ok((l3 + Ipv4Hdr::LEN, l3 + tot_len))
 }
 
 #[inline(always)]
@@ -177,7 +182,7 @@ fn parse_ipv6(
     l3: usize,
     frame_len: usize,
     flow: &mut FlowKey,
-) -> Result<usize, Reason> {
+) -> Result<(usize, usize), Reason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::DropTruncatedL3)?;
     let ip = unsafe { &*ip };
     let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
@@ -190,7 +195,7 @@ fn parse_ipv6(
     flow.dst = addr_from_v6(ip.dst_addr);
     require_vip_addr(flow)?;
     match ip.next_hdr {
-        PROTO_TCP | PROTO_UDP => Ok(l3 + Ipv6Hdr::LEN),
+        PROTO_TCP | PROTO_UDP => Ok((l3 + Ipv6Hdr::LEN, l3 + Ipv6Hdr::LEN + payload_len)),
         // ICMPv6 (neighbour discovery, errors) and "no next header" belong to the host.
         58 | 59 => Err(Reason::PassNotVip),
         _ => Err(Reason::DropIpv6ExtHeader),
@@ -209,18 +214,29 @@ fn addr_from_v6(b: [u8; 16]) -> Addr {
 
 #[inline(always)]
 fn require_vip_addr(flow: &FlowKey) -> Result<(), Reason> {
-    let key = VipAddr { addr: flow.dst, family: flow.family, _pad: [0; 3] };
+    let key = VipAddr {
+        addr: flow.dst,
+        family: flow.family,
+        _pad: [0; 3],
+    };
     match VIP_ADDRS.get_ptr(&key) {
         Some(_) => Ok(()),
         None => Err(Reason::PassNotVip),
     }
 }
 
-/// Source and destination ports sit in the first four bytes of both TCP and UDP.
+/// Source and destination ports sit in the first four bytes of both TCP and UDP. The whole
+/// minimal header must lie inside the IP packet, not merely inside the frame: Ethernet
+/// padding after a cut-short packet is no header.
 #[inline(always)]
-fn parse_ports(ctx: &XdpContext, l4: usize, flow: &mut FlowKey) -> Result<(), Reason> {
+fn parse_ports(
+    ctx: &XdpContext,
+    l4: usize,
+    ip_end: usize,
+    flow: &mut FlowKey,
+) -> Result<(), Reason> {
     let min_len = if flow.proto == PROTO_TCP { 20 } else { 8 };
-    if ctx.data() + l4 + min_len > ctx.data_end() {
+    if l4 + min_len > ip_end || ctx.data() + l4 + min_len > ctx.data_end() {
         return Err(Reason::DropTruncatedL4);
     }
     let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::DropTruncatedL4)?;
@@ -234,7 +250,12 @@ fn parse_ports(ctx: &XdpContext, l4: usize, flow: &mut FlowKey) -> Result<(), Re
 
 #[inline(always)]
 fn lookup_vip(flow: &FlowKey) -> Result<VipMeta, Reason> {
-    let key = VipKey { addr: flow.dst, port: flow.dport, proto: flow.proto, family: flow.family };
+    let key = VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
     match VIPS.get_ptr(&key) {
         Some(meta) => Ok(unsafe { *meta }),
         None => Err(Reason::PassNotVip),
@@ -259,7 +280,10 @@ fn select_backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Reaso
     if backend.flags & BACKEND_F_IN_USE == 0 {
         return Err(Reason::DropNoBackend);
     }
-    let pinned = FlowValue { backend_id, backend_generation: backend.generation };
+    let pinned = FlowValue {
+        backend_id,
+        backend_generation: backend.generation,
+    };
     // A full table evicts the least recently used flow; insert cannot fail otherwise.
     let _ = FLOWS.insert(flow, &pinned, 0);
     count(&VIP_STATS, vip.vip_id, 0, true);
@@ -277,11 +301,16 @@ fn pick_from_ring(flow: &FlowKey, vip: &VipMeta) -> Result<u32, Reason> {
     let slot = if vip.flags & VIP_F_HASH != 0 {
         flow_hash(flow) % vip.ring_len
     } else {
-        let cursor = RR_CURSOR.get_ptr_mut(vip.vip_id).ok_or(Reason::DropNoBackend)?;
+        let cursor = RR_CURSOR
+            .get_ptr_mut(vip.vip_id)
+            .ok_or(Reason::DropNoBackend)?;
         let turn = unsafe { fetch_add(cursor, 1) };
         (turn % vip.ring_len as u64) as u32
     };
-    RING_SLAB.get(vip.ring_off + slot).copied().ok_or(Reason::DropNoBackend)
+    RING_SLAB
+        .get(vip.ring_off + slot)
+        .copied()
+        .ok_or(Reason::DropNoBackend)
 }
 
 /// Atomic fetch-and-add. rustc hands bpf-linker the "generic" CPU, for which LLVM refuses

@@ -1,6 +1,6 @@
 //! The agent: owns the loaded data plane, turns VIP/backend changes into map writes, keeps
-//! backend MACs current from the kernel, serves the control socket, and writes every
-//! accepted change back to the configuration file.
+//! backend MACs current from the kernel, runs health checks, serves the control socket, and
+//! writes every accepted change back to the configuration file.
 
 use std::{
     collections::HashMap,
@@ -14,24 +14,26 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use lb_common::{
     BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, MAX_BACKENDS, MAX_VIPS,
-    RING_SLAB_LEN, Reason, VipAddr, VipMeta,
+    RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipMeta,
 };
 use serde_json::json;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::Mutex,
+    sync::{Mutex, mpsc},
+    task::JoinHandle,
 };
 
 use crate::{
     config::{BackendConfig, Config, VipConfig},
     control::{self, Request, Response},
     datapath::Datapath,
-    model::{self, IdPool, RingRegions, Service, SlabAllocator},
+    health::{self, CheckKind, CheckPatch, CheckSpec, Health},
+    model::{self, Algo, IdPool, RingMember, RingRegions, Service, SlabAllocator},
     netif::{L2Path, Netif, Unresolved},
 };
 
-/// Ring capacity a new VIP starts with; grown (re-allocated) when its backends outgrow it.
+/// Ring capacity a round-robin VIP starts with; grown when its backends outgrow it.
 const INITIAL_RING_CAPACITY: u32 = 64;
 /// How long `backend add` waits for the kernel to resolve the backend's MAC before
 /// answering, so traffic can flow the moment the command returns.
@@ -49,6 +51,10 @@ pub struct Options {
     pub config: PathBuf,
     pub socket: PathBuf,
     pub generic: bool,
+    /// bpffs directory for maps and attachments; None runs unpinned.
+    pub pin_dir: Option<PathBuf>,
+    /// On a clean stop, leave the program attached and forwarding.
+    pub keep_forwarding: bool,
 }
 
 struct BackendState {
@@ -56,13 +62,49 @@ struct BackendState {
     id: u32,
     generation: u32,
     l2: Option<L2Path>,
-    /// Why it cannot take traffic yet, for `backend list`.
+    /// Why it cannot take traffic, for `backend list`.
     note: Option<String>,
+    weight: u32,
+    backup: bool,
+    drain: bool,
+    /// Replaces the VIP's check for this backend.
+    check: Option<CheckSpec>,
+    health: Health,
+    checker: Option<JoinHandle<()>>,
+}
+
+impl BackendState {
+    /// May take new flows.
+    fn eligible(&self) -> bool {
+        self.l2.is_some() && self.health.up && !self.drain && self.weight > 0
+    }
+
+    fn state(&self) -> &'static str {
+        if self.l2.is_none() {
+            "unresolved"
+        } else if !self.health.up {
+            "down"
+        } else if self.drain {
+            "draining"
+        } else {
+            "up"
+        }
+    }
+}
+
+impl Drop for BackendState {
+    fn drop(&mut self) {
+        if let Some(c) = self.checker.take() {
+            c.abort();
+        }
+    }
 }
 
 struct VipState {
     service: Service,
     id: u32,
+    algo: Algo,
+    check: CheckSpec,
     backends: Vec<BackendState>,
     rings: RingRegions,
     ring_len: u32,
@@ -70,8 +112,16 @@ struct VipState {
 
 enum Retired {
     Rings(RingRegions),
+    Extent(u32, u32),
     VipId(u32),
     BackendId(u32),
+}
+
+/// What an earlier agent left in pinned maps, looked up while re-applying the config.
+#[derive(Default)]
+struct Adoption {
+    vips: HashMap<lb_common::VipKey, VipMeta>,
+    backends: HashMap<(u32, IpAddr), (u32, Backend)>,
 }
 
 pub struct Agent {
@@ -85,10 +135,20 @@ pub struct Agent {
     vip_addr_refs: HashMap<VipAddr, usize>,
     tx_ports: Vec<u32>,
     retired: Vec<(Instant, Retired)>,
+    reports: mpsc::Sender<health::Report>,
+    adoption: Adoption,
+    /// While the configuration is applied at start, rings are built once at the end: an
+    /// earlier agent's program may still be forwarding with the pinned maps meanwhile.
+    defer_rings: bool,
 }
 
 impl Agent {
-    fn new(datapath: Datapath, netif: Netif, config_path: PathBuf) -> Self {
+    fn new(
+        datapath: Datapath,
+        netif: Netif,
+        config_path: PathBuf,
+        reports: mpsc::Sender<health::Report>,
+    ) -> Self {
         Self {
             datapath,
             netif,
@@ -100,14 +160,10 @@ impl Agent {
             vip_addr_refs: HashMap::new(),
             tx_ports: Vec::new(),
             retired: Vec::new(),
+            reports,
+            adoption: Adoption::default(),
+            defer_rings: false,
         }
-    }
-
-    fn vip(&self, service: &Service) -> Result<&VipState> {
-        self.vips
-            .iter()
-            .find(|v| v.service == *service)
-            .ok_or_else(|| anyhow!("no VIP {service}"))
     }
 
     fn vip_index(&self, service: &Service) -> Result<usize> {
@@ -117,42 +173,128 @@ impl Agent {
             .ok_or_else(|| anyhow!("no VIP {service}"))
     }
 
+    fn backend_index(&self, service: &Service, addr: IpAddr) -> Result<(usize, usize)> {
+        let vi = self.vip_index(service)?;
+        let bi = self.vips[vi]
+            .backends
+            .iter()
+            .position(|b| b.addr == addr)
+            .ok_or_else(|| anyhow!("backend {addr} does not serve VIP {service}"))?;
+        Ok((vi, bi))
+    }
+
+    // ---- adopting pinned state -------------------------------------------------------
+
+    /// Reads what a previous agent left in the pinned maps. Ids and generations found there
+    /// are kept for the same VIPs and backends, so pinned flows stay valid; the rings the
+    /// data plane reads now are fenced off until every VIP has flipped to a new one.
+    fn prepare_adoption(&mut self) {
+        for (id, b) in self.datapath.backend_entries() {
+            self.backend_ids.seed(id, b.generation);
+            if b.flags & BACKEND_F_IN_USE != 0 {
+                let addr = model::addr_from_map(b.addr, b.family);
+                self.adoption.backends.insert((b.vip_id, addr), (id, b));
+            }
+        }
+        for (key, meta) in self.datapath.vip_entries() {
+            if meta.ring_len > 0 && self.slab.reserve(meta.ring_off, meta.ring_len) {
+                self.retired.push((
+                    Instant::now(),
+                    Retired::Extent(meta.ring_off, meta.ring_len),
+                ));
+            }
+            self.adoption.vips.insert(key, meta);
+        }
+    }
+
+    /// After the config is applied: whatever pinned state it did not claim is removed.
+    fn finish_adoption(&mut self) -> Result<()> {
+        let adoption = std::mem::take(&mut self.adoption);
+        for key in adoption.vips.keys() {
+            if !self.vips.iter().any(|v| v.service.key() == *key) {
+                self.datapath.del_vip(key)?;
+            }
+        }
+        for (id, b) in adoption.backends.values() {
+            self.datapath.set_backend(
+                *id,
+                &Backend {
+                    generation: b.generation,
+                    ..Default::default()
+                },
+            )?;
+        }
+        for addr in self.datapath.vip_addr_entries() {
+            if !self.vip_addr_refs.contains_key(&addr) {
+                self.datapath.del_vip_addr(&addr)?;
+            }
+        }
+        Ok(())
+    }
+
     // ---- changes ---------------------------------------------------------------------
 
-    pub fn add_vip(&mut self, service: Service) -> Result<()> {
-        if self.vip(&service).is_ok() {
+    pub fn add_vip(&mut self, service: Service, algo: Algo, check: CheckSpec) -> Result<()> {
+        if self.vip_index(&service).is_ok() {
             bail!("VIP {service} already exists");
         }
-        let (id, _) = self
-            .vip_ids
-            .take()
-            .ok_or_else(|| anyhow!("VIP table full ({MAX_VIPS})"))?;
-        let Some(rings) = RingRegions::alloc(&mut self.slab, INITIAL_RING_CAPACITY) else {
+        check.validate()?;
+        let adopted = self.adoption.vips.get(&service.key()).copied();
+        let id = match adopted {
+            Some(meta) if self.vip_ids.adopt(meta.vip_id, 1) => meta.vip_id,
+            _ => {
+                let (id, _) = self
+                    .vip_ids
+                    .take()
+                    .ok_or_else(|| anyhow!("VIP table full ({MAX_VIPS})"))?;
+                self.datapath.reset_counters(Some(id), None)?;
+                id
+            }
+        };
+        let Some(rings) = RingRegions::alloc(&mut self.slab, ring_capacity(algo, 0)) else {
             self.vip_ids.give_back(id);
             bail!("ring slab full: remove unused VIPs first");
         };
-        self.datapath.reset_counters(Some(id), None)?;
         let addr_key = service.addr_key();
         let refs = self.vip_addr_refs.entry(addr_key).or_insert(0);
         if *refs == 0 {
             self.datapath.set_vip_addr(&addr_key)?;
         }
         *refs += 1;
-        let meta = VipMeta {
-            vip_id: id,
-            ring_off: rings.offs[rings.active],
-            ring_len: 0,
-            flags: 0,
-        };
-        self.datapath.set_vip(&service.key(), &meta)?;
         self.vips.push(VipState {
             service,
             id,
+            algo,
+            check,
             backends: Vec::new(),
             rings,
             ring_len: 0,
         });
-        Ok(())
+        self.rebuild_ring(self.vips.len() - 1)
+    }
+
+    pub fn set_vip(
+        &mut self,
+        service: &Service,
+        algo: Option<Algo>,
+        patch: &CheckPatch,
+    ) -> Result<()> {
+        let vi = self.vip_index(service)?;
+        let check = patch.apply(&self.vips[vi].check)?;
+        let vip = &mut self.vips[vi];
+        let check_changed = check != vip.check;
+        vip.check = check;
+        if let Some(algo) = algo {
+            vip.algo = algo;
+        }
+        if check_changed {
+            for bi in 0..self.vips[vi].backends.len() {
+                if self.vips[vi].backends[bi].check.is_none() {
+                    self.restart_checker(vi, bi)?;
+                }
+            }
+        }
+        self.rebuild_ring(vi)
     }
 
     pub fn del_vip(&mut self, service: &Service) -> Result<()> {
@@ -167,77 +309,143 @@ impl Agent {
                 self.datapath.del_vip_addr(&addr_key)?;
             }
         }
-        for b in &vip.backends {
-            self.clear_backend(b)?;
-        }
         let now = Instant::now();
+        for b in &vip.backends {
+            self.datapath.set_backend(
+                b.id,
+                &Backend {
+                    generation: b.generation,
+                    ..Default::default()
+                },
+            )?;
+            self.retired.push((now, Retired::BackendId(b.id)));
+        }
         self.retired.push((now, Retired::Rings(vip.rings)));
         self.retired.push((now, Retired::VipId(vip.id)));
         Ok(())
     }
 
-    /// Adds a backend; waits up to `wait` for its MAC so it can take flows at once.
-    /// Returns a note when it cannot take traffic yet.
-    pub async fn add_backend(
+    /// Adds a backend, with what the kernel said of reaching it (see `resolve`).
+    pub fn add_backend(
         &mut self,
         service: &Service,
-        addr: IpAddr,
-        wait: Duration,
-    ) -> Result<Option<String>> {
-        model::check_unicast(addr, "backend")?;
-        let index = self.vip_index(service)?;
-        if addr.is_ipv4() != service.addr.is_ipv4() {
-            bail!("backend {addr} is not of the same address family as VIP {service}");
-        }
-        if self.vips[index].backends.iter().any(|b| b.addr == addr) {
-            bail!("backend {addr} already serves VIP {service}");
-        }
-        let (l2, note) = self.resolve(addr, wait).await?;
-        let (id, generation) = self
-            .backend_ids
-            .take()
-            .ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
-        let mut backend = BackendState {
+        config: &BackendConfig,
+        (l2, note): (Option<L2Path>, Option<String>),
+    ) -> Result<()> {
+        let BackendConfig {
+            address: addr,
+            weight,
+            backup,
+            drain,
+            ref check,
+        } = *config;
+        let vi = self.vip_index(service)?;
+        self.validate_new_backend(vi, config)?;
+        let vip_id = self.vips[vi].id;
+        let (id, generation) = match self.adoption.backends.remove(&(vip_id, addr)) {
+            Some((id, b)) if self.backend_ids.adopt(id, b.generation) => (id, b.generation),
+            _ => {
+                let taken = self.backend_ids.take();
+                let (id, generation) =
+                    taken.ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
+                self.datapath.reset_counters(None, Some(id))?;
+                (id, generation)
+            }
+        };
+        self.vips[vi].backends.push(BackendState {
             addr,
             id,
             generation,
-            l2: None,
-            note: None,
+            l2,
+            note,
+            weight,
+            backup,
+            drain,
+            check: check.clone(),
+            health: Health::default(),
+            checker: None,
+        });
+        let bi = self.vips[vi].backends.len() - 1;
+        self.write_backend(vi, bi)?;
+        self.restart_checker(vi, bi)?;
+        self.rebuild_ring(vi)
+    }
+
+    fn validate_new_backend(&self, vi: usize, config: &BackendConfig) -> Result<()> {
+        let (service, addr) = (&self.vips[vi].service, config.address);
+        model::check_unicast(addr, "backend")?;
+        model::check_weight(config.weight)?;
+        if let Some(c) = &config.check {
+            c.validate()?;
+        }
+        if addr.is_ipv4() != service.addr.is_ipv4() {
+            bail!("backend {addr} is not of the same address family as VIP {service}");
+        }
+        if self.vips[vi].backends.iter().any(|b| b.addr == addr) {
+            bail!("backend {addr} already serves VIP {service}");
+        }
+        Ok(())
+    }
+
+    pub fn set_backend(
+        &mut self,
+        service: &Service,
+        addr: IpAddr,
+        weight: Option<u32>,
+        backup: Option<bool>,
+        patch: &CheckPatch,
+    ) -> Result<()> {
+        let (vi, bi) = self.backend_index(service, addr)?;
+        if let Some(w) = weight {
+            model::check_weight(w)?;
+        }
+        let check = if patch.is_empty() {
+            None
+        } else {
+            let vip = &self.vips[vi];
+            Some(patch.apply(vip.backends[bi].check.as_ref().unwrap_or(&vip.check))?)
         };
-        self.datapath.reset_counters(None, Some(id))?;
-        self.write_backend(&mut backend, l2, note.clone())?;
-        self.vips[index].backends.push(backend);
-        self.rebuild_ring(index)?;
-        Ok(note)
+        let b = &mut self.vips[vi].backends[bi];
+        if let Some(w) = weight {
+            b.weight = w;
+        }
+        if let Some(backup) = backup {
+            b.backup = backup;
+        }
+        if check.is_some() {
+            b.check = check;
+            self.restart_checker(vi, bi)?;
+        }
+        self.rebuild_ring(vi)
+    }
+
+    pub fn drain_backend(&mut self, service: &Service, addr: IpAddr, drain: bool) -> Result<()> {
+        let (vi, bi) = self.backend_index(service, addr)?;
+        self.vips[vi].backends[bi].drain = drain;
+        self.write_backend(vi, bi)?;
+        self.rebuild_ring(vi)
     }
 
     pub fn del_backend(&mut self, service: &Service, addr: IpAddr) -> Result<()> {
-        let index = self.vip_index(service)?;
-        let pos = self.vips[index]
-            .backends
-            .iter()
-            .position(|b| b.addr == addr)
-            .ok_or_else(|| anyhow!("backend {addr} does not serve VIP {service}"))?;
-        let backend = self.vips[index].backends.remove(pos);
-        // Out of the ring first, so no new flow picks it while it is being cleared.
-        self.rebuild_ring(index)?;
-        self.clear_backend(&backend)?;
+        let (vi, bi) = self.backend_index(service, addr)?;
+        let backend = self.vips[vi].backends.remove(bi);
+        // Out of the ring first, so no new flow picks it while it is being cleared; its
+        // pinned flows then find it not in use and are re-balanced.
+        self.rebuild_ring(vi)?;
+        self.datapath.set_backend(
+            backend.id,
+            &Backend {
+                generation: backend.generation,
+                ..Default::default()
+            },
+        )?;
         self.retired
             .push((Instant::now(), Retired::BackendId(backend.id)));
         Ok(())
     }
 
-    /// Flows pinned to a cleared backend find it not in use and are re-balanced.
-    fn clear_backend(&mut self, b: &BackendState) -> Result<()> {
-        self.datapath.set_backend(
-            b.id,
-            &Backend {
-                generation: b.generation,
-                ..Default::default()
-            },
-        )
-    }
-
+    /// The backend's L2 path, waiting up to `wait` for the kernel to resolve it; or a note
+    /// saying why it cannot take traffic yet.
     async fn resolve(
         &self,
         addr: IpAddr,
@@ -260,23 +468,25 @@ impl Agent {
         })
     }
 
-    /// Writes a backend's entry; an unresolved backend stays in use (pinned flows are passed
-    /// to the host and counted) but out of the ring.
-    fn write_backend(
-        &mut self,
-        b: &mut BackendState,
-        l2: Option<L2Path>,
-        note: Option<String>,
-    ) -> Result<()> {
+    /// Writes a backend's entry from its state. A backend that is down loses
+    /// KEEP_FLOWS, so its flows move to a live backend on their next packet; one that
+    /// drains keeps them.
+    fn write_backend(&mut self, vi: usize, bi: usize) -> Result<()> {
+        let vip_id = self.vips[vi].id;
+        let b = &self.vips[vi].backends[bi];
         let (addr, family) = model::addr_to_map(b.addr);
         let mut entry = Backend {
             addr,
             family,
+            vip_id,
             generation: b.generation,
-            flags: BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS,
+            flags: BACKEND_F_IN_USE,
             ..Default::default()
         };
-        if let Some(l2) = l2 {
+        if b.health.up {
+            entry.flags |= BACKEND_F_KEEP_FLOWS;
+        }
+        if let Some(l2) = b.l2 {
             if !self.tx_ports.contains(&l2.ifindex) {
                 self.datapath.add_tx_port(l2.ifindex)?;
                 self.tx_ports.push(l2.ifindex);
@@ -286,31 +496,103 @@ impl Agent {
             entry.src_mac = l2.src_mac;
             entry.flags |= BACKEND_F_RESOLVED;
         }
-        self.datapath.set_backend(b.id, &entry)?;
-        b.l2 = l2;
-        b.note = note;
+        self.datapath.set_backend(b.id, &entry)
+    }
+
+    fn restart_checker(&mut self, vi: usize, bi: usize) -> Result<()> {
+        let vip = &self.vips[vi];
+        let spec = vip.backends[bi]
+            .check
+            .clone()
+            .unwrap_or_else(|| vip.check.clone());
+        let port = vip.service.addr.port();
+        let b = &mut self.vips[vi].backends[bi];
+        if let Some(c) = b.checker.take() {
+            c.abort();
+        }
+        let was_up = b.health.up;
+        b.health = Health::default();
+        if spec.check != CheckKind::None {
+            b.checker = Some(health::spawn_checker(
+                b.id,
+                b.generation,
+                b.addr,
+                port,
+                spec,
+                self.reports.clone(),
+            ));
+        }
+        if !was_up {
+            self.write_backend(vi, bi)?;
+        }
         Ok(())
     }
 
-    /// Writes the VIP's ring into the region the data plane is not reading, then flips the
-    /// VIP to it with one map update.
+    /// Applies a health check result; a backend that changes between up and down is
+    /// rewritten and its VIP's ring rebuilt.
+    fn on_report(&mut self, report: health::Report) -> Result<()> {
+        let found = self.vips.iter().enumerate().find_map(|(vi, v)| {
+            v.backends
+                .iter()
+                .position(|b| b.id == report.backend_id && b.generation == report.generation)
+                .map(|bi| (vi, bi))
+        });
+        let Some((vi, bi)) = found else { return Ok(()) };
+        let vip = &mut self.vips[vi];
+        let spec = vip.backends[bi].check.as_ref().unwrap_or(&vip.check);
+        if spec.check == CheckKind::None {
+            return Ok(()); // a result still in flight from a checker that was stopped
+        }
+        let (rise, fall) = (spec.rise, spec.fall);
+        let service = vip.service;
+        let b = &mut vip.backends[bi];
+        let detail = report.outcome.detail.clone();
+        if b.health.record(report.outcome, rise, fall) {
+            log::warn!(
+                "backend {} of {service} is {} ({detail})",
+                b.addr,
+                if b.health.up { "UP" } else { "DOWN" }
+            );
+            self.write_backend(vi, bi)?;
+            self.rebuild_ring(vi)?;
+        }
+        Ok(())
+    }
+
+    /// Builds the VIP's ring from the backends that can take new flows (primaries, or the
+    /// backups while no primary can), writes it into the region the data plane is not
+    /// reading, then flips the VIP to it with one map update.
     fn rebuild_ring(&mut self, index: usize) -> Result<()> {
+        if self.defer_rings {
+            return Ok(());
+        }
         let vip = &self.vips[index];
-        let eligible: Vec<model::RingMember> = vip
-            .backends
-            .iter()
-            .filter(|b| b.l2.is_some())
-            .map(|b| model::RingMember {
-                id: b.id,
-                weight: 1,
-                addr: b.addr,
-            })
-            .collect();
-        let ring = model::round_robin_ring(&eligible);
+        let members = |backup: bool| -> Vec<RingMember> {
+            vip.backends
+                .iter()
+                .filter(|b| b.backup == backup && b.eligible())
+                .map(|b| RingMember {
+                    id: b.id,
+                    weight: b.weight,
+                    addr: b.addr,
+                })
+                .collect()
+        };
+        let mut eligible = members(false);
+        if eligible.is_empty() {
+            eligible = members(true);
+        }
+        let (ring, flags) = match vip.algo {
+            Algo::Rr => (model::round_robin_ring(&eligible), 0),
+            Algo::Maglev => (
+                model::maglev_ring(&eligible, model::MAGLEV_TABLE_SIZE),
+                VIP_F_HASH,
+            ),
+        };
         let len = ring.len() as u32;
         let mut rings = vip.rings;
         if len > rings.capacity {
-            let grown = RingRegions::alloc(&mut self.slab, len.next_power_of_two())
+            let grown = RingRegions::alloc(&mut self.slab, ring_capacity(vip.algo, len))
                 .ok_or_else(|| anyhow!("ring slab full"))?;
             self.retired.push((Instant::now(), Retired::Rings(rings)));
             rings = RingRegions { active: 1, ..grown };
@@ -321,7 +603,7 @@ impl Agent {
             vip_id: vip.id,
             ring_off: off,
             ring_len: len,
-            flags: 0,
+            flags,
         };
         self.datapath.set_vip(&vip.service.key(), &meta)?;
         rings.active = 1 - rings.active;
@@ -332,48 +614,35 @@ impl Agent {
     }
 
     /// Re-resolves backends (all of them, or only the unresolved) and updates the data plane
-    /// where the kernel's answer changed.
+    /// where the kernel's answer changed; releases quarantined ids and ring regions.
     async fn refresh(&mut self, all: bool) -> Result<()> {
-        for index in 0..self.vips.len() {
+        for vi in 0..self.vips.len() {
             let mut changed_ring = false;
-            for bi in 0..self.vips[index].backends.len() {
+            for bi in 0..self.vips[vi].backends.len() {
                 let (addr, old) = {
-                    let b = &self.vips[index].backends[bi];
+                    let b = &self.vips[vi].backends[bi];
                     (b.addr, b.l2)
                 };
                 if old.is_some() && !all {
                     continue;
                 }
                 let (l2, note) = self.resolve(addr, Duration::ZERO).await?;
+                let b = &mut self.vips[vi].backends[bi];
+                b.note = note;
                 if l2 != old {
-                    let mut b = std::mem::replace(
-                        &mut self.vips[index].backends[bi],
-                        BackendState {
-                            addr,
-                            id: 0,
-                            generation: 0,
-                            l2: None,
-                            note: None,
-                        },
-                    );
-                    let result = self.write_backend(&mut b, l2, note);
-                    self.vips[index].backends[bi] = b;
-                    result?;
+                    b.l2 = l2;
+                    self.write_backend(vi, bi)?;
                     changed_ring |= l2.is_some() != old.is_some();
-                    log::info!(
-                        "backend {addr}: {}",
-                        if l2.is_some() {
-                            "resolved"
-                        } else {
-                            "lost its neighbour"
-                        }
-                    );
-                } else {
-                    self.vips[index].backends[bi].note = note;
+                    let what = if l2.is_some() {
+                        "resolved"
+                    } else {
+                        "lost its neighbour entry"
+                    };
+                    log::info!("backend {addr}: {what}");
                 }
             }
             if changed_ring {
-                self.rebuild_ring(index)?;
+                self.rebuild_ring(vi)?;
             }
         }
         let now = Instant::now();
@@ -384,6 +653,7 @@ impl Agent {
         for (_, r) in due {
             match r {
                 Retired::Rings(rings) => rings.release(&mut self.slab),
+                Retired::Extent(off, len) => self.slab.release(off, len),
                 Retired::VipId(id) => self.vip_ids.give_back(id),
                 Retired::BackendId(id) => self.backend_ids.give_back(id),
             }
@@ -401,10 +671,18 @@ impl Agent {
                 .map(|v| VipConfig {
                     address: v.service.addr,
                     proto: v.service.proto,
+                    algo: v.algo,
+                    check: v.check.clone(),
                     backends: v
                         .backends
                         .iter()
-                        .map(|b| BackendConfig { address: b.addr })
+                        .map(|b| BackendConfig {
+                            address: b.addr,
+                            weight: b.weight,
+                            backup: b.backup,
+                            drain: b.drain,
+                            check: b.check.clone(),
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -412,26 +690,43 @@ impl Agent {
     }
 
     async fn apply_config(&mut self, config: &Config) -> Result<()> {
-        for vc in &config.vips {
-            let service = Service::new(vc.address, vc.proto)?;
-            self.add_vip(service)?;
-            for bc in &vc.backends {
-                self.add_backend(&service, bc.address, Duration::ZERO)
-                    .await
-                    .with_context(|| format!("VIP {service}"))?;
+        // Ask the kernel about every backend first and give it a moment to answer, so
+        // backends are written complete (after a restart the neighbours are known already).
+        let deadline = Instant::now() + RESOLVE_WAIT;
+        let mut resolved = HashMap::new();
+        for addr in config
+            .vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .map(|b| b.address)
+        {
+            if !resolved.contains_key(&addr) {
+                resolved.insert(addr, self.resolve(addr, Duration::ZERO).await?);
             }
         }
-        // Resolution was asked for above; give the kernel a moment to answer.
-        let deadline = Instant::now() + RESOLVE_WAIT;
-        while Instant::now() < deadline
-            && self
-                .vips
-                .iter()
-                .flat_map(|v| &v.backends)
-                .any(|b| b.l2.is_none())
-        {
+        while Instant::now() < deadline && resolved.values().any(|(l2, _)| l2.is_none()) {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            self.refresh(false).await?;
+            for (addr, r) in resolved.iter_mut().filter(|(_, (l2, _))| l2.is_none()) {
+                *r = self.resolve(*addr, Duration::ZERO).await?;
+            }
+        }
+        self.defer_rings = true;
+        let applied = async {
+            for vc in &config.vips {
+                let service = Service::new(vc.address, vc.proto)?;
+                self.add_vip(service, vc.algo, vc.check.clone())?;
+                for bc in &vc.backends {
+                    self.add_backend(&service, bc, resolved[&bc.address].clone())
+                        .with_context(|| format!("VIP {service}"))?;
+                }
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        self.defer_rings = false;
+        applied?;
+        for vi in 0..self.vips.len() {
+            self.rebuild_ring(vi)?;
         }
         Ok(())
     }
@@ -460,10 +755,26 @@ impl Agent {
 
     async fn dispatch(&mut self, request: Request) -> Result<Response> {
         Ok(match request {
-            Request::VipAdd { vip, proto } => {
+            Request::VipAdd {
+                vip,
+                proto,
+                algo,
+                check,
+            } => {
                 let service = Service::new(vip, proto)?;
-                self.add_vip(service)?;
+                let check = check.apply(&CheckSpec::default())?;
+                self.add_vip(service, algo.unwrap_or_default(), check)?;
                 Response::message(format!("added VIP {service}"))
+            }
+            Request::VipSet {
+                vip,
+                proto,
+                algo,
+                check,
+            } => {
+                let service = Service { addr: vip, proto };
+                self.set_vip(&service, algo, &check)?;
+                Response::message(format!("updated VIP {service}"))
             }
             Request::VipDel { vip, proto } => {
                 let service = Service { addr: vip, proto };
@@ -474,14 +785,67 @@ impl Agent {
                 vip,
                 proto,
                 backend,
+                weight,
+                backup,
+                check,
             } => {
                 let service = Service { addr: vip, proto };
-                let note = self.add_backend(&service, backend, RESOLVE_WAIT).await?;
+                let vi = self.vip_index(&service)?;
+                let config = BackendConfig {
+                    address: backend,
+                    weight: weight.unwrap_or(1),
+                    backup: backup.unwrap_or(false),
+                    drain: false,
+                    check: if check.is_empty() {
+                        None
+                    } else {
+                        Some(check.apply(&self.vips[vi].check)?)
+                    },
+                };
+                // Validate before waiting on the kernel: a refused command answers at once.
+                self.validate_new_backend(vi, &config)?;
+                let resolution = self.resolve(backend, RESOLVE_WAIT).await?;
+                let note = resolution.1.clone();
+                self.add_backend(&service, &config, resolution)?;
                 Response::message(match note {
                     None => format!("added backend {backend} to VIP {service}"),
                     Some(n) => format!(
                         "added backend {backend} to VIP {service}; no traffic until resolved: {n}"
                     ),
+                })
+            }
+            Request::BackendSet {
+                vip,
+                proto,
+                backend,
+                weight,
+                backup,
+                check,
+            } => {
+                let service = Service { addr: vip, proto };
+                self.set_backend(&service, backend, weight, backup, &check)?;
+                Response::message(format!("updated backend {backend} of VIP {service}"))
+            }
+            Request::BackendDrain {
+                vip,
+                proto,
+                backend,
+                drain,
+            } => {
+                let service = Service { addr: vip, proto };
+                self.drain_backend(&service, backend, drain)?;
+                let (vi, bi) = self.backend_index(&service, backend)?;
+                let id = self.vips[vi].backends[bi].id;
+                let flows = self
+                    .datapath
+                    .flows_per_backend()
+                    .get(&id)
+                    .copied()
+                    .unwrap_or(0);
+                Response::message(if drain {
+                    format!("draining backend {backend} of VIP {service}: {flows} flows remain")
+                } else {
+                    format!("backend {backend} of VIP {service} takes new flows again")
                 })
             }
             Request::BackendDel {
@@ -497,7 +861,7 @@ impl Agent {
             Request::BackendList { vip, proto } => {
                 let filter = vip.map(|addr| Service { addr, proto });
                 if let Some(f) = &filter {
-                    self.vip(f)?;
+                    self.vip_index(f)?;
                 }
                 Response::data(self.backend_list(filter.as_ref())?)
             }
@@ -512,8 +876,10 @@ impl Agent {
             out.push(json!({
                 "vip": v.service.addr.to_string(),
                 "proto": v.service.proto,
+                "algo": v.algo,
+                "check": v.check.check,
                 "backends": v.backends.len(),
-                "active_backends": v.ring_len,
+                "active_backends": v.backends.iter().filter(|b| b.eligible()).count(),
                 "packets": c.packets,
                 "bytes": c.bytes,
                 "new_flows": c.new_flows,
@@ -532,19 +898,26 @@ impl Agent {
         {
             for b in &v.backends {
                 let c = self.datapath.backend_counters(b.id)?;
-                let generation_flows = flows.get(&b.id).copied().unwrap_or(0);
+                let last = b.health.last.as_ref();
                 out.push(json!({
                     "vip": v.service.addr.to_string(),
                     "proto": v.service.proto,
                     "address": b.addr.to_string(),
-                    "state": if b.l2.is_some() { "up" } else { "unresolved" },
+                    "state": b.state(),
+                    "weight": b.weight,
+                    "backup": b.backup,
+                    "drain": b.drain,
+                    "check": b.check.as_ref().unwrap_or(&v.check).check,
+                    "last_check": last.map(|o| if o.ok { "ok" } else { "failed" }),
+                    "last_check_detail": last.map(|o| o.detail.clone()),
+                    "check_latency_us": last.map(|o| o.latency_us),
                     "mac": b.l2.map(|l| mac_string(&l.dst_mac)),
                     "ifindex": b.l2.map(|l| l.ifindex),
                     "note": b.note,
                     "packets": c.packets,
                     "bytes": c.bytes,
                     "new_flows": c.new_flows,
-                    "flows": generation_flows,
+                    "flows": flows.get(&b.id).copied().unwrap_or(0),
                 }));
             }
         }
@@ -568,6 +941,14 @@ impl Agent {
     }
 }
 
+/// A Maglev VIP's ring is always the full table; round robin grows as needed.
+fn ring_capacity(algo: Algo, len: u32) -> u32 {
+    match algo {
+        Algo::Maglev => model::MAGLEV_TABLE_SIZE,
+        Algo::Rr => len.max(INITIAL_RING_CAPACITY).next_power_of_two(),
+    }
+}
+
 fn mac_string(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
@@ -588,22 +969,42 @@ pub async fn run(opts: Options) -> Result<()> {
     let config = Config::load(&opts.config)?;
     let listener = bind_socket(&opts.socket)?;
 
-    let mut datapath = Datapath::load()?;
-    let mut tx_ports = Vec::new();
-    for iface in &opts.ifaces {
-        datapath.attach(iface, opts.generic)?;
-        let index = crate::netif::index(iface)?;
-        datapath.add_tx_port(index)?;
-        tx_ports.push(index);
+    let datapath = match &opts.pin_dir {
+        Some(dir) => Datapath::load_pinned(dir)?,
+        None => Datapath::load()?,
+    };
+    let restarted = datapath.adopted_state();
+    let (reports_tx, mut reports_rx) = mpsc::channel(1024);
+    let mut agent = Agent::new(datapath, Netif::new()?, opts.config.clone(), reports_tx);
+    if restarted {
+        agent.prepare_adoption();
     }
-    let mut agent = Agent::new(datapath, Netif::new()?, opts.config.clone());
-    agent.tx_ports = tx_ports;
     agent
         .apply_config(&config)
         .await
         .map_err(|e| anyhow!("{}: {e:#}", opts.config.display()))?;
+    agent.finish_adoption()?;
+    // Attach only once the maps hold the configuration: a pinned attachment is switched to
+    // this program atomically, a new one starts forwarding with complete state.
+    for iface in &opts.ifaces {
+        agent.datapath.attach(iface, opts.generic)?;
+        let index = crate::netif::index(iface)?;
+        agent.datapath.add_tx_port(index)?;
+        agent.tx_ports.push(index);
+    }
+    for stale in agent.datapath.pinned_ifaces() {
+        if !opts.ifaces.contains(&stale) {
+            log::info!("detaching from {stale}, which is no longer configured");
+            agent.datapath.unpin_link(&stale)?;
+        }
+    }
     log::info!(
-        "attached to {} ({} mode); {} VIPs; control socket {}",
+        "{} {} ({} mode); {} VIPs; control socket {}",
+        if restarted {
+            "took over"
+        } else {
+            "attached to"
+        },
         opts.ifaces.join(","),
         if opts.generic { "generic" } else { "native" },
         agent.vips.len(),
@@ -624,6 +1025,16 @@ pub async fn run(opts: Options) -> Result<()> {
                     .await
                 {
                     log::warn!("neighbour refresh: {e:#}");
+                }
+            }
+        })
+    };
+    let health = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            while let Some(report) = reports_rx.recv().await {
+                if let Err(e) = agent.lock().await.on_report(report) {
+                    log::warn!("applying a health check result: {e:#}");
                 }
             }
         })
@@ -649,9 +1060,22 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
     refresher.abort();
+    health.abort();
     let _ = std::fs::remove_file(&opts.socket);
-    agent.lock().await.datapath.detach_all()?;
-    log::info!("detached; bye");
+    let mut agent = agent.lock().await;
+    for vip in &mut agent.vips {
+        for b in &mut vip.backends {
+            if let Some(c) = b.checker.take() {
+                c.abort();
+            }
+        }
+    }
+    if opts.keep_forwarding && opts.pin_dir.is_some() {
+        log::info!("stopping; the data plane keeps forwarding with the pinned state");
+    } else {
+        agent.datapath.detach_all()?;
+        log::info!("detached; bye");
+    }
     Ok(())
 }
 

@@ -6,8 +6,19 @@
 //! address = "10.99.1.1:80"
 //! proto = "tcp"
 //!
+//! algo = "rr"               # or "maglev"
+//!
+//! [vip.check]                # optional; fields default to HAProxy's
+//! check = "http:/health"     # none | tcp | http:/PATH | tls
+//! interval_ms = 2000
+//! rise = 2
+//! fall = 3
+//!
 //! [[vip.backend]]
 //! address = "10.99.0.11"
+//! weight = 3                 # default 1
+//! backup = false
+//! drain = false
 //! ```
 
 use std::{
@@ -19,7 +30,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Proto;
+use crate::{
+    health::CheckSpec,
+    model::{Algo, Proto},
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +48,10 @@ pub struct VipConfig {
     pub address: SocketAddr,
     #[serde(default)]
     pub proto: Proto,
+    #[serde(default)]
+    pub algo: Algo,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub check: CheckSpec,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
 }
@@ -42,6 +60,33 @@ pub struct VipConfig {
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: IpAddr,
+    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    pub weight: u32,
+    /// Takes new flows only while no primary backend can.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub backup: bool,
+    /// In maintenance: keeps its flows, gets no new ones.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub drain: bool,
+    /// Replaces the VIP's check for this backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckSpec>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn is_default_weight(w: &u32) -> bool {
+    *w == default_weight()
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Config {
@@ -110,6 +155,8 @@ proto = "tcp"
 address = "10.0.0.11"
 [[vip.backend]]
 address = "10.0.0.12"
+weight = 3
+backup = true
 
 [[vip]]
 address = "[fd00::1]:53"
@@ -119,6 +166,8 @@ proto = "udp"
         assert_eq!(config.vips.len(), 2);
         assert_eq!(config.vips[0].backends.len(), 2);
         assert_eq!(config.vips[1].proto, Proto::Udp);
+        assert_eq!(config.vips[0].backends[0].weight, 1);
+        assert!(config.vips[0].backends[1].backup);
         let again = Config::parse(&toml::to_string_pretty(&config).unwrap()).unwrap();
         assert_eq!(config, again);
     }

@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Proto;
+use crate::{
+    health::CheckPatch,
+    model::{Algo, Proto},
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 /// Longest request line the agent reads; anything longer is refused, not buffered.
@@ -24,6 +27,18 @@ pub enum Request {
     VipAdd {
         vip: SocketAddr,
         proto: Proto,
+        #[serde(default)]
+        algo: Option<Algo>,
+        #[serde(default)]
+        check: CheckPatch,
+    },
+    VipSet {
+        vip: SocketAddr,
+        proto: Proto,
+        #[serde(default)]
+        algo: Option<Algo>,
+        #[serde(default)]
+        check: CheckPatch,
     },
     VipDel {
         vip: SocketAddr,
@@ -34,6 +49,30 @@ pub enum Request {
         vip: SocketAddr,
         proto: Proto,
         backend: IpAddr,
+        #[serde(default)]
+        weight: Option<u32>,
+        #[serde(default)]
+        backup: Option<bool>,
+        /// Replaces the VIP's check for this backend.
+        #[serde(default)]
+        check: CheckPatch,
+    },
+    BackendSet {
+        vip: SocketAddr,
+        proto: Proto,
+        backend: IpAddr,
+        #[serde(default)]
+        weight: Option<u32>,
+        #[serde(default)]
+        backup: Option<bool>,
+        #[serde(default)]
+        check: CheckPatch,
+    },
+    BackendDrain {
+        vip: SocketAddr,
+        proto: Proto,
+        backend: IpAddr,
+        drain: bool,
     },
     BackendDel {
         vip: SocketAddr,
@@ -124,6 +163,12 @@ mod tests {
             vip: "[fd00::1]:80".parse().unwrap(),
             proto: Proto::Tcp,
             backend: "fd00::2".parse().unwrap(),
+            weight: Some(3),
+            backup: None,
+            check: CheckPatch {
+                check: Some("http:/x".parse().unwrap()),
+                ..Default::default()
+            },
         };
         let line = serde_json::to_vec(&r).unwrap();
         assert_eq!(decode_request(&line).unwrap(), r);

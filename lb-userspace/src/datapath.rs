@@ -3,13 +3,20 @@
 //! Everything the agent writes into the kernel goes through here, so the map layout is
 //! known in exactly one place on this side (the other being lb-ebpf).
 
-use std::os::fd::AsFd as _;
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
-    programs::{TestRun as _, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        TestRun as _, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     Backend, Counters, FlowKey, FlowValue, PROGRAM_NAME, REASON_COUNT, VipAddr, VipKey, VipMeta,
@@ -30,7 +37,23 @@ pub struct Datapath {
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
     links: Vec<XdpLinkId>,
+    /// Set when the maps and links live in bpffs (see `load_pinned`).
+    pin_dir: Option<PathBuf>,
 }
+
+/// Every map of the program, for pinning.
+const ALL_MAPS: [&str; 10] = [
+    maps::VIPS,
+    maps::VIP_ADDRS,
+    maps::RING_SLAB,
+    maps::RR_CURSOR,
+    maps::BACKENDS,
+    maps::FLOWS,
+    maps::TX_PORTS,
+    maps::VIP_STATS,
+    maps::BACKEND_STATS,
+    maps::REASON_STATS,
+];
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
@@ -73,7 +96,32 @@ impl Datapath {
             reason_stats: take(&mut ebpf, maps::REASON_STATS)?,
             ebpf,
             links: Vec::new(),
+            pin_dir: None,
         })
+    }
+
+    /// Loads with every map pinned under `pin_dir/maps`: maps already pinned there (by an
+    /// agent that stopped or crashed) are reused with their contents, so flows, counters
+    /// and round-robin cursors carry over; missing ones are created and pinned.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
+        let maps_dir = pin_dir.join("maps");
+        ensure_bpffs(&maps_dir)?;
+        std::fs::create_dir_all(pin_dir.join("links"))
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+        let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut datapath = Self::load_with(&mut loader)
+            .with_context(|| format!("loading with maps pinned in {}", maps_dir.display()))?;
+        datapath.pin_dir = Some(pin_dir.to_path_buf());
+        Ok(datapath)
+    }
+
+    /// Whether maps came from bpffs with state in them (a restart, not a first start).
+    pub fn adopted_state(&self) -> bool {
+        self.vips.keys().next().is_some()
     }
 
     fn program(&mut self) -> &mut Xdp {
@@ -85,7 +133,9 @@ impl Datapath {
     }
 
     /// Attaches to an interface by name. `generic` selects the kernel's SKB mode, for NICs
-    /// whose drivers have no native XDP.
+    /// whose drivers have no native XDP. With pinning, an attachment pinned by an earlier
+    /// agent is switched over to this program in one atomic link update (no packet meets a
+    /// detached interface), and a new attachment is pinned so it outlives this process.
     pub fn attach(&mut self, iface: &str, generic: bool) -> Result<()> {
         let mode = if generic {
             XdpMode::Skb
@@ -93,16 +143,71 @@ impl Datapath {
             XdpMode::Driver
         };
         let index = crate::netif::index(iface)?;
-        let link = self
+        let link_pin = self.pin_dir.as_ref().map(|d| d.join("links").join(iface));
+        if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
+            let pinned = PinnedLink::from_pin(pin)
+                .with_context(|| format!("opening the pinned link {}", pin.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))?;
+            let id = self
+                .program()
+                .attach_to_link(link)
+                .with_context(|| format!("taking over the XDP attachment of {iface}"))?;
+            self.links.push(id);
+            return Ok(());
+        }
+        let id = self
             .program()
             .attach(index, mode)
             .with_context(|| format!("attaching XDP to {iface} ({mode:?} mode)"))?;
-        self.links.push(link);
+        if let Some(pin) = link_pin {
+            let link = self.program().take_link(id)?;
+            let fd_link = FdLink::try_from(link).map_err(|e| {
+                anyhow!("the kernel attached without a BPF link, cannot pin it: {e}")
+            })?;
+            let pinned = fd_link
+                .pin(&pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))?;
+            let id = self.program().attach_to_link(link)?;
+            self.links.push(id);
+        } else {
+            self.links.push(id);
+        }
         Ok(())
     }
 
-    /// Detaches from every interface this instance attached to.
+    /// Interfaces that have a pinned attachment.
+    pub fn pinned_ifaces(&self) -> Vec<String> {
+        let Some(dir) = &self.pin_dir else {
+            return Vec::new();
+        };
+        std::fs::read_dir(dir.join("links"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes the attachment pinned for `iface` (one this agent does not attach any more).
+    pub fn unpin_link(&self, iface: &str) -> Result<()> {
+        if let Some(dir) = &self.pin_dir {
+            let pin = dir.join("links").join(iface);
+            let link = PinnedLink::from_pin(&pin)?;
+            link.unpin()
+                .with_context(|| format!("removing {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches from every interface and removes every pin: nothing is left forwarding.
     pub fn detach_all(&mut self) -> Result<()> {
+        if let Some(dir) = self.pin_dir.take() {
+            // Unpinning first: the links then go when this process lets go of them.
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         for link in std::mem::take(&mut self.links) {
             self.program().detach(link)?;
         }
@@ -236,6 +341,24 @@ impl Datapath {
         counts
     }
 
+    /// Every VIP entry, for adopting pinned state.
+    pub fn vip_entries(&self) -> Vec<(VipKey, VipMeta)> {
+        self.vips.iter().flatten().collect()
+    }
+
+    /// Every backend slot ever used (generation > 0), for adopting pinned state.
+    pub fn backend_entries(&self) -> Vec<(u32, Backend)> {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.ok().filter(|b| b.generation > 0).map(|b| (i as u32, b)))
+            .collect()
+    }
+
+    pub fn vip_addr_entries(&self) -> Vec<VipAddr> {
+        self.vip_addrs.keys().flatten().collect()
+    }
+
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.flows.get(key, 0).ok()
     }
@@ -245,6 +368,49 @@ impl Datapath {
         let fd = self.program().fd()?.as_fd().try_clone_to_owned()?;
         Ok(fd)
     }
+}
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (as bpftool does), and checks
+/// that `dir` will be on a bpffs.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let is_bpffs = |p: &Path| -> bool {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid path and out-pointer.
+        unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    };
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !is_bpffs(root) {
+        std::fs::create_dir_all(root).ok();
+        let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: constant NUL-terminated strings.
+        if unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            bail!(
+                "mounting bpffs on /sys/fs/bpf: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !is_bpffs(dir) {
+        bail!(
+            "{} is not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lifting it is harmless after.

@@ -29,7 +29,9 @@ pub enum CheckKind {
     #[default]
     None,
     Tcp,
-    Http { path: String },
+    Http {
+        path: String,
+    },
     Tls,
 }
 
@@ -42,10 +44,15 @@ impl FromStr for CheckKind {
             "tls" => CheckKind::Tls,
             "http" => CheckKind::Http { path: "/".into() },
             _ => match s.strip_prefix("http:") {
-                Some(path) if path.starts_with('/') && !path.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                Some(path)
+                    if path.starts_with('/')
+                        && !path.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+                {
                     CheckKind::Http { path: path.into() }
                 }
-                Some(path) => bail!("bad HTTP check path {path:?}: it must start with / and have no spaces"),
+                Some(path) => {
+                    bail!("bad HTTP check path {path:?}: it must start with / and have no spaces")
+                }
                 None => bail!("unknown check {s:?}: use none, tcp, http:/PATH or tls"),
             },
         })
@@ -136,7 +143,10 @@ impl Default for CheckSpec {
 impl CheckSpec {
     pub fn validate(&self) -> Result<()> {
         if !(50..=3_600_000).contains(&self.interval_ms) {
-            bail!("check interval {} ms out of range 50..3600000", self.interval_ms);
+            bail!(
+                "check interval {} ms out of range 50..3600000",
+                self.interval_ms
+            );
         }
         if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms.max(1000) * 10 {
             bail!("check timeout {} ms out of range", self.timeout_ms);
@@ -144,8 +154,15 @@ impl CheckSpec {
         if !(1..=1000).contains(&self.rise) || !(1..=1000).contains(&self.fall) {
             bail!("rise and fall must be between 1 and 1000");
         }
-        if self.expect[0] > self.expect[1] || !(100..=599).contains(&self.expect[0]) || self.expect[1] > 599 {
-            bail!("expected status range {}-{} is not a range of HTTP statuses", self.expect[0], self.expect[1]);
+        if self.expect[0] > self.expect[1]
+            || !(100..=599).contains(&self.expect[0])
+            || self.expect[1] > 599
+        {
+            bail!(
+                "expected status range {}-{} is not a range of HTTP statuses",
+                self.expect[0],
+                self.expect[1]
+            );
         }
         if let Some(ca) = &self.tls_ca {
             tls_config(Some(ca)).with_context(|| format!("TLS CA {}", ca.display()))?;
@@ -154,10 +171,72 @@ impl CheckSpec {
     }
 }
 
+/// The check settings a command gives; the rest stay as they were.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<[u16; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl CheckPatch {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// `base` with this patch applied, validated.
+    pub fn apply(&self, base: &CheckSpec) -> Result<CheckSpec> {
+        let mut spec = base.clone();
+        if let Some(c) = &self.check {
+            spec.check = c.clone();
+        }
+        if let Some(v) = self.interval_ms {
+            spec.interval_ms = v;
+            // A timeout left at its default follows a shorter interval down.
+            if self.timeout_ms.is_none() && spec.timeout_ms > v {
+                spec.timeout_ms = v;
+            }
+        }
+        if let Some(v) = self.timeout_ms {
+            spec.timeout_ms = v;
+        }
+        if let Some(v) = self.rise {
+            spec.rise = v;
+        }
+        if let Some(v) = self.fall {
+            spec.fall = v;
+        }
+        if let Some(v) = self.expect {
+            spec.expect = v;
+        }
+        if let Some(v) = &self.tls_ca {
+            spec.tls_ca = Some(v.clone());
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
 /// `200-399` as a status range.
 pub fn parse_expect(s: &str) -> Result<[u16; 2]> {
     let (lo, hi) = s.split_once('-').unwrap_or((s, s));
-    let parse = |x: &str| x.trim().parse::<u16>().map_err(|_| anyhow!("bad status range {s:?}: write LO-HI, e.g. 200-399"));
+    let parse = |x: &str| {
+        x.trim()
+            .parse::<u16>()
+            .map_err(|_| anyhow!("bad status range {s:?}: write LO-HI, e.g. 200-399"))
+    };
     Ok([parse(lo)?, parse(hi)?])
 }
 
@@ -180,7 +259,11 @@ pub struct Outcome {
 
 impl Default for Health {
     fn default() -> Self {
-        Self { up: true, streak: 0, last: None }
+        Self {
+            up: true,
+            streak: 0,
+            last: None,
+        }
     }
 }
 
@@ -205,7 +288,11 @@ impl Health {
 }
 
 /// One probe of `target`; Ok carries a short description of the success.
-pub async fn probe(spec: &CheckSpec, target: SocketAddr, tls: Option<&Arc<rustls::ClientConfig>>) -> Result<String> {
+pub async fn probe(
+    spec: &CheckSpec,
+    target: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<String> {
     let timeout = Duration::from_millis(spec.timeout_ms);
     let work = async {
         let mut stream = TcpStream::connect(target).await.context("connect")?;
@@ -221,16 +308,28 @@ pub async fn probe(spec: &CheckSpec, target: SocketAddr, tls: Option<&Arc<rustls
                 if (spec.expect[0]..=spec.expect[1]).contains(&status) {
                     Ok(format!("HTTP {status}"))
                 } else {
-                    bail!("HTTP {status}, expected {}-{}", spec.expect[0], spec.expect[1])
+                    bail!(
+                        "HTTP {status}, expected {}-{}",
+                        spec.expect[0],
+                        spec.expect[1]
+                    )
                 }
             }
             CheckKind::Tls => {
-                let config = tls.ok_or_else(|| anyhow!("no TLS client configuration"))?.clone();
+                let config = tls
+                    .ok_or_else(|| anyhow!("no TLS client configuration"))?
+                    .clone();
                 let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
                 let connector = tokio_rustls::TlsConnector::from(config);
-                let tls_stream = connector.connect(name, stream).await.context("TLS handshake")?;
+                let tls_stream = connector
+                    .connect(name, stream)
+                    .await
+                    .context("TLS handshake")?;
                 let (_, session) = tls_stream.get_ref();
-                let version = session.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+                let version = session
+                    .protocol_version()
+                    .map(|v| format!("{v:?}"))
+                    .unwrap_or_default();
                 Ok(format!("TLS handshake ({version})"))
             }
         }
@@ -256,7 +355,9 @@ async fn read_status(stream: &mut TcpStream) -> Result<u16> {
             Ok(_) if response.code.is_some() => return Ok(response.code.unwrap_or_default()),
             Ok(_) if len < buf.len() => continue,
             Err(httparse::Error::TooManyHeaders) => {
-                return response.code.ok_or_else(|| anyhow!("unreadable HTTP response"));
+                return response
+                    .code
+                    .ok_or_else(|| anyhow!("unreadable HTTP response"));
             }
             _ => bail!("not an HTTP response"),
         }
@@ -275,7 +376,9 @@ pub fn tls_config(ca: Option<&PathBuf>) -> Result<Arc<rustls::ClientConfig>> {
             let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                roots.add(cert.context("parsing PEM")?).map_err(|e| anyhow!("{e}"))?;
+                roots
+                    .add(cert.context("parsing PEM")?)
+                    .map_err(|e| anyhow!("{e}"))?;
             }
             if roots.is_empty() {
                 bail!("no certificate in {}", path.display());
@@ -312,7 +415,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -321,7 +429,12 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -367,10 +480,26 @@ pub fn spawn_checker(
             let result = probe(&spec, target, tls.as_ref()).await;
             let latency_us = start.elapsed().as_micros() as u64;
             let outcome = match result {
-                Ok(detail) => Outcome { ok: true, latency_us, detail },
-                Err(e) => Outcome { ok: false, latency_us, detail: format!("{e:#}") },
+                Ok(detail) => Outcome {
+                    ok: true,
+                    latency_us,
+                    detail,
+                },
+                Err(e) => Outcome {
+                    ok: false,
+                    latency_us,
+                    detail: format!("{e:#}"),
+                },
             };
-            if reports.send(Report { backend_id, generation, outcome }).await.is_err() {
+            if reports
+                .send(Report {
+                    backend_id,
+                    generation,
+                    outcome,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
             // +-10% jitter keeps checkers that started together from staying together.
@@ -384,7 +513,11 @@ mod tests {
     use super::*;
 
     fn ok(ok: bool) -> Outcome {
-        Outcome { ok, latency_us: 1, detail: String::new() }
+        Outcome {
+            ok,
+            latency_us: 1,
+            detail: String::new(),
+        }
     }
 
     #[test]
@@ -393,13 +526,22 @@ mod tests {
         assert!(h.up);
         assert!(!h.record(ok(false), 2, 3));
         assert!(!h.record(ok(false), 2, 3));
-        assert!(!h.record(ok(true), 2, 3), "a success breaks the failure streak");
+        assert!(
+            !h.record(ok(true), 2, 3),
+            "a success breaks the failure streak"
+        );
         assert!(!h.record(ok(false), 2, 3));
         assert!(!h.record(ok(false), 2, 3));
-        assert!(h.record(ok(false), 2, 3), "third consecutive failure takes it down");
+        assert!(
+            h.record(ok(false), 2, 3),
+            "third consecutive failure takes it down"
+        );
         assert!(!h.up);
         assert!(!h.record(ok(true), 2, 3));
-        assert!(h.record(ok(true), 2, 3), "second consecutive success brings it up");
+        assert!(
+            h.record(ok(true), 2, 3),
+            "second consecutive success brings it up"
+        );
         assert!(h.up);
     }
 
@@ -408,7 +550,10 @@ mod tests {
         for s in ["none", "tcp", "tls", "http:/health", "http:/a/b?c=d"] {
             assert_eq!(s.parse::<CheckKind>().unwrap().to_string(), s);
         }
-        assert_eq!("http".parse::<CheckKind>().unwrap(), CheckKind::Http { path: "/".into() });
+        assert_eq!(
+            "http".parse::<CheckKind>().unwrap(),
+            CheckKind::Http { path: "/".into() }
+        );
         for bad in ["udp", "http:health", "http:/a b", ""] {
             assert!(bad.parse::<CheckKind>().is_err(), "{bad}");
         }
@@ -420,9 +565,30 @@ mod tests {
     #[test]
     fn spec_validation() {
         assert!(CheckSpec::default().validate().is_ok());
-        assert!(CheckSpec { interval_ms: 0, ..Default::default() }.validate().is_err());
-        assert!(CheckSpec { rise: 0, ..Default::default() }.validate().is_err());
-        assert!(CheckSpec { expect: [300, 200], ..Default::default() }.validate().is_err());
+        assert!(
+            CheckSpec {
+                interval_ms: 0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            CheckSpec {
+                rise: 0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            CheckSpec {
+                expect: [300, 200],
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[tokio::test]
@@ -438,12 +604,19 @@ mod tests {
                 s.write_all(body.as_bytes()).await.unwrap();
             }
         });
-        let http = CheckSpec { check: "http:/health".parse().unwrap(), ..Default::default() };
+        let http = CheckSpec {
+            check: "http:/health".parse().unwrap(),
+            ..Default::default()
+        };
         assert_eq!(probe(&http, addr, None).await.unwrap(), "HTTP 200");
         let err = probe(&http, addr, None).await.unwrap_err().to_string();
         assert!(err.contains("503"), "{err}");
         // Nothing listens there any more.
-        let tcp = CheckSpec { check: CheckKind::Tcp, timeout_ms: 500, ..Default::default() };
+        let tcp = CheckSpec {
+            check: CheckKind::Tcp,
+            timeout_ms: 500,
+            ..Default::default()
+        };
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()

@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 use lb::{
     agent,
     control::{self, Request, Response},
-    model::{self, Proto},
+    health::{self, CheckKind, CheckPatch},
+    model::{self, Algo, Proto},
 };
 
 #[derive(Parser)]
@@ -37,6 +38,18 @@ enum Command {
         /// Use generic (SKB) XDP, for drivers without native XDP.
         #[arg(long)]
         generic: bool,
+        /// bpffs directory where maps and attachments are pinned, so a restarted or
+        /// crashed agent is taken over without dropping flows. Default: /sys/fs/bpf/lb/
+        /// followed by this network namespace's inode number.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// Keep nothing in bpffs: the data plane lives and dies with this process.
+        #[arg(long, conflicts_with_all = ["pin_dir", "keep_forwarding"])]
+        no_pin: bool,
+        /// On SIGINT/SIGTERM leave the program attached and forwarding (for upgrades); by
+        /// default a clean stop detaches it and removes the pins.
+        #[arg(long)]
+        keep_forwarding: bool,
     },
     /// Virtual services.
     #[command(subcommand)]
@@ -51,6 +64,65 @@ enum Command {
     },
 }
 
+/// Health check settings (HAProxy's meaning).
+#[derive(Args, Default)]
+struct CheckArgs {
+    /// none, tcp (connect), http:/PATH (GET, status in --expect) or tls (handshake).
+    #[arg(long, value_parser = clap::value_parser!(CheckKind))]
+    check: Option<CheckKind>,
+    /// Milliseconds between checks.
+    #[arg(long)]
+    interval: Option<u64>,
+    /// Milliseconds a check may take.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Consecutive good checks that bring a backend up.
+    #[arg(long)]
+    rise: Option<u32>,
+    /// Consecutive failed checks that take a backend down.
+    #[arg(long)]
+    fall: Option<u32>,
+    /// HTTP statuses that pass, e.g. 200-399.
+    #[arg(long, value_parser = health::parse_expect)]
+    expect: Option<[u16; 2]>,
+    /// Verify TLS certificates against this CA (PEM); not verified otherwise.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+impl CheckArgs {
+    fn patch(self) -> CheckPatch {
+        CheckPatch {
+            check: self.check,
+            interval_ms: self.interval,
+            timeout_ms: self.timeout,
+            rise: self.rise,
+            fall: self.fall,
+            expect: self.expect,
+            tls_ca: self.tls_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+        }
+    }
+}
+
+#[derive(Args)]
+struct VipSettings {
+    #[command(flatten)]
+    vip: VipArg,
+    /// rr: weighted round robin; maglev: consistent hashing for balancer fleets.
+    #[arg(long, value_enum)]
+    algo: Option<Algo>,
+    #[command(flatten)]
+    check: CheckArgs,
+}
+
+#[derive(Args)]
+struct BackendArg {
+    #[command(flatten)]
+    vip: VipArg,
+    /// The backend's address (it serves on the VIP's port).
+    backend: String,
+}
+
 #[derive(Args)]
 struct VipArg {
     /// ADDR:PORT, or [ADDR]:PORT for IPv6.
@@ -61,7 +133,9 @@ struct VipArg {
 
 #[derive(Subcommand)]
 enum VipCommand {
-    Add(VipArg),
+    Add(VipSettings),
+    /// Change a VIP's algorithm or health check; the rest stays.
+    Set(VipSettings),
     Del(VipArg),
     List {
         #[arg(long)]
@@ -73,15 +147,34 @@ enum VipCommand {
 enum BackendCommand {
     Add {
         #[command(flatten)]
-        vip: VipArg,
-        /// The backend's address (it serves on the VIP's port).
-        backend: String,
-    },
-    Del {
+        target: BackendArg,
+        /// Share of new flows relative to the other backends (0 = none), default 1.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Takes new flows only while no primary backend can (active-passive).
+        #[arg(long)]
+        backup: bool,
+        /// Health check settings that replace the VIP's for this backend.
         #[command(flatten)]
-        vip: VipArg,
-        backend: String,
+        check: CheckArgs,
     },
+    /// Change a backend's weight, role or check override.
+    Set {
+        #[command(flatten)]
+        target: BackendArg,
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Make it a backup (true) or a primary (false).
+        #[arg(long)]
+        backup: Option<bool>,
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Maintenance: no new flows, established flows continue.
+    Drain(BackendArg),
+    /// End maintenance: takes new flows again.
+    Undrain(BackendArg),
+    Del(BackendArg),
     List {
         /// Only this VIP's backends.
         vip: Option<String>,
@@ -90,6 +183,25 @@ enum BackendCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+impl BackendArg {
+    fn parse(&self) -> Result<(std::net::SocketAddr, Proto, std::net::IpAddr)> {
+        let vip = model::parse_vip_addr(&self.vip.vip)?;
+        Ok((
+            vip,
+            self.vip.proto,
+            model::parse_backend_addr(&self.backend)?,
+        ))
+    }
+}
+
+/// One pin directory per network namespace, so agents in different namespaces (balancer
+/// test beds, containers) never share maps, and a restart in the same one finds its own.
+fn default_pin_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = std::fs::metadata("/proc/self/ns/net")?.ino();
+    Ok(PathBuf::from(format!("/sys/fs/bpf/lb/netns-{netns}")))
 }
 
 fn main() -> ExitCode {
@@ -110,19 +222,40 @@ fn run(cli: Cli) -> Result<()> {
             iface,
             config,
             generic,
+            pin_dir,
+            no_pin,
+            keep_forwarding,
         } => {
+            let pin_dir = match (no_pin, pin_dir) {
+                (true, _) => None,
+                (false, Some(dir)) => Some(dir),
+                (false, None) => Some(default_pin_dir()?),
+            };
             let runtime = tokio::runtime::Runtime::new()?;
             return runtime.block_on(agent::run(agent::Options {
                 ifaces: iface,
                 config,
                 socket: cli.socket,
                 generic,
+                pin_dir,
+                keep_forwarding,
             }));
         }
         Command::Vip(VipCommand::Add(v)) => (
             Request::VipAdd {
-                vip: model::parse_vip_addr(&v.vip)?,
-                proto: v.proto,
+                vip: model::parse_vip_addr(&v.vip.vip)?,
+                proto: v.vip.proto,
+                algo: v.algo,
+                check: v.check.patch(),
+            },
+            false,
+        ),
+        Command::Vip(VipCommand::Set(v)) => (
+            Request::VipSet {
+                vip: model::parse_vip_addr(&v.vip.vip)?,
+                proto: v.vip.proto,
+                algo: v.algo,
+                check: v.check.patch(),
             },
             false,
         ),
@@ -134,22 +267,82 @@ fn run(cli: Cli) -> Result<()> {
             false,
         ),
         Command::Vip(VipCommand::List { json }) => (Request::VipList, json),
-        Command::Backend(BackendCommand::Add { vip, backend }) => (
-            Request::BackendAdd {
-                vip: model::parse_vip_addr(&vip.vip)?,
-                proto: vip.proto,
-                backend: model::parse_backend_addr(&backend)?,
-            },
-            false,
-        ),
-        Command::Backend(BackendCommand::Del { vip, backend }) => (
-            Request::BackendDel {
-                vip: model::parse_vip_addr(&vip.vip)?,
-                proto: vip.proto,
-                backend: model::parse_backend_addr(&backend)?,
-            },
-            false,
-        ),
+        Command::Backend(BackendCommand::Add {
+            target,
+            weight,
+            backup,
+            check,
+        }) => {
+            let (vip, proto, backend) = target.parse()?;
+            let backup = Some(backup);
+            let check = check.patch();
+            (
+                Request::BackendAdd {
+                    vip,
+                    proto,
+                    backend,
+                    weight,
+                    backup,
+                    check,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Set {
+            target,
+            weight,
+            backup,
+            check,
+        }) => {
+            let (vip, proto, backend) = target.parse()?;
+            let check = check.patch();
+            (
+                Request::BackendSet {
+                    vip,
+                    proto,
+                    backend,
+                    weight,
+                    backup,
+                    check,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Drain(target)) => {
+            let (vip, proto, backend) = target.parse()?;
+            (
+                Request::BackendDrain {
+                    vip,
+                    proto,
+                    backend,
+                    drain: true,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Undrain(target)) => {
+            let (vip, proto, backend) = target.parse()?;
+            (
+                Request::BackendDrain {
+                    vip,
+                    proto,
+                    backend,
+                    drain: false,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Del(target)) => {
+            let (vip, proto, backend) = target.parse()?;
+            (
+                Request::BackendDel {
+                    vip,
+                    proto,
+                    backend,
+                },
+                false,
+            )
+        }
         Command::Backend(BackendCommand::List { vip, proto, json }) => {
             let vip = vip.as_deref().map(model::parse_vip_addr).transpose()?;
             (Request::BackendList { vip, proto }, json)

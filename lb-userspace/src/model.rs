@@ -51,6 +51,39 @@ impl fmt::Display for Proto {
     }
 }
 
+/// How a VIP picks the backend of a new flow.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    /// Weighted round robin, in turn over the backends (the default).
+    #[default]
+    Rr,
+    /// Weighted Maglev consistent hashing of the 5-tuple: balancers with the same backends
+    /// agree on every flow without sharing state.
+    Maglev,
+}
+
+impl fmt::Display for Algo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algo::Rr => "rr",
+            Algo::Maglev => "maglev",
+        })
+    }
+}
+
+/// Largest weight a backend can have (HAProxy allows 256; a little headroom is harmless).
+pub const MAX_WEIGHT: u32 = 1000;
+
+pub fn check_weight(weight: u32) -> Result<()> {
+    if weight > MAX_WEIGHT {
+        bail!("weight {weight} out of range 0..{MAX_WEIGHT}");
+    }
+    Ok(())
+}
+
 /// A virtual service: address, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Service {
@@ -140,12 +173,25 @@ pub fn addr_to_map(ip: IpAddr) -> (Addr, u8) {
     }
 }
 
+/// The inverse of `addr_to_map`.
+pub fn addr_from_map(addr: Addr, family: u8) -> IpAddr {
+    let bytes = |w: u32| w.to_ne_bytes();
+    if family == FAMILY_V4 {
+        IpAddr::from(bytes(addr[0]))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&bytes(*w));
+        }
+        IpAddr::from(o)
+    }
+}
+
 /// Hands out small integer ids (VIP and backend slots in the BPF arrays), reusing freed
 /// ones, and counts how often each was handed out so stale references can be recognised.
 #[derive(Debug)]
 pub struct IdPool {
-    capacity: u32,
-    next: u32,
+    /// Free ids, lowest last so they are handed out in order.
     free: Vec<u32>,
     generations: Vec<u32>,
 }
@@ -153,27 +199,36 @@ pub struct IdPool {
 impl IdPool {
     pub fn new(capacity: u32) -> Self {
         Self {
-            capacity,
-            next: 0,
-            free: Vec::new(),
-            generations: Vec::new(),
+            free: (0..capacity).rev().collect(),
+            generations: vec![0; capacity as usize],
         }
     }
 
     /// A free id and its new generation (1 on first use).
     pub fn take(&mut self) -> Option<(u32, u32)> {
-        let id = match self.free.pop() {
-            Some(id) => id,
-            None if self.next < self.capacity => {
-                self.next += 1;
-                self.generations.push(0);
-                self.next - 1
-            }
-            None => return None,
-        };
+        let id = self.free.pop()?;
         let generation = &mut self.generations[id as usize];
         *generation = generation.wrapping_add(1).max(1);
         Some((id, *generation))
+    }
+
+    /// Takes exactly `id` at `generation`: a restarted agent adopting what the pinned maps
+    /// say. False when the id is out of range or already taken.
+    pub fn adopt(&mut self, id: u32, generation: u32) -> bool {
+        let Some(pos) = self.free.iter().position(|&f| f == id) else {
+            return false;
+        };
+        self.free.remove(pos);
+        self.generations[id as usize] = generation;
+        true
+    }
+
+    /// Remembers that `id` was last handed out at `generation` (by an earlier agent), so
+    /// the next `take` of it moves past every generation a pinned flow may still carry.
+    pub fn seed(&mut self, id: u32, generation: u32) {
+        if let Some(g) = self.generations.get_mut(id as usize) {
+            *g = (*g).max(generation);
+        }
     }
 
     pub fn give_back(&mut self, id: u32) {
@@ -205,6 +260,25 @@ impl SlabAllocator {
             self.free[i] = (off + len, l - len);
         }
         Some(off)
+    }
+
+    /// Carves exactly `[off, off+len)` out of the free space, if all of it is free.
+    pub fn reserve(&mut self, off: u32, len: u32) -> bool {
+        let Some(i) = self
+            .free
+            .iter()
+            .position(|&(o, l)| o <= off && off + len <= o + l)
+        else {
+            return false;
+        };
+        let (o, l) = self.free.remove(i);
+        if off + len < o + l {
+            self.free.insert(i, (off + len, o + l - off - len));
+        }
+        if o < off {
+            self.free.insert(i, (o, off - o));
+        }
+        true
     }
 
     pub fn release(&mut self, off: u32, len: u32) {
@@ -428,6 +502,11 @@ mod tests {
         assert_eq!(f6, FAMILY_V6);
         assert_eq!(a6[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
         assert_eq!(a6[3].to_ne_bytes(), [0, 0, 0, 1]);
+        for ip in ["10.1.2.3", "fd00::1", "2001:db8:1:2:3:4:5:6"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (a, f) = addr_to_map(ip);
+            assert_eq!(addr_from_map(a, f), ip);
+        }
     }
 
     #[test]
@@ -438,6 +517,14 @@ mod tests {
         assert_eq!(pool.take(), None);
         pool.give_back(0);
         assert_eq!(pool.take(), Some((0, 2)));
+
+        let mut pool = IdPool::new(4);
+        assert!(pool.adopt(2, 7));
+        assert!(!pool.adopt(2, 7), "taken already");
+        pool.seed(0, 5);
+        assert_eq!(pool.take(), Some((0, 6)), "past the seeded generation");
+        assert_eq!(pool.take(), Some((1, 1)));
+        assert_eq!(pool.take(), Some((3, 1)));
     }
 
     fn member(id: u32, weight: u32) -> RingMember {
@@ -537,5 +624,11 @@ mod tests {
         a.release(&mut slab);
         b.release(&mut slab);
         assert_eq!(slab.free, vec![(0, 100)]);
+        assert!(slab.reserve(30, 10));
+        assert!(!slab.reserve(35, 10));
+        assert_eq!(slab.free, vec![(0, 30), (40, 60)]);
+        assert_eq!(slab.alloc(40), Some(40));
+        slab.release(30, 10);
+        assert_eq!(slab.free, vec![(0, 40), (80, 20)]);
     }
 }
