@@ -51,6 +51,6 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cmd="${1:-}"
 case "$cmd" in
   setup) need_root; install_apt; install_rust ;;
-  demo|test|bench) need_root; install_apt; install_rust; shift; exec cargo xtask "$cmd" "$@" ;;
-  *) echo "usage: ./x.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
+  demo|test) need_root; install_apt; install_rust; shift; exec cargo xtask "$cmd" "$@" ;;
+  *) echo "usage: ./x.sh demo|test|setup [args]" >&2; exit 2 ;;
 esac

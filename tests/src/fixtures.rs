@@ -483,6 +483,8 @@ impl Fixture {
         let b = Backend {
             addr: addr(ip),
             generation: 1,
+            // The data plane never reads it; only an adopting agent does.
+            vip_id: 0,
             ifindex,
             mac: backend_mac(id),
             src_mac: egress_mac(ifindex),

@@ -789,6 +789,23 @@ fn truncated_frames_are_dropped_never_forwarded() {
         Case::new("ipv6 tcp, 19 bytes", cut_l4(tcp6.clone(), 19), l4),
         Case::new("ipv6 udp, 7 bytes", cut_l4(udp6.clone(), 7), l4),
         Case::new("vlan ipv4 tcp, 12 bytes", cut_l4(vlan4.clone(), 12), l4),
+        // The IP packet ends inside the header but Ethernet padding fills the frame up:
+        // padding is not a header (the kernel would drop these too).
+        Case::new(
+            "ipv4 tcp, 10 bytes + padding",
+            pad(cut_l4(tcp4.clone(), 10)),
+            l4,
+        ),
+        Case::new(
+            "ipv4 udp, 4 bytes + padding",
+            pad(cut_l4(udp4.clone(), 4)),
+            l4,
+        ),
+        Case::new(
+            "ipv6 tcp, no l4 bytes + padding",
+            pad(cut_l4(tcp6.clone(), 0)),
+            l4,
+        ),
         // Cut without fixing the IP length: the IP header now claims bytes past the frame.
         Case::new(
             "ipv4 tcp cut, tot_len past the frame",
@@ -812,6 +829,12 @@ fn truncated_frames_are_dropped_never_forwarded() {
         cut_l4(tcp4.clone(), 20),
         Expect::tx(0, 1, true),
     ));
+}
+
+/// `frame` zero-padded to 80 bytes, as a NIC pads short frames; the IP lengths stay.
+fn pad(mut frame: Vec<u8>) -> Vec<u8> {
+    frame.resize(frame.len().max(80), 0);
+    frame
 }
 
 /// `frame` with byte `at` (from the L3 header) replaced, the IPv4 checksum fixed.
