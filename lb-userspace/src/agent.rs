@@ -906,6 +906,7 @@ impl Agent {
                     "state": b.state(),
                     "weight": b.weight,
                     "backup": b.backup,
+                    "role": if b.backup { "backup" } else { "primary" },
                     "drain": b.drain,
                     "check": b.check.as_ref().unwrap_or(&v.check).check,
                     "last_check": last.map(|o| if o.ok { "ok" } else { "failed" }),
@@ -969,13 +970,17 @@ pub async fn run(opts: Options) -> Result<()> {
     let config = Config::load(&opts.config)?;
     let listener = bind_socket(&opts.socket)?;
 
+    let netif = Netif::new()?;
     let datapath = match &opts.pin_dir {
-        Some(dir) => Datapath::load_pinned(dir)?,
+        Some(dir) => {
+            discard_stale_pins(dir, &netif).await?;
+            Datapath::load_pinned(dir)?
+        }
         None => Datapath::load()?,
     };
     let restarted = datapath.adopted_state();
     let (reports_tx, mut reports_rx) = mpsc::channel(1024);
-    let mut agent = Agent::new(datapath, Netif::new()?, opts.config.clone(), reports_tx);
+    let mut agent = Agent::new(datapath, netif, opts.config.clone(), reports_tx);
     if restarted {
         agent.prepare_adoption();
     }
@@ -1075,6 +1080,45 @@ pub async fn run(opts: Options) -> Result<()> {
     } else {
         agent.datapath.detach_all()?;
         log::info!("detached; bye");
+    }
+    Ok(())
+}
+
+/// A pinned attachment is live when its interface (in this namespace) runs the program the
+/// link points at. Pins whose attachments all died with their interfaces (a deleted
+/// namespace whose inode number came round again, a NIC that went away) describe nothing
+/// that still forwards: they are removed, maps included, and the agent starts afresh.
+async fn discard_stale_pins(dir: &Path, netif: &Netif) -> Result<()> {
+    let links_dir = dir.join("links");
+    let Ok(entries) = std::fs::read_dir(&links_dir) else {
+        return Ok(());
+    };
+    let (mut live, mut dead) = (0, Vec::new());
+    for entry in entries.flatten() {
+        let pin = entry.path();
+        let iface = entry.file_name().to_string_lossy().into_owned();
+        let attached = match crate::netif::index(&iface) {
+            Ok(index) => netif.xdp_prog_id(index).await?,
+            Err(_) => None,
+        };
+        let linked = Datapath::pinned_link_program(&pin).unwrap_or(None);
+        if linked.is_some() && linked == attached {
+            live += 1;
+        } else {
+            dead.push(pin);
+        }
+    }
+    if live == 0 && !dead.is_empty() {
+        log::warn!(
+            "{}: pinned state of detached interfaces, discarding it",
+            dir.display()
+        );
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    } else {
+        for pin in dead {
+            log::warn!("{}: attachment gone, unpinning", pin.display());
+            std::fs::remove_file(&pin)?;
+        }
     }
     Ok(())
 }

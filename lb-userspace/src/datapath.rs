@@ -100,6 +100,15 @@ impl Datapath {
         })
     }
 
+    /// The program attached through the link pinned at `pin`, if the pin is there.
+    pub fn pinned_link_program(pin: &Path) -> Result<Option<u32>> {
+        if !pin.exists() {
+            return Ok(None);
+        }
+        let link = FdLink::from(PinnedLink::from_pin(pin)?);
+        Ok(Some(link.info()?.program_id()))
+    }
+
     /// Loads with every map pinned under `pin_dir/maps`: maps already pinned there (by an
     /// agent that stopped or crashed) are reused with their contents, so flows, counters
     /// and round-robin cursors carry over; missing ones are created and pinned.

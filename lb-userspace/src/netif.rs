@@ -7,7 +7,7 @@ use std::{ffi::CString, net::IpAddr, time::Duration};
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures::TryStreamExt as _;
 use netlink_packet_route::{
-    link::LinkAttribute,
+    link::{LinkAttribute, LinkXdp},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteAttribute, RouteType},
 };
@@ -103,6 +103,22 @@ impl Netif {
                 _ => None,
             })
             .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
+    }
+
+    /// The id of the XDP program attached to `ifindex`, if any.
+    pub async fn xdp_prog_id(&self, ifindex: u32) -> Result<Option<u32>> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        let link = links
+            .try_next()
+            .await?
+            .ok_or_else(|| anyhow!("interface {ifindex} vanished"))?;
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        }))
     }
 
     /// The neighbour entry for `addr` on `ifindex`, if the kernel has a usable one.
