@@ -17,6 +17,10 @@ pub const RING_SLAB_LEN: u32 = 1 << 22;
 pub const MAX_FLOWS: u32 = 1 << 20;
 /// Egress interfaces the devmap can hold.
 pub const MAX_TX_PORTS: u32 = 64;
+/// Drop-list rules (CIDRs) over both families; a rule id indexes the hit counters.
+pub const MAX_FIREWALL_RULES: u32 = 16_384;
+/// Sources whose new-flow rate is tracked at once; the least recently seen are forgotten.
+pub const MAX_RATE_SOURCES: u32 = 1 << 18;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -62,10 +66,24 @@ pub struct VipMeta {
     pub ring_len: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
+    /// Per-source new-flow limit as a GCRA: one new flow per `rate_interval_ns`, with
+    /// bursts up to `rate_burst_ns / rate_interval_ns + 1`; 0 means no limit.
+    pub rate_interval_ns: u64,
+    pub rate_burst_ns: u64,
 }
 
 /// New flows take ring entries by hash of the 5-tuple (Maglev) instead of in turn.
 pub const VIP_F_HASH: u32 = 1;
+
+/// Whose new flows a rate limit counts: one source address at one VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RateKey {
+    pub addr: Addr,
+    pub vip_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
 
 /// The 5-tuple of a flow, as seen arriving from the client.
 #[repr(C)]
@@ -158,9 +176,26 @@ pub enum Reason {
     DropNoBackend,
     /// Redirect to the egress interface failed.
     DropRedirectFailed,
+    /// The source address is in the drop list.
+    DropFirewall,
+    /// To a VIP address, but no service on that port and protocol.
+    DropClosedPort,
+    /// TCP without any flag, or SYN with FIN or RST: scans and junk, never a real flow.
+    DropBadTcpFlags,
+    /// The source opens new flows to this VIP faster than its rate limit allows.
+    DropRateLimited,
+    /// ICMP to a VIP address that is neither an echo request nor an error about a flow.
+    DropIcmp,
+    /// An ICMP error about a flow this balancer does not know.
+    DropIcmpNoFlow,
+    /// An ICMP echo request to a VIP address, answered from XDP (XDP_TX).
+    IcmpEchoReply,
+    /// An ICMP error (e.g. fragmentation needed) about a flow, sent on to its backend so path
+    /// MTU discovery works end to end.
+    IcmpErrorForwarded,
 }
 
-pub const REASON_COUNT: u32 = 12;
+pub const REASON_COUNT: u32 = 20;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -176,6 +211,14 @@ impl Reason {
         Reason::DropIpv6ExtHeader,
         Reason::DropNoBackend,
         Reason::DropRedirectFailed,
+        Reason::DropFirewall,
+        Reason::DropClosedPort,
+        Reason::DropBadTcpFlags,
+        Reason::DropRateLimited,
+        Reason::DropIcmp,
+        Reason::DropIcmpNoFlow,
+        Reason::IcmpEchoReply,
+        Reason::IcmpErrorForwarded,
     ];
 
     /// Stable name used in the CLI, JSON and metrics.
@@ -193,6 +236,14 @@ impl Reason {
             Reason::DropIpv6ExtHeader => "drop_ipv6_ext_header",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropRedirectFailed => "drop_redirect_failed",
+            Reason::DropFirewall => "drop_firewall",
+            Reason::DropClosedPort => "drop_closed_port",
+            Reason::DropBadTcpFlags => "drop_bad_tcp_flags",
+            Reason::DropRateLimited => "drop_rate_limited",
+            Reason::DropIcmp => "drop_icmp",
+            Reason::DropIcmpNoFlow => "drop_icmp_no_flow",
+            Reason::IcmpEchoReply => "icmp_echo_reply",
+            Reason::IcmpErrorForwarded => "icmp_error_forwarded",
         }
     }
 }
@@ -209,6 +260,10 @@ pub mod maps {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
+    pub const FIREWALL_V4: &str = "FIREWALL_V4";
+    pub const FIREWALL_V6: &str = "FIREWALL_V6";
+    pub const FIREWALL_STATS: &str = "FIREWALL_STATS";
+    pub const RATE_LIMITS: &str = "RATE_LIMITS";
 }
 
 /// The XDP program's name in the object file.
@@ -249,6 +304,7 @@ mod user {
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for RateKey {}
 }
 
 #[cfg(test)]

@@ -1,26 +1,31 @@
 //! The data plane: one XDP program, a pipeline of small steps.
 //!
-//! parse (Ethernet, 802.1Q, IPv4/IPv6, TCP/UDP) -> vip lookup -> flow lookup or backend
-//! selection -> MAC rewrite -> XDP_TX / XDP_REDIRECT, and every packet is counted under
-//! exactly one reason. Anything not addressed to a VIP leaves untouched with XDP_PASS.
+//! parse (Ethernet, 802.1Q, IPv4/IPv6, TCP/UDP) -> firewall -> vip lookup -> flow lookup
+//! or backend selection (rate-limited) -> MAC rewrite -> XDP_TX / XDP_REDIRECT, and every
+//! packet is counted under exactly one reason. ICMP to a VIP address is answered (echo) or
+//! sent on to the flow's backend (errors) in `icmp`. Anything not addressed to a VIP and not
+//! from a dropped source leaves untouched with XDP_PASS.
 #![no_std]
 #![no_main]
 // See `fetch_add`: BPF atomics are written as assembly.
 #![feature(asm_experimental_arch)]
 
+mod icmp;
+
 use core::{arch::asm, mem::size_of};
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::{
     Addr, BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, Counters, FAMILY_V4,
-    FAMILY_V6, FlowKey, FlowValue, MAX_BACKENDS, MAX_FLOWS, MAX_TX_PORTS, MAX_VIPS, PROTO_TCP,
-    PROTO_UDP, REASON_COUNT, RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipKey, VipMeta,
-    flow_hash,
+    FAMILY_V6, FlowKey, FlowValue, MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS, MAX_RATE_SOURCES,
+    MAX_TX_PORTS, MAX_VIPS, PROTO_TCP, PROTO_UDP, REASON_COUNT, RING_SLAB_LEN, RateKey, Reason,
+    VIP_F_HASH, VipAddr, VipKey, VipMeta, flow_hash,
 };
 use network_types::{
     eth::EthHdr,
@@ -47,6 +52,16 @@ static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_VIPS
 static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+#[map]
+static FIREWALL_V4: LpmTrie<[u8; 4], u32> =
+    LpmTrie::with_max_entries(MAX_FIREWALL_RULES, BPF_F_NO_PREALLOC);
+#[map]
+static FIREWALL_V6: LpmTrie<[u8; 16], u32> =
+    LpmTrie::with_max_entries(MAX_FIREWALL_RULES, BPF_F_NO_PREALLOC);
+#[map]
+static FIREWALL_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_FIREWALL_RULES, 0);
+#[map]
+static RATE_LIMITS: LruHashMap<RateKey, u64> = LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -59,13 +74,17 @@ const IP_MF_OFFSET: u16 = 0x3fff;
 struct Packet {
     flow: FlowKey,
     len: u64,
+    l3: usize,
+    l4: usize,
+    /// Where the IP packet ends (Ethernet padding may follow).
+    ip_end: usize,
 }
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (action, reason) = match process(&ctx) {
-        Ok(action) => (action, Reason::Forwarded),
+        Ok(done) => done,
         Err(reason) => (verdict(reason), reason),
     };
     count(&REASON_STATS, reason as u32, len, false);
@@ -81,19 +100,20 @@ fn verdict(reason: Reason) -> u32 {
     }
 }
 
+/// The XDP action and the reason it is counted under, or the reason of a pass or drop.
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<u32, Reason> {
+fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let pkt = parse(ctx)?;
-    let vip = lookup_vip(&pkt.flow)?;
-    let (backend_id, backend) = select_backend(&pkt.flow, &vip)?;
-    if backend.flags & BACKEND_F_RESOLVED == 0 {
-        return Err(Reason::PassNoNeigh);
+    if pkt.flow.proto == icmp::PROTO_ICMP || pkt.flow.proto == icmp::PROTO_ICMPV6 {
+        return icmp::handle(ctx, &pkt);
     }
-    rewrite_macs(ctx, &backend)?;
-    let action = transmit(ctx, &backend)?;
+    // Only a VIP's own ports are open on its address.
+    let vip = lookup_vip(&pkt.flow).ok_or(Reason::DropClosedPort)?;
+    let (backend_id, backend) = select_backend(&pkt.flow, &vip)?;
+    let action = forward(ctx, &backend)?;
     count(&VIP_STATS, vip.vip_id, pkt.len, false);
     count(&BACKEND_STATS, backend_id, pkt.len, false);
-    Ok(action)
+    Ok((action, Reason::Forwarded))
 }
 
 // ---- parse -------------------------------------------------------------------------------
@@ -118,10 +138,15 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         ETH_P_IPV6 => parse_ipv6(ctx, l3, frame_len, &mut flow)?,
         _ => return Err(Reason::PassNotIp),
     };
-    parse_ports(ctx, l4, ip_end, &mut flow)?;
+    if flow.proto == PROTO_TCP || flow.proto == PROTO_UDP {
+        parse_ports(ctx, l4, ip_end, &mut flow)?;
+    }
     Ok(Packet {
         flow,
         len: frame_len as u64,
+        l3,
+        l4,
+        ip_end,
     })
 }
 
@@ -162,6 +187,7 @@ fn parse_ipv4(
     flow.proto = ip.proto;
     flow.src[0] = u32::from_ne_bytes(ip.src_addr);
     flow.dst[0] = u32::from_ne_bytes(ip.dst_addr);
+    firewall(flow, frame_len)?;
     // Only a VIP's packets are ours to judge further; the host handles the rest as ever.
     require_vip_addr(flow)?;
     if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
@@ -170,8 +196,8 @@ fn parse_ipv4(
     if ihl != Ipv4Hdr::LEN {
         return Err(Reason::DropIpOptions);
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
-        return Err(Reason::PassNotVip);
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != icmp::PROTO_ICMP {
+        return Err(Reason::DropClosedPort);
     }
     Ok((l3 + Ipv4Hdr::LEN, l3 + tot_len))
 }
@@ -193,12 +219,16 @@ fn parse_ipv6(
     flow.proto = ip.next_hdr;
     flow.src = addr_from_v6(ip.src_addr);
     flow.dst = addr_from_v6(ip.dst_addr);
+    firewall(flow, frame_len)?;
     require_vip_addr(flow)?;
     match ip.next_hdr {
-        PROTO_TCP | PROTO_UDP => Ok((l3 + Ipv6Hdr::LEN, l3 + Ipv6Hdr::LEN + payload_len)),
-        // ICMPv6 (neighbour discovery, errors) and "no next header" belong to the host.
-        58 | 59 => Err(Reason::PassNotVip),
-        _ => Err(Reason::DropIpv6ExtHeader),
+        PROTO_TCP | PROTO_UDP | icmp::PROTO_ICMPV6 => {
+            Ok((l3 + Ipv6Hdr::LEN, l3 + Ipv6Hdr::LEN + payload_len))
+        }
+        // Extension headers: hop-by-hop, routing, fragment, ESP, AH, destination options,
+        // mobility, HIP, shim6.
+        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 => Err(Reason::DropIpv6ExtHeader),
+        _ => Err(Reason::DropClosedPort),
     }
 }
 
@@ -210,6 +240,30 @@ fn addr_from_v6(b: [u8; 16]) -> Addr {
         u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
         u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
     ]
+}
+
+/// The drop list, by source address, for every IP packet whoever it is for: the balancer
+/// is the first thing packets meet, so it is where the firewall belongs.
+#[inline(always)]
+fn firewall(flow: &FlowKey, frame_len: usize) -> Result<(), Reason> {
+    let rule = if flow.family == FAMILY_V4 {
+        FIREWALL_V4.get(&Key::new(32, flow.src[0].to_ne_bytes()))
+    } else {
+        let w = |i: usize| flow.src[i].to_ne_bytes();
+        let (a, b, c, d) = (w(0), w(1), w(2), w(3));
+        let addr = [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ];
+        FIREWALL_V6.get(&Key::new(128, addr))
+    };
+    match rule {
+        Some(&rule_id) => {
+            count(&FIREWALL_STATS, rule_id, frame_len as u64, false);
+            Err(Reason::DropFirewall)
+        }
+        None => Ok(()),
+    }
 }
 
 #[inline(always)]
@@ -243,23 +297,40 @@ fn parse_ports(
     let ports = unsafe { *ports };
     flow.sport = ports[0];
     flow.dport = ports[1];
+    if flow.proto == PROTO_TCP {
+        let flags: *const u8 = ptr_at(ctx, l4 + 13).ok_or(Reason::DropTruncatedL4)?;
+        check_tcp_flags(unsafe { *flags })?;
+    }
     Ok(())
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+
+/// No real connection sends a segment without flags (a "null scan"), nor SYN together with
+/// FIN or RST (scans, fingerprinting, and stack-confusion tricks).
+#[inline(always)]
+fn check_tcp_flags(flags: u8) -> Result<(), Reason> {
+    let invalid = flags & 0x3f == 0 || (flags & TCP_SYN != 0 && flags & (TCP_FIN | TCP_RST) != 0);
+    if invalid {
+        Err(Reason::DropBadTcpFlags)
+    } else {
+        Ok(())
+    }
 }
 
 // ---- lookup and select -------------------------------------------------------------------
 
 #[inline(always)]
-fn lookup_vip(flow: &FlowKey) -> Result<VipMeta, Reason> {
+fn lookup_vip(flow: &FlowKey) -> Option<VipMeta> {
     let key = VipKey {
         addr: flow.dst,
         port: flow.dport,
         proto: flow.proto,
         family: flow.family,
     };
-    match VIPS.get_ptr(&key) {
-        Some(meta) => Ok(unsafe { *meta }),
-        None => Err(Reason::PassNotVip),
-    }
+    VIPS.get_ptr(&key).map(|meta| unsafe { *meta })
 }
 
 /// The flow's pinned backend while that backend still keeps flows; otherwise a new one from
@@ -275,6 +346,7 @@ fn select_backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Reaso
             }
         }
     }
+    rate_limit(flow, vip)?;
     let backend_id = pick_from_ring(flow, vip)?;
     let backend = *BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
     if backend.flags & BACKEND_F_IN_USE == 0 {
@@ -289,6 +361,38 @@ fn select_backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Reaso
     count(&VIP_STATS, vip.vip_id, 0, true);
     count(&BACKEND_STATS, backend_id, 0, true);
     Ok((backend_id, backend))
+}
+
+/// Per-source limit of new flows, as a generic cell rate algorithm: one timestamp per
+/// source (the theoretical arrival time of its next new flow), no timer, no refill loop.
+/// Checked only when a flow is new, so established flows never pay for it.
+#[inline(always)]
+fn rate_limit(flow: &FlowKey, vip: &VipMeta) -> Result<(), Reason> {
+    if vip.rate_interval_ns == 0 {
+        return Ok(());
+    }
+    let key = RateKey {
+        addr: flow.src,
+        vip_id: vip.vip_id,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    match RATE_LIMITS.get_ptr_mut(&key) {
+        Some(tat) => {
+            let tat = unsafe { &mut *tat };
+            let due = if *tat > now { *tat } else { now };
+            if due - now > vip.rate_burst_ns {
+                return Err(Reason::DropRateLimited);
+            }
+            // Two CPUs racing here may both pass: a limit off by one, never a lost packet.
+            *tat = due + vip.rate_interval_ns;
+        }
+        None => {
+            let _ = RATE_LIMITS.insert(&key, &(now + vip.rate_interval_ns), 0);
+        }
+    }
+    Ok(())
 }
 
 /// Round robin takes ring entries in turn (one shared cursor per VIP, so the order holds
@@ -332,6 +436,16 @@ unsafe fn fetch_add(ptr: *mut u64, value: u64) -> u64 {
 }
 
 // ---- rewrite and transmit ----------------------------------------------------------------
+
+/// Sends the frame to `backend`, or hands it to the host while its MAC is unknown.
+#[inline(always)]
+fn forward(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+    if backend.flags & BACKEND_F_RESOLVED == 0 {
+        return Err(Reason::PassNoNeigh);
+    }
+    rewrite_macs(ctx, backend)?;
+    transmit(ctx, backend)
+}
 
 /// Direct server return at L2: only the MACs change, so no checksum needs touching.
 #[inline(always)]

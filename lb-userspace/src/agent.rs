@@ -12,9 +12,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use ipnet::IpNet;
 use lb_common::{
-    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, MAX_BACKENDS, MAX_VIPS,
-    RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipMeta,
+    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, MAX_BACKENDS,
+    MAX_FIREWALL_RULES, MAX_VIPS, RING_SLAB_LEN, Reason, VIP_F_HASH, VipAddr, VipMeta,
 };
 use serde_json::json;
 use tokio::{
@@ -25,11 +26,11 @@ use tokio::{
 };
 
 use crate::{
-    config::{BackendConfig, Config, VipConfig},
+    config::{BackendConfig, Config, FirewallConfig, VipConfig},
     control::{self, Request, Response},
-    datapath::Datapath,
+    datapath::{CounterId, Datapath},
     health::{self, CheckKind, CheckPatch, CheckSpec, Health},
-    model::{self, Algo, IdPool, RingMember, RingRegions, Service, SlabAllocator},
+    model::{self, Algo, IdPool, RateLimit, RingMember, RingRegions, Service, SlabAllocator},
     netif::{L2Path, Netif, Unresolved},
 };
 
@@ -105,6 +106,7 @@ struct VipState {
     id: u32,
     algo: Algo,
     check: CheckSpec,
+    rate: RateLimit,
     backends: Vec<BackendState>,
     rings: RingRegions,
     ring_len: u32,
@@ -115,6 +117,7 @@ enum Retired {
     Extent(u32, u32),
     VipId(u32),
     BackendId(u32),
+    RuleId(u32),
 }
 
 /// What an earlier agent left in pinned maps, looked up while re-applying the config.
@@ -122,6 +125,7 @@ enum Retired {
 struct Adoption {
     vips: HashMap<lb_common::VipKey, VipMeta>,
     backends: HashMap<(u32, IpAddr), (u32, Backend)>,
+    rules: HashMap<IpNet, u32>,
 }
 
 pub struct Agent {
@@ -133,6 +137,9 @@ pub struct Agent {
     backend_ids: IdPool,
     slab: SlabAllocator,
     vip_addr_refs: HashMap<VipAddr, usize>,
+    /// Drop-list rules in the order they were added, with their counter ids.
+    rules: Vec<(IpNet, u32)>,
+    rule_ids: IdPool,
     tx_ports: Vec<u32>,
     retired: Vec<(Instant, Retired)>,
     reports: mpsc::Sender<health::Report>,
@@ -158,6 +165,8 @@ impl Agent {
             backend_ids: IdPool::new(MAX_BACKENDS),
             slab: SlabAllocator::new(RING_SLAB_LEN),
             vip_addr_refs: HashMap::new(),
+            rules: Vec::new(),
+            rule_ids: IdPool::new(MAX_FIREWALL_RULES),
             tx_ports: Vec::new(),
             retired: Vec::new(),
             reports,
@@ -196,6 +205,7 @@ impl Agent {
                 self.adoption.backends.insert((b.vip_id, addr), (id, b));
             }
         }
+        self.adoption.rules = self.datapath.firewall_entries().into_iter().collect();
         for (key, meta) in self.datapath.vip_entries() {
             if meta.ring_len > 0 && self.slab.reserve(meta.ring_off, meta.ring_len) {
                 self.retired.push((
@@ -214,6 +224,9 @@ impl Agent {
             if !self.vips.iter().any(|v| v.service.key() == *key) {
                 self.datapath.del_vip(key)?;
             }
+        }
+        for net in adoption.rules.keys() {
+            self.datapath.del_firewall_rule(net)?;
         }
         for (id, b) in adoption.backends.values() {
             self.datapath.set_backend(
@@ -234,11 +247,18 @@ impl Agent {
 
     // ---- changes ---------------------------------------------------------------------
 
-    pub fn add_vip(&mut self, service: Service, algo: Algo, check: CheckSpec) -> Result<()> {
+    pub fn add_vip(
+        &mut self,
+        service: Service,
+        algo: Algo,
+        check: CheckSpec,
+        rate: RateLimit,
+    ) -> Result<()> {
         if self.vip_index(&service).is_ok() {
             bail!("VIP {service} already exists");
         }
         check.validate()?;
+        rate.validate()?;
         let adopted = self.adoption.vips.get(&service.key()).copied();
         let id = match adopted {
             Some(meta) if self.vip_ids.adopt(meta.vip_id, 1) => meta.vip_id,
@@ -247,7 +267,7 @@ impl Agent {
                     .vip_ids
                     .take()
                     .ok_or_else(|| anyhow!("VIP table full ({MAX_VIPS})"))?;
-                self.datapath.reset_counters(Some(id), None)?;
+                self.datapath.reset_counters(CounterId::Vip(id))?;
                 id
             }
         };
@@ -266,6 +286,7 @@ impl Agent {
             id,
             algo,
             check,
+            rate,
             backends: Vec::new(),
             rings,
             ring_len: 0,
@@ -278,12 +299,24 @@ impl Agent {
         service: &Service,
         algo: Option<Algo>,
         patch: &CheckPatch,
+        rate_limit: Option<u32>,
+        burst: Option<u32>,
     ) -> Result<()> {
         let vi = self.vip_index(service)?;
         let check = patch.apply(&self.vips[vi].check)?;
+        let rate = match (rate_limit, burst) {
+            (None, None) => self.vips[vi].rate,
+            (Some(r), b) => RateLimit::new(r, b),
+            (None, Some(b)) => RateLimit {
+                burst: b,
+                ..self.vips[vi].rate
+            },
+        };
+        rate.validate()?;
         let vip = &mut self.vips[vi];
         let check_changed = check != vip.check;
         vip.check = check;
+        vip.rate = rate;
         if let Some(algo) = algo {
             vip.algo = algo;
         }
@@ -348,7 +381,7 @@ impl Agent {
                 let taken = self.backend_ids.take();
                 let (id, generation) =
                     taken.ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
-                self.datapath.reset_counters(None, Some(id))?;
+                self.datapath.reset_counters(CounterId::Backend(id))?;
                 (id, generation)
             }
         };
@@ -599,11 +632,14 @@ impl Agent {
         }
         let off = rings.inactive_off();
         self.datapath.write_ring(off, &ring)?;
+        let (rate_interval_ns, rate_burst_ns) = vip.rate.gcra_ns();
         let meta = VipMeta {
             vip_id: vip.id,
             ring_off: off,
             ring_len: len,
             flags,
+            rate_interval_ns,
+            rate_burst_ns,
         };
         self.datapath.set_vip(&vip.service.key(), &meta)?;
         rings.active = 1 - rings.active;
@@ -656,9 +692,57 @@ impl Agent {
                 Retired::Extent(off, len) => self.slab.release(off, len),
                 Retired::VipId(id) => self.vip_ids.give_back(id),
                 Retired::BackendId(id) => self.backend_ids.give_back(id),
+                Retired::RuleId(id) => self.rule_ids.give_back(id),
             }
         }
         Ok(())
+    }
+
+    // ---- firewall --------------------------------------------------------------------
+
+    /// Drops every packet from `net` from now on.
+    pub fn add_rule(&mut self, net: IpNet) -> Result<()> {
+        if net.trunc() != net {
+            bail!("{net} has host bits set; write {}", net.trunc());
+        }
+        if self.rules.iter().any(|(n, _)| *n == net) {
+            bail!("{net} is already in the drop list");
+        }
+        let id = match self.adoption.rules.remove(&net) {
+            Some(id) if self.rule_ids.adopt(id, 1) => id,
+            _ => {
+                let (id, _) = self
+                    .rule_ids
+                    .take()
+                    .ok_or_else(|| anyhow!("drop list full ({MAX_FIREWALL_RULES} rules)"))?;
+                self.datapath.reset_counters(CounterId::FirewallRule(id))?;
+                id
+            }
+        };
+        self.datapath.set_firewall_rule(&net, id)?;
+        self.rules.push((net, id));
+        Ok(())
+    }
+
+    pub fn del_rule(&mut self, net: IpNet) -> Result<()> {
+        let pos = self
+            .rules
+            .iter()
+            .position(|(n, _)| *n == net)
+            .ok_or_else(|| anyhow!("{net} is not in the drop list"))?;
+        let (_, id) = self.rules.remove(pos);
+        self.datapath.del_firewall_rule(&net)?;
+        self.retired.push((Instant::now(), Retired::RuleId(id)));
+        Ok(())
+    }
+
+    fn rule_list(&self) -> Result<serde_json::Value> {
+        let mut out = Vec::new();
+        for (net, id) in &self.rules {
+            let c = self.datapath.firewall_counters(*id)?;
+            out.push(json!({"cidr": net.to_string(), "packets": c.packets, "bytes": c.bytes}));
+        }
+        Ok(out.into())
     }
 
     // ---- configuration ---------------------------------------------------------------
@@ -673,6 +757,8 @@ impl Agent {
                     proto: v.service.proto,
                     algo: v.algo,
                     check: v.check.clone(),
+                    rate_limit: v.rate.rate_limit,
+                    burst: v.rate.burst,
                     backends: v
                         .backends
                         .iter()
@@ -686,6 +772,9 @@ impl Agent {
                         .collect(),
                 })
                 .collect(),
+            firewall: FirewallConfig {
+                drop: self.rules.iter().map(|(net, _)| *net).collect(),
+            },
         }
     }
 
@@ -712,9 +801,12 @@ impl Agent {
         }
         self.defer_rings = true;
         let applied = async {
+            for net in &config.firewall.drop {
+                self.add_rule(*net)?;
+            }
             for vc in &config.vips {
                 let service = Service::new(vc.address, vc.proto)?;
-                self.add_vip(service, vc.algo, vc.check.clone())?;
+                self.add_vip(service, vc.algo, vc.check.clone(), vc.rate())?;
                 for bc in &vc.backends {
                     self.add_backend(&service, bc, resolved[&bc.address].clone())
                         .with_context(|| format!("VIP {service}"))?;
@@ -736,7 +828,7 @@ impl Agent {
     pub async fn handle(&mut self, request: Request) -> Response {
         let mutates = !matches!(
             request,
-            Request::VipList | Request::BackendList { .. } | Request::Stats
+            Request::VipList | Request::BackendList { .. } | Request::Stats | Request::FirewallList
         );
         let result = self.dispatch(request).await;
         match result {
@@ -760,10 +852,13 @@ impl Agent {
                 proto,
                 algo,
                 check,
+                rate_limit,
+                burst,
             } => {
                 let service = Service::new(vip, proto)?;
                 let check = check.apply(&CheckSpec::default())?;
-                self.add_vip(service, algo.unwrap_or_default(), check)?;
+                let rate = RateLimit::new(rate_limit.unwrap_or(0), burst);
+                self.add_vip(service, algo.unwrap_or_default(), check, rate)?;
                 Response::message(format!("added VIP {service}"))
             }
             Request::VipSet {
@@ -771,9 +866,11 @@ impl Agent {
                 proto,
                 algo,
                 check,
+                rate_limit,
+                burst,
             } => {
                 let service = Service { addr: vip, proto };
-                self.set_vip(&service, algo, &check)?;
+                self.set_vip(&service, algo, &check, rate_limit, burst)?;
                 Response::message(format!("updated VIP {service}"))
             }
             Request::VipDel { vip, proto } => {
@@ -866,6 +963,15 @@ impl Agent {
                 Response::data(self.backend_list(filter.as_ref())?)
             }
             Request::Stats => Response::data(self.stats()?),
+            Request::FirewallAdd { cidr } => {
+                self.add_rule(cidr)?;
+                Response::message(format!("dropping packets from {cidr}"))
+            }
+            Request::FirewallDel { cidr } => {
+                self.del_rule(cidr)?;
+                Response::message(format!("no longer dropping packets from {cidr}"))
+            }
+            Request::FirewallList => Response::data(self.rule_list()?),
         })
     }
 
@@ -878,6 +984,8 @@ impl Agent {
                 "proto": v.service.proto,
                 "algo": v.algo,
                 "check": v.check.check,
+                "rate_limit": v.rate.rate_limit,
+                "burst": v.rate.burst,
                 "backends": v.backends.len(),
                 "active_backends": v.backends.iter().filter(|b| b.eligible()).count(),
                 "packets": c.packets,
@@ -938,6 +1046,7 @@ impl Agent {
             "vips": self.vip_list()?,
             "backends": self.backend_list(None)?,
             "reasons": by_reason,
+            "firewall": self.rule_list()?,
         }))
     }
 }

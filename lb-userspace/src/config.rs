@@ -5,8 +5,9 @@
 //! [[vip]]
 //! address = "10.99.1.1:80"
 //! proto = "tcp"
-//!
-//! algo = "rr"               # or "maglev"
+//! algo = "rr"                # or "maglev"
+//! rate_limit = 100           # new flows per second per source; 0 (default) = no limit
+//! burst = 200                # default: one second's worth
 //!
 //! [vip.check]                # optional; fields default to HAProxy's
 //! check = "http:/health"     # none | tcp | http:/PATH | tls
@@ -19,7 +20,13 @@
 //! weight = 3                 # default 1
 //! backup = false
 //! drain = false
+//!
+//! [firewall]
+//! drop = ["203.0.113.0/24", "2001:db8:bad::/48"]
 //! ```
+//!
+//! Every error names the line: syntax and type errors from the TOML parser's span, meaning
+//! errors (a duplicate backend, a VIP without a port) from the span of the entry at fault.
 
 use std::{
     io::Write as _,
@@ -27,12 +34,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use toml::Spanned;
 
 use crate::{
     health::CheckSpec,
-    model::{Algo, Proto},
+    model::{self, Algo, Proto, RateLimit, Service},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +49,16 @@ use crate::{
 pub struct Config {
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<VipConfig>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub firewall: FirewallConfig,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallConfig {
+    /// Sources whose packets are dropped, whoever they are for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drop: Vec<IpNet>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +71,13 @@ pub struct VipConfig {
     pub algo: Algo,
     #[serde(default, skip_serializing_if = "is_default")]
     pub check: CheckSpec,
+    /// New flows per second per source address; 0 = no limit (see `model::RateLimit`).
+    /// Two plain fields rather than a flattened struct: serde cannot flatten and still
+    /// refuse unknown fields.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rate_limit: u32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub burst: u32,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
 }
@@ -71,6 +97,65 @@ pub struct BackendConfig {
     /// Replaces the VIP's check for this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckSpec>,
+}
+
+impl VipConfig {
+    pub fn rate(&self) -> RateLimit {
+        RateLimit {
+            rate_limit: self.rate_limit,
+            burst: self.burst,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// Checks that a backend can serve `service`, before anything is changed.
+    pub fn validate(&self, service: &Service) -> Result<()> {
+        let addr = self.address;
+        model::check_unicast(addr, "backend")?;
+        model::check_weight(self.weight)?;
+        if let Some(c) = &self.check {
+            c.validate()?;
+        }
+        if addr.is_ipv4() != service.addr.is_ipv4() {
+            bail!("backend {addr} is not of the same address family as VIP {service}");
+        }
+        Ok(())
+    }
+}
+
+/// Which entry a meaning error is about.
+enum At {
+    Vip(usize),
+    Backend(usize, usize),
+    Firewall(usize),
+}
+
+/// Where each entry stands in the text; everything else is ignored.
+#[derive(Default, Deserialize)]
+struct SpanIndex {
+    #[serde(default, rename = "vip")]
+    vips: Vec<VipSpans>,
+    #[serde(default)]
+    firewall: FirewallSpans,
+}
+
+#[derive(Deserialize)]
+struct VipSpans {
+    address: Spanned<toml::Value>,
+    #[serde(default, rename = "backend")]
+    backends: Vec<BackendSpans>,
+}
+
+#[derive(Deserialize)]
+struct BackendSpans {
+    address: Spanned<toml::Value>,
+}
+
+#[derive(Default, Deserialize)]
+struct FirewallSpans {
+    #[serde(default)]
+    drop: Vec<Spanned<toml::Value>>,
 }
 
 fn default_weight() -> u32 {
@@ -102,16 +187,72 @@ impl Config {
 
     /// Parses configuration text; errors are one line and name the line and field.
     pub fn parse(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| {
+        let line_of = |pos: usize| text[..pos.min(text.len())].matches('\n').count() + 1;
+        let config: Config = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().replace('\n', " ");
             match e.span() {
-                Some(span) => {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    anyhow!("line {line}: {message}")
-                }
+                Some(span) => anyhow!("line {}: {message}", line_of(span.start)),
                 None => anyhow!("{message}"),
             }
-        })
+        })?;
+        if let Err((at, error)) = config.validate() {
+            // The same text parsed again for nothing but where each entry stands.
+            let spans: SpanIndex = toml::from_str(text).unwrap_or_default();
+            let span = match at {
+                At::Vip(v) => spans.vips.get(v).map(|v| v.address.span()),
+                At::Backend(v, b) => spans
+                    .vips
+                    .get(v)
+                    .and_then(|v| v.backends.get(b))
+                    .map(|b| b.address.span()),
+                At::Firewall(i) => spans.firewall.drop.get(i).map(|d| d.span()),
+            };
+            return Err(match span {
+                Some(span) => anyhow!("line {}: {error:#}", line_of(span.start)),
+                None => error,
+            });
+        }
+        Ok(config)
+    }
+
+    /// What the types cannot say: unique entries, matching families, values in range.
+    fn validate(&self) -> Result<(), (At, anyhow::Error)> {
+        let mut services = Vec::new();
+        for (v, vc) in self.vips.iter().enumerate() {
+            let at = |e| (At::Vip(v), e);
+            let service = Service::new(vc.address, vc.proto).map_err(at)?;
+            if services.contains(&service) {
+                return Err(at(anyhow!("VIP {service} is listed twice")));
+            }
+            services.push(service);
+            vc.check
+                .validate()
+                .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
+            vc.rate()
+                .validate()
+                .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
+            let mut seen = Vec::new();
+            for (b, bc) in vc.backends.iter().enumerate() {
+                let at = |e: anyhow::Error| (At::Backend(v, b), anyhow!("VIP {service}: {e:#}"));
+                bc.validate(&service).map_err(at)?;
+                if seen.contains(&bc.address) {
+                    return Err(at(anyhow!("backend {} is listed twice", bc.address)));
+                }
+                seen.push(bc.address);
+            }
+        }
+        for (i, net) in self.firewall.drop.iter().enumerate() {
+            if self.firewall.drop[..i].contains(net) {
+                return Err((At::Firewall(i), anyhow!("drop rule {net} is listed twice")));
+            }
+            if net.trunc() != *net {
+                return Err((
+                    At::Firewall(i),
+                    anyhow!("drop rule {net} has host bits set; write {}", net.trunc()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the configuration so that a crash at any moment leaves either the old file or
@@ -161,6 +302,11 @@ backup = true
 [[vip]]
 address = "[fd00::1]:53"
 proto = "udp"
+rate_limit = 50
+burst = 100
+
+[firewall]
+drop = ["192.0.2.0/24", "2001:db8::/32"]
 "#;
         let config = Config::parse(text).unwrap();
         assert_eq!(config.vips.len(), 2);
@@ -168,6 +314,14 @@ proto = "udp"
         assert_eq!(config.vips[1].proto, Proto::Udp);
         assert_eq!(config.vips[0].backends[0].weight, 1);
         assert!(config.vips[0].backends[1].backup);
+        assert_eq!(
+            config.vips[1].rate(),
+            RateLimit {
+                rate_limit: 50,
+                burst: 100
+            }
+        );
+        assert_eq!(config.firewall.drop.len(), 2);
         let again = Config::parse(&toml::to_string_pretty(&config).unwrap()).unwrap();
         assert_eq!(config, again);
     }
@@ -184,6 +338,37 @@ proto = "udp"
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("line 2:"), "{err}");
+    }
+
+    #[test]
+    fn meaning_errors_name_the_line_of_the_entry() {
+        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2\"\n[[vip.backend]]\naddress = \"10.0.0.2\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("line 6:") && err.contains("listed twice"),
+            "{err}"
+        );
+        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\n\n[[vip.backend]]\naddress = \"fd00::2\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("line 5:") && err.contains("family"),
+            "{err}"
+        );
+        let text = "[[vip]]\naddress = \"10.0.0.1:0\"\n";
+        assert!(
+            Config::parse(text)
+                .unwrap_err()
+                .to_string()
+                .starts_with("line 2:")
+        );
+        let text = "[firewall]\ndrop = [\n  \"10.0.0.0/8\",\n  \"10.1.0.0/8\",\n]\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("line 4:") && err.contains("host bits"),
+            "{err}"
+        );
+        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nrate_limit = 10\nburst = 0\n";
+        assert!(Config::parse(text).is_err());
     }
 
     #[test]

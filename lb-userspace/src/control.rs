@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Result, anyhow, bail};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -31,6 +32,11 @@ pub enum Request {
         algo: Option<Algo>,
         #[serde(default)]
         check: CheckPatch,
+        /// New flows per second per source; 0 removes the limit.
+        #[serde(default)]
+        rate_limit: Option<u32>,
+        #[serde(default)]
+        burst: Option<u32>,
     },
     VipSet {
         vip: SocketAddr,
@@ -39,6 +45,11 @@ pub enum Request {
         algo: Option<Algo>,
         #[serde(default)]
         check: CheckPatch,
+        /// New flows per second per source; 0 removes the limit.
+        #[serde(default)]
+        rate_limit: Option<u32>,
+        #[serde(default)]
+        burst: Option<u32>,
     },
     VipDel {
         vip: SocketAddr,
@@ -84,6 +95,13 @@ pub enum Request {
         proto: Proto,
     },
     Stats,
+    FirewallAdd {
+        cidr: IpNet,
+    },
+    FirewallDel {
+        cidr: IpNet,
+    },
+    FirewallList,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -11,17 +11,26 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key as LpmKey},
     programs::{
         TestRun as _, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
+use ipnet::IpNet;
 use lb_common::{
     Backend, Counters, FlowKey, FlowValue, PROGRAM_NAME, REASON_COUNT, VipAddr, VipKey, VipMeta,
     maps,
 };
+
+/// Which per-CPU counters `reset_counters` zeroes.
+#[derive(Clone, Copy, Debug)]
+pub enum CounterId {
+    Vip(u32),
+    Backend(u32),
+    FirewallRule(u32),
+}
 
 /// The XDP program with its maps, loaded into the kernel (attached or not).
 pub struct Datapath {
@@ -36,13 +45,16 @@ pub struct Datapath {
     vip_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
+    firewall_v4: LpmTrie<MapData, [u8; 4], u32>,
+    firewall_v6: LpmTrie<MapData, [u8; 16], u32>,
+    firewall_stats: PerCpuArray<MapData, Counters>,
     links: Vec<XdpLinkId>,
     /// Set when the maps and links live in bpffs (see `load_pinned`).
     pin_dir: Option<PathBuf>,
 }
 
 /// Every map of the program, for pinning.
-const ALL_MAPS: [&str; 10] = [
+const ALL_MAPS: [&str; 14] = [
     maps::VIPS,
     maps::VIP_ADDRS,
     maps::RING_SLAB,
@@ -53,6 +65,10 @@ const ALL_MAPS: [&str; 10] = [
     maps::VIP_STATS,
     maps::BACKEND_STATS,
     maps::REASON_STATS,
+    maps::FIREWALL_V4,
+    maps::FIREWALL_V6,
+    maps::FIREWALL_STATS,
+    maps::RATE_LIMITS,
 ];
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -94,6 +110,9 @@ impl Datapath {
             vip_stats: take(&mut ebpf, maps::VIP_STATS)?,
             backend_stats: take(&mut ebpf, maps::BACKEND_STATS)?,
             reason_stats: take(&mut ebpf, maps::REASON_STATS)?,
+            firewall_v4: take(&mut ebpf, maps::FIREWALL_V4)?,
+            firewall_v6: take(&mut ebpf, maps::FIREWALL_V6)?,
+            firewall_stats: take(&mut ebpf, maps::FIREWALL_STATS)?,
             ebpf,
             links: Vec::new(),
             pin_dir: None,
@@ -300,6 +319,52 @@ impl Datapath {
             .with_context(|| format!("adding interface {ifindex} to TX_PORTS"))
     }
 
+    /// Drops packets from `net` (by source address), counting hits under `rule_id`.
+    pub fn set_firewall_rule(&mut self, net: &IpNet, rule_id: u32) -> Result<()> {
+        match net {
+            IpNet::V4(n) => self.firewall_v4.insert(
+                &LpmKey::new(n.prefix_len() as u32, n.network().octets()),
+                &rule_id,
+                0,
+            ),
+            IpNet::V6(n) => self.firewall_v6.insert(
+                &LpmKey::new(n.prefix_len() as u32, n.network().octets()),
+                &rule_id,
+                0,
+            ),
+        }
+        .with_context(|| format!("writing the drop rule {net}"))
+    }
+
+    pub fn del_firewall_rule(&mut self, net: &IpNet) -> Result<()> {
+        match net {
+            IpNet::V4(n) => self
+                .firewall_v4
+                .remove(&LpmKey::new(n.prefix_len() as u32, n.network().octets())),
+            IpNet::V6(n) => self
+                .firewall_v6
+                .remove(&LpmKey::new(n.prefix_len() as u32, n.network().octets())),
+        }
+        .with_context(|| format!("deleting the drop rule {net}"))
+    }
+
+    /// Every drop rule in the maps with its id, for adopting pinned state.
+    pub fn firewall_entries(&self) -> Vec<(IpNet, u32)> {
+        let v4 = self.firewall_v4.iter().flatten().filter_map(|(k, id)| {
+            let net = ipnet::Ipv4Net::new(k.data().into(), k.prefix_len() as u8).ok()?;
+            Some((IpNet::V4(net), id))
+        });
+        let v6 = self.firewall_v6.iter().flatten().filter_map(|(k, id)| {
+            let net = ipnet::Ipv6Net::new(k.data().into(), k.prefix_len() as u8).ok()?;
+            Some((IpNet::V6(net), id))
+        });
+        v4.chain(v6).collect()
+    }
+
+    pub fn firewall_counters(&self, rule_id: u32) -> Result<Counters> {
+        Self::sum(&self.firewall_stats, rule_id)
+    }
+
     // ---- counters and flows ----
 
     fn sum(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Counters> {
@@ -326,16 +391,15 @@ impl Datapath {
             .collect()
     }
 
-    /// Zeroes a VIP's or backend's counters when its id is given to a new one.
-    pub fn reset_counters(&mut self, vip_id: Option<u32>, backend_id: Option<u32>) -> Result<()> {
+    /// Zeroes the counters of a VIP, backend or firewall rule id given to a new one.
+    pub fn reset_counters(&mut self, id: CounterId) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let zero =
-            || aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize]);
-        if let Some(id) = vip_id {
-            self.vip_stats.set(id, zero()?, 0)?;
-        }
-        if let Some(id) = backend_id {
-            self.backend_stats.set(id, zero()?, 0)?;
+            aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus.get() as usize])?;
+        match id {
+            CounterId::Vip(id) => self.vip_stats.set(id, zero, 0)?,
+            CounterId::Backend(id) => self.backend_stats.set(id, zero, 0)?,
+            CounterId::FirewallRule(id) => self.firewall_stats.set(id, zero, 0)?,
         }
         Ok(())
     }

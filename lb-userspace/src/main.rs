@@ -57,6 +57,9 @@ enum Command {
     /// Real servers behind a VIP.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Drop list: packets from these sources are dropped before anything else.
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
     /// Counters per VIP, backend and pass/drop reason.
     Stats {
         #[arg(long)]
@@ -113,6 +116,12 @@ struct VipSettings {
     algo: Option<Algo>,
     #[command(flatten)]
     check: CheckArgs,
+    /// Most new flows per second one source may open (SYN/UDP floods); 0 removes the limit.
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// New flows a source may open at once above the rate (default: one second's worth).
+    #[arg(long, requires = "rate_limit")]
+    burst: Option<u32>,
 }
 
 #[derive(Args)]
@@ -129,6 +138,22 @@ struct VipArg {
     vip: String,
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
     proto: Proto,
+}
+
+#[derive(Subcommand)]
+enum FirewallCommand {
+    /// Drop every packet from CIDR (IPv4 or IPv6, e.g. 203.0.113.0/24, 2001:db8::/32).
+    Add {
+        cidr: String,
+    },
+    Del {
+        cidr: String,
+    },
+    /// Rules with their hit counters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +272,8 @@ fn run(cli: Cli) -> Result<()> {
                 proto: v.vip.proto,
                 algo: v.algo,
                 check: v.check.patch(),
+                rate_limit: v.rate_limit,
+                burst: v.burst,
             },
             false,
         ),
@@ -256,6 +283,8 @@ fn run(cli: Cli) -> Result<()> {
                 proto: v.vip.proto,
                 algo: v.algo,
                 check: v.check.patch(),
+                rate_limit: v.rate_limit,
+                burst: v.burst,
             },
             false,
         ),
@@ -348,6 +377,19 @@ fn run(cli: Cli) -> Result<()> {
             (Request::BackendList { vip, proto }, json)
         }
         Command::Stats { json } => (Request::Stats, json),
+        Command::Firewall(FirewallCommand::Add { cidr }) => (
+            Request::FirewallAdd {
+                cidr: model::parse_cidr(&cidr)?,
+            },
+            false,
+        ),
+        Command::Firewall(FirewallCommand::Del { cidr }) => (
+            Request::FirewallDel {
+                cidr: model::parse_cidr(&cidr)?,
+            },
+            false,
+        ),
+        Command::Firewall(FirewallCommand::List { json }) => (Request::FirewallList, json),
     };
     let kind = std::mem::discriminant(&request);
     match control::call(&cli.socket, &request)? {
@@ -362,6 +404,8 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", lb::table::stats(&data));
             } else if kind == std::mem::discriminant(&Request::VipList) {
                 print!("{}", lb::table::vips(&data));
+            } else if kind == std::mem::discriminant(&Request::FirewallList) {
+                print!("{}", lb::table::firewall(&data));
             } else if !data.is_null() {
                 print!("{}", lb::table::backends(&data));
             }

@@ -84,6 +84,59 @@ pub fn check_weight(weight: u32) -> Result<()> {
     Ok(())
 }
 
+/// A per-source limit of new flows to a VIP (SYN and UDP floods): `rate_limit` new flows
+/// per second per source address, with bursts of up to `burst`; 0 means no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RateLimit {
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rate_limit: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub burst: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl RateLimit {
+    /// Most new flows per second per source one can ask for.
+    pub const MAX_RATE: u32 = 10_000_000;
+
+    /// With a rate given and no burst, the burst is one second's worth.
+    pub fn new(rate_limit: u32, burst: Option<u32>) -> Self {
+        Self {
+            rate_limit,
+            burst: burst.unwrap_or(if rate_limit > 0 { rate_limit } else { 0 }),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.rate_limit > Self::MAX_RATE {
+            bail!(
+                "rate limit {} out of range 0..{}",
+                self.rate_limit,
+                Self::MAX_RATE
+            );
+        }
+        if self.rate_limit > 0 && (self.burst == 0 || self.burst > Self::MAX_RATE) {
+            bail!("burst {} out of range 1..{}", self.burst, Self::MAX_RATE);
+        }
+        if self.rate_limit == 0 && self.burst != 0 {
+            bail!("a burst needs a rate limit");
+        }
+        Ok(())
+    }
+
+    /// The data plane's form (see `lb_common::VipMeta`): emission interval and tolerance.
+    pub fn gcra_ns(&self) -> (u64, u64) {
+        if self.rate_limit == 0 {
+            return (0, 0);
+        }
+        let interval = (1_000_000_000 / self.rate_limit as u64).max(1);
+        (interval, (self.burst as u64 - 1) * interval)
+    }
+}
+
 /// A virtual service: address, port and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Service {
@@ -146,6 +199,21 @@ pub fn parse_backend_addr(s: &str) -> Result<IpAddr> {
         ),
         Err(_) => bail!("malformed backend address {s:?}"),
     }
+}
+
+/// A drop-list entry: `ADDR/LEN`, or a bare address for just that host.
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet> {
+    let net = match s.parse::<ipnet::IpNet>() {
+        Ok(net) => net,
+        Err(_) => match s.parse::<IpAddr>() {
+            Ok(ip) => ipnet::IpNet::from(ip),
+            Err(_) => bail!("malformed CIDR {s:?}: expected ADDR/LEN, e.g. 203.0.113.0/24"),
+        },
+    };
+    if net.trunc() != net {
+        bail!("{s} has host bits set; write {}", net.trunc());
+    }
+    Ok(net)
 }
 
 pub fn check_unicast(ip: IpAddr, what: &str) -> Result<()> {
@@ -476,6 +544,48 @@ mod tests {
         assert!(Service::new(any, Proto::Tcp).is_err());
         let zero = parse_vip_addr("10.0.0.1:0").unwrap();
         assert!(Service::new(zero, Proto::Tcp).is_err());
+    }
+
+    #[test]
+    fn rate_limits_become_gcra_parameters() {
+        assert_eq!(RateLimit::new(0, None).gcra_ns(), (0, 0));
+        let r = RateLimit::new(100, None);
+        assert_eq!(r.burst, 100);
+        assert_eq!(r.gcra_ns(), (10_000_000, 990_000_000));
+        assert_eq!(RateLimit::new(10, Some(1)).gcra_ns(), (100_000_000, 0));
+        assert!(RateLimit::new(10, Some(0)).validate().is_err());
+        assert!(
+            RateLimit {
+                rate_limit: 0,
+                burst: 5
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            RateLimit::new(RateLimit::MAX_RATE + 1, None)
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(parse_cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(
+            parse_cidr("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        assert!(
+            parse_cidr("10.1.0.0/8")
+                .unwrap_err()
+                .to_string()
+                .contains("10.0.0.0/8")
+        );
+        for bad in ["10.0.0.0/33", "10.0.0/8", "", "x/8", "2001:db8::/129"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -110,7 +110,11 @@ pub fn stats(data: &Value) -> String {
     out += "\n";
     out += &backends(&data["backends"]);
     out += "\n";
-    // In the data plane's order (forwarded, passes, drops), not the JSON object's.
+    if data["firewall"].as_array().is_some_and(|a| !a.is_empty()) {
+        out += &firewall(&data["firewall"]);
+        out += "\n";
+    }
+    // In the data plane's order, not the JSON object's.
     let rows = lb_common::Reason::ALL
         .iter()
         .map(|r| {
@@ -120,4 +124,11 @@ pub fn stats(data: &Value) -> String {
         .collect();
     out += &render(&["REASON", "PACKETS", "BYTES"], rows);
     out
+}
+
+pub fn firewall(data: &Value) -> String {
+    render(
+        &["DROP FROM", "PACKETS", "BYTES"],
+        rows(data, &["cidr", "packets", "bytes"]),
+    )
 }

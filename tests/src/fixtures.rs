@@ -128,7 +128,15 @@ pub struct Pkt {
     pub sport: u16,
     pub dport: u16,
     pub payload: Vec<u8>,
+    pub tcp_flags: u8,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+pub const TCP_URG: u8 = 0x20;
 
 impl Pkt {
     fn new(src: SocketAddr, dst: SocketAddr, l4: L4) -> Self {
@@ -160,7 +168,15 @@ impl Pkt {
             sport: src.port(),
             dport: dst.port(),
             payload: b"fixture payload".to_vec(),
+            tcp_flags: TCP_ACK | TCP_PSH,
         }
+    }
+
+    /// TCP flags (`TCP_*` bits); a data segment of an established connection (ACK PSH)
+    /// unless set.
+    pub fn flags(mut self, flags: u8) -> Self {
+        self.tcp_flags = flags;
+        self
     }
 
     pub fn tcp(src: SocketAddr, dst: SocketAddr) -> Self {
@@ -173,6 +189,37 @@ impl Pkt {
 
     pub fn icmp(src: IpAddr, dst: IpAddr) -> Self {
         Self::new(SocketAddr::new(src, 0), SocketAddr::new(dst, 0), L4::Icmp)
+    }
+
+    /// The echo reply the data plane must make of this echo request, built afresh by
+    /// etherparse (so its checksums are computed, not patched): MACs and addresses swapped,
+    /// TTL or hop limit 64, type "echo reply", identifier, sequence and payload kept.
+    pub fn echo_reply(&self) -> Vec<u8> {
+        let mut ip = self.ip.clone();
+        match &mut ip {
+            IpHeaders::Ipv4(h, _) => {
+                std::mem::swap(&mut h.source, &mut h.destination);
+                h.time_to_live = 64;
+            }
+            IpHeaders::Ipv6(h, _) => {
+                std::mem::swap(&mut h.source, &mut h.destination);
+                h.hop_limit = 64;
+            }
+        }
+        let v4 = matches!(ip, IpHeaders::Ipv4(..));
+        let eth = PacketBuilder::ethernet2(self.dst_mac, self.src_mac);
+        let ip = match self.vlan {
+            Some(vid) => eth.single_vlan(VlanId::try_new(vid).unwrap()).ip(ip),
+            None => eth.ip(ip),
+        };
+        let mut out = Vec::new();
+        if v4 {
+            ip.icmpv4_echo_reply(7, 1).write(&mut out, &self.payload)
+        } else {
+            ip.icmpv6_echo_reply(7, 1).write(&mut out, &self.payload)
+        }
+        .expect("etherparse writes the frame");
+        out
     }
 
     pub fn vlan(mut self, vid: u16) -> Self {
@@ -245,9 +292,31 @@ impl Pkt {
         let mut out = Vec::new();
         let v4 = matches!(self.ip, IpHeaders::Ipv4(..));
         match self.l4 {
-            L4::Tcp => ip
-                .tcp(self.sport, self.dport, 0x1234_5678, 64240)
-                .write(&mut out, &self.payload),
+            L4::Tcp => {
+                let mut tcp = ip.tcp(self.sport, self.dport, 0x1234_5678, 64240);
+                let f = self.tcp_flags;
+                for (bit, set) in [
+                    (TCP_FIN, 0),
+                    (TCP_SYN, 1),
+                    (TCP_RST, 2),
+                    (TCP_PSH, 3),
+                    (TCP_URG, 5),
+                ] {
+                    if f & bit != 0 {
+                        tcp = match set {
+                            0 => tcp.fin(),
+                            1 => tcp.syn(),
+                            2 => tcp.rst(),
+                            3 => tcp.psh(),
+                            _ => tcp.urg(0),
+                        };
+                    }
+                }
+                if f & TCP_ACK != 0 {
+                    tcp = tcp.ack(0x0bad_cafe);
+                }
+                tcp.write(&mut out, &self.payload)
+            }
             L4::Udp => ip
                 .udp(self.sport, self.dport)
                 .write(&mut out, &self.payload),
@@ -348,6 +417,11 @@ pub enum Expect {
     Pass(Reason),
     /// XDP_DROP.
     Drop(Reason),
+    /// XDP_TX of a frame the program wrote itself (an echo reply): the case's `answer`.
+    Answer(Reason),
+    /// An ICMP error sent on to `backend` with only the MACs changed; no VIP or backend
+    /// counter moves (an error is not traffic of the flow).
+    ForwardIcmp { action: u32, backend: u32 },
 }
 
 impl Expect {
@@ -372,15 +446,17 @@ impl Expect {
     pub fn reason(&self) -> Reason {
         match *self {
             Expect::Forward { .. } => Reason::Forwarded,
-            Expect::Pass(r) | Expect::Drop(r) => r,
+            Expect::Pass(r) | Expect::Drop(r) | Expect::Answer(r) => r,
+            Expect::ForwardIcmp { .. } => Reason::IcmpErrorForwarded,
         }
     }
 
     pub fn action(&self) -> u32 {
         match *self {
-            Expect::Forward { action, .. } => action,
+            Expect::Forward { action, .. } | Expect::ForwardIcmp { action, .. } => action,
             Expect::Pass(_) => XDP_PASS,
             Expect::Drop(_) => XDP_DROP,
+            Expect::Answer(_) => XDP_TX,
         }
     }
 }
@@ -391,6 +467,8 @@ pub struct Case {
     pub name: String,
     pub frame: Vec<u8>,
     pub expect: Expect,
+    /// For `Expect::Answer`: the frame the program must send back.
+    pub answer: Option<Vec<u8>>,
 }
 
 impl Case {
@@ -399,6 +477,22 @@ impl Case {
             name: name.into(),
             frame,
             expect,
+            answer: None,
+        }
+    }
+
+    /// A frame the program must answer itself with `answer` (XDP_TX), counted as `reason`.
+    pub fn answered(
+        name: impl Into<String>,
+        frame: Vec<u8>,
+        answer: Vec<u8>,
+        reason: Reason,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            frame,
+            expect: Expect::Answer(reason),
+            answer: Some(answer),
         }
     }
 }
@@ -427,6 +521,42 @@ pub fn assert_frame_eq(name: &str, got: &[u8], want: &[u8]) {
         want.len(),
         diffs.join(", ")
     );
+}
+
+// ---- the standard test addresses -------------------------------------------------------------
+
+pub const VIP4: &str = "10.0.0.10";
+pub const VIP6: &str = "fd00::10";
+
+pub fn client4(port: u16) -> SocketAddr {
+    SocketAddr::new(ip("192.0.2.1"), port)
+}
+
+pub fn client6(port: u16) -> SocketAddr {
+    SocketAddr::new(ip("2001:db8::1"), port)
+}
+
+pub fn vip4(port: u16) -> SocketAddr {
+    SocketAddr::new(ip(VIP4), port)
+}
+
+pub fn vip6(port: u16) -> SocketAddr {
+    SocketAddr::new(ip(VIP6), port)
+}
+
+/// Backends 1, 2 (IPv4) and 3, 4 (IPv6), all behind the ingress interface; VIP ids 0:
+/// VIP4:80/tcp -> [1], 1: VIP4:53/udp -> [2], 2: VIP6:443/tcp -> [3], 3: VIP6:53/udp -> [4].
+pub fn four_vips() -> Fixture {
+    let mut fx = Fixture::new();
+    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
+    fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
+    fx.backend(3, ip("fd01::3"), TEST_RUN_IFINDEX);
+    fx.backend(4, ip("fd01::4"), TEST_RUN_IFINDEX);
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1]);
+    fx.vip(vip4(53), PROTO_UDP, 1, 16, &[2]);
+    fx.vip(vip6(443), PROTO_TCP, 2, 32, &[3]);
+    fx.vip(vip6(53), PROTO_UDP, 3, 48, &[4]);
+    fx
 }
 
 // ---- the fixture ------------------------------------------------------------------------------
@@ -461,6 +591,17 @@ impl Fixture {
         ring: &[u32],
         flags: u32,
     ) {
+        let meta = VipMeta {
+            vip_id,
+            ring_off,
+            flags,
+            ..Default::default()
+        };
+        self.vip_with_meta(vip, proto, ring, meta);
+    }
+
+    /// A VIP with every `VipMeta` field given (rate limits); `ring_len` comes from `ring`.
+    pub fn vip_with_meta(&mut self, vip: SocketAddr, proto: u8, ring: &[u32], meta: VipMeta) {
         let key = vip_key(vip, proto);
         let vaddr = VipAddr {
             addr: key.addr,
@@ -468,12 +609,10 @@ impl Fixture {
             _pad: [0; 3],
         };
         self.dp.set_vip_addr(&vaddr).unwrap();
-        self.dp.write_ring(ring_off, ring).unwrap();
+        self.dp.write_ring(meta.ring_off, ring).unwrap();
         let meta = VipMeta {
-            vip_id,
-            ring_off,
             ring_len: ring.len() as u32,
-            flags,
+            ..meta
         };
         self.dp.set_vip(&key, &meta).unwrap();
     }
@@ -577,6 +716,20 @@ impl Fixture {
             }
             Expect::Pass(_) => assert_frame_eq(name, &out, &case.frame),
             Expect::Drop(_) => {}
+            Expect::Answer(_) => {
+                let answer = case
+                    .answer
+                    .as_ref()
+                    .expect("an Answer case carries its answer");
+                assert_frame_eq(name, &out, answer);
+            }
+            Expect::ForwardIcmp { backend, .. } => {
+                let b = self
+                    .backends
+                    .get(&backend)
+                    .expect("expected backend is configured");
+                assert_frame_eq(name, &out, &forwarded_frame(&case.frame, b));
+            }
         }
 
         let reasons_after = self.reasons();
