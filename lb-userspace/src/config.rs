@@ -285,6 +285,109 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn vip_strategy() -> impl Strategy<Value = VipConfig> {
+        let addr = prop_oneof![
+            (1u8..4, 0u16..3)
+                .prop_map(|(h, p)| SocketAddr::from(([10, 0, 0, h], [80, 443, 0][p as usize]))),
+            (1u16..3).prop_map(|h| SocketAddr::from(([0xfd00, 0, 0, 0, 0, 0, 0, h], 80))),
+        ];
+        let backend = (
+            prop_oneof![
+                (1u8..6).prop_map(|h| IpAddr::from([10, 0, 1, h])),
+                Just(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 1, 1])),
+                Just(IpAddr::from([127, 0, 0, 1])),
+            ],
+            0u32..1200,
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(address, weight, backup, drain)| BackendConfig {
+                address,
+                weight,
+                backup,
+                drain,
+                check: None,
+            });
+        (
+            addr,
+            prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
+            prop_oneof![Just(Algo::Rr), Just(Algo::Maglev)],
+            0u32..3,
+            0u32..3,
+            proptest::collection::vec(backend, 0..4),
+        )
+            .prop_map(
+                |(address, proto, algo, rate_limit, burst, backends)| VipConfig {
+                    address,
+                    proto,
+                    algo,
+                    check: CheckSpec::default(),
+                    rate_limit,
+                    burst,
+                    backends,
+                },
+            )
+    }
+
+    fn config_strategy() -> impl Strategy<Value = Config> {
+        let net = prop_oneof![
+            (0u8..4, 0u8..33)
+                .prop_map(|(a, len)| IpNet::new(IpAddr::from([198, 51, a, 0]), len).unwrap()),
+            (0u8..129).prop_map(|len| IpNet::new(
+                IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0]),
+                len
+            )
+            .unwrap()),
+        ];
+        (
+            proptest::collection::vec(vip_strategy(), 0..4),
+            proptest::collection::vec(net, 0..4),
+        )
+            .prop_map(|(vips, drop)| Config {
+                vips,
+                firewall: FirewallConfig { drop },
+            })
+    }
+
+    proptest! {
+        /// Whatever the bytes, parsing answers Ok or a one-line error; it never panics.
+        #[test]
+        fn parsing_anything_never_panics(text in "\\PC{0,300}") {
+            if let Err(e) = Config::parse(&text) {
+                prop_assert!(!e.to_string().contains('\n'), "{}", e);
+            }
+        }
+
+        /// TOML-shaped junk: real keys, wrong values and places.
+        #[test]
+        fn parsing_near_misses_never_panics(
+            lines in proptest::collection::vec(
+                r#"(\[\[vip\]\]|\[\[vip\.backend\]\]|\[firewall\]|\[vip\.check\]|(address|proto|algo|weight|backup|drain|rate_limit|burst|drop|check|rise|fall|interval_ms) = ("[0-9a-f.:/\[\]]{0,16}"|-?[0-9]{1,12}|true|\[\]|\{\}))"#,
+                0..12,
+            )
+        ) {
+            let text = lines.join("\n");
+            if let Err(e) = Config::parse(&text) {
+                prop_assert!(e.to_string().starts_with("line ") || !e.to_string().contains('\n'), "{}", e);
+            }
+        }
+
+        /// Every configuration the agent could write either reads back identically, or is
+        /// refused with a one-line error naming its line (for values out of range).
+        #[test]
+        fn written_configs_read_back_or_are_refused_with_a_line(config in config_strategy()) {
+            let text = toml::to_string_pretty(&config).unwrap();
+            match Config::parse(&text) {
+                Ok(back) => prop_assert_eq!(back, config),
+                Err(e) => {
+                    let e = e.to_string();
+                    prop_assert!(e.starts_with("line ") && !e.contains('\n'), "{}", e);
+                }
+            }
+        }
+    }
 
     #[test]
     fn round_trips() {
