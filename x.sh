@@ -2,6 +2,7 @@
 # The one entry point: installs what is missing, then runs `cargo xtask <command>`.
 #   ./x.sh demo    build, start the namespace test bed, balance traffic, clean up
 #   ./x.sh test    every test (unit, data-plane fixtures, end to end); needs root
+#   ./x.sh bench   benchmarks in release mode (BENCHMARKS.md); --quick for a short run
 #   ./x.sh setup   only install the prerequisites
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -51,6 +52,6 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cmd="${1:-}"
 case "$cmd" in
   setup) need_root; install_apt; install_rust ;;
-  demo|test) need_root; install_apt; install_rust; shift; exec cargo xtask "$cmd" "$@" ;;
-  *) echo "usage: ./x.sh demo|test|setup [args]" >&2; exit 2 ;;
+  demo|test|bench) need_root; install_apt; install_rust; shift; exec cargo xtask "$cmd" "$@" ;;
+  *) echo "usage: ./x.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
 esac

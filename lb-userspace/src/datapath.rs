@@ -372,6 +372,12 @@ impl Datapath {
         self.flows.get(key, 0).ok()
     }
 
+    /// Pins a flow to a backend as the data plane does for a new flow (one map update per
+    /// call): for tools and benchmarks that pre-fill the flow table.
+    pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.flows.insert(key, value, 0).context("writing FLOWS")
+    }
+
     /// The program's file descriptor, for callers that pin or inspect it.
     pub fn program_fd(&mut self) -> Result<std::os::fd::OwnedFd> {
         let fd = self.program().fd()?.as_fd().try_clone_to_owned()?;

@@ -23,6 +23,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build in release mode and run the benchmarks (BENCHMARKS.md); `--quick` for a short
+    /// run, `--only dataplane,e2e,control` for some parts. Installs the traffic tools.
+    Bench {
+        /// Passed to lb-bench as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Show the balancer at work in a throw-away namespace test bed.
     Demo {
         /// Requests to send through the VIP.
@@ -74,6 +81,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Test { args } => cmd::test::run(&args),
+        Command::Bench { args } => cmd::bench::run(&args),
         Command::Demo { requests } => cmd::demo::run(requests),
         Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
         Command::Clean => testbed::clean_stale().map(|deleted| {
