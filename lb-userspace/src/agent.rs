@@ -342,14 +342,18 @@ impl Agent {
         let vi = self.vip_index(service)?;
         self.validate_new_backend(vi, config)?;
         let vip_id = self.vips[vi].id;
-        let (id, generation) = match self.adoption.backends.remove(&(vip_id, addr)) {
-            Some((id, b)) if self.backend_ids.adopt(id, b.generation) => (id, b.generation),
+        // An adopted backend that had lost KEEP_FLOWS was down when the previous agent
+        // stopped (only failed health checks clear the flag).
+        let (id, generation, was_down) = match self.adoption.backends.remove(&(vip_id, addr)) {
+            Some((id, b)) if self.backend_ids.adopt(id, b.generation) => {
+                (id, b.generation, b.flags & BACKEND_F_KEEP_FLOWS == 0)
+            }
             _ => {
                 let taken = self.backend_ids.take();
                 let (id, generation) =
                     taken.ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
                 self.datapath.reset_counters(None, Some(id))?;
-                (id, generation)
+                (id, generation, false)
             }
         };
         self.vips[vi].backends.push(BackendState {
@@ -366,8 +370,15 @@ impl Agent {
             checker: None,
         });
         let bi = self.vips[vi].backends.len() - 1;
-        self.write_backend(vi, bi)?;
         self.restart_checker(vi, bi)?;
+        // A restart keeps a backend that was down out of rotation until `rise` good checks
+        // (unless it has no check any more, which would leave it down for good), instead of
+        // sending new flows to a dead backend until `fall` checks find out again.
+        let b = &mut self.vips[vi].backends[bi];
+        if was_down && b.checker.is_some() {
+            b.health.up = false;
+        }
+        self.write_backend(vi, bi)?;
         self.rebuild_ring(vi)
     }
 
