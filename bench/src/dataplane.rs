@@ -505,14 +505,14 @@ fn rows(cases: &[Case<'_>], notes: &mut Vec<String>) -> Vec<Row> {
         .collect()
 }
 
-/// Runs the whole data-plane benchmark. `progress` gets a line now and then.
-pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
-    let baselines = Baselines::load()?;
-    let mut report = Report {
-        rows: Vec::new(),
-        notes: Vec::new(),
-    };
-
+/// Builds each phase's program and cases and hands them to `each`; returns notes.
+fn phases(
+    opts: &Options,
+    baselines: &Baselines,
+    progress: &mut dyn FnMut(&str),
+    each: &mut dyn FnMut(&Fixture, &mut Vec<Case<'_>>) -> Result<()>,
+) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
     // Phase 1: 1 and 1,000 backends, a flow table holding only what the cases insert.
     {
         progress("data plane: loading the program, 2,000 backends, 6 VIPs");
@@ -535,7 +535,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             t.write(0, &mut f);
             Frames::Fixed(f)
         };
-        let mut cases = baseline_cases(&baselines, "1 and 1,000 backends");
+        let mut cases = baseline_cases(baselines, "1 and 1,000 backends");
         cases.extend(lb_cases(prog.as_fd(), CONFIG_1, &ONE, fixed));
         cases.extend(lb_cases(prog.as_fd(), CONFIG_1000, &THOUSAND, fixed));
         progress(&format!(
@@ -544,8 +544,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             opts.rounds,
             opts.calls
         ));
-        measure(&fx, &mut cases, opts)?;
-        report.rows.extend(rows(&cases, &mut report.notes));
+        each(&fx, &mut cases)?;
     }
 
     // Phase 2: a full flow table.
@@ -573,12 +572,12 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         fill(THOUSAND.tcp4.0, PROTO_TCP, est4(), n4, 1)?;
         fill(THOUSAND.tcp6.0, PROTO_TCP, est6(), n6, V6_IDS)?;
         fill(THOUSAND.udp4.0, PROTO_UDP, est4(), n_udp, 1)?;
+        let secs = started.elapsed().as_secs_f64();
         let filled: u64 = fx.dp.flows_per_backend().values().sum();
-        report.notes.push(format!(
-            "1M flows: {total} flows inserted in {:.1} s from userspace (one BPF_MAP_UPDATE_ELEM \
-             each); the table then held {filled} (it evicts before it is full: LRU lists are \
-             per CPU)",
-            started.elapsed().as_secs_f64()
+        notes.push(format!(
+            "1M flows: {total} flows ({n4} IPv4 TCP, {n6} IPv6 TCP, {n_udp} IPv4 UDP) inserted \
+             from userspace in {secs:.1} s, one BPF_MAP_UPDATE_ELEM each; the table then held \
+             {filled}"
         ));
         let random = |t, kind| Frames::Random {
             t,
@@ -588,7 +587,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
                 Kind::Udp4 => n_udp,
             },
         };
-        let mut cases = baseline_cases(&baselines, CONFIG_1M);
+        let mut cases = baseline_cases(baselines, CONFIG_1M);
         cases.extend(lb_cases(prog.as_fd(), CONFIG_1M, &THOUSAND, random));
         progress(&format!(
             "data plane (1M flows): {} cases x {} rounds x {} calls",
@@ -596,11 +595,23 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             opts.rounds,
             opts.calls
         ));
-        measure(&fx, &mut cases, opts)?;
-        report.rows.extend(rows(&cases, &mut report.notes));
+        each(&fx, &mut cases)?;
     }
+    Ok(notes)
+}
 
-    report.rows.push(Row {
+/// Runs the whole data-plane benchmark. `progress` gets a line now and then.
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    let baselines = Baselines::load()?;
+    let mut rows_out = Vec::new();
+    let mut notes = Vec::new();
+    let mut more = phases(opts, &baselines, progress, &mut |fx, cases| {
+        measure(fx, cases, opts)?;
+        rows_out.extend(rows(cases, &mut notes));
+        Ok(())
+    })?;
+    notes.append(&mut more);
+    rows_out.push(Row {
         case: CASE_FIREWALL.into(),
         config: "-".into(),
         ns: None,
@@ -609,5 +620,50 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         amortized_ratio_tx: None,
         note: Some("not yet available: the firewall is not merged".into()),
     });
-    Ok(report)
+    Ok(Report {
+        rows: rows_out,
+        notes,
+    })
+}
+
+/// Runs one case (by name and configuration) over and over for `secs`, for a profiler
+/// (`perf record -e cpu-clock`) to watch; the other phase is skipped when it can be.
+pub fn spin(case: &str, config: &str, secs: f64) -> Result<u64> {
+    let baselines = Baselines::load()?;
+    let opts = Options {
+        calls: 1,
+        rounds: 1,
+        table_flows: if config == CONFIG_1M { 1_000_000 } else { 0 },
+    };
+    let mut runs = 0u64;
+    let mut found = false;
+    phases(
+        &opts,
+        &baselines,
+        &mut |m| eprintln!("{m}"),
+        &mut |_, cases| {
+            let Some(c) = cases
+                .iter_mut()
+                .find(|c| c.name == case && c.config == config)
+            else {
+                return Ok(());
+            };
+            found = true;
+            eprintln!("spinning {case} ({config}) for {secs} s");
+            let mut buf = Vec::new();
+            let until = Instant::now() + Duration::from_secs_f64(secs);
+            while Instant::now() < until {
+                for _ in 0..1000 {
+                    c.frames.next(&mut buf);
+                    bpf::test_run(c.prog, &buf, None, 1)?;
+                }
+                runs += 1000;
+            }
+            Ok(())
+        },
+    )?;
+    if !found {
+        bail!("no case {case:?} with configuration {config:?}");
+    }
+    Ok(runs)
 }

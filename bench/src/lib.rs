@@ -4,6 +4,9 @@
 //! machine is shared and absolute numbers move.
 
 pub mod bpf;
+pub mod control;
 pub mod dataplane;
+pub mod e2e;
+pub mod netns;
 pub mod report;
 pub mod stats;

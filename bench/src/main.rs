@@ -7,12 +7,16 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
-use lb_bench::{dataplane, report};
+use lb_bench::{control, dataplane, e2e, report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
     /// Cost per packet under BPF_PROG_TEST_RUN beside trivial programs.
     Dataplane,
+    /// Packet rates and HTTP through the namespace test bed, beside HAProxy and nginx.
+    E2e,
+    /// Applying backends, Maglev tables, change-to-data-plane latency.
+    Control,
 }
 
 #[derive(Parser)]
@@ -30,6 +34,12 @@ struct Cli {
     /// Where to write results.md and results.json.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Instead of benchmarking, run one data-plane case ("CASE@CONFIGURATION", names as in
+    /// the table) in a loop for --spin-secs, for `perf record -e cpu-clock` to profile.
+    #[arg(long, hide = true)]
+    spin: Option<String>,
+    #[arg(long, default_value_t = 10.0, hide = true)]
+    spin_secs: f64,
 }
 
 fn main() -> ExitCode {
@@ -43,6 +53,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if let Some(spin) = &cli.spin {
+        let (case, config) = spin
+            .split_once('@')
+            .context("--spin takes CASE@CONFIGURATION")?;
+        let runs = dataplane::spin(case, config, cli.spin_secs)?;
+        eprintln!("{runs} runs");
+        return Ok(());
+    }
     let wants = |p: Part| cli.only.is_empty() || cli.only.contains(&p);
     let started = Instant::now();
     let mut progress = |msg: &str| {
@@ -70,6 +88,31 @@ fn run(cli: Cli) -> Result<()> {
             report::dataplane(&r)
         ));
         json.insert("dataplane".into(), serde_json::to_value(&r)?);
+    }
+
+    if wants(Part::E2e) {
+        let opts = if cli.quick {
+            e2e::Options::quick()
+        } else {
+            e2e::Options::full()
+        };
+        let r = e2e::run(&opts, &mut progress)?;
+        md.push_str(&format!(
+            "\n## End to end in the namespace test bed\n\n{}",
+            report::e2e(&r)
+        ));
+        json.insert("e2e".into(), serde_json::to_value(&r)?);
+    }
+
+    if wants(Part::Control) {
+        let opts = if cli.quick {
+            control::Options::quick()
+        } else {
+            control::Options::full()
+        };
+        let r = control::run(&opts, &mut progress)?;
+        md.push_str(&format!("\n## Control plane\n\n{}", report::control(&r)));
+        json.insert("control".into(), serde_json::to_value(&r)?);
     }
 
     println!("{md}");
