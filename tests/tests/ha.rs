@@ -128,24 +128,26 @@ fn timeline(attempts: &[Attempt], t0: u64) -> String {
     out.join("\n")
 }
 
-/// The load was steady: every attempt is there (in order) and none started more than
-/// three intervals after the one before, so no stretch of time went unobserved.
-fn assert_steady(attempts: &[Attempt]) {
+/// The load was steady: every attempt is there (in order), and none started more than one
+/// check interval after the one before (the load's threads can be scheduled late on a busy
+/// machine, but no stretch of time as long as a check interval went unobserved). Returns
+/// the longest gap.
+fn assert_steady(attempts: &[Attempt]) -> u64 {
     assert!(!attempts.is_empty(), "the load made no attempts");
     for (i, a) in attempts.iter().enumerate() {
         assert_eq!(a.seq, i as u64, "attempts missing from the load's record");
     }
-    let limit = 3 * LOAD_EVERY.as_micros() as u64;
-    for w in attempts.windows(2) {
-        let gap = w[1].start_us.saturating_sub(w[0].start_us);
-        assert!(
-            gap <= limit,
-            "the load stalled: {:.0} ms between attempts {} and {}",
-            ms(gap),
-            w[0].seq,
-            w[1].seq
-        );
-    }
+    let gap = attempts
+        .windows(2)
+        .map(|w| w[1].start_us.saturating_sub(w[0].start_us))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        gap <= INTERVAL_MS * 1000,
+        "the load stalled: {:.0} ms without a new connection",
+        ms(gap)
+    );
+    gap
 }
 
 /// Failed attempts that started in `[from_us, to_us)`.
@@ -216,6 +218,8 @@ fn failover_window_under_steady_load() {
 
     let restarted = monotonic_us();
     s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
+    // It listens by now (start_backend waits for that): the checks can see it from here.
+    let listening = monotonic_us();
     let back = wait(restarted, "backend 1 answering again", &|a| {
         a.backend() == Some("backend-1")
     });
@@ -225,17 +229,19 @@ fn failover_window_under_steady_load() {
     });
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
 
-    assert_steady(&attempts);
+    let gap = assert_steady(&attempts);
     let (failed, window) = failure_window(&attempts, killed);
     let first = failures(&attempts, killed, u64::MAX)
         .first()
         .map_or(0, |a| a.start_us - killed);
-    let rise = back.start_us - restarted;
+    let rise = back.start_us.saturating_sub(listening);
     println!(
         "failover: backend 1 killed under a new connection every {} ms; {failed} of {} \
          connections failed, from {:.0} ms to {:.0} ms after the kill (bound {:.0} ms = \
          (fall {FALL} + 1) x {INTERVAL_MS} ms); `lb backend list` said down after {:.0} ms; \
-         restarted, it answered new connections again after {:.0} ms (bound {:.0} ms)",
+         restarted, it answered new connections again {:.0} ms after it listened (bound \
+         {:.0} ms); \
+         longest gap between new connections {:.0} ms",
         LOAD_EVERY.as_millis(),
         attempts.len(),
         ms(first),
@@ -244,6 +250,7 @@ fn failover_window_under_steady_load() {
         ms(seen_down),
         ms(rise),
         ms(rise_bound_us()),
+        ms(gap),
     );
     let report = || timeline(&attempts, killed);
     assert!(
@@ -318,6 +325,8 @@ fn backup_takes_over_and_fails_back() {
 
     let restarted = monotonic_us();
     s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
+    // It listens by now (start_backend waits for that): the checks can see it from here.
+    let listening = monotonic_us();
     let back = wait(restarted, "the primary answering again", &|a| {
         a.backend() == Some("backend-1")
     });
@@ -326,19 +335,22 @@ fn backup_takes_over_and_fails_back() {
     });
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
 
-    assert_steady(&attempts);
+    let gap = assert_steady(&attempts);
     let (failed, window) = failure_window(&attempts, killed);
-    let failback = back.start_us - restarted;
+    let failback = back.start_us.saturating_sub(listening);
     println!(
         "backup: both primaries killed; {failed} of {} connections failed, the last one \
          starting {:.0} ms after the kill (bound {:.0} ms); the backup answered from {:.0} ms; \
-         a primary restarted got new connections again after {:.0} ms (bound {:.0} ms)",
+         a primary restarted got new connections again {:.0} ms after it listened (bound \
+         {:.0} ms); \
+         longest gap between new connections {:.0} ms",
         attempts.len(),
         ms(window),
         ms(fall_bound_us()),
         ms(takeover.start_us - killed),
         ms(failback),
         ms(rise_bound_us()),
+        ms(gap),
     );
     let report = || timeline(&attempts, killed);
     assert_eq!(
@@ -731,7 +743,7 @@ fn agent_kill_9_under_load_is_hitless() {
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
     let after = s.backend_list();
 
-    assert_steady(&attempts);
+    let gap = assert_steady(&attempts);
     let failed = failures(&attempts, 0, u64::MAX);
     let during = attempts
         .iter()
@@ -739,11 +751,13 @@ fn agent_kill_9_under_load_is_hitless() {
         .count();
     println!(
         "kill -9: agent killed ({status}), started again {:.0} ms later, ready after {:.0} ms \
-         more; {} connections, {during} of them while no agent answered, {} failed",
+         more; {} connections, {during} of them while no agent answered, {} failed; longest \
+         gap between new connections {:.0} ms",
         ms(restarted - killed),
         ms(ready - restarted),
         attempts.len(),
-        failed.len()
+        failed.len(),
+        ms(gap)
     );
     assert!(
         failed.is_empty(),
