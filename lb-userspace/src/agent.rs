@@ -30,7 +30,9 @@ use crate::{
     datapath::Datapath,
     health::{self, CheckKind, CheckPatch, CheckSpec, Health},
     model::{self, Algo, IdPool, RingMember, RingRegions, Service, SlabAllocator},
+    monitor::{self, FlowCounts},
     netif::{L2Path, Netif, Unresolved},
+    status::{self, BackendSnapshot, LastCheck, Snapshot, VipSnapshot},
 };
 
 /// Ring capacity a round-robin VIP starts with; grown when its backends outgrow it.
@@ -55,6 +57,8 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// On a clean stop, leave the program attached and forwarding.
     pub keep_forwarding: bool,
+    /// Where to serve /metrics and the status page; None: nowhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct BackendState {
@@ -140,6 +144,8 @@ pub struct Agent {
     /// While the configuration is applied at start, rings are built once at the end: an
     /// earlier agent's program may still be forwarding with the pinned maps meanwhile.
     defer_rings: bool,
+    /// Cached flow-table walks (monitoring, `lb stats`); set by `run`.
+    flow_counts: Option<Arc<FlowCounts>>,
 }
 
 impl Agent {
@@ -163,6 +169,7 @@ impl Agent {
             reports,
             adoption: Adoption::default(),
             defer_rings: false,
+            flow_counts: None,
         }
     }
 
@@ -900,7 +907,15 @@ impl Agent {
     }
 
     fn backend_list(&self, filter: Option<&Service>) -> Result<serde_json::Value> {
-        let flows = self.datapath.flows_per_backend();
+        self.backend_list_with(filter, &self.datapath.flows_per_backend())
+    }
+
+    /// Like `backend_list`, with the flows per backend id given.
+    fn backend_list_with(
+        &self,
+        filter: Option<&Service>,
+        flows: &HashMap<u32, u64>,
+    ) -> Result<serde_json::Value> {
         let mut out = Vec::new();
         for v in self
             .vips
@@ -945,11 +960,72 @@ impl Agent {
                 json!({"packets": c.packets, "bytes": c.bytes}),
             );
         }
+        // Flows from the cached walk (`serve` renews it outside the lock when it is old):
+        // `lb stats --watch` asks every second, and a walk of a full table takes a while.
+        let cached = self.flow_counts.as_ref().and_then(|f| f.latest());
+        let backends = match cached {
+            Some(scan) => {
+                let flows = self
+                    .vips
+                    .iter()
+                    .flat_map(|v| &v.backends)
+                    .map(|b| (b.id, scan.per_backend.get(&(b.id, b.generation)).copied()))
+                    .map(|(id, n)| (id, n.unwrap_or(0)))
+                    .collect();
+                self.backend_list_with(None, &flows)?
+            }
+            None => self.backend_list(None)?,
+        };
         Ok(json!({
             "vips": self.vip_list()?,
-            "backends": self.backend_list(None)?,
+            "backends": backends,
             "reasons": by_reason,
         }))
+    }
+
+    /// State and counters for monitoring: no flow-table walk, so cheap under the lock.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut vips = Vec::with_capacity(self.vips.len());
+        for v in &self.vips {
+            // As `rebuild_ring` picks: primaries that can take flows, else such backups.
+            let primaries = v.backends.iter().any(|b| !b.backup && b.eligible());
+            let mut backends = Vec::with_capacity(v.backends.len());
+            for b in &v.backends {
+                backends.push(BackendSnapshot {
+                    addr: b.addr,
+                    id: b.id,
+                    generation: b.generation,
+                    state: b.state(),
+                    healthy: b.health.up,
+                    weight: b.weight,
+                    backup: b.backup,
+                    drain: b.drain,
+                    in_rotation: b.eligible() && b.backup != primaries,
+                    check: b.check.as_ref().unwrap_or(&v.check).check.to_string(),
+                    last_check: b.health.last.as_ref().map(|o| LastCheck {
+                        ok: o.ok,
+                        latency_us: o.latency_us,
+                        detail: o.detail.clone(),
+                    }),
+                    note: b.note.clone(),
+                    counters: self.datapath.backend_counters(b.id)?.into(),
+                });
+            }
+            vips.push(VipSnapshot {
+                addr: v.service.addr,
+                proto: v.service.proto,
+                algo: v.algo,
+                check: v.check.check.to_string(),
+                counters: self.datapath.vip_counters(v.id)?.into(),
+                backends,
+            });
+        }
+        let reasons = self.datapath.reason_counters()?;
+        Ok(Snapshot {
+            time: status::unix_now(),
+            vips,
+            reasons: reasons.into_iter().map(Into::into).collect(),
+        })
     }
 }
 
@@ -980,6 +1056,10 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let config = Config::load(&opts.config)?;
     let listener = bind_socket(&opts.socket)?;
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(monitor::bind(addr).await?),
+        None => None,
+    };
 
     let netif = Netif::new()?;
     let datapath = match &opts.pin_dir {
@@ -1026,7 +1106,23 @@ pub async fn run(opts: Options) -> Result<()> {
         agent.vips.len(),
         opts.socket.display()
     );
+    let flow_counts = Arc::new(FlowCounts::new(agent.datapath.flow_table()?));
+    agent.flow_counts = Some(flow_counts.clone());
     let agent = Arc::new(Mutex::new(agent));
+    let monitoring = match metrics_listener {
+        Some(l) => {
+            log::info!("metrics and status page on http://{}/", l.local_addr()?);
+            let info = status::AgentInfo {
+                hostname: status::hostname(),
+                version: env!("CARGO_PKG_VERSION"),
+                attach_mode: if opts.generic { "generic" } else { "native" },
+                interfaces: opts.ifaces.clone(),
+                started: status::unix_now(),
+            };
+            monitor::start(l, agent.clone(), flow_counts, info)
+        }
+        None => Vec::new(),
+    };
 
     let refresher = {
         let agent = agent.clone();
@@ -1077,6 +1173,9 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     refresher.abort();
     health.abort();
+    for task in monitoring {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&opts.socket);
     let mut agent = agent.lock().await;
     for vip in &mut agent.vips {
@@ -1162,7 +1261,18 @@ async fn serve(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
         .read_until(b'\n', &mut line)
         .await?;
     let response = match control::decode_request(&line) {
-        Ok(request) => agent.lock().await.handle(request).await,
+        Ok(request) => {
+            if request == Request::Stats {
+                // Renew an old flow-table walk before taking the agent, not while holding it.
+                let counts = agent.lock().await.flow_counts.clone();
+                if let Some(counts) = counts
+                    && let Err(e) = counts.fresh(monitor::FLOW_SCAN_MAX_AGE).await
+                {
+                    log::warn!("walking the flow table: {e:#}");
+                }
+            }
+            agent.lock().await.handle(request).await
+        }
         Err(error) => Response::Error { error },
     };
     let mut out = serde_json::to_vec(&response)?;

@@ -350,6 +350,17 @@ impl Datapath {
         counts
     }
 
+    /// A second handle on the flow table (its own file descriptor), so monitoring can walk
+    /// it on another thread without holding the agent.
+    pub fn flow_table(&self) -> Result<HashMap<MapData, FlowKey, FlowValue>> {
+        let fd = aya::maps::IterableMap::map(&self.flows)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()?;
+        let map = aya::maps::Map::from_map_data(MapData::from_fd(fd)?)?;
+        Ok(HashMap::try_from(map)?)
+    }
+
     /// Every VIP entry, for adopting pinned state.
     pub fn vip_entries(&self) -> Vec<(VipKey, VipMeta)> {
         self.vips.iter().flatten().collect()

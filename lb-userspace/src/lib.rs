@@ -5,8 +5,11 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod health;
+pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod netif;
+pub mod status;
 pub mod table;
 
 /// The compiled XDP program, embedded at build time.

@@ -50,6 +50,10 @@ enum Command {
         /// default a clean stop detaches it and removes the pins.
         #[arg(long)]
         keep_forwarding: bool,
+        /// Serve Prometheus metrics (/metrics) and the status page (/) on ADDR:PORT
+        /// ([ADDR]:PORT for IPv6), or `off`.
+        #[arg(long, value_name = "ADDR:PORT|off", default_value = lb::monitor::DEFAULT_LISTEN)]
+        metrics: lb::monitor::Listen,
     },
     /// Virtual services.
     #[command(subcommand)]
@@ -225,6 +229,7 @@ fn run(cli: Cli) -> Result<()> {
             pin_dir,
             no_pin,
             keep_forwarding,
+            metrics,
         } => {
             let pin_dir = match (no_pin, pin_dir) {
                 (true, _) => None,
@@ -239,6 +244,7 @@ fn run(cli: Cli) -> Result<()> {
                 generic,
                 pin_dir,
                 keep_forwarding,
+                metrics: metrics.0,
             }));
         }
         Command::Vip(VipCommand::Add(v)) => (
