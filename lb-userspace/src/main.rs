@@ -63,8 +63,14 @@ enum Command {
     Backend(BackendCommand),
     /// Counters per VIP, backend and pass/drop reason.
     Stats {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Live view: rates (packets/s, bits/s, new flows/s) redrawn every second.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, requires = "watch", value_name = "N")]
+        count: Option<u64>,
     },
 }
 
@@ -353,7 +359,10 @@ fn run(cli: Cli) -> Result<()> {
             let vip = vip.as_deref().map(model::parse_vip_addr).transpose()?;
             (Request::BackendList { vip, proto }, json)
         }
-        Command::Stats { json } => (Request::Stats, json),
+        Command::Stats {
+            watch: true, count, ..
+        } => return lb::watch::run(&cli.socket, count),
+        Command::Stats { json, .. } => (Request::Stats, json),
     };
     let kind = std::mem::discriminant(&request);
     match control::call(&cli.socket, &request)? {
