@@ -31,7 +31,9 @@ use crate::{
     datapath::{CounterId, Datapath},
     health::{self, CheckKind, CheckPatch, CheckSpec, Health},
     model::{self, Algo, IdPool, RateLimit, RingMember, RingRegions, Service, SlabAllocator},
+    monitor::{self, FlowCounts},
     netif::{L2Path, Netif, Unresolved},
+    status::{self, BackendSnapshot, LastCheck, Snapshot, VipSnapshot},
 };
 
 /// Ring capacity a round-robin VIP starts with; grown when its backends outgrow it.
@@ -56,6 +58,8 @@ pub struct Options {
     pub pin_dir: Option<PathBuf>,
     /// On a clean stop, leave the program attached and forwarding.
     pub keep_forwarding: bool,
+    /// Where to serve /metrics and the status page; None: nowhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 struct BackendState {
@@ -147,6 +151,8 @@ pub struct Agent {
     /// While the configuration is applied at start, rings are built once at the end: an
     /// earlier agent's program may still be forwarding with the pinned maps meanwhile.
     defer_rings: bool,
+    /// Cached flow-table walks (monitoring, `lb stats`); set by `run`.
+    flow_counts: Option<Arc<FlowCounts>>,
 }
 
 impl Agent {
@@ -172,6 +178,7 @@ impl Agent {
             reports,
             adoption: Adoption::default(),
             defer_rings: false,
+            flow_counts: None,
         }
     }
 
@@ -375,14 +382,18 @@ impl Agent {
         let vi = self.vip_index(service)?;
         self.validate_new_backend(vi, config)?;
         let vip_id = self.vips[vi].id;
-        let (id, generation) = match self.adoption.backends.remove(&(vip_id, addr)) {
-            Some((id, b)) if self.backend_ids.adopt(id, b.generation) => (id, b.generation),
+        // An adopted backend that had lost KEEP_FLOWS was down when the previous agent
+        // stopped (only failed health checks clear the flag).
+        let (id, generation, was_down) = match self.adoption.backends.remove(&(vip_id, addr)) {
+            Some((id, b)) if self.backend_ids.adopt(id, b.generation) => {
+                (id, b.generation, b.flags & BACKEND_F_KEEP_FLOWS == 0)
+            }
             _ => {
                 let taken = self.backend_ids.take();
                 let (id, generation) =
                     taken.ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
                 self.datapath.reset_counters(CounterId::Backend(id))?;
-                (id, generation)
+                (id, generation, false)
             }
         };
         self.vips[vi].backends.push(BackendState {
@@ -399,8 +410,15 @@ impl Agent {
             checker: None,
         });
         let bi = self.vips[vi].backends.len() - 1;
-        self.write_backend(vi, bi)?;
         self.restart_checker(vi, bi)?;
+        // A restart keeps a backend that was down out of rotation until `rise` good checks
+        // (unless it has no check any more, which would leave it down for good), instead of
+        // sending new flows to a dead backend until `fall` checks find out again.
+        let b = &mut self.vips[vi].backends[bi];
+        if was_down && b.checker.is_some() {
+            b.health.up = false;
+        }
+        self.write_backend(vi, bi)?;
         self.rebuild_ring(vi)
     }
 
@@ -997,7 +1015,15 @@ impl Agent {
     }
 
     fn backend_list(&self, filter: Option<&Service>) -> Result<serde_json::Value> {
-        let flows = self.datapath.flows_per_backend();
+        self.backend_list_with(filter, &self.datapath.flows_per_backend())
+    }
+
+    /// Like `backend_list`, with the flows per backend id given.
+    fn backend_list_with(
+        &self,
+        filter: Option<&Service>,
+        flows: &HashMap<u32, u64>,
+    ) -> Result<serde_json::Value> {
         let mut out = Vec::new();
         for v in self
             .vips
@@ -1042,12 +1068,82 @@ impl Agent {
                 json!({"packets": c.packets, "bytes": c.bytes}),
             );
         }
+        // Flows from the cached walk (`serve` renews it outside the lock when it is old):
+        // `lb stats --watch` asks every second, and a walk of a full table takes a while.
+        let cached = self.flow_counts.as_ref().and_then(|f| f.latest());
+        let backends = match cached {
+            Some(scan) => {
+                let flows = self
+                    .vips
+                    .iter()
+                    .flat_map(|v| &v.backends)
+                    .map(|b| (b.id, scan.per_backend.get(&(b.id, b.generation)).copied()))
+                    .map(|(id, n)| (id, n.unwrap_or(0)))
+                    .collect();
+                self.backend_list_with(None, &flows)?
+            }
+            None => self.backend_list(None)?,
+        };
         Ok(json!({
             "vips": self.vip_list()?,
-            "backends": self.backend_list(None)?,
+            "backends": backends,
             "reasons": by_reason,
             "firewall": self.rule_list()?,
         }))
+    }
+
+    /// State and counters for monitoring: no flow-table walk, so cheap under the lock.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut vips = Vec::with_capacity(self.vips.len());
+        for v in &self.vips {
+            // As `rebuild_ring` picks: primaries that can take flows, else such backups.
+            let primaries = v.backends.iter().any(|b| !b.backup && b.eligible());
+            let mut backends = Vec::with_capacity(v.backends.len());
+            for b in &v.backends {
+                backends.push(BackendSnapshot {
+                    addr: b.addr,
+                    id: b.id,
+                    generation: b.generation,
+                    state: b.state(),
+                    healthy: b.health.up,
+                    weight: b.weight,
+                    backup: b.backup,
+                    drain: b.drain,
+                    in_rotation: b.eligible() && b.backup != primaries,
+                    check: b.check.as_ref().unwrap_or(&v.check).check.to_string(),
+                    last_check: b.health.last.as_ref().map(|o| LastCheck {
+                        ok: o.ok,
+                        latency_us: o.latency_us,
+                        detail: o.detail.clone(),
+                    }),
+                    note: b.note.clone(),
+                    counters: self.datapath.backend_counters(b.id)?.into(),
+                });
+            }
+            vips.push(VipSnapshot {
+                addr: v.service.addr,
+                proto: v.service.proto,
+                algo: v.algo,
+                check: v.check.check.to_string(),
+                counters: self.datapath.vip_counters(v.id)?.into(),
+                backends,
+            });
+        }
+        let reasons = self.datapath.reason_counters()?;
+        let mut firewall = Vec::with_capacity(self.rules.len());
+        for (net, id) in &self.rules {
+            let counters = self.datapath.firewall_counters(*id)?.into();
+            firewall.push(status::RuleSnapshot {
+                cidr: net.to_string(),
+                counters,
+            });
+        }
+        Ok(Snapshot {
+            time: status::unix_now(),
+            vips,
+            reasons: reasons.into_iter().map(Into::into).collect(),
+            firewall,
+        })
     }
 }
 
@@ -1078,6 +1174,10 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let config = Config::load(&opts.config)?;
     let listener = bind_socket(&opts.socket)?;
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(monitor::bind(addr).await?),
+        None => None,
+    };
 
     let netif = Netif::new()?;
     let datapath = match &opts.pin_dir {
@@ -1124,7 +1224,23 @@ pub async fn run(opts: Options) -> Result<()> {
         agent.vips.len(),
         opts.socket.display()
     );
+    let flow_counts = Arc::new(FlowCounts::new(agent.datapath.flow_table()?));
+    agent.flow_counts = Some(flow_counts.clone());
     let agent = Arc::new(Mutex::new(agent));
+    let monitoring = match metrics_listener {
+        Some(l) => {
+            log::info!("metrics and status page on http://{}/", l.local_addr()?);
+            let info = status::AgentInfo {
+                hostname: status::hostname(),
+                version: env!("CARGO_PKG_VERSION"),
+                attach_mode: if opts.generic { "generic" } else { "native" },
+                interfaces: opts.ifaces.clone(),
+                started: status::unix_now(),
+            };
+            monitor::start(l, agent.clone(), flow_counts, info)
+        }
+        None => Vec::new(),
+    };
 
     let refresher = {
         let agent = agent.clone();
@@ -1175,6 +1291,9 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     refresher.abort();
     health.abort();
+    for task in monitoring {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&opts.socket);
     let mut agent = agent.lock().await;
     for vip in &mut agent.vips {
@@ -1260,7 +1379,18 @@ async fn serve(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
         .read_until(b'\n', &mut line)
         .await?;
     let response = match control::decode_request(&line) {
-        Ok(request) => agent.lock().await.handle(request).await,
+        Ok(request) => {
+            if request == Request::Stats {
+                // Renew an old flow-table walk before taking the agent, not while holding it.
+                let counts = agent.lock().await.flow_counts.clone();
+                if let Some(counts) = counts
+                    && let Err(e) = counts.fresh(monitor::FLOW_SCAN_MAX_AGE).await
+                {
+                    log::warn!("walking the flow table: {e:#}");
+                }
+            }
+            agent.lock().await.handle(request).await
+        }
         Err(error) => Response::Error { error },
     };
     let mut out = serde_json::to_vec(&response)?;

@@ -414,6 +414,17 @@ impl Datapath {
         counts
     }
 
+    /// A second handle on the flow table (its own file descriptor), so monitoring can walk
+    /// it on another thread without holding the agent.
+    pub fn flow_table(&self) -> Result<HashMap<MapData, FlowKey, FlowValue>> {
+        let fd = aya::maps::IterableMap::map(&self.flows)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()?;
+        let map = aya::maps::Map::from_map_data(MapData::from_fd(fd)?)?;
+        Ok(HashMap::try_from(map)?)
+    }
+
     /// Every VIP entry, for adopting pinned state.
     pub fn vip_entries(&self) -> Vec<(VipKey, VipMeta)> {
         self.vips.iter().flatten().collect()
@@ -434,6 +445,12 @@ impl Datapath {
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.flows.get(key, 0).ok()
+    }
+
+    /// Pins a flow to a backend as the data plane does for a new flow (one map update per
+    /// call): for tools and benchmarks that pre-fill the flow table.
+    pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.flows.insert(key, value, 0).context("writing FLOWS")
     }
 
     /// The program's file descriptor, for callers that pin or inspect it.

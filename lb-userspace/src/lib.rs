@@ -5,9 +5,13 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod health;
+pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod netif;
+pub mod status;
 pub mod table;
+pub mod watch;
 
 /// The compiled XDP program, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

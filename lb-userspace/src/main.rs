@@ -50,6 +50,10 @@ enum Command {
         /// default a clean stop detaches it and removes the pins.
         #[arg(long)]
         keep_forwarding: bool,
+        /// Serve Prometheus metrics (/metrics) and the status page (/) on ADDR:PORT
+        /// ([ADDR]:PORT for IPv6), or `off`.
+        #[arg(long, value_name = "ADDR:PORT|off", default_value = lb::monitor::DEFAULT_LISTEN)]
+        metrics: lb::monitor::Listen,
     },
     /// Virtual services.
     #[command(subcommand)]
@@ -62,8 +66,14 @@ enum Command {
     Firewall(FirewallCommand),
     /// Counters per VIP, backend and pass/drop reason.
     Stats {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Live view: rates (packets/s, bits/s, new flows/s) redrawn every second.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, requires = "watch", value_name = "N")]
+        count: Option<u64>,
     },
 }
 
@@ -250,6 +260,7 @@ fn run(cli: Cli) -> Result<()> {
             pin_dir,
             no_pin,
             keep_forwarding,
+            metrics,
         } => {
             let pin_dir = match (no_pin, pin_dir) {
                 (true, _) => None,
@@ -264,6 +275,7 @@ fn run(cli: Cli) -> Result<()> {
                 generic,
                 pin_dir,
                 keep_forwarding,
+                metrics: metrics.0,
             }));
         }
         Command::Vip(VipCommand::Add(v)) => (
@@ -376,7 +388,10 @@ fn run(cli: Cli) -> Result<()> {
             let vip = vip.as_deref().map(model::parse_vip_addr).transpose()?;
             (Request::BackendList { vip, proto }, json)
         }
-        Command::Stats { json } => (Request::Stats, json),
+        Command::Stats {
+            watch: true, count, ..
+        } => return lb::watch::run(&cli.socket, count),
+        Command::Stats { json, .. } => (Request::Stats, json),
         Command::Firewall(FirewallCommand::Add { cidr }) => (
             Request::FirewallAdd {
                 cidr: model::parse_cidr(&cidr)?,

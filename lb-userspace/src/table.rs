@@ -11,7 +11,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -1,5 +1,5 @@
 //! `cargo xtask <command>`: development tasks, plus the traffic helpers the test bed runs
-//! inside its namespaces (`serve`, `client`, `keepalive`).
+//! inside its namespaces (`serve`, `client`, `load`, `keepalive`).
 
 mod cmd;
 
@@ -20,6 +20,13 @@ enum Command {
     /// Build everything and run the whole test suite (needs root, ip, nsenter, ethtool).
     Test {
         /// Passed to `cargo test` as they are (e.g. `-- --nocapture`, `--test e2e`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build in release mode and run the benchmarks (BENCHMARKS.md); `--quick` for a short
+    /// run, `--only dataplane,e2e,control` for some parts. Installs the traffic tools.
+    Bench {
+        /// Passed to lb-bench as they are.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -57,6 +64,27 @@ enum Command {
         count: u32,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        /// Connect from ports SOURCE_PORT, SOURCE_PORT+1, ... (closing with a reset), so a
+        /// repeated run makes the same flows.
+        #[arg(long)]
+        source_port: Option<u16>,
+    },
+    /// (test bed) Steady load: a new connection to TO every INTERVAL_MS for MAX_SECS (or
+    /// until SIGTERM), one request each; prints `SEQ START_US LATENCY_US ok BACKEND` or
+    /// `... err MESSAGE` per attempt (START_US on CLOCK_MONOTONIC).
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 60)]
+        max_secs: u64,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Attempt N connects from port SOURCE_PORT+N (closing with a reset): every attempt
+        /// is a new flow.
+        #[arg(long)]
+        source_port: Option<u16>,
     },
     /// (test bed) One keep-alive connection to TO, a request every INTERVAL_MS; prints
     /// `ok SEQ BACKEND` per answer, stops at the first error or after MAX_SECS.
@@ -74,6 +102,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Test { args } => cmd::test::run(&args),
+        Command::Bench { args } => cmd::bench::run(&args),
         Command::Demo { requests } => cmd::demo::run(requests),
         Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
         Command::Clean => testbed::clean_stale().map(|deleted| {
@@ -90,12 +119,26 @@ fn main() -> ExitCode {
             to,
             count,
             timeout_ms,
+            source_port,
         } => {
-            let tally = traffic::client(to, count, Duration::from_millis(timeout_ms));
+            let tally = traffic::client(to, count, Duration::from_millis(timeout_ms), source_port);
             serde_json::to_string(&tally)
                 .map_err(Into::into)
                 .map(|json| println!("{json}"))
         }
+        Command::Load {
+            to,
+            interval_ms,
+            max_secs,
+            timeout_ms,
+            source_port,
+        } => traffic::load(
+            to,
+            Duration::from_millis(interval_ms),
+            Duration::from_secs(max_secs),
+            Duration::from_millis(timeout_ms),
+            source_port,
+        ),
         Command::Keepalive {
             to,
             interval_ms,

@@ -13,6 +13,9 @@
 //!
 //! One L2 segment. The client routes the VIPs (10.99.1.1/32, fd00:99:1::1/128) via the lb
 //! host, whose XDP program rewrites the MACs and sends each packet back out to a backend.
+//! More balancers can join the segment ([`Testbed::add_balancer`]: `lb2` at 10.99.0.3,
+//! `lb3` at .4, ...), and the client's VIP routes can be moved to any of them
+//! ([`Testbed::route_vips_via`]), as a router would move them between balancers.
 //! Backends hold the VIPs on `lo` (and neither answer nor announce them in ARP), so they
 //! accept the packets and answer the client directly: direct server return.
 //!
@@ -33,7 +36,10 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    os::unix::{
+        fs::MetadataExt as _,
+        process::{CommandExt as _, ExitStatusExt as _},
+    },
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, ExitStatus, Output, Stdio},
     sync::{
@@ -46,7 +52,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use crate::traffic::{Answer, Tally};
+pub use crate::traffic::monotonic_us;
+use crate::traffic::{Answer, Attempt, Tally};
 
 /// The IPv4 VIP the client routes via the lb host and the backends hold on `lo`.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 1);
@@ -87,6 +94,28 @@ pub struct Host {
 }
 
 impl Host {
+    /// Host `role` of test bed `prefix`: namespace `<prefix>-<role>`, bridge port
+    /// `p-<role>`, addresses 10.99.0.`last` and fd00:99::`last` (written with the same
+    /// digits, ::11 for .11, so the two are easy to match).
+    fn new(prefix: &str, role: &str, last: u8) -> Host {
+        Host {
+            ns: format!("{prefix}-{role}"),
+            ifname: HOST_IF.into(),
+            switch_port: format!("p-{role}"),
+            ipv4: Ipv4Addr::new(10, 99, 0, last),
+            ipv6: Ipv6Addr::new(
+                0xfd00,
+                0x99,
+                0,
+                0,
+                0,
+                0,
+                0,
+                u16::from_str_radix(&last.to_string(), 16).expect("decimal digits"),
+            ),
+        }
+    }
+
     /// This host's address of the given family.
     pub fn addr(&self, v6: bool) -> IpAddr {
         if v6 {
@@ -105,6 +134,10 @@ struct Teardown {
     pids: Mutex<BTreeSet<u32>>,
     /// The temp dir, removed by the signal handler (`Drop` leaves that to `TempDir`).
     dir: PathBuf,
+    /// Where an agent in one of our namespaces pins its maps and XDP link by default
+    /// (`/sys/fs/bpf/lb/netns-<inode>`): agents killed with SIGKILL leave them behind, and
+    /// pinned maps outlive the namespace, so they are removed with it.
+    pin_dirs: Mutex<Vec<PathBuf>>,
 }
 
 impl Teardown {
@@ -116,6 +149,9 @@ impl Teardown {
         for &pid in self.pids().iter() {
             // SAFETY: plain syscall; the PID is an unreaped child of ours (see `pids`).
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        for dir in std::mem::take(&mut *self.pin_dirs.lock().unwrap_or_else(|e| e.into_inner())) {
+            let _ = fs::remove_dir_all(dir);
         }
         let namespaces =
             std::mem::take(&mut *self.namespaces.lock().unwrap_or_else(|e| e.into_inner()));
@@ -155,7 +191,10 @@ pub struct Testbed {
     /// The namespace holding the bridge.
     pub switch: String,
     pub client: Host,
+    /// The balancer the client routes the VIPs through at first.
     pub lb: Host,
+    /// Balancers added with [`Testbed::add_balancer`], in order (`lb2`, `lb3`, ...).
+    pub extra_balancers: Vec<Host>,
     pub backends: Vec<Host>,
     teardown: Arc<Teardown>,
     dir: tempfile::TempDir,
@@ -171,32 +210,10 @@ impl Testbed {
         }
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("lbt-{}-{n}", std::process::id());
-        let host = |role: &str, port: &str, last: u16| Host {
-            ns: format!("{prefix}-{role}"),
-            ifname: HOST_IF.into(),
-            switch_port: port.into(),
-            ipv4: Ipv4Addr::new(10, 99, 0, last as u8),
-            ipv6: Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, last),
-        };
-        let client = host("client", "p-client", 1);
-        let lb = host("lb", "p-lb", 2);
+        let client = Host::new(&prefix, "client", 1);
+        let lb = Host::new(&prefix, "lb", 2);
         let backends = (1..=config.backends)
-            .map(|i| {
-                // Decimal-looking IPv6 host part (::11 for .11) keeps the two easy to match.
-                let last = 10 + i as u16;
-                let mut h = host(&format!("b{i}"), &format!("p-b{i}"), last);
-                h.ipv6 = Ipv6Addr::new(
-                    0xfd00,
-                    0x99,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    u16::from_str_radix(&last.to_string(), 16).unwrap(),
-                );
-                h
-            })
+            .map(|i| Host::new(&prefix, &format!("b{i}"), 10 + i as u8))
             .collect();
         let dir = tempfile::Builder::new()
             .prefix("lbt-")
@@ -207,6 +224,7 @@ impl Testbed {
             namespaces: Mutex::new(Vec::new()),
             pids: Mutex::new(BTreeSet::new()),
             dir: dir.path().to_path_buf(),
+            pin_dirs: Mutex::new(Vec::new()),
         });
         LIVE.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -216,6 +234,7 @@ impl Testbed {
             prefix,
             client,
             lb,
+            extra_balancers: Vec::new(),
             backends,
             teardown,
             dir,
@@ -240,6 +259,15 @@ impl Testbed {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(name.to_string());
+        let netns = Path::new("/run/netns").join(name);
+        let inode = fs::metadata(&netns)
+            .with_context(|| format!("reading {}", netns.display()))?
+            .ino();
+        self.teardown
+            .pin_dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(PathBuf::from(format!("/sys/fs/bpf/lb/netns-{inode}")));
         self.ip(name, &["link", "set", "lo", "up"])
     }
 
@@ -264,79 +292,15 @@ impl Testbed {
         )?;
         self.ip(sw, &["link", "set", "br0", "up"])?;
         for h in self.hosts() {
-            self.add_netns(&h.ns)?;
-            // Addresses must be usable at once: no duplicate address detection.
-            self.sysctl(&h.ns, "net.ipv6.conf.all.accept_dad", "0")?;
-            self.sysctl(&h.ns, "net.ipv6.conf.default.accept_dad", "0")?;
-            self.sysctl(&h.ns, "net.ipv6.conf.default.accept_ra", "0")?;
-            self.ip(
-                sw,
-                &[
-                    "link",
-                    "add",
-                    &h.switch_port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &h.ifname,
-                    "netns",
-                    &h.ns,
-                ],
-            )?;
-            self.ip(sw, &["link", "set", &h.switch_port, "master", "br0", "up"])?;
-            self.ip(&h.ns, &["link", "set", &h.ifname, "up"])?;
-            self.ip(
-                &h.ns,
-                &["addr", "add", &format!("{}/24", h.ipv4), "dev", &h.ifname],
-            )?;
-            self.ip(
-                &h.ns,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{}/64", h.ipv6),
-                    "dev",
-                    &h.ifname,
-                    "nodad",
-                ],
-            )?;
+            self.add_host(h)?;
         }
 
         // The client reaches the VIPs through the balancer and sends full checksums:
         // partial (offloaded) checksums do not survive XDP_TX/REDIRECT between veths.
         let c = &self.client;
-        self.ip(
-            &c.ns,
-            &[
-                "route",
-                "add",
-                &format!("{VIP4}/32"),
-                "via",
-                &self.lb.ipv4.to_string(),
-            ],
-        )?;
-        self.ip(
-            &c.ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                &format!("{VIP6}/128"),
-                "via",
-                &self.lb.ipv6.to_string(),
-            ],
-        )?;
+        self.route_vips_via(&self.lb)?;
         self.run_in_ok(&c.ns, "ethtool", ["-K", c.ifname.as_str(), "tx", "off"])?;
-
-        // The bridge end of the balancer's veth must take the frames the balancer sends
-        // with XDP_TX/XDP_REDIRECT: GRO enables the NAPI that XDP_REDIRECT needs, and an
-        // XDP program (XDP_PASS) is what makes XDP_TX frames get delivered at all (see
-        // `xdp_pass`).
-        let port = self.lb.switch_port.as_str();
-        self.run_in_ok(sw, "ethtool", ["-K", port, "gro", "on"])?;
-        self.run_in_ok(sw, self.bin("xtask")?, ["xdp-pass", "--iface", port])?;
+        self.prepare_balancer(&self.lb)?;
 
         for b in &self.backends {
             // The VIPs are local addresses here but must not be claimed on the segment.
@@ -363,6 +327,92 @@ impl Testbed {
             // no gateway, so no route through the balancer.
         }
         Ok(())
+    }
+
+    /// Creates `h`'s namespace and plugs it into the bridge with its addresses.
+    fn add_host(&self, h: &Host) -> Result<()> {
+        let sw = self.switch.as_str();
+        self.add_netns(&h.ns)?;
+        // Addresses must be usable at once: no duplicate address detection.
+        self.sysctl(&h.ns, "net.ipv6.conf.all.accept_dad", "0")?;
+        self.sysctl(&h.ns, "net.ipv6.conf.default.accept_dad", "0")?;
+        self.sysctl(&h.ns, "net.ipv6.conf.default.accept_ra", "0")?;
+        self.ip(
+            sw,
+            &[
+                "link",
+                "add",
+                &h.switch_port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &h.ifname,
+                "netns",
+                &h.ns,
+            ],
+        )?;
+        self.ip(sw, &["link", "set", &h.switch_port, "master", "br0", "up"])?;
+        self.ip(&h.ns, &["link", "set", &h.ifname, "up"])?;
+        self.ip(
+            &h.ns,
+            &["addr", "add", &format!("{}/24", h.ipv4), "dev", &h.ifname],
+        )?;
+        self.ip(
+            &h.ns,
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", h.ipv6),
+                "dev",
+                &h.ifname,
+                "nodad",
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Makes `lb` able to send with XDP_TX/XDP_REDIRECT: the bridge end of its veth must
+    /// take those frames. GRO enables the NAPI that XDP_REDIRECT needs, and an XDP program
+    /// (XDP_PASS) is what makes XDP_TX frames get delivered at all (see `xdp_pass`).
+    fn prepare_balancer(&self, lb: &Host) -> Result<()> {
+        let (sw, port) = (self.switch.as_str(), lb.switch_port.as_str());
+        self.run_in_ok(sw, "ethtool", ["-K", port, "gro", "on"])?;
+        self.run_in_ok(sw, self.bin("xtask")?, ["xdp-pass", "--iface", port])?;
+        Ok(())
+    }
+
+    /// Adds another balancer host to the segment (`lb2` at 10.99.0.3, `lb3` at .4, ... up
+    /// to `lb8`), prepared like the first for XDP_TX, and returns it (it is also kept in
+    /// [`Testbed::extra_balancers`]). It gets no traffic until the client's VIP routes
+    /// point at it ([`Testbed::route_vips_via`]); start an agent on it with
+    /// [`Testbed::start_agent_on`].
+    pub fn add_balancer(&mut self) -> Result<Host> {
+        let n = self.extra_balancers.len() + 2;
+        if n > 8 {
+            bail!("a test bed has at most 8 balancers");
+        }
+        let h = Host::new(&self.prefix, &format!("lb{n}"), n as u8 + 1);
+        self.add_host(&h)
+            .and_then(|()| self.prepare_balancer(&h))
+            .with_context(|| format!("adding balancer {}", h.ns))?;
+        self.extra_balancers.push(h.clone());
+        Ok(h)
+    }
+
+    /// Points the client's routes for both VIPs at balancer `lb` (replacing the routes it
+    /// had), as a router moving the VIPs from one balancer to another would. Established
+    /// connections keep going; their next packets go through `lb`.
+    pub fn route_vips_via(&self, lb: &Host) -> Result<()> {
+        let c = &self.client.ns;
+        let v4 = lb.ipv4.to_string();
+        let v6 = lb.ipv6.to_string();
+        self.ip(c, &["route", "replace", &format!("{VIP4}/32"), "via", &v4])?;
+        self.ip(
+            c,
+            &["-6", "route", "replace", &format!("{VIP6}/128"), "via", &v6],
+        )
     }
 
     /// `ip -n NS ARGS...`, failing with its stderr.
@@ -526,12 +576,26 @@ impl Testbed {
     /// socket and config file given (use paths under [`Testbed::dir`]), and waits until
     /// `lb vip list` answers.
     pub fn start_agent(&self, config: &Path, socket: &Path) -> Result<Agent> {
-        let lb = self.bin("lb")?;
-        let mut cmd = self.command_in(&self.lb.ns, lb);
-        cmd.args(["run", "--iface", &self.lb.ifname, "--config"])
+        self.start_agent_on(&self.lb, config, socket, &[])
+    }
+
+    /// Like [`Testbed::start_agent`], on balancer host `lb` (e.g. one from
+    /// [`Testbed::add_balancer`]) and with `extra` arguments appended to `lb run`. Started
+    /// again with the same config file and socket (after a crash, say), an agent takes
+    /// over what the previous one pinned in bpffs.
+    pub fn start_agent_on(
+        &self,
+        lb: &Host,
+        config: &Path,
+        socket: &Path,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut cmd = self.command_in(&lb.ns, self.bin("lb")?);
+        cmd.args(["run", "--iface", &lb.ifname, "--config"])
             .arg(config)
             .arg("--socket")
             .arg(socket)
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -586,20 +650,32 @@ impl Testbed {
     /// Makes `count` new TCP connections from the client to `to`, one request each (every
     /// connect and read has a 2 s timeout), and counts the answering backends.
     pub fn requests(&self, to: SocketAddr, count: u32) -> Result<Tally> {
+        self.client_run(to, count, &[])
+    }
+
+    /// Like [`Testbed::requests`], connection i from source port `first_port + i` (closed
+    /// with a reset, so the port is free again at once): the same call again makes the same
+    /// flows, e.g. through another balancer, and ports nothing else used (below the
+    /// ephemeral range, 32768) make flows the balancer has never seen. (The balancer's
+    /// flow table outlives connections, so a connection from an ephemeral port the kernel
+    /// hands out again is an old flow to it, pinned where the old one went.)
+    pub fn requests_from(&self, to: SocketAddr, count: u32, first_port: u16) -> Result<Tally> {
+        self.client_run(to, count, &["--source-port", &first_port.to_string()])
+    }
+
+    fn client_run(&self, to: SocketAddr, count: u32, extra: &[&str]) -> Result<Tally> {
         let xtask = self.bin("xtask")?;
-        let out = self.run_in(
-            &self.client.ns,
-            xtask,
-            [
-                "client",
-                "--to",
-                &to.to_string(),
-                "--count",
-                &count.to_string(),
-                "--timeout-ms",
-                "2000",
-            ],
-        )?;
+        let mut args = vec![
+            "client".to_string(),
+            "--to".into(),
+            to.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--timeout-ms".into(),
+            "2000".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let out = self.run_in(&self.client.ns, xtask, &args)?;
         if !out.status.success() {
             bail!(
                 "xtask client failed ({}): {}",
@@ -623,10 +699,9 @@ impl Testbed {
         interval: Duration,
         max: Duration,
     ) -> Result<KeepAlive> {
-        let xtask = self.bin("xtask")?;
-        let mut proc = self.spawn_in_piped(
+        let proc = self.spawn_in_piped(
             &self.client.ns,
-            xtask,
+            self.bin("xtask")?,
             [
                 "keepalive",
                 "--to",
@@ -637,22 +712,39 @@ impl Testbed {
                 &max.as_secs().max(1).to_string(),
             ],
         )?;
-        let stdout = proc
-            .take_stdout()
-            .ok_or_else(|| anyhow!("keepalive has no stdout"))?;
-        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
-        Ok(KeepAlive {
-            proc,
-            lines,
-            reader: Some(reader),
-        })
+        Ok(KeepAlive(Lines::follow(proc)?))
+    }
+
+    /// Starts steady load from the client: a new connection to `to` every `interval`, one
+    /// request each (2 s timeouts), for at most `max`; every attempt is recorded with its
+    /// start time and the answering backend or the error (see [`Load`]). With
+    /// `first_port`, attempt n comes from source port `first_port + n` (as in
+    /// [`Testbed::requests_from`]): use ports below the ephemeral range (32768) that
+    /// nothing else used, and every attempt is a new flow for the balancer, never one its
+    /// flow table remembers from an earlier connection that happened to reuse a port.
+    pub fn load(
+        &self,
+        to: SocketAddr,
+        interval: Duration,
+        max: Duration,
+        first_port: Option<u16>,
+    ) -> Result<Load> {
+        let mut args = vec![
+            "load".to_string(),
+            "--to".into(),
+            to.to_string(),
+            "--interval-ms".into(),
+            interval.as_millis().max(1).to_string(),
+            "--max-secs".into(),
+            max.as_secs().max(1).to_string(),
+            "--timeout-ms".into(),
+            "2000".into(),
+        ];
+        if let Some(p) = first_port {
+            args.extend(["--source-port".into(), p.to_string()]);
+        }
+        let proc = self.spawn_in_piped(&self.client.ns, self.bin("xtask")?, &args)?;
+        Ok(Load(Lines::follow(proc)?))
     }
 
     /// The last `max_bytes` of every log in the test bed's temp dir, for failure reports.
@@ -843,22 +935,64 @@ impl Agent {
     }
 }
 
-/// A keep-alive connection running in the client namespace.
-pub struct KeepAlive {
+/// A process whose stdout lines are collected as they come, by a thread of their own.
+struct Lines {
     proc: Proc,
     lines: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
 }
 
-impl KeepAlive {
-    /// Answers so far, in order.
-    pub fn answers(&self) -> Vec<Answer> {
+impl Lines {
+    /// Follows `proc`, which must have been started with [`Testbed::spawn_in_piped`].
+    fn follow(mut proc: Proc) -> Result<Lines> {
+        let stdout = proc
+            .take_stdout()
+            .ok_or_else(|| anyhow!("{} has no piped stdout", proc.label()))?;
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        Ok(Lines {
+            proc,
+            lines,
+            reader: Some(reader),
+        })
+    }
+
+    /// Every line so far, parsed with `parse` (lines it refuses are left out).
+    fn parsed<T>(&self, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
         self.lines
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter_map(|l| Answer::parse(l))
+            .filter_map(|l| parse(l))
             .collect()
+    }
+
+    /// Kills the process and waits for the last of its output.
+    fn kill(&mut self) {
+        self.proc.kill();
+        self.join_reader();
+    }
+
+    fn join_reader(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// A keep-alive connection running in the client namespace.
+pub struct KeepAlive(Lines);
+
+impl KeepAlive {
+    /// Answers so far, in order.
+    pub fn answers(&self) -> Vec<Answer> {
+        self.0.parsed(Answer::parse)
     }
 
     /// Waits until at least `n` answers (or any error) have arrived.
@@ -871,7 +1005,7 @@ impl KeepAlive {
         .with_context(|| {
             format!(
                 "waiting for {n} keep-alive answers; got {answers:?}; log:\n{}",
-                self.proc.log()
+                self.0.proc.log()
             )
         })?;
         Ok(answers)
@@ -879,16 +1013,68 @@ impl KeepAlive {
 
     /// Stops the connection and returns every answer it got.
     pub fn stop(mut self) -> Vec<Answer> {
-        self.proc.kill();
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
+        self.0.kill();
         self.answers()
     }
 
     /// The process, e.g. to read its log.
     pub fn proc(&self) -> &Proc {
-        &self.proc
+        &self.0.proc
+    }
+}
+
+/// Steady load running in the client namespace (see [`Testbed::load`]).
+pub struct Load(Lines);
+
+impl Load {
+    /// The attempts completed so far, in the order they started.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        let mut v = self.0.parsed(Attempt::parse);
+        v.sort_by_key(|a| a.seq);
+        v
+    }
+
+    /// Waits until some attempt that started at `since_us` ([`monotonic_us`]) or later
+    /// satisfies `f`, and returns it.
+    pub fn wait_for(
+        &self,
+        since_us: u64,
+        timeout: Duration,
+        f: impl Fn(&Attempt) -> bool,
+    ) -> Result<Attempt> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self
+                .attempts()
+                .into_iter()
+                .find(|a| a.start_us >= since_us && f(a));
+            Ok(found.is_some())
+        })
+        .with_context(|| format!("waiting for a load attempt; log:\n{}", self.0.proc.log()))?;
+        Ok(found.expect("found"))
+    }
+
+    /// Stops starting new connections (SIGTERM), waits up to 5 s for those under way to
+    /// finish, and returns every attempt, in the order they started. Fails if the load
+    /// process does not end cleanly: then attempts could be missing.
+    pub fn finish(mut self) -> Result<Vec<Attempt>> {
+        let ended = match self.0.proc.signal(libc::SIGTERM) {
+            Ok(()) => self.0.proc.wait_timeout(Duration::from_secs(5)),
+            Err(_) => self.0.proc.try_wait(), // it had ended by itself
+        };
+        self.0.kill();
+        match ended {
+            Some(status) if status.success() => Ok(self.attempts()),
+            other => bail!(
+                "the load generator did not end cleanly ({other:?}); log:\n{}",
+                self.0.proc.log()
+            ),
+        }
+    }
+
+    /// The process, e.g. to read its log.
+    pub fn proc(&self) -> &Proc {
+        &self.0.proc
     }
 }
 

@@ -1,5 +1,6 @@
 //! The traffic ends of the test bed, run by the `xtask` binary inside a namespace:
-//! `serve` (a backend), `client` (many short connections) and `keepalive` (one long one).
+//! `serve` (a backend), `client` (many short connections, one after another), `load` (new
+//! connections at a steady rate, each recorded with its time) and `keepalive` (one long one).
 //!
 //! Every network operation has a timeout, and every loop is bounded in count or time, so
 //! nothing here can hang a test or flood anything.
@@ -8,6 +9,12 @@ use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -19,9 +26,13 @@ pub const MAX_CONNECTIONS: u32 = 10_000;
 /// Longest a `keepalive` run lasts, whatever it is asked for.
 pub const MAX_KEEPALIVE: Duration = Duration::from_secs(300);
 
+/// The path `serve` answers with 503 Service Unavailable (every other path gets 200), so a
+/// health check can be pointed at a failing URL.
+pub const FAIL_PATH: &str = "/fail";
+
 /// Serves HTTP on `[::]:port` (dual-stack: IPv4 clients arrive as v4-mapped addresses),
-/// answering every request, whatever its method or path, with `name` and a newline.
-/// Runs until killed.
+/// answering every request, whatever its method, with `name` and a newline: status 200,
+/// or 503 for [`FAIL_PATH`]. Runs until killed.
 pub fn serve(name: &str, port: u16) -> Result<()> {
     let server = tiny_http::Server::http(("::", port))
         .map_err(|e| anyhow!("listening on [::]:{port}: {e}"))?;
@@ -35,7 +46,10 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
         // Drain any request body so the next request on a kept-alive connection parses.
         let mut sink = Vec::new();
         let _ = request.as_reader().take(1 << 20).read_to_end(&mut sink);
-        let response = tiny_http::Response::from_string(body.clone()).with_header(header.clone());
+        let status = if request.url() == FAIL_PATH { 503 } else { 200 };
+        let response = tiny_http::Response::from_string(body.clone())
+            .with_header(header.clone())
+            .with_status_code(status);
         if let Err(e) = request.respond(response) {
             eprintln!("{name}: responding: {e}");
         }
@@ -60,11 +74,21 @@ impl Tally {
     }
 }
 
-/// Makes `count` new TCP connections to `to`, one `GET /` each, and counts who answered.
-pub fn client(to: SocketAddr, count: u32, timeout: Duration) -> Tally {
+/// Makes `count` new TCP connections to `to`, one `GET /` each, one after another, and
+/// counts who answered. With `source_port` P, connection i comes from port P + i (see
+/// [`connect_from`]), so the same run repeated makes the same flows (5-tuples).
+pub fn client(to: SocketAddr, count: u32, timeout: Duration, source_port: Option<u16>) -> Tally {
     let mut tally = Tally::default();
-    for i in 0..count.min(MAX_CONNECTIONS) {
-        match one_request(to, timeout) {
+    let count = match source_port {
+        Some(p) => count.min(MAX_CONNECTIONS).min(u32::from(u16::MAX - p) + 1),
+        None => count.min(MAX_CONNECTIONS),
+    };
+    for i in 0..count {
+        let answer = match source_port {
+            Some(p) => one_request_from(to, p + i as u16, timeout),
+            None => one_request(to, timeout),
+        };
+        match answer {
             Ok(name) => {
                 *tally.counts.entry(name.clone()).or_default() += 1;
                 tally.sequence.push(name);
@@ -76,10 +100,283 @@ pub fn client(to: SocketAddr, count: u32, timeout: Duration) -> Tally {
 }
 
 fn one_request(to: SocketAddr, timeout: Duration) -> Result<String> {
-    let mut stream = connect(to, timeout)?;
+    exchange(connect(to, timeout)?, to)
+}
+
+fn one_request_from(to: SocketAddr, port: u16, timeout: Duration) -> Result<String> {
+    exchange(connect_from(to, port, timeout)?, to)
+}
+
+/// One `GET /` with `Connection: close` on `stream`; the answering backend's name.
+fn exchange(mut stream: TcpStream, to: SocketAddr) -> Result<String> {
     write_request(&mut stream, to, true)?;
     let mut reader = BufReader::new(stream);
     read_response(&mut reader)
+}
+
+/// Connects to `to` from source port `port` (any local address). The socket closes with a
+/// reset (SO_LINGER 0) instead of a FIN, so neither end keeps the 4-tuple in TIME_WAIT and
+/// the same source port can connect to `to` again at once, making the same flow again.
+pub fn connect_from(to: SocketAddr, port: u16, timeout: Duration) -> Result<TcpStream> {
+    let family = if to.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("creating a socket");
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    setsockopt(&fd, libc::SO_REUSEADDR, &one).context("SO_REUSEADDR")?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(&fd, libc::SO_LINGER, &linger).context("SO_LINGER")?;
+    // On Linux the send timeout bounds a blocking connect.
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    setsockopt(&fd, libc::SO_SNDTIMEO, &tv).context("SO_SNDTIMEO")?;
+    let local = match to {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+    };
+    let (addr, len) = sockaddr(&local);
+    // SAFETY: `addr` is a valid sockaddr of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("binding source port {port}"));
+    }
+    let (addr, len) = sockaddr(&to);
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("connecting to {to} from port {port}"));
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn setsockopt<T>(fd: &OwnedFd, option: libc::c_int, value: &T) -> std::io::Result<()> {
+    // SAFETY: `value` points at a live T of the given size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `addr` as a `sockaddr_storage` and its length.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Microseconds on CLOCK_MONOTONIC: one clock for every process on the host (namespaces do
+/// not change it), so `load`'s timestamps compare with a test's own.
+pub fn monotonic_us() -> u64 {
+    // SAFETY: all-zero is a valid timespec.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall writing into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// Steady load: a new connection to `to` (one `GET /`) every `interval` for `duration`
+/// (at most [`MAX_CONNECTIONS`]), each in its own thread so a slow or failing attempt does
+/// not delay the next. With `source_port` P, attempt n comes from port P + n (see
+/// [`connect_from`]), so every attempt is a flow never seen before. Prints one [`Attempt`]
+/// line per attempt as it completes (flushed at once). SIGINT/SIGTERM stop it from starting
+/// more; attempts under way finish and are printed (each is bounded by `timeout`) before it
+/// exits.
+pub fn load(
+    to: SocketAddr,
+    interval: Duration,
+    duration: Duration,
+    timeout: Duration,
+    source_port: Option<u16>,
+) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .context("installing the stop handler")?;
+    let mut out = std::io::stdout().lock();
+    let mut result = Ok(());
+    steady_load(
+        to,
+        interval,
+        duration,
+        timeout,
+        source_port,
+        &stop,
+        |attempt| {
+            if result.is_ok() {
+                result = writeln!(out, "{attempt}").and_then(|()| out.flush());
+            }
+        },
+    );
+    Ok(result?)
+}
+
+/// [`load`]'s engine: hands each attempt to `sink` as it completes, stops starting new
+/// ones when `stop` is set, and returns once every attempt it started has completed.
+pub fn steady_load(
+    to: SocketAddr,
+    interval: Duration,
+    duration: Duration,
+    timeout: Duration,
+    source_port: Option<u16>,
+    stop: &AtomicBool,
+    mut sink: impl FnMut(Attempt),
+) {
+    let interval = interval.max(Duration::from_millis(1));
+    let ports = source_port.map_or(u128::MAX, |p| u128::from(u16::MAX - p) + 1);
+    let count = (duration.as_micros() / interval.as_micros())
+        .min(u128::from(MAX_CONNECTIONS))
+        .min(ports);
+    let (tx, rx) = mpsc::channel::<Attempt>();
+    let start = Instant::now();
+    let mut running = Vec::new();
+    for seq in 0..count as u64 {
+        let due = start + interval * seq as u32;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < due {
+            std::thread::sleep((due - Instant::now()).min(Duration::from_millis(5)));
+            rx.try_iter().for_each(&mut sink);
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let tx = tx.clone();
+        running.push(std::thread::spawn(move || {
+            let start_us = monotonic_us();
+            let answer = match source_port {
+                Some(p) => one_request_from(to, p + seq as u16, timeout),
+                None => one_request(to, timeout),
+            };
+            let outcome = answer.map_err(|e| format!("{e:#}"));
+            let _ = tx.send(Attempt {
+                seq,
+                start_us,
+                latency_us: monotonic_us() - start_us,
+                outcome,
+            });
+        }));
+        running.retain(|t| !t.is_finished());
+    }
+    drop(tx);
+    // Every sender is gone once the last attempt is done.
+    rx.into_iter().for_each(&mut sink);
+    for t in running {
+        let _ = t.join();
+    }
+}
+
+/// One connection attempt of `load`, printed as
+/// `SEQ START_US LATENCY_US ok BACKEND` or `SEQ START_US LATENCY_US err MESSAGE`
+/// (START_US on [`monotonic_us`]'s clock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// 0-based; attempt n was due `n * interval` after the first.
+    pub seq: u64,
+    pub start_us: u64,
+    pub latency_us: u64,
+    /// The answering backend, or what went wrong.
+    pub outcome: Result<String, String>,
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, text) = match &self.outcome {
+            Ok(b) => ("ok", b),
+            Err(e) => ("err", e),
+        };
+        write!(
+            f,
+            "{} {} {} {kind} {}",
+            self.seq,
+            self.start_us,
+            self.latency_us,
+            text.replace('\n', " ")
+        )
+    }
+}
+
+impl Attempt {
+    pub fn parse(line: &str) -> Option<Attempt> {
+        let mut parts = line.splitn(5, ' ');
+        let seq = parts.next()?.parse().ok()?;
+        let start_us = parts.next()?.parse().ok()?;
+        let latency_us = parts.next()?.parse().ok()?;
+        let kind = parts.next()?;
+        let text = parts.next().unwrap_or("").to_string();
+        let outcome = match kind {
+            "ok" => Ok(text),
+            "err" => Err(text),
+            _ => return None,
+        };
+        Some(Attempt {
+            seq,
+            start_us,
+            latency_us,
+            outcome,
+        })
+    }
+
+    pub fn backend(&self) -> Option<&str> {
+        self.outcome.as_deref().ok()
+    }
+
+    pub fn is_err(&self) -> bool {
+        self.outcome.is_err()
+    }
 }
 
 fn connect(to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
@@ -236,7 +533,7 @@ mod tests {
             assert!(Instant::now() < deadline, "server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let tally = client(to, 5, Duration::from_secs(2));
+        let tally = client(to, 5, Duration::from_secs(2), None);
         assert_eq!(tally.errors, Vec::<String>::new());
         assert_eq!(tally.count("backend-x"), 5);
 
@@ -248,5 +545,75 @@ mod tests {
             write_request(&mut writer, to, false).unwrap();
             assert_eq!(read_response(&mut reader).unwrap(), "backend-x");
         }
+
+        // Fixed source ports can be used again at once (the same flows, twice).
+        let first = 20_000 + (std::process::id() % 10_000) as u16;
+        for _ in 0..2 {
+            let tally = client(to, 3, Duration::from_secs(2), Some(first));
+            assert_eq!(tally.errors, Vec::<String>::new());
+            assert_eq!(tally.count("backend-x"), 3);
+        }
+
+        // The failing path answers 503, everything else 200.
+        for (path, status) in [(FAIL_PATH, "503"), ("/health", "200")] {
+            let mut stream = connect(to, Duration::from_secs(2)).unwrap();
+            write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).unwrap();
+            assert!(line.contains(status), "{path}: {line:?}");
+        }
+
+        // Steady load: every attempt recorded with its time, all answered.
+        let stop = AtomicBool::new(false);
+        let start = monotonic_us();
+        let mut attempts = Vec::new();
+        steady_load(
+            to,
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+            Duration::from_secs(2),
+            None,
+            &stop,
+            |a| attempts.push(a),
+        );
+        attempts.sort_by_key(|a| a.seq);
+        assert_eq!(
+            attempts.iter().map(|a| a.seq).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
+        // Paced, not bunched: the ten took about nine intervals (thread start-up jitter
+        // aside).
+        let span = attempts[9].start_us.saturating_sub(attempts[0].start_us);
+        assert!(
+            (120_000..2_000_000).contains(&span),
+            "{span} us for ten attempts"
+        );
+        for a in &attempts {
+            assert!(a.start_us >= start, "{a}");
+            assert_eq!(a.backend(), Some("backend-x"));
+            assert_eq!(Attempt::parse(&a.to_string()).as_ref(), Some(a));
+        }
+    }
+
+    #[test]
+    fn attempts_parse() {
+        let ok = Attempt {
+            seq: 7,
+            start_us: 123,
+            latency_us: 45,
+            outcome: Ok("backend-2".into()),
+        };
+        assert_eq!(ok.to_string(), "7 123 45 ok backend-2");
+        assert_eq!(Attempt::parse(&ok.to_string()), Some(ok));
+        let err = Attempt {
+            seq: 8,
+            start_us: 124,
+            latency_us: 1,
+            outcome: Err("connecting to 10.99.1.1:80: refused".into()),
+        };
+        assert_eq!(Attempt::parse(&err.to_string()), Some(err.clone()));
+        assert!(err.is_err() && err.backend().is_none());
+        assert_eq!(Attempt::parse("7 x 45 ok b"), None);
+        assert_eq!(Attempt::parse("7 1 45 maybe b"), None);
     }
 }

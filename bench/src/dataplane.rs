@@ -1,0 +1,669 @@
+//! Data-plane cost per packet: the real XDP program under BPF_PROG_TEST_RUN, beside three
+//! trivial programs timed by the same code in the same run.
+//!
+//! Measured the way Katran's perf mode does, one program run per call: a repeat count above
+//! 1 would re-run the program on the frame its previous run rewrote, and a new flow would
+//! only be new once. Each call's kernel-reported duration is kept; a round is `calls` calls
+//! per case, the cases take turns within a round (so noise from the shared machine falls on
+//! all of them alike), and a case's figure is the median over rounds of its per-round
+//! median. Ratios are taken against the MAC-swap XDP_TX baseline of the same phase.
+//!
+//! Two phases, each a freshly loaded program with fresh maps:
+//! - "1 backend" and "1,000 backends": VIPs whose rings hold 1 or 1,000 backends; the
+//!   established cases hit one flow over and over (hot in cache), the new-flow case uses a
+//!   new source port (and address) on every call, so every call selects and inserts.
+//! - "1M flows": the flow table pre-filled with 1,000,000 flows (of the 1,048,576 it holds);
+//!   the established cases pick a random pre-filled flow on every call, so lookups miss the
+//!   CPU caches as they would on a busy balancer; new flows evict the least recently used.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{FlowValue, PROTO_TCP, PROTO_UDP};
+use lb_tests::fixtures::{Fixture, Pkt, TEST_RUN_IFINDEX, flow_key};
+use serde::Serialize;
+
+use crate::{
+    bpf::{self, XDP_DROP, XDP_PASS, XDP_TX},
+    stats::{Summary, median},
+};
+
+/// How much to measure.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Program runs (one per BPF_PROG_TEST_RUN call) per case per round.
+    pub calls: u32,
+    /// Rounds, after one warm-up round that is not counted.
+    pub rounds: u32,
+    /// Flows pre-filled for the "1M flows" phase; 0 skips the phase.
+    pub table_flows: u32,
+}
+
+impl Options {
+    pub fn full() -> Self {
+        Options {
+            calls: 5_000,
+            rounds: 9,
+            table_flows: 1_000_000,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Options {
+            calls: 1_000,
+            rounds: 5,
+            table_flows: 1_000_000,
+        }
+    }
+
+    /// Just enough to see every case produce a number (the harness's own test).
+    pub fn smoke() -> Self {
+        Options {
+            calls: 20,
+            rounds: 1,
+            table_flows: 2_000,
+        }
+    }
+}
+
+/// One line of the result table.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub case: String,
+    pub config: String,
+    /// ns per packet; None when the case cannot run (yet).
+    pub ns: Option<Summary>,
+    /// ns per packet over the MAC-swap XDP_TX baseline of the same phase.
+    pub ratio_tx: Option<f64>,
+    /// Cross-check where re-running on the rewritten frame is the same work: ns per run
+    /// with the repeat count amortising the kernel's per-call timing overhead.
+    pub amortized: Option<Summary>,
+    pub amortized_ratio_tx: Option<f64>,
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub notes: Vec<String>,
+}
+
+pub const CASE_PASS: &str = "baseline: XDP_PASS";
+pub const CASE_DROP: &str = "baseline: XDP_DROP";
+pub const CASE_TX: &str = "baseline: MAC-swap XDP_TX";
+pub const CASE_NEW_TCP4: &str = "new IPv4 TCP flow";
+pub const CASE_EST_TCP4: &str = "established IPv4 TCP flow";
+pub const CASE_EST_TCP6: &str = "established IPv6 TCP flow";
+pub const CASE_EST_UDP4: &str = "established IPv4 UDP flow";
+pub const CASE_NON_VIP: &str = "non-VIP IPv4 (XDP_PASS)";
+pub const CASE_FIREWALL: &str = "firewall drop";
+
+pub const CONFIG_1: &str = "1 backend";
+pub const CONFIG_1000: &str = "1,000 backends";
+pub const CONFIG_1M: &str = "1,000 backends, 1M flows";
+
+// ---- flows and frames ----------------------------------------------------------------------
+
+/// Client source ports used per source address; a flow index maps to (address, port).
+const PORTS_PER_ADDR: u64 = 50_000;
+
+/// Source address bases (benchmark ranges: RFC 2544, RFC 3849): flows pre-filled and hit as
+/// established come from the EST ones, flows that must be new from NEW_V4.
+const EST_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+const NEW_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+const EST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0);
+
+/// The client socket of flow `i` from `base`.
+fn client(base: IpAddr, i: u64) -> SocketAddr {
+    let port = 10_000 + (i % PORTS_PER_ADDR) as u16;
+    let n = i / PORTS_PER_ADDR;
+    let ip = match base {
+        IpAddr::V4(b) => IpAddr::V4(Ipv4Addr::from(u32::from(b) + n as u32)),
+        IpAddr::V6(b) => IpAddr::V6(Ipv6Addr::from(u128::from(b) + u128::from(n))),
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// A frame whose source address and port are patched per call.
+#[derive(Clone)]
+struct Template {
+    frame: Vec<u8>,
+    base: IpAddr,
+}
+
+impl Template {
+    fn new(base: IpAddr, vip: SocketAddr, proto: u8) -> Self {
+        let src = client(base, 0);
+        let pkt = if proto == PROTO_UDP {
+            Pkt::udp(src, vip)
+        } else {
+            Pkt::tcp(src, vip)
+        };
+        Template {
+            frame: pkt.build(),
+            base,
+        }
+    }
+
+    /// Writes flow `i`'s source address and port into `buf` (no VLAN tag: L3 at 14). The
+    /// data plane reads no checksum, so none is fixed.
+    fn write(&self, i: u64, buf: &mut Vec<u8>) {
+        buf.clear();
+        buf.extend_from_slice(&self.frame);
+        let c = client(self.base, i);
+        let port_at = match c.ip() {
+            IpAddr::V4(a) => {
+                buf[26..30].copy_from_slice(&a.octets());
+                34
+            }
+            IpAddr::V6(a) => {
+                buf[22..38].copy_from_slice(&a.octets());
+                54
+            }
+        };
+        buf[port_at..port_at + 2].copy_from_slice(&c.port().to_be_bytes());
+    }
+}
+
+enum Frames {
+    /// The same frame on every call.
+    Fixed(Vec<u8>),
+    /// A flow never seen before on every call.
+    New { t: Template, next: u64 },
+    /// A random one of `count` pre-filled flows on every call.
+    Random { t: Template, count: u64 },
+}
+
+impl Frames {
+    fn next(&mut self, buf: &mut Vec<u8>) {
+        match self {
+            Frames::Fixed(f) => {
+                buf.clear();
+                buf.extend_from_slice(f);
+            }
+            Frames::New { t, next } => {
+                t.write(*next, buf);
+                *next += 1;
+            }
+            Frames::Random { t, count } => t.write(fastrand::u64(0..*count), buf),
+        }
+    }
+}
+
+/// What a case's flows should do to the VIP's new-flow counter: every call a new flow, or
+/// none (an established flow that was evicted would show up here).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlowCheck {
+    AllNew,
+    NoneNew,
+    NotAVip,
+}
+
+struct Case<'a> {
+    name: &'static str,
+    config: &'static str,
+    prog: BorrowedFd<'a>,
+    frames: Frames,
+    expect: u32,
+    vip_id: Option<u32>,
+    check: FlowCheck,
+    rounds: Vec<f64>,
+    /// Whether running the program again on the frame it rewrote is the same work (true of
+    /// the baselines, a hot established flow and a passed packet), so a repeat count may
+    /// amortise the kernel's timing overhead as a cross-check.
+    repeatable: bool,
+    /// Per round: the kernel's duration of one call with repeat = calls.
+    amortized: Vec<f64>,
+    /// Established packets that found no flow (evicted) and were re-balanced.
+    surprises: u64,
+}
+
+/// The three trivial programs.
+pub struct Baselines {
+    pub pass: OwnedFd,
+    pub drop: OwnedFd,
+    pub tx: OwnedFd,
+}
+
+impl Baselines {
+    pub fn load() -> Result<Self> {
+        Ok(Baselines {
+            pass: bpf::load_xdp("bench_pass", &bpf::return_action(XDP_PASS))?,
+            drop: bpf::load_xdp("bench_drop", &bpf::return_action(XDP_DROP))?,
+            tx: bpf::load_xdp("bench_mac_swap", &bpf::mac_swap_tx())?,
+        })
+    }
+}
+
+/// The VIPs of both phases. vip ids: 0-2 one backend, 3-5 a thousand.
+struct Vips {
+    tcp4: (SocketAddr, u32),
+    tcp6: (SocketAddr, u32),
+    udp4: (SocketAddr, u32),
+}
+
+const ONE: Vips = Vips {
+    tcp4: (
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 80),
+        0,
+    ),
+    tcp6: (
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10)),
+            80,
+        ),
+        1,
+    ),
+    udp4: (
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 53),
+        2,
+    ),
+};
+
+const THOUSAND: Vips = Vips {
+    tcp4: (
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 81),
+        3,
+    ),
+    tcp6: (
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10)),
+            81,
+        ),
+        4,
+    ),
+    udp4: (
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 54),
+        5,
+    ),
+};
+
+const BACKENDS: u32 = 1_000;
+/// Backend ids of the IPv6 VIPs start here (ids of IPv4 backends are 1..=1000).
+const V6_IDS: u32 = 1_001;
+
+/// A program loaded with fresh maps, configured with both VIP sets and 2,000 backends, all
+/// behind the test-run ingress (so forwarded frames leave with XDP_TX), as the agent would.
+fn configured_fixture() -> Fixture {
+    let mut fx = Fixture::new();
+    for i in 0..BACKENDS {
+        let v4 = Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8);
+        fx.backend(1 + i, IpAddr::V4(v4), TEST_RUN_IFINDEX);
+        let v6 = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, i as u16);
+        fx.backend(V6_IDS + i, IpAddr::V6(v6), TEST_RUN_IFINDEX);
+    }
+    let all4: Vec<u32> = (1..=BACKENDS).collect();
+    let all6: Vec<u32> = (V6_IDS..V6_IDS + BACKENDS).collect();
+    fx.vip(ONE.tcp4.0, PROTO_TCP, ONE.tcp4.1, 0, &[1]);
+    fx.vip(ONE.tcp6.0, PROTO_TCP, ONE.tcp6.1, 16, &[V6_IDS]);
+    fx.vip(ONE.udp4.0, PROTO_UDP, ONE.udp4.1, 32, &[1]);
+    fx.vip(THOUSAND.tcp4.0, PROTO_TCP, THOUSAND.tcp4.1, 1024, &all4);
+    fx.vip(THOUSAND.tcp6.0, PROTO_TCP, THOUSAND.tcp6.1, 2048, &all6);
+    fx.vip(THOUSAND.udp4.0, PROTO_UDP, THOUSAND.udp4.1, 3072, &all4);
+    fx
+}
+
+fn est4() -> IpAddr {
+    IpAddr::V4(EST_V4)
+}
+fn est6() -> IpAddr {
+    IpAddr::V6(EST_V6)
+}
+
+/// Which established flows a case hits.
+#[derive(Clone, Copy)]
+enum Kind {
+    Tcp4,
+    Tcp6,
+    Udp4,
+}
+
+/// The lb cases of one configuration.
+fn lb_cases<'a>(
+    prog: BorrowedFd<'a>,
+    config: &'static str,
+    vips: &Vips,
+    established: impl Fn(Template, Kind) -> Frames,
+) -> Vec<Case<'a>> {
+    let case = |name, frames: Frames, expect, vip_id: Option<u32>, check| Case {
+        name,
+        config,
+        prog,
+        repeatable: matches!(frames, Frames::Fixed(_)),
+        frames,
+        expect,
+        vip_id,
+        check,
+        rounds: Vec::new(),
+        amortized: Vec::new(),
+        surprises: 0,
+    };
+    vec![
+        case(
+            CASE_NEW_TCP4,
+            Frames::New {
+                t: Template::new(IpAddr::V4(NEW_V4), vips.tcp4.0, PROTO_TCP),
+                // Per configuration its own range of new flows.
+                next: u64::from(vips.tcp4.1) << 32,
+            },
+            XDP_TX,
+            Some(vips.tcp4.1),
+            FlowCheck::AllNew,
+        ),
+        case(
+            CASE_EST_TCP4,
+            established(Template::new(est4(), vips.tcp4.0, PROTO_TCP), Kind::Tcp4),
+            XDP_TX,
+            Some(vips.tcp4.1),
+            FlowCheck::NoneNew,
+        ),
+        case(
+            CASE_EST_TCP6,
+            established(Template::new(est6(), vips.tcp6.0, PROTO_TCP), Kind::Tcp6),
+            XDP_TX,
+            Some(vips.tcp6.1),
+            FlowCheck::NoneNew,
+        ),
+        case(
+            CASE_EST_UDP4,
+            established(Template::new(est4(), vips.udp4.0, PROTO_UDP), Kind::Udp4),
+            XDP_TX,
+            Some(vips.udp4.1),
+            FlowCheck::NoneNew,
+        ),
+        case(
+            CASE_NON_VIP,
+            Frames::Fixed(
+                Pkt::tcp(
+                    client(est4(), 0),
+                    SocketAddr::new("10.0.0.99".parse().unwrap(), 80),
+                )
+                .build(),
+            ),
+            XDP_PASS,
+            None,
+            FlowCheck::NotAVip,
+        ),
+    ]
+}
+
+fn baseline_cases<'a>(b: &'a Baselines, config: &'static str) -> Vec<Case<'a>> {
+    let frame = Template::new(est4(), ONE.tcp4.0, PROTO_TCP).frame;
+    [
+        (CASE_PASS, b.pass.as_fd(), XDP_PASS),
+        (CASE_DROP, b.drop.as_fd(), XDP_DROP),
+        (CASE_TX, b.tx.as_fd(), XDP_TX),
+    ]
+    .into_iter()
+    .map(|(name, prog, expect)| Case {
+        name,
+        config,
+        prog,
+        frames: Frames::Fixed(frame.clone()),
+        expect,
+        vip_id: None,
+        check: FlowCheck::NotAVip,
+        rounds: Vec::new(),
+        repeatable: true,
+        amortized: Vec::new(),
+        surprises: 0,
+    })
+    .collect()
+}
+
+/// Runs every case `opts.rounds` times (plus a warm-up), taking turns.
+fn measure(fx: &Fixture, cases: &mut [Case<'_>], opts: &Options) -> Result<()> {
+    let mut buf = Vec::with_capacity(256);
+    let mut durations = Vec::with_capacity(opts.calls as usize);
+    for round in 0..=opts.rounds {
+        // Rotate the order so no case always follows the same one.
+        let n = cases.len();
+        for k in 0..n {
+            let case = &mut cases[(k + round as usize) % n];
+            let before = match case.vip_id {
+                Some(id) => fx.dp.vip_counters(id)?.new_flows,
+                None => 0,
+            };
+            durations.clear();
+            for _ in 0..opts.calls {
+                case.frames.next(&mut buf);
+                let run = bpf::test_run(case.prog, &buf, None, 1)
+                    .with_context(|| format!("BPF_PROG_TEST_RUN for {}", case.name))?;
+                if run.retval != case.expect {
+                    bail!(
+                        "{} ({}): XDP action {} where {} was expected",
+                        case.name,
+                        case.config,
+                        run.retval,
+                        case.expect
+                    );
+                }
+                durations.push(f64::from(run.duration_ns));
+            }
+            if let Some(id) = case.vip_id {
+                let new = fx.dp.vip_counters(id)?.new_flows - before;
+                match case.check {
+                    FlowCheck::AllNew if new != u64::from(opts.calls) => bail!(
+                        "{} ({}): {new} of {} calls made a new flow",
+                        case.name,
+                        case.config,
+                        opts.calls
+                    ),
+                    FlowCheck::NoneNew => case.surprises += new,
+                    _ => {}
+                }
+            }
+            if round > 0 {
+                case.rounds.push(median(&durations));
+                if case.repeatable {
+                    let run = bpf::test_run(case.prog, &buf, None, opts.calls)?;
+                    case.amortized.push(f64::from(run.duration_ns));
+                }
+            }
+            // Let whatever else the machine does run between batches, not inside them.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok(())
+}
+
+fn rows(cases: &[Case<'_>], notes: &mut Vec<String>) -> Vec<Row> {
+    let tx = cases
+        .iter()
+        .find(|c| c.name == CASE_TX)
+        .map(|c| median(&c.rounds));
+    let tx_amortized = cases
+        .iter()
+        .find(|c| c.name == CASE_TX)
+        .map(|c| median(&c.amortized));
+    cases
+        .iter()
+        .map(|c| {
+            let s = Summary::of_rounds(&c.rounds);
+            if c.surprises > 0 {
+                notes.push(format!(
+                    "{} ({}): {} of the established packets found their flow evicted and \
+                     were re-balanced",
+                    c.name, c.config, c.surprises
+                ));
+            }
+            let amortized = (!c.amortized.is_empty()).then(|| Summary::of_rounds(&c.amortized));
+            Row {
+                case: c.name.into(),
+                config: c.config.into(),
+                ns: Some(s),
+                ratio_tx: tx.map(|tx| s.median / tx),
+                amortized,
+                amortized_ratio_tx: amortized.zip(tx_amortized).map(|(a, tx)| a.median / tx),
+                note: None,
+            }
+        })
+        .collect()
+}
+
+/// Builds each phase's program and cases and hands them to `each`; returns notes.
+fn phases(
+    opts: &Options,
+    baselines: &Baselines,
+    progress: &mut dyn FnMut(&str),
+    each: &mut dyn FnMut(&Fixture, &mut Vec<Case<'_>>) -> Result<()>,
+) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    // Phase 1: 1 and 1,000 backends, a flow table holding only what the cases insert.
+    {
+        progress("data plane: loading the program, 2,000 backends, 6 VIPs");
+        let mut fx = configured_fixture();
+        let prog = fx.dp.program_fd()?;
+        // The established flows exist before timing starts.
+        for vips in [&ONE, &THOUSAND] {
+            for (vip, proto, base) in [
+                (vips.tcp4.0, PROTO_TCP, est4()),
+                (vips.tcp6.0, PROTO_TCP, est6()),
+                (vips.udp4.0, PROTO_UDP, est4()),
+            ] {
+                let mut buf = Vec::new();
+                Template::new(base, vip, proto).write(0, &mut buf);
+                bpf::expect_action(prog.as_fd(), &buf, XDP_TX, "the first packet of a flow")?;
+            }
+        }
+        let fixed = |t: Template, _| {
+            let mut f = Vec::new();
+            t.write(0, &mut f);
+            Frames::Fixed(f)
+        };
+        let mut cases = baseline_cases(baselines, "1 and 1,000 backends");
+        cases.extend(lb_cases(prog.as_fd(), CONFIG_1, &ONE, fixed));
+        cases.extend(lb_cases(prog.as_fd(), CONFIG_1000, &THOUSAND, fixed));
+        progress(&format!(
+            "data plane: {} cases x {} rounds x {} calls",
+            cases.len(),
+            opts.rounds,
+            opts.calls
+        ));
+        each(&fx, &mut cases)?;
+    }
+
+    // Phase 2: a full flow table.
+    if opts.table_flows > 0 {
+        let mut fx = configured_fixture();
+        let prog = fx.dp.program_fd()?;
+        let total = u64::from(opts.table_flows);
+        let (n4, n6) = (total * 6 / 10, total * 2 / 10);
+        let n_udp = total - n4 - n6;
+        progress(&format!(
+            "data plane: pre-filling the flow table with {total} flows (one map update each)"
+        ));
+        let started = Instant::now();
+        let mut fill = |vip: SocketAddr, proto: u8, base: IpAddr, n: u64, first_id: u32| {
+            for i in 0..n {
+                let key = flow_key(client(base, i), vip, proto);
+                let value = FlowValue {
+                    backend_id: first_id + (i % u64::from(BACKENDS)) as u32,
+                    backend_generation: 1,
+                };
+                fx.dp.insert_flow(&key, &value)?;
+            }
+            anyhow::Ok(())
+        };
+        fill(THOUSAND.tcp4.0, PROTO_TCP, est4(), n4, 1)?;
+        fill(THOUSAND.tcp6.0, PROTO_TCP, est6(), n6, V6_IDS)?;
+        fill(THOUSAND.udp4.0, PROTO_UDP, est4(), n_udp, 1)?;
+        let secs = started.elapsed().as_secs_f64();
+        let filled: u64 = fx.dp.flows_per_backend().values().sum();
+        notes.push(format!(
+            "1M flows: {total} flows ({n4} IPv4 TCP, {n6} IPv6 TCP, {n_udp} IPv4 UDP) inserted \
+             from userspace in {secs:.1} s, one BPF_MAP_UPDATE_ELEM each; the table then held \
+             {filled}"
+        ));
+        let random = |t, kind| Frames::Random {
+            t,
+            count: match kind {
+                Kind::Tcp4 => n4,
+                Kind::Tcp6 => n6,
+                Kind::Udp4 => n_udp,
+            },
+        };
+        let mut cases = baseline_cases(baselines, CONFIG_1M);
+        cases.extend(lb_cases(prog.as_fd(), CONFIG_1M, &THOUSAND, random));
+        progress(&format!(
+            "data plane (1M flows): {} cases x {} rounds x {} calls",
+            cases.len(),
+            opts.rounds,
+            opts.calls
+        ));
+        each(&fx, &mut cases)?;
+    }
+    Ok(notes)
+}
+
+/// Runs the whole data-plane benchmark. `progress` gets a line now and then.
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    let baselines = Baselines::load()?;
+    let mut rows_out = Vec::new();
+    let mut notes = Vec::new();
+    let mut more = phases(opts, &baselines, progress, &mut |fx, cases| {
+        measure(fx, cases, opts)?;
+        rows_out.extend(rows(cases, &mut notes));
+        Ok(())
+    })?;
+    notes.append(&mut more);
+    rows_out.push(Row {
+        case: CASE_FIREWALL.into(),
+        config: "-".into(),
+        ns: None,
+        ratio_tx: None,
+        amortized: None,
+        amortized_ratio_tx: None,
+        note: Some("not yet available: the firewall is not merged".into()),
+    });
+    Ok(Report {
+        rows: rows_out,
+        notes,
+    })
+}
+
+/// Runs one case (by name and configuration) over and over for `secs`, for a profiler
+/// (`perf record -e cpu-clock`) to watch; the other phase is skipped when it can be.
+pub fn spin(case: &str, config: &str, secs: f64) -> Result<u64> {
+    let baselines = Baselines::load()?;
+    let opts = Options {
+        calls: 1,
+        rounds: 1,
+        table_flows: if config == CONFIG_1M { 1_000_000 } else { 0 },
+    };
+    let mut runs = 0u64;
+    let mut found = false;
+    phases(
+        &opts,
+        &baselines,
+        &mut |m| eprintln!("{m}"),
+        &mut |_, cases| {
+            let Some(c) = cases
+                .iter_mut()
+                .find(|c| c.name == case && c.config == config)
+            else {
+                return Ok(());
+            };
+            found = true;
+            eprintln!("spinning {case} ({config}) for {secs} s");
+            let mut buf = Vec::new();
+            let until = Instant::now() + Duration::from_secs_f64(secs);
+            while Instant::now() < until {
+                for _ in 0..1000 {
+                    c.frames.next(&mut buf);
+                    bpf::test_run(c.prog, &buf, None, 1)?;
+                }
+                runs += 1000;
+            }
+            Ok(())
+        },
+    )?;
+    if !found {
+        bail!("no case {case:?} with configuration {config:?}");
+    }
+    Ok(runs)
+}

@@ -1,0 +1,534 @@
+//! End to end in the namespace test bed (`xtask::testbed`): client, balancer and one
+//! backend on one bridge, each in its own namespace, all created (and removed) by the run.
+//!
+//! - Packets per second forwarded, counted at the receiver (the backend interface's
+//!   kernel RX counter): live frames (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES,
+//!   run in the balancer's namespace as if received on its interface: the frames are
+//!   really transmitted) through lb's attached program, beside a bare XDP_REDIRECT and a
+//!   bare XDP_TX program writing the same MACs; and the public generators trafgen
+//!   (netsniff-ng) and tcpreplay sending from the client, through lb and straight to the
+//!   backend.
+//! - HTTP requests/s with wrk from the client, keep-alive and `Connection: close`, to the
+//!   backend directly, through lb's VIP (direct server return), through HAProxy (mode
+//!   tcp, balance roundrobin) and through nginx stream, both of which run in the
+//!   balancer's namespace and proxy to the same backend (a full proxy: the client connects
+//!   to the proxy's address, the proxy opens its own connection to the backend). The
+//!   backend is nginx (one worker) answering a fixed body.
+//!
+//! Traffic goes only to addresses in the namespaces this run created; every generator
+//! runs for a bounded time and is killed by PID.
+
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsFd as _,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use etherparse::PacketBuilder;
+use serde::Serialize;
+use xtask::testbed::{self, Proc, Testbed, VIP4};
+
+use crate::{bpf, control, netns, stats::median};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Measurement window of each packet-rate run.
+    pub window: Duration,
+    /// wrk duration of each run.
+    pub wrk: Duration,
+    /// wrk connections.
+    pub connections: u32,
+    /// Repetitions of every run (interleaved); the median is reported.
+    pub reps: u32,
+}
+
+impl Options {
+    pub fn full() -> Self {
+        Options {
+            window: Duration::from_secs(3),
+            wrk: Duration::from_secs(10),
+            connections: 32,
+            reps: 3,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Options {
+            window: Duration::from_secs(1),
+            wrk: Duration::from_secs(3),
+            connections: 32,
+            reps: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Rate {
+    pub group: String,
+    pub what: String,
+    /// Median over repetitions.
+    pub value: f64,
+    pub samples: Vec<f64>,
+    /// Name of the row this one is compared with, and the ratio.
+    pub versus: Option<(String, f64)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub packets: Vec<Rate>,
+    pub http: Vec<Rate>,
+    pub notes: Vec<String>,
+}
+
+const UDP_PORT: u16 = 9000;
+const HAPROXY_PORT: u16 = 8080;
+const NGINX_PORT: u16 = 8081;
+
+/// A 60-byte UDP frame from the client to `dst` (the VIP or the backend's address),
+/// addressed at L2 to `dst_mac`.
+fn udp_frame(bed: &Testbed, dst_mac: [u8; 6], sport: u16) -> Result<Vec<u8>> {
+    let src_mac = netns::mac(&bed.client.ns, "eth0")?;
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(bed.client.ipv4.octets(), VIP4.octets(), 64)
+        .udp(sport, UDP_PORT)
+        .write(&mut out, &[0x5a; 18])?;
+    Ok(out)
+}
+
+fn sysctl(bed: &Testbed, ns: &str, kv: &str) -> Result<()> {
+    bed.run_in_ok(ns, "sysctl", ["-qw", kv]).map(drop)
+}
+
+pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+    for tool in ["trafgen", "tcpreplay", "wrk", "haproxy", "nginx"] {
+        if testbed::find_in_path(tool).is_none() {
+            bail!("{tool} not found: `cargo xtask bench` installs it (apt)");
+        }
+    }
+    let mut report = Report {
+        packets: Vec::new(),
+        http: Vec::new(),
+        notes: Vec::new(),
+    };
+    progress("end to end: test bed with 1 backend, nginx on it, the agent");
+    let bed = Testbed::new(testbed::Config { backends: 1 })?;
+    let b1 = bed.backends[0].clone();
+    for ns in [&bed.client.ns, &bed.lb.ns] {
+        // Short connections at many thousands a second need the whole port range and
+        // TIME_WAIT reuse (namespace-local settings of namespaces this run created).
+        sysctl(&bed, ns, "net.ipv4.ip_local_port_range=1024 65535")?;
+        sysctl(&bed, ns, "net.ipv4.tcp_tw_reuse=1")?;
+    }
+    let _backend = start_nginx_backend(&bed)?;
+    let socket = bed.dir().join("lb.sock");
+    let (agent, _) = control::start_agent_timed(
+        &bed,
+        &bed.dir().join("lb.toml"),
+        &socket,
+        Duration::from_secs(30),
+    )?;
+    let vip_http = SocketAddr::new(IpAddr::V4(VIP4), 80);
+    let vip_udp = SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT);
+    for (vip, proto) in [(vip_http, "tcp"), (vip_udp, "udp")] {
+        let v = vip.to_string();
+        bed.lb_cli_ok(&socket, ["vip", "add", &v, "--proto", proto])?;
+        bed.lb_cli_ok(
+            &socket,
+            ["backend", "add", &v, &b1.ipv4.to_string(), "--proto", proto],
+        )?;
+    }
+
+    packets(&bed, opts, progress, &mut report)?;
+    http(&bed, opts, progress, &mut report)?;
+
+    drop(agent);
+    drop(bed);
+    Ok(report)
+}
+
+// ---- packets per second -----------------------------------------------------------------
+
+/// Packets the backend's interface received while `during` ran.
+fn received(bed: &Testbed, during: impl FnOnce() -> Result<Duration>) -> Result<(u64, Duration)> {
+    let ns = &bed.backends[0].ns;
+    let before = netns::rx_packets(ns, "eth0")?;
+    let took = during()?;
+    // Frames still in flight (queues between the veths) land within a moment.
+    std::thread::sleep(Duration::from_millis(50));
+    let after = netns::rx_packets(ns, "eth0")?;
+    Ok((after - before, took))
+}
+
+fn packets(
+    bed: &Testbed,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+    report: &mut Report,
+) -> Result<()> {
+    let lb_mac = netns::mac(&bed.lb.ns, "eth0")?;
+    let b1_mac = netns::mac(&bed.backends[0].ns, "eth0")?;
+    let lb_ifindex = netns::ifindex(&bed.lb.ns, "eth0")?;
+    let lb_prog = bpf::prog_fd_by_id(netns::xdp_prog_id(&bed.lb.ns, "eth0")?)?;
+    let redirect = bpf::load_xdp(
+        "bench_redirect",
+        &bpf::set_macs_redirect(b1_mac, lb_mac, lb_ifindex),
+    )?;
+    let tx = bpf::load_xdp("bench_set_tx", &bpf::set_macs_tx(b1_mac, lb_mac))?;
+    let frame = udp_frame(bed, lb_mac, 5000)?;
+
+    // ---- live frames ----
+    progress("end to end: live frames (lb, bare XDP_REDIRECT, bare XDP_TX)");
+    let progs = [
+        ("lb (attached program, XDP_TX)", lb_prog.as_fd()),
+        (
+            "bare XDP_REDIRECT (bpf_redirect, same MACs)",
+            redirect.as_fd(),
+        ),
+        ("bare XDP_TX (same MACs)", tx.as_fd()),
+    ];
+    // Calibrate the frame count so that a run lasts about the window.
+    let (n, took) = received(bed, || live(bed, progs[1].1, &frame, lb_ifindex, 200_000))?;
+    let rate = n as f64 / took.as_secs_f64();
+    let frames = ((rate * opts.window.as_secs_f64()) as u32).clamp(100_000, 50_000_000);
+    let mut samples = vec![Vec::new(); progs.len()];
+    let mut generated = vec![Vec::new(); progs.len()];
+    for _ in 0..opts.reps {
+        for (k, (_, prog)) in progs.iter().enumerate() {
+            let (n, took) = received(bed, || live(bed, *prog, &frame, lb_ifindex, frames))?;
+            samples[k].push(n as f64 / took.as_secs_f64());
+            generated[k].push(f64::from(frames) / took.as_secs_f64());
+        }
+    }
+    let base = median(&samples[1]);
+    for (k, (name, _)) in progs.iter().enumerate() {
+        let v = median(&samples[k]);
+        report.packets.push(Rate {
+            group: "live frames (BPF_F_TEST_XDP_LIVE_FRAMES, batch 64)".into(),
+            what: (*name).into(),
+            value: v,
+            samples: samples[k].clone(),
+            versus: Some(("bare XDP_REDIRECT".into(), v / base)),
+        });
+        let delivered = v / median(&generated[k]);
+        if delivered < 0.99 {
+            report.notes.push(format!(
+                "live frames, {name}: {:.0}% of the frames run reached the backend",
+                delivered * 100.0
+            ));
+        }
+    }
+
+    // ---- public generators ----
+    let through_lb = frame.clone();
+    let direct = udp_frame(bed, b1_mac, 5000)?;
+    progress("end to end: trafgen and tcpreplay, through lb and straight to the backend");
+    let cfg_lb = trafgen_config(bed.dir(), "lb", &through_lb)?;
+    let cfg_direct = trafgen_config(bed.dir(), "direct", &direct)?;
+    let pcap_lb = pcap(bed.dir(), "lb", bed, lb_mac)?;
+    let pcap_direct = pcap(bed.dir(), "direct", bed, b1_mac)?;
+    type Gen<'a> = (&'a str, &'a str, Vec<String>);
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let gens: Vec<Gen> = vec![
+        ("trafgen", "through lb", trafgen_args(&s(&cfg_lb))),
+        (
+            "trafgen",
+            "straight to the backend",
+            trafgen_args(&s(&cfg_direct)),
+        ),
+        ("tcpreplay", "through lb", tcpreplay_args(&s(&pcap_lb))),
+        (
+            "tcpreplay",
+            "straight to the backend",
+            tcpreplay_args(&s(&pcap_direct)),
+        ),
+    ];
+    let mut samples = vec![Vec::new(); gens.len()];
+    for _ in 0..opts.reps {
+        for (k, (tool, _, args)) in gens.iter().enumerate() {
+            samples[k].push(generator_rate(bed, tool, args, opts.window)?);
+        }
+    }
+    for (k, (tool, what, _)) in gens.iter().enumerate() {
+        let v = median(&samples[k]);
+        let direct = median(&samples[k | 1]);
+        report.packets.push(Rate {
+            group: format!("{tool} from the client (one flow)"),
+            what: (*what).into(),
+            value: v,
+            samples: samples[k].clone(),
+            versus: Some(("straight to the backend".into(), v / direct)),
+        });
+    }
+    Ok(())
+}
+
+/// Runs `frames` live frames through `prog` in the balancer's namespace.
+fn live(
+    bed: &Testbed,
+    prog: std::os::fd::BorrowedFd<'_>,
+    frame: &[u8],
+    ifindex: u32,
+    frames: u32,
+) -> Result<Duration> {
+    netns::run_in(&bed.lb.ns, || {
+        let t = Instant::now();
+        bpf::test_run_live(prog, frame, ifindex, frames, 64).context("live-frames test run")?;
+        Ok(t.elapsed())
+    })
+}
+
+fn trafgen_config(dir: &Path, name: &str, frame: &[u8]) -> Result<std::path::PathBuf> {
+    let mut cfg = String::from("{\n");
+    for chunk in frame.chunks(12) {
+        let line: Vec<String> = chunk.iter().map(|b| format!("0x{b:02x}")).collect();
+        let _ = writeln!(cfg, "  {},", line.join(", "));
+    }
+    cfg.push_str("}\n");
+    let path = dir.join(format!("trafgen-{name}.cfg"));
+    std::fs::write(&path, cfg)?;
+    Ok(path)
+}
+
+fn trafgen_args(cfg: &str) -> Vec<String> {
+    // One sending process; a bounded count as a second stop beside the kill.
+    [
+        "--dev",
+        "eth0",
+        "--conf",
+        cfg,
+        "--cpus",
+        "1",
+        "--num",
+        "200000000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn tcpreplay_args(pcap: &str) -> Vec<String> {
+    [
+        "--intf1=eth0",
+        "--topspeed",
+        "--preload-pcap",
+        "--loop=0",
+        "--duration=60",
+        "--quiet",
+        pcap,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A pcap of 1,000 frames (one flow each, so after the first loop all established).
+fn pcap(dir: &Path, name: &str, bed: &Testbed, dst_mac: [u8; 6]) -> Result<std::path::PathBuf> {
+    let path = dir.join(format!("replay-{name}.pcap"));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    // Global header: magic, version 2.4, zone, sigfigs, snaplen, Ethernet.
+    for v in [0xa1b2_c3d4u32] {
+        f.write_all(&v.to_le_bytes())?;
+    }
+    f.write_all(&2u16.to_le_bytes())?;
+    f.write_all(&4u16.to_le_bytes())?;
+    for v in [0u32, 0, 65_535, 1] {
+        f.write_all(&v.to_le_bytes())?;
+    }
+    for i in 0..1000u32 {
+        let frame = udp_frame(bed, dst_mac, 20_000 + i as u16)?;
+        for v in [0u32, i, frame.len() as u32, frame.len() as u32] {
+            f.write_all(&v.to_le_bytes())?;
+        }
+        f.write_all(&frame)?;
+    }
+    f.flush()?;
+    Ok(path)
+}
+
+/// Starts a generator in the client namespace, lets it settle, and measures the rate the
+/// backend receives over `window`; then kills it.
+fn generator_rate(bed: &Testbed, tool: &str, args: &[String], window: Duration) -> Result<f64> {
+    let mut proc = bed.spawn_in(&bed.client.ns, tool, args)?;
+    std::thread::sleep(Duration::from_millis(700));
+    if let Some(s) = proc.try_wait() {
+        bail!("{tool} exited early ({s}):\n{}", proc.log());
+    }
+    let (n, took) = received(bed, || {
+        std::thread::sleep(window);
+        Ok(window)
+    })?;
+    proc.kill();
+    Ok(n as f64 / took.as_secs_f64())
+}
+
+// ---- HTTP -------------------------------------------------------------------------------
+
+/// nginx on the backend: one worker, a fixed answer, keep-alive without a request limit.
+fn start_nginx_backend(bed: &Testbed) -> Result<Proc> {
+    let dir = bed.dir().join("nginx-b1");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.to_string_lossy();
+    let conf = format!(
+        "user root;\nworker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\nevents {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         keepalive_requests 10000000;\n  keepalive_timeout 60s;\n  \
+         server {{\n    listen 80 backlog=4096;\n    location / {{ return 200 \"backend-1\\n\"; }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let p = path.to_string_lossy().into_owned();
+    let proc = bed.spawn_in(
+        &bed.backends[0].ns,
+        "nginx",
+        ["-c", p.as_str(), "-p", &d, "-e", &format!("{d}/error.log")],
+    )?;
+    wait_http(bed, SocketAddr::new(IpAddr::V4(bed.backends[0].ipv4), 80))?;
+    Ok(proc)
+}
+
+/// Waits until a request from the client to `to` is answered.
+fn wait_http(bed: &Testbed, to: SocketAddr) -> Result<()> {
+    testbed::wait_until(Duration::from_secs(10), || {
+        Ok(bed.requests(to, 1).is_ok_and(|t| t.errors.is_empty()))
+    })
+    .with_context(|| format!("waiting for HTTP answers from {to}"))
+}
+
+fn start_haproxy(bed: &Testbed) -> Result<Proc> {
+    let conf = format!(
+        "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
+         timeout client 30s\n  timeout server 30s\n\nfrontend fe\n  bind {}:{HAPROXY_PORT}\n  \
+         default_backend be\n\nbackend be\n  balance roundrobin\n  server b1 {}:80\n",
+        bed.lb.ipv4, bed.backends[0].ipv4
+    );
+    let path = bed.dir().join("haproxy.cfg");
+    std::fs::write(&path, conf)?;
+    let p = path.to_string_lossy().into_owned();
+    let proc = bed.spawn_in(&bed.lb.ns, "haproxy", ["-f", p.as_str(), "-db"])?;
+    wait_http(bed, SocketAddr::new(IpAddr::V4(bed.lb.ipv4), HAPROXY_PORT))?;
+    Ok(proc)
+}
+
+fn start_nginx_stream(bed: &Testbed) -> Result<Proc> {
+    let dir = bed.dir().join("nginx-stream");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.to_string_lossy();
+    let module = "/usr/lib/nginx/modules/ngx_stream_module.so";
+    let conf = format!(
+        "load_module {module};\nuser root;\nworker_processes auto;\ndaemon off;\n\
+         pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 8192; }}\n\
+         stream {{\n  upstream be {{ server {}:80; }}\n  \
+         server {{ listen {}:{NGINX_PORT} backlog=4096; proxy_pass be; }}\n}}\n",
+        bed.backends[0].ipv4, bed.lb.ipv4
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let p = path.to_string_lossy().into_owned();
+    let proc = bed.spawn_in(
+        &bed.lb.ns,
+        "nginx",
+        ["-c", p.as_str(), "-p", &d, "-e", &format!("{d}/error.log")],
+    )?;
+    wait_http(bed, SocketAddr::new(IpAddr::V4(bed.lb.ipv4), NGINX_PORT))?;
+    Ok(proc)
+}
+
+/// Requests/s from one wrk run (errors make it fail).
+fn wrk(bed: &Testbed, url: &str, close: bool, opts: &Options) -> Result<f64> {
+    let secs = format!("{}s", opts.wrk.as_secs().max(1));
+    let conns = opts.connections.to_string();
+    let mut args = vec!["-t1", "-c", &conns, "-d", &secs, "--timeout", "2s"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    let out = bed.run_in(&bed.client.ns, "wrk", &args)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "wrk {url} failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| anyhow!("no Requests/sec in wrk's output:\n{text}"))?;
+    if let Some(l) = text
+        .lines()
+        .find(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+    {
+        bail!("wrk {url}: {l}\n{text}");
+    }
+    Ok(rps)
+}
+
+fn http(
+    bed: &Testbed,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+    report: &mut Report,
+) -> Result<()> {
+    progress("end to end: HAProxy and nginx stream in the balancer's namespace");
+    let _haproxy = start_haproxy(bed)?;
+    let _nginx = start_nginx_stream(bed)?;
+    let b1 = bed.backends[0].ipv4;
+    let targets = [
+        ("straight to the backend", format!("http://{b1}/")),
+        ("lb VIP (DSR)", format!("http://{VIP4}/")),
+        (
+            "HAProxy (mode tcp)",
+            format!("http://{}:{HAPROXY_PORT}/", bed.lb.ipv4),
+        ),
+        (
+            "nginx stream",
+            format!("http://{}:{NGINX_PORT}/", bed.lb.ipv4),
+        ),
+    ];
+    for (close, mode) in [(false, "keep-alive"), (true, "Connection: close")] {
+        progress(&format!(
+            "end to end: wrk {mode}, {} targets x {} runs of {} s",
+            targets.len(),
+            opts.reps,
+            opts.wrk.as_secs()
+        ));
+        let mut samples = vec![Vec::new(); targets.len()];
+        for _ in 0..opts.reps {
+            for (k, (_, url)) in targets.iter().enumerate() {
+                samples[k].push(wrk(bed, url, close, opts)?);
+            }
+        }
+        let direct = median(&samples[0]);
+        let haproxy = median(&samples[2]);
+        for (k, (name, _)) in targets.iter().enumerate() {
+            let v = median(&samples[k]);
+            report.http.push(Rate {
+                group: format!(
+                    "wrk {mode} (-t1 -c{}, {} s)",
+                    opts.connections,
+                    opts.wrk.as_secs()
+                ),
+                what: (*name).into(),
+                value: v,
+                samples: samples[k].clone(),
+                versus: Some(("straight to the backend".into(), v / direct)),
+            });
+        }
+        let lb = median(&samples[1]);
+        report.notes.push(format!(
+            "wrk {mode}: lb VIP / HAProxy = {:.2}×, lb VIP / straight = {:.2}×",
+            lb / haproxy,
+            lb / direct
+        ));
+    }
+    Ok(())
+}

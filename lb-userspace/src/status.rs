@@ -1,0 +1,648 @@
+//! What monitoring sees of the agent: a [`Snapshot`] of VIPs, backends and counters taken
+//! briefly under the agent lock, the flow-table scan, a ring of per-second samples
+//! ([`History`]) and the JSON the status page reads (`/api/status`).
+//!
+//! Everything here is plain data: the HTTP side (`monitor`) and the Prometheus side
+//! (`metrics`) never touch the agent or the BPF maps themselves.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use lb_common::{Counters, Reason};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::model::{Algo, Proto};
+
+/// Per-second samples the agent keeps for the status page's chart: ten minutes.
+pub const HISTORY_SECONDS: usize = 600;
+/// Backends whose rates are kept in the history; past this only VIP and total rates are
+/// (a bound on memory: 600 samples of 65,536 backends would be 1.5 GB).
+pub const HISTORY_MAX_BACKENDS: usize = 1024;
+
+/// Packets, bytes and new flows, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Count {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl From<Counters> for Count {
+    fn from(c: Counters) -> Self {
+        Count {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+        }
+    }
+}
+
+/// Rates between two counts: packets/s, bits/s, new flows/s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Rate {
+    pub pps: f64,
+    pub bps: f64,
+    pub new_flows_ps: f64,
+}
+
+impl Rate {
+    /// A counter that went backwards (its id was given to a new VIP or backend, which
+    /// starts at zero) counts as no traffic, not as negative traffic.
+    pub fn between(now: &Count, before: &Count, seconds: f64) -> Rate {
+        if seconds <= 0.0 {
+            return Rate::default();
+        }
+        let d = |a: u64, b: u64| a.saturating_sub(b) as f64 / seconds;
+        Rate {
+            pps: d(now.packets, before.packets),
+            bps: d(now.bytes, before.bytes) * 8.0,
+            new_flows_ps: d(now.new_flows, before.new_flows),
+        }
+    }
+}
+
+/// The outcome of a backend's last health check.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LastCheck {
+    pub ok: bool,
+    pub latency_us: u64,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackendSnapshot {
+    pub addr: IpAddr,
+    /// Slot in the backend map and its generation: the flow-table scan counts by these.
+    pub id: u32,
+    pub generation: u32,
+    /// `up`, `down`, `draining` or `unresolved` (as `lb backend list` says).
+    pub state: &'static str,
+    /// Passes its health checks (or has none).
+    pub healthy: bool,
+    pub weight: u32,
+    pub backup: bool,
+    pub drain: bool,
+    /// In the VIP's selection ring now: takes new flows.
+    pub in_rotation: bool,
+    pub check: String,
+    pub last_check: Option<LastCheck>,
+    pub note: Option<String>,
+    pub counters: Count,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VipSnapshot {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+    pub algo: Algo,
+    pub check: String,
+    pub counters: Count,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+impl VipSnapshot {
+    /// `10.99.1.1:80/tcp`: names the VIP in the history and on the status page.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.addr, self.proto)
+    }
+
+    /// `10.99.1.1:80/tcp 10.99.0.11`
+    pub fn backend_key(&self, b: &BackendSnapshot) -> String {
+        format!("{} {}", self.key(), b.addr)
+    }
+}
+
+/// The agent's state and counters at one moment (taken under the agent lock; no flow-table
+/// walk, so it is cheap at any size).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Snapshot {
+    /// Unix time, seconds.
+    pub time: f64,
+    pub vips: Vec<VipSnapshot>,
+    /// Per reason, in `Reason::ALL` order.
+    pub reasons: Vec<Count>,
+    /// Drop-list rules, in the order they were added.
+    pub firewall: Vec<RuleSnapshot>,
+}
+
+/// One drop-list rule and its hits.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RuleSnapshot {
+    pub cidr: String,
+    pub counters: Count,
+}
+
+/// What the agent runs as, for `lb_agent_info` and the page header.
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentInfo {
+    pub hostname: String,
+    pub version: &'static str,
+    /// `native` or `generic` XDP.
+    pub attach_mode: &'static str,
+    pub interfaces: Vec<String>,
+    /// Unix time the agent started, seconds.
+    pub started: f64,
+}
+
+/// One walk of the flow table (see `monitor::FlowCounts`).
+#[derive(Clone, Debug, Default)]
+pub struct FlowScan {
+    /// Entries in the table.
+    pub entries: u64,
+    /// Entries per (backend id, generation): flows pinned to a backend that still exists.
+    pub per_backend: HashMap<(u32, u32), u64>,
+    /// Unix time the walk finished, seconds.
+    pub time: f64,
+    pub took: Duration,
+}
+
+impl FlowScan {
+    pub fn backend(&self, b: &BackendSnapshot) -> u64 {
+        self.per_backend
+            .get(&(b.id, b.generation))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// This host's name (of its UTS namespace).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// `forward`, `pass` or `drop`: what the data plane did with packets of this reason.
+pub fn action(reason: Reason) -> &'static str {
+    let name = reason.name();
+    if name.starts_with("pass") {
+        "pass"
+    } else if reason == Reason::IcmpEchoReply {
+        "reply"
+    } else if name.starts_with("drop") {
+        "drop"
+    } else {
+        "forward"
+    }
+}
+
+/// Keys of the series one sample holds, shared by consecutive samples while the
+/// configuration does not change.
+#[derive(Debug, PartialEq)]
+struct Keys {
+    vips: Vec<String>,
+    backends: Vec<String>,
+}
+
+impl Keys {
+    fn of(s: &Snapshot) -> Keys {
+        Keys {
+            vips: s.vips.iter().map(VipSnapshot::key).collect(),
+            backends: s
+                .vips
+                .iter()
+                .flat_map(|v| v.backends.iter().map(|b| v.backend_key(b)))
+                .take(HISTORY_MAX_BACKENDS)
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Sample {
+    time: f64,
+    keys: Arc<Keys>,
+    vips: Vec<Count>,
+    backends: Vec<Count>,
+    /// Summed by action: forward, pass, drop.
+    actions: [Count; 3],
+}
+
+const ACTIONS: [&str; 3] = ["forward", "pass", "drop"];
+
+impl Sample {
+    fn of(s: &Snapshot, keys: Arc<Keys>) -> Sample {
+        let mut actions = [Count::default(); 3];
+        for (r, c) in Reason::ALL.iter().zip(&s.reasons) {
+            let a = &mut actions[ACTIONS.iter().position(|a| *a == action(*r)).unwrap_or(0)];
+            a.packets += c.packets;
+            a.bytes += c.bytes;
+        }
+        Sample {
+            time: s.time,
+            vips: s.vips.iter().map(|v| v.counters).collect(),
+            backends: s
+                .vips
+                .iter()
+                .flat_map(|v| v.backends.iter().map(|b| b.counters))
+                .take(keys.backends.len())
+                .collect(),
+            keys,
+            actions,
+        }
+    }
+}
+
+/// The last [`HISTORY_SECONDS`] snapshots, reduced to counters, and the latest two whole.
+#[derive(Debug, Default)]
+pub struct History {
+    samples: VecDeque<Sample>,
+    latest: Option<Arc<Snapshot>>,
+    previous: Option<Arc<Snapshot>>,
+}
+
+/// Current rates per VIP key, per backend key and per reason.
+#[derive(Clone, Debug, Default)]
+pub struct Rates {
+    pub vips: HashMap<String, Rate>,
+    pub backends: HashMap<String, Rate>,
+    pub reasons: Vec<Rate>,
+}
+
+impl History {
+    pub fn push(&mut self, snapshot: Arc<Snapshot>) {
+        let keys = Keys::of(&snapshot);
+        let keys = match self.samples.back() {
+            Some(last) if *last.keys == keys => last.keys.clone(),
+            _ => Arc::new(keys),
+        };
+        self.samples.push_back(Sample::of(&snapshot, keys));
+        // One more than the window: N + 1 samples give N rates.
+        while self.samples.len() > HISTORY_SECONDS + 1 {
+            self.samples.pop_front();
+        }
+        self.previous = self.latest.replace(snapshot);
+    }
+
+    pub fn latest(&self) -> Option<Arc<Snapshot>> {
+        self.latest.clone()
+    }
+
+    /// Rates between the latest two snapshots (zero until there are two).
+    pub fn rates(&self) -> Rates {
+        let (Some(now), Some(before)) = (&self.latest, &self.previous) else {
+            return Rates::default();
+        };
+        let dt = now.time - before.time;
+        let mut old_vips = HashMap::new();
+        let mut old_backends = HashMap::new();
+        for v in &before.vips {
+            old_vips.insert(v.key(), v.counters);
+            for b in &v.backends {
+                old_backends.insert(v.backend_key(b), b.counters);
+            }
+        }
+        let mut rates = Rates::default();
+        for v in &now.vips {
+            let key = v.key();
+            if let Some(old) = old_vips.get(&key) {
+                rates.vips.insert(key, Rate::between(&v.counters, old, dt));
+            }
+            for b in &v.backends {
+                let key = v.backend_key(b);
+                if let Some(old) = old_backends.get(&key) {
+                    rates
+                        .backends
+                        .insert(key, Rate::between(&b.counters, old, dt));
+                }
+            }
+        }
+        rates.reasons = now
+            .reasons
+            .iter()
+            .zip(&before.reasons)
+            .map(|(n, b)| Rate::between(n, b, dt))
+            .collect();
+        rates
+    }
+
+    /// Per-second rate series for the chart, for the samples taken after `since` (unix
+    /// seconds; 0 for all): `t` holds each interval's end time, every series one value per
+    /// entry of `t` (null where the VIP or backend did not exist).
+    pub fn series(&self, since: f64) -> Value {
+        let mut t = Vec::new();
+        let mut totals: Vec<Vec<Value>> = vec![Vec::new(); 4];
+        let mut vips: HashMap<&str, [Vec<Value>; 3]> = HashMap::new();
+        let mut backends: HashMap<&str, [Vec<Value>; 2]> = HashMap::new();
+        let pairs = self.samples.iter().zip(self.samples.iter().skip(1));
+        for (n, (before, now)) in pairs.filter(|(_, now)| now.time > since).enumerate() {
+            let dt = now.time - before.time;
+            t.push(json!(round3(now.time)));
+            let fwd = Rate::between(&now.actions[0], &before.actions[0], dt);
+            totals[0].push(json!(round1(fwd.pps)));
+            totals[1].push(json!(round1(fwd.bps)));
+            for (i, a) in [1, 2].into_iter().enumerate() {
+                let r = Rate::between(&now.actions[a], &before.actions[a], dt);
+                totals[2 + i].push(json!(round1(r.pps)));
+            }
+            let same = Arc::ptr_eq(&now.keys, &before.keys);
+            let find = |keys: &[String], key: &str, i: usize| -> Option<usize> {
+                if same {
+                    Some(i)
+                } else {
+                    keys.iter().position(|k| k == key)
+                }
+            };
+            for (i, key) in now.keys.vips.iter().enumerate() {
+                let entry = vips
+                    .entry(key.as_str())
+                    .or_insert_with(|| std::array::from_fn(|_| vec![Value::Null; n]));
+                let rate = find(&before.keys.vips, key, i)
+                    .map(|j| Rate::between(&now.vips[i], &before.vips[j], dt));
+                push_rate(entry, rate, true);
+            }
+            for (i, key) in now.keys.backends.iter().enumerate() {
+                let entry = backends
+                    .entry(key.as_str())
+                    .or_insert_with(|| std::array::from_fn(|_| vec![Value::Null; n]));
+                let rate = find(&before.keys.backends, key, i)
+                    .map(|j| Rate::between(&now.backends[i], &before.backends[j], dt));
+                push_rate(entry, rate, false);
+            }
+            // Series of VIPs and backends gone by now keep their length.
+            for s in vips.values_mut().flat_map(|s| s.iter_mut()) {
+                s.resize(n + 1, Value::Null);
+            }
+            for s in backends.values_mut().flat_map(|s| s.iter_mut()) {
+                s.resize(n + 1, Value::Null);
+            }
+        }
+        let [fwd_pps, fwd_bps, pass_pps, drop_pps] =
+            <[Vec<Value>; 4]>::try_from(totals).expect("four totals");
+        json!({
+            "t": t,
+            "total": {
+                "forwarded_pps": fwd_pps,
+                "forwarded_bps": fwd_bps,
+                "passed_pps": pass_pps,
+                "dropped_pps": drop_pps,
+            },
+            "vips": vips.into_iter().map(|(k, [pps, bps, nfps])| {
+                (k.to_string(), json!({"pps": pps, "bps": bps, "new_flows_ps": nfps}))
+            }).collect::<serde_json::Map<_, _>>(),
+            "backends": backends.into_iter().map(|(k, [pps, bps])| {
+                (k.to_string(), json!({"pps": pps, "bps": bps}))
+            }).collect::<serde_json::Map<_, _>>(),
+        })
+    }
+}
+
+fn push_rate<const N: usize>(series: &mut [Vec<Value>; N], rate: Option<Rate>, flows: bool) {
+    let values = match rate {
+        Some(r) if flows => vec![r.pps, r.bps, r.new_flows_ps],
+        Some(r) => vec![r.pps, r.bps],
+        None => vec![],
+    };
+    for (i, s) in series.iter_mut().enumerate() {
+        s.push(values.get(i).map_or(Value::Null, |v| json!(round1(*v))));
+    }
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// The body of `/api/status`: agent, flow table, totals, every VIP with its backends and
+/// their current rates, and the rate history after `since`.
+pub fn status_json(
+    info: &AgentInfo,
+    snapshot: &Snapshot,
+    flows: Option<&FlowScan>,
+    history: &History,
+    since: f64,
+) -> Value {
+    let rates = history.rates();
+    let rate = |r: Option<&Rate>| {
+        let r = r.copied().unwrap_or_default();
+        json!({"pps": round1(r.pps), "bps": round1(r.bps), "new_flows_ps": round1(r.new_flows_ps)})
+    };
+    let vips: Vec<Value> = snapshot
+        .vips
+        .iter()
+        .map(|v| {
+            let key = v.key();
+            let backends: Vec<Value> = v
+                .backends
+                .iter()
+                .map(|b| {
+                    let bkey = v.backend_key(b);
+                    json!({
+                        "key": bkey,
+                        "address": b.addr.to_string(),
+                        "state": b.state,
+                        "healthy": b.healthy,
+                        "role": if b.backup { "backup" } else { "primary" },
+                        "weight": b.weight,
+                        "backup": b.backup,
+                        "drain": b.drain,
+                        "in_rotation": b.in_rotation,
+                        "check": b.check,
+                        "last_check": b.last_check,
+                        "note": b.note,
+                        "packets": b.counters.packets,
+                        "bytes": b.counters.bytes,
+                        "new_flows": b.counters.new_flows,
+                        "flows": flows.map(|f| f.backend(b)),
+                        "rate": rate(rates.backends.get(&bkey)),
+                    })
+                })
+                .collect();
+            json!({
+                "key": key,
+                "vip": v.addr.to_string(),
+                "proto": v.proto,
+                "algo": v.algo,
+                "check": v.check,
+                "packets": v.counters.packets,
+                "bytes": v.counters.bytes,
+                "new_flows": v.counters.new_flows,
+                "flows": flows.map(|f| v.backends.iter().map(|b| f.backend(b)).sum::<u64>()),
+                "backends_in_rotation": v.backends.iter().filter(|b| b.in_rotation).count(),
+                "rate": rate(rates.vips.get(&key)),
+                "backends": backends,
+            })
+        })
+        .collect();
+    let reasons: Vec<Value> = Reason::ALL
+        .iter()
+        .zip(&snapshot.reasons)
+        .enumerate()
+        .map(|(i, (r, c))| {
+            json!({
+                "reason": r.name(),
+                "action": action(*r),
+                "packets": c.packets,
+                "bytes": c.bytes,
+                "pps": round1(rates.reasons.get(i).map_or(0.0, |r| r.pps)),
+            })
+        })
+        .collect();
+    json!({
+        "agent": info,
+        "time": round3(snapshot.time),
+        "flow_table": {
+            "entries": flows.map(|f| f.entries),
+            "capacity": lb_common::MAX_FLOWS,
+            "scanned_at": flows.map(|f| round3(f.time)),
+        },
+        "reasons": reasons,
+        "vips": vips,
+        "history": history.series(since),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(addr: &str, packets: u64) -> BackendSnapshot {
+        BackendSnapshot {
+            addr: addr.parse().unwrap(),
+            id: 1,
+            generation: 1,
+            state: "up",
+            healthy: true,
+            weight: 1,
+            backup: false,
+            drain: false,
+            in_rotation: true,
+            check: "none".into(),
+            last_check: None,
+            note: None,
+            counters: Count {
+                packets,
+                bytes: packets * 100,
+                new_flows: packets / 10,
+            },
+        }
+    }
+
+    fn snapshot(time: f64, backends: &[(&str, u64)]) -> Arc<Snapshot> {
+        let backends: Vec<_> = backends.iter().map(|(a, p)| backend(a, *p)).collect();
+        let total = backends.iter().map(|b| b.counters.packets).sum::<u64>();
+        let mut reasons = vec![Count::default(); Reason::ALL.len()];
+        reasons[0].packets = total;
+        reasons[Reason::DropNoBackend as usize].packets = total / 2;
+        Arc::new(Snapshot {
+            time,
+            vips: vec![VipSnapshot {
+                addr: "10.99.1.1:80".parse().unwrap(),
+                proto: Proto::Tcp,
+                algo: Algo::Rr,
+                check: "none".into(),
+                counters: Count {
+                    packets: total,
+                    bytes: total * 100,
+                    new_flows: total / 10,
+                },
+                backends,
+            }],
+            reasons,
+            firewall: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn rates_come_from_the_latest_two_snapshots() {
+        let mut h = History::default();
+        h.push(snapshot(100.0, &[("10.0.0.1", 0), ("10.0.0.2", 50)]));
+        assert!(h.rates().vips.is_empty());
+        h.push(snapshot(102.0, &[("10.0.0.1", 200), ("10.0.0.2", 10)]));
+        let r = h.rates();
+        let b1 = r.backends["10.99.1.1:80/tcp 10.0.0.1"];
+        assert_eq!(b1.pps, 100.0);
+        assert_eq!(b1.bps, 100.0 * 100.0 * 8.0);
+        assert_eq!(b1.new_flows_ps, 10.0);
+        // A counter that went back (a reused id) is no traffic, not negative traffic.
+        assert_eq!(r.backends["10.99.1.1:80/tcp 10.0.0.2"].pps, 0.0);
+        assert_eq!(r.vips["10.99.1.1:80/tcp"].pps, (210.0 - 50.0) / 2.0);
+    }
+
+    #[test]
+    fn series_follow_backends_that_come_and_go() {
+        let mut h = History::default();
+        h.push(snapshot(1.0, &[("10.0.0.1", 0)]));
+        h.push(snapshot(2.0, &[("10.0.0.1", 10)]));
+        h.push(snapshot(3.0, &[("10.0.0.1", 30), ("10.0.0.2", 5)]));
+        h.push(snapshot(4.0, &[("10.0.0.2", 25)]));
+        let s = h.series(0.0);
+        assert_eq!(s["t"], json!([2.0, 3.0, 4.0]));
+        assert_eq!(
+            s["backends"]["10.99.1.1:80/tcp 10.0.0.1"]["pps"],
+            json!([10.0, 20.0, null])
+        );
+        assert_eq!(
+            s["backends"]["10.99.1.1:80/tcp 10.0.0.2"]["pps"],
+            json!([null, null, 20.0])
+        );
+        assert_eq!(s["total"]["forwarded_pps"], json!([10.0, 25.0, 0.0]));
+        assert_eq!(s["total"]["dropped_pps"], json!([5.0, 12.0, 0.0]));
+        // Only what came after `since`.
+        let s = h.series(3.0);
+        assert_eq!(s["t"], json!([4.0]));
+        assert_eq!(
+            s["backends"]["10.99.1.1:80/tcp 10.0.0.2"]["pps"],
+            json!([20.0])
+        );
+    }
+
+    #[test]
+    fn history_keeps_ten_minutes() {
+        let mut h = History::default();
+        for i in 0..(HISTORY_SECONDS + 50) {
+            h.push(snapshot(i as f64, &[("10.0.0.1", i as u64)]));
+        }
+        let s = h.series(0.0);
+        assert_eq!(s["t"].as_array().unwrap().len(), HISTORY_SECONDS);
+        assert_eq!(s["vips"]["10.99.1.1:80/tcp"]["pps"][0], json!(1.0));
+    }
+
+    #[test]
+    fn status_has_every_backend_with_rates_and_flows() {
+        let mut h = History::default();
+        h.push(snapshot(1.0, &[("10.0.0.1", 0), ("10.0.0.2", 0)]));
+        let latest = snapshot(2.0, &[("10.0.0.1", 40), ("10.0.0.2", 60)]);
+        h.push(latest.clone());
+        let info = AgentInfo {
+            hostname: "lb1".into(),
+            version: "0.1.0",
+            attach_mode: "native",
+            interfaces: vec!["eth0".into()],
+            started: 0.0,
+        };
+        let flows = FlowScan {
+            entries: 7,
+            per_backend: [((1, 1), 7)].into(),
+            time: 2.0,
+            took: Duration::ZERO,
+        };
+        let s = status_json(&info, &latest, Some(&flows), &h, 0.0);
+        let vip = &s["vips"][0];
+        assert_eq!(vip["vip"], "10.99.1.1:80");
+        assert_eq!(vip["rate"]["pps"], 100.0);
+        assert_eq!(vip["backends"][1]["address"], "10.0.0.2");
+        assert_eq!(vip["backends"][1]["rate"]["pps"], 60.0);
+        assert_eq!(vip["backends"][1]["state"], "up");
+        assert_eq!(vip["backends"][0]["flows"], 7);
+        assert_eq!(s["flow_table"]["entries"], 7);
+        assert_eq!(s["reasons"][0]["reason"], "forwarded");
+        assert_eq!(s["reasons"][0]["pps"], 100.0);
+        assert_eq!(s["agent"]["interfaces"][0], "eth0");
+    }
+}

@@ -1,0 +1,248 @@
+//! Shared by the end-to-end tests (`tests/e2e.rs`, `tests/ha.rs`): a namespace test bed
+//! (see `xtask::testbed`) with backends serving and an agent running, the `lb` CLI, and
+//! assertions on what it reports.
+//!
+//! Every helper panics with the full error (and what it was waiting for) instead of
+//! returning it: these are test helpers.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Output,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use xtask::{
+    testbed::{Agent, Config, HTTP_PORT, Proc, Testbed, VIP4, VIP6},
+    traffic::Tally,
+};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Held by each test for its whole run: tests of one binary run one at a time. Each builds
+/// its own test bed, and test beds could run side by side, but on a small machine parallel
+/// agents and servers make the timing of everything worse for no gain.
+pub fn serial() -> MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the next test needs it all the same.
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn vip4() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP4), HTTP_PORT)
+}
+
+pub fn vip6() -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(VIP6), HTTP_PORT)
+}
+
+/// A test bed with every backend serving and the agent running. Fields drop in order:
+/// the agent and the servers stop before the test bed removes the namespaces.
+pub struct Setup {
+    pub agent: Agent,
+    /// Backend i's server (1-based) is `servers[i - 1]`: kill it to make the backend fail,
+    /// replace it with `bed.start_backend(i)` to bring it back.
+    pub servers: Vec<Proc>,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub bed: Testbed,
+}
+
+impl Setup {
+    pub fn new(backends: usize) -> Setup {
+        let bed = Testbed::new(Config { backends }).unwrap_or_else(|e| panic!("{e:#}"));
+        let servers = bed.start_backends().unwrap_or_else(|e| panic!("{e:#}"));
+        let config = bed.dir().join("lb.toml");
+        let socket = bed.dir().join("lb.sock");
+        let agent = bed
+            .start_agent(&config, &socket)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Setup {
+            agent,
+            servers,
+            config,
+            socket,
+            bed,
+        }
+    }
+
+    /// `lb ARGS --socket S`, which must succeed; returns stdout.
+    pub fn lb(&self, args: &[&str]) -> String {
+        lb_at(&self.bed, &self.socket, args)
+    }
+
+    /// `lb ARGS --socket S`, which must fail with exactly one line on stderr; returns it.
+    pub fn lb_fails(&self, args: &[&str]) -> String {
+        let out = self
+            .bed
+            .lb_cli(&self.socket, args)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        one_line_error(&format!("lb {}", args.join(" ")), &out)
+    }
+
+    /// Backend `i` (1-based) by address family.
+    pub fn backend(&self, i: usize, v6: bool) -> String {
+        self.bed.backends[i - 1].addr(v6).to_string()
+    }
+
+    /// A VIP with the given backends (1-based indices), through the CLI.
+    pub fn configure(&self, vip: SocketAddr, backends: &[usize]) {
+        let v = vip.to_string();
+        self.lb(&["vip", "add", &v, "--proto", "tcp"]);
+        for &i in backends {
+            self.lb(&["backend", "add", &v, &self.backend(i, vip.is_ipv6())]);
+        }
+    }
+
+    /// `count` new connections through `to`; every one must be answered.
+    pub fn requests(&self, to: SocketAddr, count: u32) -> Tally {
+        let tally = self
+            .bed
+            .requests(to, count)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(
+            tally.errors.is_empty(),
+            "{} of {count} connections to {to} failed, first: {}\nagent log:\n{}",
+            tally.errors.len(),
+            tally.errors[0],
+            self.agent.proc.log()
+        );
+        tally
+    }
+
+    /// Like [`Setup::requests`], from source ports `first_port`, `first_port + 1`, ...
+    /// (see `Testbed::requests_from`).
+    pub fn requests_from(&self, to: SocketAddr, count: u32, first_port: u16) -> Tally {
+        let tally = self
+            .bed
+            .requests_from(to, count, first_port)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(
+            tally.errors.is_empty(),
+            "{} of {count} connections to {to} from ports {first_port}.. failed, first: {}\n\
+             agent log:\n{}",
+            tally.errors.len(),
+            tally.errors[0],
+            self.agent.proc.log()
+        );
+        tally
+    }
+
+    /// `lb backend list --json`.
+    pub fn backend_list(&self) -> Vec<Value> {
+        backend_list_at(&self.bed, &self.socket)
+    }
+
+    /// (vip, proto, address, state) of every backend: what bad input must not change.
+    pub fn backend_set(&self) -> BTreeSet<(String, String, String, String)> {
+        self.backend_list()
+            .iter()
+            .map(|b| {
+                (
+                    field(b, "vip"),
+                    field(b, "proto"),
+                    field(b, "address"),
+                    field(b, "state"),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until every backend of the agent reports state "up".
+    pub fn wait_all_up(&self) {
+        wait_backends(&self.bed, &self.socket, "every backend up", |list| {
+            !list.is_empty() && list.iter().all(|b| field(b, "state") == "up")
+        });
+    }
+}
+
+/// `lb ARGS --socket SOCKET` (for any agent of the test bed), which must succeed; returns
+/// stdout.
+pub fn lb_at(bed: &Testbed, socket: &Path, args: &[&str]) -> String {
+    bed.lb_cli_ok(socket, args)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// `lb backend list --json` of the agent on `socket`.
+pub fn backend_list_at(bed: &Testbed, socket: &Path) -> Vec<Value> {
+    let out = lb_at(bed, socket, &["backend", "list", "--json"]);
+    match serde_json::from_str(&out) {
+        Ok(Value::Array(v)) => v,
+        other => panic!("`lb backend list --json` is not a JSON array: {other:?}\n{out}"),
+    }
+}
+
+/// Polls `lb backend list --json` of the agent on `socket` every 50 ms until `ok` holds
+/// (at most 10 s, then panics with `what` and the last list).
+pub fn wait_backends(bed: &Testbed, socket: &Path, what: &str, ok: impl Fn(&[Value]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = backend_list_at(bed, socket);
+        if ok(&list) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not {what} after 10 s: {list:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A JSON field as a string (numbers and strings alike), panicking if it is missing.
+pub fn field(v: &Value, name: &str) -> String {
+    match v.get(name) {
+        Some(Value::String(s)) => s.clone(),
+        Some(other @ (Value::Number(_) | Value::Bool(_))) => other.to_string(),
+        other => panic!("backend entry without \"{name}\" ({other:?}): {v}"),
+    }
+}
+
+pub fn number(v: &Value, name: &str) -> u64 {
+    v.get(name)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no number \"{name}\" in {v}"))
+}
+
+/// Checks a failed command: non-zero exit and one non-empty line on stderr.
+pub fn one_line_error(what: &str, out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "`{what}` should fail but exited 0; stdout: {}",
+        { String::from_utf8_lossy(&out.stdout) }
+    );
+    let text = stderr.trim_end();
+    assert!(
+        !text.is_empty(),
+        "`{what}` failed ({}) without a message",
+        out.status
+    );
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "`{what}` should say one line on stderr, said:\n{text}"
+    );
+    text.to_string()
+}
+
+/// What backend `i` (1-based) answers with.
+pub fn name(i: usize) -> String {
+    format!("backend-{i}")
+}
+
+/// The counts must be exactly `expected` (backend index, count); nobody else answered.
+pub fn assert_split(tally: &Tally, expected: &[(usize, u32)]) {
+    let want: BTreeMap<String, u32> = expected
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|&(i, n)| (name(i), n))
+        .collect();
+    assert_eq!(
+        tally.counts, want,
+        "connections per backend; in order: {:?}",
+        tally.sequence
+    );
+}
