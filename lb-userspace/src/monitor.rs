@@ -118,23 +118,102 @@ impl FlowCounts {
     }
 }
 
-/// Counts the table's entries per (backend id, generation). Bounded: an LRU table that
-/// churns while it is walked can send the key iteration back to its start.
+/// Counts the table's entries per (backend id, generation), a batch of entries a syscall
+/// (`BPF_MAP_LOOKUP_BATCH`), or, where the kernel cannot, key by key.
 fn walk(table: &FlowTable) -> FlowScan {
     let start = Instant::now();
     let mut scan = FlowScan::default();
-    for entry in table.iter().take(2 * MAX_FLOWS as usize) {
-        let Ok((_, v)) = entry else { break };
-        scan.entries += 1;
-        *scan
-            .per_backend
-            .entry((v.backend_id, v.backend_generation))
-            .or_insert(0) += 1;
+    let fd = std::os::fd::AsFd::as_fd(aya::maps::IterableMap::map(table).fd());
+    if let Err(e) = walk_batched(fd, &mut scan) {
+        log::debug!("batched flow-table walk: {e}; walking key by key");
+        scan = FlowScan::default();
+        // Bounded: an LRU table that churns while it is walked can send the key iteration
+        // back to its start.
+        for entry in table.iter().take(2 * MAX_FLOWS as usize) {
+            let Ok((_, v)) = entry else { break };
+            scan.count(&v);
+        }
     }
     scan.entries = scan.entries.min(MAX_FLOWS.into());
     scan.took = start.elapsed();
     scan.time = status::unix_now();
     scan
+}
+
+impl FlowScan {
+    fn count(&mut self, v: &FlowValue) {
+        self.entries += 1;
+        *self
+            .per_backend
+            .entry((v.backend_id, v.backend_generation))
+            .or_insert(0) += 1;
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` (Linux 5.6) over the whole table, 16,384 entries a syscall
+/// instead of two syscalls an entry: a full table (a million flows) in about 0.4 s
+/// instead of 3.6 s (measured on a 2-core VM).
+fn walk_batched(fd: std::os::fd::BorrowedFd<'_>, scan: &mut FlowScan) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const BATCH: usize = 16384;
+    /// The `batch` member of the kernel's `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let mut keys = vec![FlowKey::default(); BATCH];
+    let mut values = vec![FlowValue::default(); BATCH];
+    // Hash maps resume from a bucket number.
+    let (mut token, mut next) = (0u32, 0u32);
+    for round in 0..(2 * MAX_FLOWS as usize / BATCH + 64) {
+        let mut attr = BatchAttr {
+            in_batch: if round == 0 {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the kernel writes at most `count` keys and values into buffers of that
+        // many, and a u32 into `next`; all outlive the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        let error = (r < 0).then(std::io::Error::last_os_error);
+        let done = matches!(&error, Some(e) if e.raw_os_error() == Some(libc::ENOENT));
+        if let Some(e) = error
+            && !done
+        {
+            return Err(e);
+        }
+        for v in &values[..(attr.count as usize).min(BATCH)] {
+            scan.count(v);
+        }
+        if done {
+            return Ok(());
+        }
+        token = next;
+    }
+    Ok(())
 }
 
 // ---- the listener ----------------------------------------------------------------------

@@ -128,20 +128,24 @@ fn timeline(attempts: &[Attempt], t0: u64) -> String {
     out.join("\n")
 }
 
-/// The load was steady: every attempt is there (in order), and none started more than one
-/// check interval after the one before (the load's threads can be scheduled late on a busy
-/// machine, but no stretch of time as long as a check interval went unobserved). Returns
-/// the longest gap.
-fn assert_steady(attempts: &[Attempt]) -> u64 {
+/// Every attempt of the load is there, in order; returns the longest time between two
+/// attempts' starts (the load's threads can be scheduled late on a busy machine).
+fn longest_gap(attempts: &[Attempt]) -> u64 {
     assert!(!attempts.is_empty(), "the load made no attempts");
     for (i, a) in attempts.iter().enumerate() {
         assert_eq!(a.seq, i as u64, "attempts missing from the load's record");
     }
-    let gap = attempts
+    attempts
         .windows(2)
         .map(|w| w[1].start_us.saturating_sub(w[0].start_us))
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// The load was steady enough to measure a failure window: no stretch as long as a check
+/// interval went without a new connection. Returns the longest gap.
+fn assert_steady(attempts: &[Attempt]) -> u64 {
+    let gap = longest_gap(attempts);
     assert!(
         gap <= INTERVAL_MS * 1000,
         "the load stalled: {:.0} ms without a new connection",
@@ -743,7 +747,9 @@ fn agent_kill_9_under_load_is_hitless() {
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
     let after = s.backend_list();
 
-    let gap = assert_steady(&attempts);
+    // What matters here is that no connection failed and enough ran while no agent was
+    // there (checked below), not the pacing.
+    let gap = longest_gap(&attempts);
     let failed = failures(&attempts, 0, u64::MAX);
     let during = attempts
         .iter()
