@@ -78,6 +78,8 @@ struct Packet {
     l4: usize,
     /// Where the IP packet ends (Ethernet padding may follow).
     ip_end: usize,
+    /// A TCP SYN without ACK: the first packet of a new connection.
+    syn: bool,
 }
 
 #[xdp]
@@ -109,7 +111,7 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     }
     // Only a VIP's own ports are open on its address.
     let vip = lookup_vip(&pkt.flow).ok_or(Reason::DropClosedPort)?;
-    let (backend_id, backend) = select_backend(&pkt.flow, &vip)?;
+    let (backend_id, backend) = select_backend(&pkt.flow, &vip, pkt.syn)?;
     let action = forward(ctx, &backend)?;
     count(&VIP_STATS, vip.vip_id, pkt.len, false);
     count(&BACKEND_STATS, backend_id, pkt.len, false);
@@ -138,8 +140,9 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         ETH_P_IPV6 => parse_ipv6(ctx, l3, frame_len, &mut flow)?,
         _ => return Err(Reason::PassNotIp),
     };
+    let mut syn = false;
     if flow.proto == PROTO_TCP || flow.proto == PROTO_UDP {
-        parse_ports(ctx, l4, ip_end, &mut flow)?;
+        syn = parse_ports(ctx, l4, ip_end, &mut flow)?;
     }
     Ok(Packet {
         flow,
@@ -147,6 +150,7 @@ fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         l3,
         l4,
         ip_end,
+        syn,
     })
 }
 
@@ -288,7 +292,7 @@ fn parse_ports(
     l4: usize,
     ip_end: usize,
     flow: &mut FlowKey,
-) -> Result<(), Reason> {
+) -> Result<bool, Reason> {
     let min_len = if flow.proto == PROTO_TCP { 20 } else { 8 };
     if l4 + min_len > ip_end || ctx.data() + l4 + min_len > ctx.data_end() {
         return Err(Reason::DropTruncatedL4);
@@ -297,16 +301,19 @@ fn parse_ports(
     let ports = unsafe { *ports };
     flow.sport = ports[0];
     flow.dport = ports[1];
-    if flow.proto == PROTO_TCP {
-        let flags: *const u8 = ptr_at(ctx, l4 + 13).ok_or(Reason::DropTruncatedL4)?;
-        check_tcp_flags(unsafe { *flags })?;
+    if flow.proto != PROTO_TCP {
+        return Ok(false);
     }
-    Ok(())
+    let flags: *const u8 = ptr_at(ctx, l4 + 13).ok_or(Reason::DropTruncatedL4)?;
+    let flags = unsafe { *flags };
+    check_tcp_flags(flags)?;
+    Ok(flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
 }
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 /// No real connection sends a segment without flags (a "null scan"), nor SYN together with
 /// FIN or RST (scans, fingerprinting, and stack-confusion tricks).
@@ -334,10 +341,12 @@ fn lookup_vip(flow: &FlowKey) -> Option<VipMeta> {
 }
 
 /// The flow's pinned backend while that backend still keeps flows; otherwise a new one from
-/// the VIP's ring, remembered in the flow table.
+/// the VIP's ring, remembered in the flow table. A TCP SYN is a new connection even when
+/// its 5-tuple is still in the table (a client reusing a source port): it is balanced
+/// afresh, so it never lands on a backend that drains or left the ring since.
 #[inline(always)]
-fn select_backend(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Reason> {
-    if let Some(pinned) = FLOWS.get_ptr(flow) {
+fn select_backend(flow: &FlowKey, vip: &VipMeta, syn: bool) -> Result<(u32, Backend), Reason> {
+    if let Some(pinned) = FLOWS.get_ptr(flow).filter(|_| !syn) {
         let pinned = unsafe { *pinned };
         if let Some(backend) = BACKENDS.get(pinned.backend_id) {
             let keep = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;

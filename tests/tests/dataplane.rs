@@ -244,6 +244,22 @@ fn a_draining_backend_keeps_its_flows_but_takes_no_new_ones() {
         ),
     ]);
     assert_eq!(fx.dp.flow(&a.flow_key()), pinned(1, 1));
+    // A new connection that reuses a's 5-tuple (the client recycled the source port) is
+    // balanced afresh: its SYN does not follow the old entry to the draining backend.
+    let a_again = a.clone().flags(TCP_SYN);
+    fx.run_all(&[
+        Case::new(
+            "a's port reused: syn",
+            a_again.build(),
+            Expect::tx(0, 2, true),
+        ),
+        Case::new(
+            "the new connection's ack",
+            a.build(),
+            Expect::tx(0, 2, false),
+        ),
+    ]);
+    assert_eq!(fx.dp.flow(&a.flow_key()), pinned(2, 1));
 }
 
 #[test]
