@@ -424,14 +424,7 @@ impl Agent {
 
     fn validate_new_backend(&self, vi: usize, config: &BackendConfig) -> Result<()> {
         let (service, addr) = (&self.vips[vi].service, config.address);
-        model::check_unicast(addr, "backend")?;
-        model::check_weight(config.weight)?;
-        if let Some(c) = &config.check {
-            c.validate()?;
-        }
-        if addr.is_ipv4() != service.addr.is_ipv4() {
-            bail!("backend {addr} is not of the same address family as VIP {service}");
-        }
+        config.validate(service)?;
         if self.vips[vi].backends.iter().any(|b| b.addr == addr) {
             bail!("backend {addr} already serves VIP {service}");
         }
