@@ -458,6 +458,9 @@ fn reaction(bed: &Testbed, socket: &Path, trials: u32, report: &mut Report) -> R
             if Instant::now() > deadline {
                 bail!("no new flow reached the added backend within 10 s");
             }
+            // Paced, so the probing thread leaves the agent a CPU (2-core machine); the
+            // resolution is this pause plus one run, about 0.1 ms.
+            std::thread::sleep(Duration::from_micros(50));
         };
         let (r, answered) = adder
             .join()

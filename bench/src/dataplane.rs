@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{FlowValue, PROTO_TCP, PROTO_UDP};
-use lb_tests::fixtures::{Fixture, Pkt, TEST_RUN_IFINDEX, flow_key};
+use lb_tests::fixtures::{Fixture, Pkt, TCP_SYN, TEST_RUN_IFINDEX, flow_key};
 use serde::Serialize;
 
 use crate::{
@@ -100,7 +100,7 @@ pub const CASE_EST_TCP4: &str = "established IPv4 TCP flow";
 pub const CASE_EST_TCP6: &str = "established IPv6 TCP flow";
 pub const CASE_EST_UDP4: &str = "established IPv4 UDP flow";
 pub const CASE_NON_VIP: &str = "non-VIP IPv4 (XDP_PASS)";
-pub const CASE_FIREWALL: &str = "firewall drop";
+pub const CASE_FIREWALL: &str = "firewall drop (source in a drop list)";
 
 pub const CONFIG_1: &str = "1 backend";
 pub const CONFIG_1000: &str = "1,000 backends";
@@ -136,12 +136,22 @@ struct Template {
 }
 
 impl Template {
+    /// TCP frames are data segments of an established connection (ACK PSH).
     fn new(base: IpAddr, vip: SocketAddr, proto: u8) -> Self {
+        Self::with(base, vip, proto, None)
+    }
+
+    /// A TCP SYN: the first packet of a new connection (always balanced afresh).
+    fn syn(base: IpAddr, vip: SocketAddr) -> Self {
+        Self::with(base, vip, PROTO_TCP, Some(TCP_SYN))
+    }
+
+    fn with(base: IpAddr, vip: SocketAddr, proto: u8, flags: Option<u8>) -> Self {
         let src = client(base, 0);
-        let pkt = if proto == PROTO_UDP {
-            Pkt::udp(src, vip)
-        } else {
-            Pkt::tcp(src, vip)
+        let pkt = match (proto, flags) {
+            (PROTO_UDP, _) => Pkt::udp(src, vip),
+            (_, Some(f)) => Pkt::tcp(src, vip).flags(f),
+            (_, None) => Pkt::tcp(src, vip),
         };
         Template {
             frame: pkt.build(),
@@ -283,11 +293,16 @@ const THOUSAND: Vips = Vips {
 };
 
 const BACKENDS: u32 = 1_000;
+/// Drop-list rules configured in every phase: /24s of 100.64.0.0/10, and the one the
+/// firewall case's source falls in.
+const FIREWALL_RULES: u32 = 1_000;
+const DROPPED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 /// Backend ids of the IPv6 VIPs start here (ids of IPv4 backends are 1..=1000).
 const V6_IDS: u32 = 1_001;
 
 /// A program loaded with fresh maps, configured with both VIP sets and 2,000 backends, all
-/// behind the test-run ingress (so forwarded frames leave with XDP_TX), as the agent would.
+/// behind the test-run ingress (so forwarded frames leave with XDP_TX), and 1,001 firewall
+/// drop rules (which every packet is checked against first), as the agent would.
 fn configured_fixture() -> Fixture {
     let mut fx = Fixture::new();
     for i in 0..BACKENDS {
@@ -296,6 +311,17 @@ fn configured_fixture() -> Fixture {
         let v6 = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, i as u16);
         fx.backend(V6_IDS + i, IpAddr::V6(v6), TEST_RUN_IFINDEX);
     }
+    for i in 0..FIREWALL_RULES {
+        let net = ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64 + (i >> 8) as u8, i as u8, 0), 24)
+            .expect("a /24");
+        fx.dp
+            .set_firewall_rule(&ipnet::IpNet::V4(net), i + 1)
+            .expect("writing a drop rule");
+    }
+    let dropped = ipnet::Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24).expect("a /24");
+    fx.dp
+        .set_firewall_rule(&ipnet::IpNet::V4(dropped), FIREWALL_RULES + 1)
+        .expect("writing a drop rule");
     let all4: Vec<u32> = (1..=BACKENDS).collect();
     let all6: Vec<u32> = (V6_IDS..V6_IDS + BACKENDS).collect();
     fx.vip(ONE.tcp4.0, PROTO_TCP, ONE.tcp4.1, 0, &[1]);
@@ -346,7 +372,7 @@ fn lb_cases<'a>(
         case(
             CASE_NEW_TCP4,
             Frames::New {
-                t: Template::new(IpAddr::V4(NEW_V4), vips.tcp4.0, PROTO_TCP),
+                t: Template::syn(IpAddr::V4(NEW_V4), vips.tcp4.0),
                 // Per configuration its own range of new flows.
                 next: u64::from(vips.tcp4.1) << 32,
             },
@@ -385,6 +411,15 @@ fn lb_cases<'a>(
                 .build(),
             ),
             XDP_PASS,
+            None,
+            FlowCheck::NotAVip,
+        ),
+        case(
+            CASE_FIREWALL,
+            Frames::Fixed(
+                Pkt::tcp(SocketAddr::new(IpAddr::V4(DROPPED), 40000), vips.tcp4.0).build(),
+            ),
+            XDP_DROP,
             None,
             FlowCheck::NotAVip,
         ),
@@ -611,15 +646,6 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         Ok(())
     })?;
     notes.append(&mut more);
-    rows_out.push(Row {
-        case: CASE_FIREWALL.into(),
-        config: "-".into(),
-        ns: None,
-        ratio_tx: None,
-        amortized: None,
-        amortized_ratio_tx: None,
-        note: Some("not yet available: the firewall is not merged".into()),
-    });
     Ok(Report {
         rows: rows_out,
         notes,

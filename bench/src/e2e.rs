@@ -124,7 +124,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         sysctl(&bed, ns, "net.ipv4.ip_local_port_range=1024 65535")?;
         sysctl(&bed, ns, "net.ipv4.tcp_tw_reuse=1")?;
     }
-    let _backend = start_nginx_backend(&bed)?;
+    let backend = start_nginx_backend(&bed)?;
     let socket = bed.dir().join("lb.sock");
     let (agent, _) = control::start_agent_timed(
         &bed,
@@ -143,12 +143,13 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         )?;
     }
 
-    packets(&bed, opts, progress, &mut report)?;
-    http(&bed, opts, progress, &mut report)?;
-
+    let result = packets(&bed, opts, progress, &mut report)
+        .and_then(|()| http(&bed, opts, progress, &mut report));
+    drop(backend);
     drop(agent);
+    kill_leftovers(&bed);
     drop(bed);
-    Ok(report)
+    result.map(|()| report)
 }
 
 // ---- packets per second -----------------------------------------------------------------
@@ -366,8 +367,42 @@ fn generator_rate(bed: &Testbed, tool: &str, args: &[String], window: Duration) 
 
 // ---- HTTP -------------------------------------------------------------------------------
 
+/// A server with worker processes (nginx): stopped with SIGTERM so the master takes its
+/// workers down with it (a SIGKILLed master would orphan them), then killed if need be.
+struct Server(Proc);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.0.signal(libc::SIGTERM).is_ok() {
+            let _ = self.0.wait_timeout(Duration::from_secs(5));
+        }
+        self.0.kill();
+    }
+}
+
+/// Kills (by PID) whatever still runs in the test bed's namespaces, before they go.
+fn kill_leftovers(bed: &Testbed) {
+    let mut all = vec![bed.switch.clone(), bed.client.ns.clone(), bed.lb.ns.clone()];
+    all.extend(bed.backends.iter().map(|b| b.ns.clone()));
+    for ns in all {
+        let Ok(out) = std::process::Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+        else {
+            continue;
+        };
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<libc::pid_t>().ok())
+        {
+            // SAFETY: plain syscall; the process lives in a namespace this run created.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// nginx on the backend: one worker, a fixed answer, keep-alive without a request limit.
-fn start_nginx_backend(bed: &Testbed) -> Result<Proc> {
+fn start_nginx_backend(bed: &Testbed) -> Result<Server> {
     let dir = bed.dir().join("nginx-b1");
     std::fs::create_dir_all(&dir)?;
     let d = dir.to_string_lossy();
@@ -383,13 +418,13 @@ fn start_nginx_backend(bed: &Testbed) -> Result<Proc> {
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
     let p = path.to_string_lossy().into_owned();
-    let proc = bed.spawn_in(
+    let server = Server(bed.spawn_in(
         &bed.backends[0].ns,
         "nginx",
         ["-c", p.as_str(), "-p", &d, "-e", &format!("{d}/error.log")],
-    )?;
+    )?);
     wait_http(bed, SocketAddr::new(IpAddr::V4(bed.backends[0].ipv4), 80))?;
-    Ok(proc)
+    Ok(server)
 }
 
 /// Waits until a request from the client to `to` is answered.
@@ -400,7 +435,7 @@ fn wait_http(bed: &Testbed, to: SocketAddr) -> Result<()> {
     .with_context(|| format!("waiting for HTTP answers from {to}"))
 }
 
-fn start_haproxy(bed: &Testbed) -> Result<Proc> {
+fn start_haproxy(bed: &Testbed) -> Result<Server> {
     let conf = format!(
         "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 2s\n  \
          timeout client 30s\n  timeout server 30s\n\nfrontend fe\n  bind {}:{HAPROXY_PORT}\n  \
@@ -410,12 +445,12 @@ fn start_haproxy(bed: &Testbed) -> Result<Proc> {
     let path = bed.dir().join("haproxy.cfg");
     std::fs::write(&path, conf)?;
     let p = path.to_string_lossy().into_owned();
-    let proc = bed.spawn_in(&bed.lb.ns, "haproxy", ["-f", p.as_str(), "-db"])?;
+    let server = Server(bed.spawn_in(&bed.lb.ns, "haproxy", ["-f", p.as_str(), "-db"])?);
     wait_http(bed, SocketAddr::new(IpAddr::V4(bed.lb.ipv4), HAPROXY_PORT))?;
-    Ok(proc)
+    Ok(server)
 }
 
-fn start_nginx_stream(bed: &Testbed) -> Result<Proc> {
+fn start_nginx_stream(bed: &Testbed) -> Result<Server> {
     let dir = bed.dir().join("nginx-stream");
     std::fs::create_dir_all(&dir)?;
     let d = dir.to_string_lossy();
@@ -431,13 +466,13 @@ fn start_nginx_stream(bed: &Testbed) -> Result<Proc> {
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
     let p = path.to_string_lossy().into_owned();
-    let proc = bed.spawn_in(
+    let server = Server(bed.spawn_in(
         &bed.lb.ns,
         "nginx",
         ["-c", p.as_str(), "-p", &d, "-e", &format!("{d}/error.log")],
-    )?;
+    )?);
     wait_http(bed, SocketAddr::new(IpAddr::V4(bed.lb.ipv4), NGINX_PORT))?;
-    Ok(proc)
+    Ok(server)
 }
 
 /// Requests/s from one wrk run (errors make it fail).
