@@ -8,7 +8,7 @@
 //! comes from the snapshot: a new kind of data is a field of `Snapshot`, filled in
 //! `Agent::snapshot`). For example:
 //!
-//! ```ignore
+//! ```text
 //! fn firewall(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
 //!     let hits = out.counter("lb_firewall_rule_hits", "Packets that matched the firewall rule");
 //!     for rule in &s.snapshot.firewall_rules {
