@@ -4,7 +4,6 @@
 //! test runs, and opening an attached program by its id.
 
 use std::{
-    ffi::CString,
     io,
     mem::size_of,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
@@ -12,10 +11,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-const BPF_PROG_TYPE_XDP: u32 = 6;
 /// Run XDP on real frames from a page pool: XDP_TX and XDP_REDIRECT really transmit.
 pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
@@ -140,53 +137,8 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-}
-
-/// Loads `insns` as an XDP program named `name` (at most 15 bytes) and returns its fd.
-pub fn load_xdp(name: &str, insns: &[u64]) -> Result<OwnedFd> {
-    let license = CString::new("GPL").expect("no NUL");
-    let mut prog_name = [0u8; 16];
-    let n = name.len().min(15);
-    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    let mut log = vec![0u8; 64 * 1024];
-    let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_XDP,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
-        prog_name,
-        ..Default::default()
-    };
-    match bpf(BPF_PROG_LOAD, &mut attr) {
-        // SAFETY: the kernel just gave us this fd.
-        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
-        Err(e) => {
-            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            Err(e).with_context(|| {
-                format!(
-                    "loading XDP program {name}; verifier log:\n{}",
-                    String::from_utf8_lossy(&log[..end])
-                )
-            })
-        }
-    }
-}
+/// Loads raw instructions as an XDP program: the test bed's loader, shared.
+pub use xtask::xdp_pass::load_xdp;
 
 #[repr(C)]
 #[derive(Default)]

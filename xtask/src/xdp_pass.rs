@@ -13,7 +13,12 @@
 //! after this process exits, until the interface is deleted with its namespace. No C
 //! toolchain, ELF object or BPF loader library is needed for two instructions.
 
-use std::{ffi::CString, io, mem::size_of};
+use std::{
+    ffi::CString,
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
@@ -42,25 +47,27 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
 }
 
-/// Loads `r0 = XDP_PASS; exit` and returns its fd.
-fn load_pass_program() -> Result<libc::c_int> {
-    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 2 (XDP_PASS); then BPF_JMP | BPF_EXIT.
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0x00, 0, 0, 2, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0x00, 0, 0, 0, 0, 0, 0]),
-    ];
+/// Loads `insns` (raw BPF instructions) as an XDP program named `name` (at most 15 bytes)
+/// and returns its fd; a refusal carries the verifier's log. Shared with lb-bench, which
+/// loads its baseline programs the same way.
+pub fn load_xdp(name: &str, insns: &[u64]) -> Result<OwnedFd> {
     let license = CString::new("GPL").expect("no NUL");
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(b"xdp_pass");
+    let mut prog_name = [0u8; 16];
+    let n = name.len().min(15);
+    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let mut log = vec![0u8; 64 * 1024];
     let attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_XDP,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        prog_name: name,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        prog_name,
         ..Default::default()
     };
-    // SAFETY: attr, insns and license outlive the call; the size is that of attr.
+    // SAFETY: attr, insns, license and log outlive the call; the size is that of attr.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -70,10 +77,27 @@ fn load_pass_program() -> Result<libc::c_int> {
         )
     };
     if fd < 0 {
-        return Err(io::Error::last_os_error())
-            .context("loading an XDP_PASS program (bpf syscall)");
+        let e = io::Error::last_os_error();
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        return Err(e).with_context(|| {
+            format!(
+                "loading XDP program {name}; verifier log:\n{}",
+                String::from_utf8_lossy(&log[..end])
+            )
+        });
     }
-    Ok(fd as libc::c_int)
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `r0 = XDP_PASS; exit`.
+fn load_pass_program() -> Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 2 (XDP_PASS); then BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0x00, 0, 0, 2, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0x00, 0, 0, 0, 0, 0, 0]),
+    ];
+    load_xdp("xdp_pass", &insns)
 }
 
 fn push_attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -104,7 +128,7 @@ pub fn attach(iface: &str) -> Result<()> {
     body.extend_from_slice(&0u32.to_ne_bytes());
     body.extend_from_slice(&0u32.to_ne_bytes());
     let mut xdp = Vec::new();
-    push_attr(&mut xdp, IFLA_XDP_FD, &prog.to_ne_bytes());
+    push_attr(&mut xdp, IFLA_XDP_FD, &prog.as_raw_fd().to_ne_bytes());
     push_attr(&mut xdp, IFLA_XDP_FLAGS, &XDP_FLAGS_DRV_MODE.to_ne_bytes());
     push_attr(&mut body, IFLA_XDP | NLA_F_NESTED, &xdp);
 
@@ -124,7 +148,6 @@ pub fn attach(iface: &str) -> Result<()> {
             libc::NETLINK_ROUTE,
         );
         if sock < 0 {
-            libc::close(prog);
             return Err(io::Error::last_os_error()).context("opening an rtnetlink socket");
         }
         let r = (|| -> Result<()> {
@@ -149,8 +172,8 @@ pub fn attach(iface: &str) -> Result<()> {
             }
             Ok(())
         })();
+        // The attachment holds its own reference: `prog` closes when dropped.
         libc::close(sock);
-        libc::close(prog);
         r
     }
 }
