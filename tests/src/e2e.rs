@@ -16,8 +16,8 @@ use std::{
 
 use serde_json::Value;
 use xtask::{
-    testbed::{Agent, Config, HTTP_PORT, Proc, Testbed, VIP4, VIP6},
-    traffic::Tally,
+    testbed::{Agent, Config, HTTP_PORT, KeepAlive, Proc, Testbed, VIP4, VIP6},
+    traffic::{Answer, Tally},
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -97,6 +97,30 @@ impl Setup {
     }
 
     /// `count` new connections through `to`; every one must be answered.
+    /// One keep-alive connection through `to`, a request every `interval` for at most
+    /// `max`, once it has answered three times; with the backend it is pinned to.
+    pub fn pinned_keepalive(
+        &self,
+        to: SocketAddr,
+        interval: Duration,
+        max: Duration,
+    ) -> (KeepAlive, String) {
+        let keepalive = self
+            .bed
+            .keepalive(to, interval, max)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let first = keepalive
+            .wait_answers(3, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let backend = match &first[0] {
+            Answer::Ok { backend, .. } => backend.clone(),
+            Answer::Err { message, .. } => {
+                panic!("keep-alive connection failed at once: {message}")
+            }
+        };
+        (keepalive, backend)
+    }
+
     pub fn requests(&self, to: SocketAddr, count: u32) -> Tally {
         let tally = self
             .bed

@@ -30,17 +30,8 @@ fn balances_and_follows_runtime_changes() {
     }
 
     // One long-lived connection, a request every 100 ms.
-    let keepalive = s
-        .bed
-        .keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(40))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let first = keepalive
-        .wait_answers(3, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let kept = match &first[0] {
-        Answer::Ok { backend, .. } => backend.clone(),
-        Answer::Err { message, .. } => panic!("keep-alive connection failed at once: {message}"),
-    };
+    let (keepalive, kept) =
+        s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(40));
     let kept_index: usize = kept
         .trim_start_matches("backend-")
         .parse()

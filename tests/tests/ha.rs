@@ -413,17 +413,8 @@ fn drain_keeps_established_connections() {
     let vip = vip4().to_string();
 
     // The only connection through the VIP so far: the drained backend has exactly one flow.
-    let keepalive = s
-        .bed
-        .keepalive(vip4(), Duration::from_millis(50), Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let first = keepalive
-        .wait_answers(3, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let kept = match &first[0] {
-        Answer::Ok { backend, .. } => backend.clone(),
-        Answer::Err { message, .. } => panic!("keep-alive connection failed: {message}"),
-    };
+    let (keepalive, kept) =
+        s.pinned_keepalive(vip4(), Duration::from_millis(50), Duration::from_secs(30));
     let (k, other) = if kept == name(1) { (1, 2) } else { (2, 1) };
     let k_addr = s.backend(k, false);
 
