@@ -713,9 +713,7 @@ impl Agent {
 
     /// Drops every packet from `net` from now on.
     pub fn add_rule(&mut self, net: IpNet) -> Result<()> {
-        if net.trunc() != net {
-            bail!("{net} has host bits set; write {}", net.trunc());
-        }
+        model::check_cidr(&net)?;
         if self.rules.iter().any(|(n, _)| *n == net) {
             bail!("{net} is already in the drop list");
         }

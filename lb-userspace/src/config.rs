@@ -245,12 +245,7 @@ impl Config {
             if self.firewall.drop[..i].contains(net) {
                 return Err((At::Firewall(i), anyhow!("drop rule {net} is listed twice")));
             }
-            if net.trunc() != *net {
-                return Err((
-                    At::Firewall(i),
-                    anyhow!("drop rule {net} has host bits set; write {}", net.trunc()),
-                ));
-            }
+            model::check_cidr(net).map_err(|e| (At::Firewall(i), e))?;
         }
         Ok(())
     }

@@ -210,10 +210,17 @@ pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet> {
             Err(_) => bail!("malformed CIDR {s:?}: expected ADDR/LEN, e.g. 203.0.113.0/24"),
         },
     };
-    if net.trunc() != net {
-        bail!("{s} has host bits set; write {}", net.trunc());
-    }
+    check_cidr(&net)?;
     Ok(net)
+}
+
+/// A drop rule must name its network, not a host in it (`10.1.2.3/8` is most likely a
+/// typo, and which it was is the user's call).
+pub fn check_cidr(net: &ipnet::IpNet) -> Result<()> {
+    if net.trunc() != *net {
+        bail!("drop rule {net} has host bits set; write {}", net.trunc());
+    }
+    Ok(())
 }
 
 pub fn check_unicast(ip: IpAddr, what: &str) -> Result<()> {
