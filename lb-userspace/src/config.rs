@@ -10,7 +10,7 @@
 //! burst = 200                # default: one second's worth
 //!
 //! [vip.check]                # optional; fields default to HAProxy's
-//! check = "http:/health"     # none | tcp | http:/PATH | tls
+//! check = "http:/health"     # none | tcp | http:/PATH | tls | mysql[-primary|-replica] | pgsql | exec:/PATH
 //! interval_ms = 2000
 //! rise = 2
 //! fall = 3

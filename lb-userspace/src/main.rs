@@ -80,7 +80,9 @@ enum Command {
 /// Health check settings (HAProxy's meaning).
 #[derive(Args, Default)]
 struct CheckArgs {
-    /// none, tcp (connect), http:/PATH (GET, status in --expect) or tls (handshake).
+    /// none, tcp (connect), http:/PATH (GET, status in --expect), tls (handshake), mysql
+    /// (login), mysql-primary (writable), mysql-replica (read-only), pgsql (login) or
+    /// exec:/PATH (script ADDR PORT exits 0).
     #[arg(long, value_parser = clap::value_parser!(CheckKind))]
     check: Option<CheckKind>,
     /// Milliseconds between checks.
@@ -101,6 +103,12 @@ struct CheckArgs {
     /// Verify TLS certificates against this CA (PEM); not verified otherwise.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// The check user for mysql*/pgsql checks: a TOML file (user, password) only root reads.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// mysql-replica: most replication lag (seconds) that still counts as up.
+    #[arg(long)]
+    max_lag: Option<u64>,
 }
 
 impl CheckArgs {
@@ -113,6 +121,10 @@ impl CheckArgs {
             fall: self.fall,
             expect: self.expect,
             tls_ca: self.tls_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            credentials: self
+                .credentials
+                .map(|p| std::path::absolute(&p).unwrap_or(p)),
+            max_lag_s: self.max_lag,
         }
     }
 }

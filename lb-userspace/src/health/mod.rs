@@ -1,14 +1,20 @@
-//! Health checks: the probes (TCP connect, HTTP GET, TLS handshake), the rise/fall state
-//! machine with HAProxy's meaning, and the per-backend checker task.
+//! Health checks: the probes (TCP connect, HTTP GET, TLS handshake; MySQL, PostgreSQL and
+//! external scripts in the submodules), the rise/fall state machine with HAProxy's meaning,
+//! and the per-backend checker task.
 //!
 //! Checkers run as their own tasks and only report results over a channel, so a slow or
 //! hanging backend never blocks the agent; each starts at a random point of its interval
 //! and keeps a little jitter, so many backends are not all probed in the same instant.
 
+pub mod credentials;
+pub mod exec;
+pub mod mysql;
+pub mod pgsql;
+
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
     time::{Duration, Instant},
@@ -23,7 +29,8 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// What a check does. Written `none`, `tcp`, `http:/PATH` or `tls` in the CLI and config.
+/// What a check does. Written `none`, `tcp`, `http:/PATH`, `tls`, `mysql`, `mysql-primary`,
+/// `mysql-replica`, `pgsql` or `exec:/PATH` in the CLI and config.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     #[default]
@@ -33,6 +40,9 @@ pub enum CheckKind {
         path: String,
     },
     Tls,
+    Mysql(mysql::Role),
+    Pgsql,
+    Exec(PathBuf),
 }
 
 impl FromStr for CheckKind {
@@ -43,6 +53,9 @@ impl FromStr for CheckKind {
             "tcp" => CheckKind::Tcp,
             "tls" => CheckKind::Tls,
             "http" => CheckKind::Http { path: "/".into() },
+            "mysql" | "mysql-primary" | "mysql-replica" => CheckKind::Mysql(s.parse()?),
+            "pgsql" => CheckKind::Pgsql,
+            _ if s.starts_with("exec:") => CheckKind::Exec(exec::parse_script(&s[5..])?),
             _ => match s.strip_prefix("http:") {
                 Some(path)
                     if path.starts_with('/')
@@ -53,7 +66,9 @@ impl FromStr for CheckKind {
                 Some(path) => {
                     bail!("bad HTTP check path {path:?}: it must start with / and have no spaces")
                 }
-                None => bail!("unknown check {s:?}: use none, tcp, http:/PATH or tls"),
+                None => bail!(
+                    "unknown check {s:?}: use none, tcp, http:/PATH, tls, mysql, mysql-primary, mysql-replica, pgsql or exec:/PATH"
+                ),
             },
         })
     }
@@ -66,6 +81,9 @@ impl fmt::Display for CheckKind {
             CheckKind::Tcp => f.write_str("tcp"),
             CheckKind::Http { path } => write!(f, "http:{path}"),
             CheckKind::Tls => f.write_str("tls"),
+            CheckKind::Mysql(role) => f.write_str(role.name()),
+            CheckKind::Pgsql => f.write_str("pgsql"),
+            CheckKind::Exec(script) => write!(f, "exec:{}", script.display()),
         }
     }
 }
@@ -105,6 +123,12 @@ pub struct CheckSpec {
     /// Verify the backend's TLS certificate against this CA (PEM); unverified otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// The check user's credentials for `mysql*` and `pgsql` checks (see `credentials`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+    /// `mysql-replica`: the most replication lag, in seconds, that still counts as up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_s: Option<u64>,
 }
 
 mod defaults {
@@ -136,6 +160,8 @@ impl Default for CheckSpec {
             fall: defaults::fall(),
             expect: defaults::expect(),
             tls_ca: None,
+            credentials: None,
+            max_lag_s: None,
         }
     }
 }
@@ -167,6 +193,14 @@ impl CheckSpec {
         if let Some(ca) = &self.tls_ca {
             tls_config(Some(ca)).with_context(|| format!("TLS CA {}", ca.display()))?;
         }
+        match &self.credentials {
+            Some(path) => drop(credentials::Credentials::load(path)?),
+            None if matches!(self.check, CheckKind::Mysql(_) | CheckKind::Pgsql) => bail!(
+                "a {} check needs a credentials file (--credentials FILE, readable by root only)",
+                self.check
+            ),
+            None => {}
+        }
         Ok(())
     }
 }
@@ -189,6 +223,10 @@ pub struct CheckPatch {
     pub expect: Option<[u16; 2]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_s: Option<u64>,
 }
 
 impl CheckPatch {
@@ -223,6 +261,12 @@ impl CheckPatch {
         }
         if let Some(v) = &self.tls_ca {
             spec.tls_ca = Some(v.clone());
+        }
+        if let Some(v) = &self.credentials {
+            spec.credentials = Some(v.clone());
+        }
+        if let Some(v) = self.max_lag_s {
+            spec.max_lag_s = Some(v);
         }
         spec.validate()?;
         Ok(spec)
@@ -295,7 +339,17 @@ pub async fn probe(
 ) -> Result<String> {
     let timeout = Duration::from_millis(spec.timeout_ms);
     let work = async {
-        let mut stream = TcpStream::connect(target).await.context("connect")?;
+        // These make their own connections (or none): a bare TCP connect to a database
+        // counts as a connection error there and can get the balancer's address blocked.
+        let credentials = spec.credentials.as_deref().unwrap_or(Path::new(""));
+        let mut stream = match &spec.check {
+            CheckKind::Mysql(role) => {
+                return mysql::check(target, *role, credentials, spec.max_lag_s).await;
+            }
+            CheckKind::Pgsql => return pgsql::check(target, credentials).await,
+            CheckKind::Exec(script) => return exec::check(script, target).await,
+            _ => TcpStream::connect(target).await.context("connect")?,
+        };
         match &spec.check {
             CheckKind::None | CheckKind::Tcp => Ok("connected".to_string()),
             CheckKind::Http { path } => {
@@ -331,6 +385,9 @@ pub async fn probe(
                     .map(|v| format!("{v:?}"))
                     .unwrap_or_default();
                 Ok(format!("TLS handshake ({version})"))
+            }
+            CheckKind::Mysql(_) | CheckKind::Pgsql | CheckKind::Exec(_) => {
+                unreachable!("probed above without a bare connection")
             }
         }
     };

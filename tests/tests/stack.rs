@@ -1,0 +1,360 @@
+//! The database and external health checks against the real servers (MariaDB primary and
+//! replica with real replication, PostgreSQL), probed from the balancer's namespace of a
+//! test bed, and the failover of a write VIP through the balancer. Run as root:
+//! `cargo xtask test --test stack`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use lb::health::CheckSpec;
+use lb_tests::{
+    e2e::{field, lb_at, number, one_line_error, serial, wait_backends},
+    stack::*,
+};
+use xtask::testbed::{Config, Testbed, VIP4};
+
+/// Generous bound for a check to change its answer (it is usually the next probe).
+const CHANGE: Duration = Duration::from_secs(15);
+
+fn bed(backends: usize) -> Testbed {
+    Testbed::new(Config { backends }).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn spec(check: &str, credentials: &PathBuf) -> CheckSpec {
+    CheckSpec {
+        check: check.parse().unwrap(),
+        credentials: Some(credentials.clone()),
+        timeout_ms: 3000,
+        ..Default::default()
+    }
+}
+
+fn up(bed: &Testbed, spec: &CheckSpec, target: SocketAddr) -> String {
+    probe_from_balancer(bed, spec, target)
+        .unwrap_or_else(|e| panic!("{} check of {target} failed: {e:#}", spec.check))
+}
+
+fn down(bed: &Testbed, spec: &CheckSpec, target: SocketAddr) -> String {
+    match probe_from_balancer(bed, spec, target) {
+        Ok(s) => panic!(
+            "{} check of {target} passed ({s}); expected down",
+            spec.check
+        ),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn ok<T>(r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+fn mysql_check_logs_in_with_the_check_user() {
+    let _serial = serial();
+    let bed = bed(1);
+    let (mut primary, _) = ok(mariadb_pair(&bed, false));
+    let good = ok(credentials_file(
+        &bed,
+        "good",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        0o600,
+    ));
+    let wrong = ok(credentials_file(
+        &bed, "wrong", CHECK_USER, "nope", None, 0o600,
+    ));
+    let target = primary.addr();
+
+    let detail = up(&bed, &spec("mysql", &good), target);
+    assert!(detail.contains("login ok"), "{detail}");
+    let err = down(&bed, &spec("mysql", &wrong), target);
+    assert!(err.contains("Access denied"), "{err}");
+    // Something that is not MySQL on the port: the greeting fails.
+    let err = down(
+        &bed,
+        &spec("mysql", &good),
+        SocketAddr::new(target.ip(), PGSQL_PORT),
+    );
+    assert!(err.contains("login"), "{err}");
+
+    primary.kill();
+    let err = down(&bed, &spec("mysql", &good), target);
+    assert!(err.contains("login"), "{err}");
+}
+
+#[test]
+fn mysql_role_checks_follow_read_only() {
+    let _serial = serial();
+    let bed = bed(2);
+    let (primary, replica) = ok(mariadb_pair(&bed, true));
+    let replica = replica.expect("a replica");
+    let creds = ok(credentials_file(
+        &bed,
+        "creds",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        0o600,
+    ));
+    let (writer, reader) = (spec("mysql-primary", &creds), spec("mysql-replica", &creds));
+
+    assert_eq!(up(&bed, &writer, primary.addr()), "writable (read_only=0)");
+    assert!(down(&bed, &writer, replica.addr()).contains("not a primary"));
+    assert!(down(&bed, &reader, primary.addr()).contains("not a replica"));
+    assert_eq!(up(&bed, &reader, replica.addr()), "read-only (read_only=1)");
+
+    // The operator's promotion and demotion, as an orchestrator would do them.
+    ok(primary.sql("SET GLOBAL read_only = 1"));
+    ok(replica.sql("STOP REPLICA; SET GLOBAL read_only = 0"));
+    assert!(down(&bed, &writer, primary.addr()).contains("not a primary"));
+    assert_eq!(up(&bed, &writer, replica.addr()), "writable (read_only=0)");
+    assert_eq!(up(&bed, &reader, primary.addr()), "read-only (read_only=1)");
+    assert!(down(&bed, &reader, replica.addr()).contains("not a replica"));
+}
+
+#[test]
+fn mysql_replica_check_limits_replication_lag() {
+    let _serial = serial();
+    let bed = bed(2);
+    let (primary, replica) = ok(mariadb_pair(&bed, true));
+    let replica = replica.expect("a replica");
+    let creds = ok(credentials_file(
+        &bed,
+        "creds",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        0o600,
+    ));
+    let lagged = CheckSpec {
+        max_lag_s: Some(1),
+        ..spec("mysql-replica", &creds)
+    };
+    let target = replica.addr();
+    let detail = up(&bed, &lagged, target);
+    assert_eq!(detail, "read-only, replication lag 0 s");
+
+    // A session holding the global read lock stalls the replica's SQL thread on the next
+    // event, so its lag grows with the clock.
+    let mut lock =
+        ok(replica.sql_background(&bed, "FLUSH TABLES WITH READ LOCK; SELECT SLEEP(60)"));
+    ok(wait_for_lock(&replica));
+    ok(primary.sql("INSERT INTO app.t VALUES (1, 'lagging')"));
+    let detail = ok(wait_probe(&bed, &lagged, target, false, CHANGE));
+    assert!(detail.contains("over the limit of 1 s"), "{detail}");
+    // Without a limit the same replica is up: lag is the only reason.
+    up(&bed, &spec("mysql-replica", &creds), target);
+
+    lock.kill();
+    ok(wait_probe(&bed, &lagged, target, true, CHANGE));
+    ok(wait_replicated(&primary, &replica));
+
+    ok(replica.sql("STOP REPLICA"));
+    let detail = down(&bed, &lagged, target);
+    assert!(detail.contains("replication not running"), "{detail}");
+}
+
+/// Waits until a session of `server` holds the global read lock.
+fn wait_for_lock(server: &Mariadb) -> anyhow::Result<()> {
+    xtask::testbed::wait_until(Duration::from_secs(10), || {
+        Ok(server
+            .sql("SELECT COUNT(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP%'")?
+            .trim()
+            != "0")
+    })
+}
+
+#[test]
+fn pgsql_check_logs_in_with_the_check_user() {
+    let _serial = serial();
+    let bed = bed(1);
+    let mut pg = ok(start_postgres(&bed, &bed.backends[0]));
+    let db = Some("postgres");
+    let good = ok(credentials_file(
+        &bed,
+        "good",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        db,
+        0o600,
+    ));
+    let wrong = ok(credentials_file(
+        &bed, "wrong", CHECK_USER, "nope", db, 0o600,
+    ));
+    let target = pg.addr();
+
+    let detail = up(&bed, &spec("pgsql", &good), target);
+    assert!(detail.starts_with("login ok (PostgreSQL "), "{detail}");
+    let err = down(&bed, &spec("pgsql", &wrong), target);
+    assert!(err.contains("password authentication failed"), "{err}");
+
+    ok(pg.stop());
+    let err = down(&bed, &spec("pgsql", &good), target);
+    assert!(err.contains("login"), "{err}");
+}
+
+/// The database's read VIP, beside the write VIP (the test bed's `VIP4`) on port 3306.
+const READ_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 1, 2);
+
+/// State of the backend at `address` under VIP `vip`, from `lb backend list --json`.
+fn state(list: &[serde_json::Value], vip: &str, address: &str) -> String {
+    list.iter()
+        .find(|b| field(b, "vip") == vip && field(b, "address") == address)
+        .map(|b| field(b, "state"))
+        .unwrap_or_else(|| panic!("no backend {address} of {vip} in {list:#?}"))
+}
+
+/// The server ids that answered `count` reads of row `id` through `vip` (each a new
+/// connection), and whether each saw the row.
+fn reads(bed: &Testbed, vip: SocketAddr, id: u32, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            ok(client_sql(
+                bed,
+                vip,
+                &format!("SELECT @@server_id, (SELECT v FROM app.t WHERE id = {id})"),
+            ))
+            .trim()
+            .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn write_vip_follows_the_primary_through_a_failover() {
+    let _serial = serial();
+    let bed = bed(2);
+    let (mut primary, replica) = ok(mariadb_pair(&bed, true));
+    let replica = replica.expect("a replica");
+    ok(add_vip_address(&bed, READ_VIP));
+    let creds = ok(credentials_file(
+        &bed,
+        "creds",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        0o600,
+    ));
+    let readable = ok(credentials_file(
+        &bed,
+        "open",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        0o644,
+    ));
+    let (config, socket) = (bed.dir().join("lb.toml"), bed.dir().join("lb.sock"));
+    let agent = ok(bed.start_agent(&config, &socket));
+    let lb = |args: &[&str]| lb_at(&bed, &socket, args);
+    let write = SocketAddr::new(VIP4.into(), MYSQL_PORT);
+    let read = SocketAddr::new(READ_VIP.into(), MYSQL_PORT);
+    let (w, r) = (write.to_string(), read.to_string());
+    let (p, s) = (primary.host.ipv4.to_string(), replica.host.ipv4.to_string());
+
+    // Check credentials others can read are refused, with one line naming the file.
+    let out = ok(bed.lb_cli(
+        &socket,
+        [
+            "vip",
+            "add",
+            &w,
+            "--check",
+            "mysql-primary",
+            "--credentials",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([readable.display().to_string()]),
+    ));
+    let err = one_line_error("lb vip add (readable credentials)", &out);
+    assert!(err.contains("chmod 600") && err.contains("open"), "{err}");
+
+    let creds = creds.display().to_string();
+    let timing = [
+        "--interval",
+        "300",
+        "--timeout",
+        "1000",
+        "--rise",
+        "2",
+        "--fall",
+        "2",
+    ];
+    for (vip, check) in [(&w, "mysql-primary"), (&r, "mysql")] {
+        let mut args = vec!["vip", "add", vip, "--check", check, "--credentials", &creds];
+        args.extend(timing);
+        lb(&args);
+        lb(&["backend", "add", vip, &p]);
+        lb(&["backend", "add", vip, &s]);
+    }
+    let roles = |want: [(&str, &str, &str); 4]| {
+        wait_backends(&bed, &socket, &format!("{want:?}"), |list| {
+            want.iter()
+                .all(|(vip, addr, st)| state(list, vip, addr) == *st)
+        })
+    };
+    roles([
+        (&w, &p, "up"),
+        (&w, &s, "down"),
+        (&r, &p, "up"),
+        (&r, &s, "up"),
+    ]);
+
+    // Writes through the write VIP reach the primary and are read back from the replica
+    // through the read VIP (round robin over both, so 4 reads see each server twice).
+    let wrote = ok(client_sql(
+        &bed,
+        write,
+        "INSERT INTO app.t VALUES (1, 'before'); SELECT @@server_id",
+    ));
+    assert_eq!(
+        wrote.trim(),
+        "1",
+        "the write VIP answered from server {wrote}"
+    );
+    ok(wait_replicated(&primary, &replica));
+    let mut seen = reads(&bed, read, 1, 4);
+    seen.sort();
+    assert_eq!(seen, ["1\tbefore", "1\tbefore", "2\tbefore", "2\tbefore"]);
+
+    // The primary dies: the write VIP has no backend left in rotation, and a client's
+    // connection is dropped and counted, not sent to the read-only replica.
+    primary.kill();
+    roles([
+        (&w, &p, "down"),
+        (&w, &s, "down"),
+        (&r, &p, "down"),
+        (&r, &s, "up"),
+    ]);
+    let err = client_sql(&bed, write, "SELECT 1").expect_err("the write VIP has no backend");
+    assert!(format!("{err:#}").contains("Can't connect"), "{err:#}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&lb(&["stats", "--json"])).expect("stats JSON");
+    assert!(
+        number(&stats["reasons"]["drop_no_backend"], "packets") > 0,
+        "{stats:#}"
+    );
+    // Reads go on from the replica.
+    assert_eq!(reads(&bed, read, 1, 2), ["2\tbefore", "2\tbefore"]);
+
+    // The operator promotes the replica; the write VIP follows with no `lb` command.
+    ok(replica.sql("STOP REPLICA; SET GLOBAL read_only = 0"));
+    roles([
+        (&w, &p, "down"),
+        (&w, &s, "up"),
+        (&r, &p, "down"),
+        (&r, &s, "up"),
+    ]);
+    let wrote = ok(client_sql(
+        &bed,
+        write,
+        "INSERT INTO app.t VALUES (2, 'after'); SELECT @@server_id",
+    ));
+    assert_eq!(
+        wrote.trim(),
+        "2",
+        "the write VIP answered from server {wrote}"
+    );
+    assert_eq!(reads(&bed, read, 2, 2), ["2\tafter", "2\tafter"]);
+    drop(agent);
+}
