@@ -3,7 +3,11 @@
 //! test bed, and the failover of a write VIP through the balancer. Run as root:
 //! `cargo xtask test --test stack`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use lb::health::CheckSpec;
 use lb_tests::{
@@ -320,12 +324,14 @@ fn write_vip_follows_the_primary_through_a_failover() {
     // The primary dies: the write VIP has no backend left in rotation, and a client's
     // connection is dropped and counted, not sent to the read-only replica.
     primary.kill();
+    let killed = Instant::now();
     roles([
         (&w, &p, "down"),
         (&w, &s, "down"),
         (&r, &p, "down"),
         (&r, &s, "up"),
     ]);
+    let out_of_rotation = killed.elapsed();
     let err = client_sql(&bed, write, "SELECT 1").expect_err("the write VIP has no backend");
     assert!(format!("{err:#}").contains("Can't connect"), "{err:#}");
     let stats: serde_json::Value =
@@ -339,12 +345,23 @@ fn write_vip_follows_the_primary_through_a_failover() {
 
     // The operator promotes the replica; the write VIP follows with no `lb` command.
     ok(replica.sql("STOP REPLICA; SET GLOBAL read_only = 0"));
+    let promoted = Instant::now();
     roles([
         (&w, &p, "down"),
         (&w, &s, "up"),
         (&r, &p, "down"),
         (&r, &s, "up"),
     ]);
+    let followed = promoted.elapsed();
+    // Informational (timings are not pass/fail here): interval 300 ms, fall 2, rise 2, so
+    // about 600-900 ms each, plus the 50 ms polling of `lb backend list`.
+    println!(
+        "failover: primary out of rotation {} ms after it died; the write VIP followed the \
+         promoted replica {} ms after the promotion (interval 300 ms, fall 2, rise 2)",
+        out_of_rotation.as_millis(),
+        followed.as_millis()
+    );
+
     let wrote = ok(client_sql(
         &bed,
         write,
