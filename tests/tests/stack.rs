@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -23,10 +23,10 @@ fn bed(backends: usize) -> Testbed {
     Testbed::new(Config { backends }).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn spec(check: &str, credentials: &PathBuf) -> CheckSpec {
+fn spec(check: &str, credentials: &Path) -> CheckSpec {
     CheckSpec {
         check: check.parse().unwrap(),
-        credentials: Some(credentials.clone()),
+        credentials: Some(credentials.to_path_buf()),
         timeout_ms: 3000,
         ..Default::default()
     }
