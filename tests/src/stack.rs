@@ -99,7 +99,7 @@ pub fn install_mariadb(dir: &Path, names: &[&str]) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// Starts `mariadbd` on `host` (all its addresses, port 3306) with data dir `data`, and
+/// Starts `mariadbd` on `host` (all its addresses, IPv4 and IPv6, port 3306) with data dir `data`, and
 /// waits until it answers.
 pub fn start_mariadb(
     bed: &Testbed,
@@ -115,7 +115,8 @@ pub fn start_mariadb(
         format!("--socket={}", socket.display()),
         format!("--pid-file={}", data.join("mysqld.pid").display()),
         format!("--port={MYSQL_PORT}"),
-        "--bind-address=0.0.0.0".into(),
+        // Every address of both families (MariaDB sets IPV6_V6ONLY on an explicit `::`).
+        "--bind-address=*".into(),
         "--user=root".into(),
         format!("--server-id={server_id}"),
         format!("--log-bin={}", data.join("binlog").display()),
@@ -248,7 +249,7 @@ const AS_POSTGRES: [&str; 5] = [
     "--",
 ];
 
-/// Starts PostgreSQL on `host`'s address, port 5432, with the check user `lbcheck`
+/// Starts PostgreSQL on `host`'s addresses (both families), port 5432, with the check user `lbcheck`
 /// (password login, scram-sha-256, from the test bed's segment), and waits until it
 /// accepts connections.
 pub fn start_postgres(bed: &Testbed, host: &Host) -> Result<Postgres> {
@@ -279,7 +280,10 @@ pub fn start_postgres(bed: &Testbed, host: &Host) -> Result<Postgres> {
     let mut hba = fs::OpenOptions::new()
         .append(true)
         .open(data.join("pg_hba.conf"))?;
-    std::io::Write::write_all(&mut hba, b"host all all 10.99.0.0/24 scram-sha-256\n")?;
+    std::io::Write::write_all(
+        &mut hba,
+        b"host all all 10.99.0.0/24 scram-sha-256\nhost all all fd00:99::/64 scram-sha-256\n",
+    )?;
     drop(hba);
     let sock = owned.to_string_lossy().into_owned();
     let mut args: Vec<String> = AS_POSTGRES.iter().map(|s| s.to_string()).collect();
@@ -288,7 +292,7 @@ pub fn start_postgres(bed: &Testbed, host: &Host) -> Result<Postgres> {
         "-D".into(),
         data.to_string_lossy().into_owned(),
         "-c".into(),
-        format!("listen_addresses={}", host.ipv4),
+        format!("listen_addresses={},{}", host.ipv4, host.ipv6),
         "-c".into(),
         format!("port={PGSQL_PORT}"),
         "-c".into(),

@@ -71,6 +71,9 @@ fn mysql_check_logs_in_with_the_check_user() {
 
     let detail = up(&bed, &spec("mysql", &good), target);
     assert!(detail.contains("login ok"), "{detail}");
+    let v6 = SocketAddr::new(primary.host.ipv6.into(), MYSQL_PORT);
+    let detail = up(&bed, &spec("mysql", &good), v6);
+    assert!(detail.contains("login ok"), "{detail}");
     let err = down(&bed, &spec("mysql", &wrong), target);
     assert!(err.contains("Access denied"), "{err}");
     // Something that is not MySQL on the port: the greeting fails.
@@ -188,6 +191,9 @@ fn pgsql_check_logs_in_with_the_check_user() {
     let target = pg.addr();
 
     let detail = up(&bed, &spec("pgsql", &good), target);
+    assert!(detail.starts_with("login ok (PostgreSQL "), "{detail}");
+    let v6 = SocketAddr::new(pg.host.ipv6.into(), PGSQL_PORT);
+    let detail = up(&bed, &spec("pgsql", &good), v6);
     assert!(detail.starts_with("login ok (PostgreSQL "), "{detail}");
     let err = down(&bed, &spec("pgsql", &wrong), target);
     assert!(err.contains("password authentication failed"), "{err}");
