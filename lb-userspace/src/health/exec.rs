@@ -165,11 +165,14 @@ exit 0"#,
             &format!("sleep 30 & echo $! > {}\nwait", pid_file.display()),
         );
         let target: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let result = tokio::time::timeout(Duration::from_millis(500), check(&hang, target)).await;
-        assert!(
-            result.is_err(),
-            "the script hangs, so the check must time out"
-        );
+        // Through the agent's probe, whose timeout drops the check mid-run.
+        let spec = crate::health::CheckSpec {
+            check: format!("exec:{}", hang.display()).parse().unwrap(),
+            timeout_ms: 500,
+            ..Default::default()
+        };
+        let err = crate::health::probe(&spec, target, None).await.unwrap_err();
+        assert_eq!(err.to_string(), "timed out after 500 ms");
         let child = fs::read_to_string(&pid_file).unwrap();
         let child = child.trim();
         assert!(!child.is_empty());
