@@ -311,7 +311,7 @@ fn write_vip_follows_the_primary_through_a_failover() {
     ]);
 
     // Writes through the write VIP reach the primary and are read back from the replica
-    // through the read VIP (round robin over both, so 4 reads see each server twice).
+    // through the read VIP (round robin over both).
     let wrote = ok(client_sql(
         &bed,
         write,
@@ -323,9 +323,13 @@ fn write_vip_follows_the_primary_through_a_failover() {
         "the write VIP answered from server {wrote}"
     );
     ok(wait_replicated(&primary, &replica));
+    // Each read is a new connection from an ephemeral port: round robin gives 2 and 2
+    // unless the kernel hands out a port again whose flow the balancer still pins, so
+    // only "both servers answered, with the row" is asserted.
     let mut seen = reads(&bed, read, 1, 4);
     seen.sort();
-    assert_eq!(seen, ["1\tbefore", "1\tbefore", "2\tbefore", "2\tbefore"]);
+    seen.dedup();
+    assert_eq!(seen, ["1\tbefore", "2\tbefore"]);
 
     // The primary dies: the write VIP has no backend left in rotation, and a client's
     // connection is dropped and counted, not sent to the read-only replica.
