@@ -11,7 +11,7 @@ use std::{
 
 use lb::health::CheckSpec;
 use lb_tests::{
-    e2e::{field, lb_at, number, one_line_error, serial, wait_backends},
+    e2e::{backend_list_at, field, lb_at, number, one_line_error, serial, wait_backends},
     stack::*,
 };
 use xtask::testbed::{Config, Testbed, VIP4};
@@ -384,4 +384,73 @@ fn write_vip_follows_the_primary_through_a_failover() {
     );
     assert_eq!(reads(&bed, read, 2, 2), ["2\tafter", "2\tafter"]);
     drop(agent);
+}
+
+#[test]
+fn exec_check_run_by_the_agent_follows_the_script() {
+    let _serial = serial();
+    let bed = bed(2);
+    let _servers = ok(bed.start_backends());
+    let (config, socket) = (bed.dir().join("lb.toml"), bed.dir().join("lb.sock"));
+    let _agent = ok(bed.start_agent(&config, &socket));
+    // Down while a file named after the backend's address and port exists, as an
+    // operator's maintenance flag would be.
+    let flags = bed.dir().join("flags");
+    std::fs::create_dir(&flags).unwrap();
+    let script = bed.dir().join("check.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ -e {}/\"$1:$LB_BACKEND_PORT\" ] && {{ echo \"flagged $1\" >&2; exit 1; }}\nexit 0\n",
+            flags.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let vip = SocketAddr::new(VIP4.into(), xtask::testbed::HTTP_PORT).to_string();
+    let check = format!("exec:{}", script.display());
+    lb_at(
+        &bed,
+        &socket,
+        &[
+            "vip",
+            "add",
+            &vip,
+            "--check",
+            &check,
+            "--interval",
+            "200",
+            "--rise",
+            "1",
+            "--fall",
+            "1",
+        ],
+    );
+    let (b1, b2) = (
+        bed.backends[0].ipv4.to_string(),
+        bed.backends[1].ipv4.to_string(),
+    );
+    for b in [&b1, &b2] {
+        lb_at(&bed, &socket, &["backend", "add", &vip, b]);
+    }
+    let states = |want: [(&str, &str); 2]| {
+        wait_backends(&bed, &socket, &format!("{want:?}"), |list| {
+            want.iter().all(|(addr, st)| state(list, &vip, addr) == *st)
+        })
+    };
+    wait_backends(&bed, &socket, "both checked by the script", |list| {
+        list.len() == 2 && list.iter().all(|b| b["last_check_detail"] == "exit 0")
+    });
+    let flag = flags.join(format!("{b1}:{}", xtask::testbed::HTTP_PORT));
+    std::fs::write(&flag, "").unwrap();
+    states([(&b1, "down"), (&b2, "up")]);
+    let list = backend_list_at(&bed, &socket);
+    let detail = list
+        .iter()
+        .find(|b| field(b, "address") == b1)
+        .map(|b| field(b, "last_check_detail"))
+        .unwrap();
+    assert_eq!(detail, format!("exit 1: flagged {b1}"));
+    std::fs::remove_file(&flag).unwrap();
+    states([(&b1, "up"), (&b2, "up")]);
 }
