@@ -221,6 +221,16 @@ impl Postgres {
     }
 }
 
+/// A test that panics still shuts PostgreSQL down cleanly: a SIGKILL (what dropping the
+/// `Proc` sends) would leave the postmaster's children running until they notice.
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.proc.try_wait().is_none() {
+            let _ = self.stop();
+        }
+    }
+}
+
 /// The newest installed PostgreSQL's program `name` (Debian keeps them per major version).
 fn pg_bin(name: &str) -> Result<PathBuf> {
     let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
