@@ -5,7 +5,6 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use lb::{
-    agent,
     control::{self, Request, Response},
     health::{self, CheckKind, CheckPatch},
     model::{self, Algo, Proto},
@@ -268,7 +267,7 @@ fn run(cli: Cli) -> Result<()> {
                 (false, None) => Some(default_pin_dir()?),
             };
             let runtime = tokio::runtime::Runtime::new()?;
-            return runtime.block_on(agent::run(agent::Options {
+            return runtime.block_on(lb::run::run(lb::run::Options {
                 ifaces: iface,
                 config,
                 socket: cli.socket,
@@ -390,7 +389,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Stats {
             watch: true, count, ..
-        } => return lb::watch::run(&cli.socket, count),
+        } => return lb::cli::watch::run(&cli.socket, count),
         Command::Stats { json, .. } => (Request::Stats, json),
         Command::Firewall(FirewallCommand::Add { cidr }) => (
             Request::FirewallAdd {
@@ -416,13 +415,13 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
             } else if kind == std::mem::discriminant(&Request::Stats) {
-                print!("{}", lb::table::stats(&data));
+                print!("{}", lb::cli::table::stats(&data));
             } else if kind == std::mem::discriminant(&Request::VipList) {
-                print!("{}", lb::table::vips(&data));
+                print!("{}", lb::cli::table::vips(&data));
             } else if kind == std::mem::discriminant(&Request::FirewallList) {
-                print!("{}", lb::table::firewall(&data));
+                print!("{}", lb::cli::table::firewall(&data));
             } else if !data.is_null() {
-                print!("{}", lb::table::backends(&data));
+                print!("{}", lb::cli::table::backends(&data));
             }
         }
     }
