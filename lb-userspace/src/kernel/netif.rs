@@ -2,7 +2,7 @@
 //! (neighbour table) and the interface's own MAC. Read over rtnetlink, in the agent's
 //! network namespace (sysfs may show another one under `nsenter`).
 
-use std::{collections::HashMap, ffi::CString, net::IpAddr, time::Duration};
+use std::{collections::HashMap, ffi::CString, net::IpAddr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -62,6 +62,8 @@ impl From<std::result::Result<L2Path, Unresolved>> for Reach {
 /// Route lookups in flight at once while resolving many backends: netlink requests are
 /// answered in order, so pipelining hides the round trips.
 const ROUTE_LOOKUPS_IN_FLIGHT: usize = 128;
+/// Up to this many backends are looked up one `RTM_GETNEIGH` each; more, with one dump.
+const FEW_ADDRESSES: usize = 16;
 
 /// Talks rtnetlink; one per agent.
 pub struct Netif {
@@ -199,7 +201,12 @@ impl Netif {
         if addrs.is_empty() {
             return Ok(HashMap::new());
         }
-        let neighbours = self.neighbours().await?;
+        // A dump costs the whole table; a few addresses are cheaper asked one by one.
+        let neighbours = if addrs.len() > FEW_ADDRESSES {
+            Some(self.neighbours().await?)
+        } else {
+            None
+        };
         let routes: Vec<(IpAddr, Result<std::result::Result<u32, Unresolved>>)> =
             futures::stream::iter(addrs.iter().copied())
                 .map(|addr| async move { (addr, self.route(addr).await) })
@@ -224,11 +231,15 @@ impl Netif {
                     mac
                 }
             };
-            let reach = match neighbours.get(&(ifindex, addr)) {
+            let dst_mac = match &neighbours {
+                Some(all) => all.get(&(ifindex, addr)).copied(),
+                None => self.neighbour(ifindex, addr).await?,
+            };
+            let reach = match dst_mac {
                 Some(dst_mac) => Ok(L2Path {
                     ifindex,
                     src_mac,
-                    dst_mac: *dst_mac,
+                    dst_mac,
                 }),
                 None => {
                     provoke_resolution(addr);
@@ -238,43 +249,6 @@ impl Netif {
             out.insert(addr, reach.into());
         }
         Ok(out)
-    }
-
-    /// Everything needed to forward to `addr`, or why not yet. When the neighbour is missing
-    /// it asks the kernel to resolve it (see `provoke_resolution`), so a later call succeeds.
-    pub async fn resolve(&self, addr: IpAddr) -> Result<std::result::Result<L2Path, Unresolved>> {
-        let ifindex = match self.route(addr).await? {
-            Ok(i) => i,
-            Err(why) => return Ok(Err(why)),
-        };
-        let src_mac = self.link_mac(ifindex).await?;
-        match self.neighbour(ifindex, addr).await? {
-            Some(dst_mac) => Ok(Ok(L2Path {
-                ifindex,
-                src_mac,
-                dst_mac,
-            })),
-            None => {
-                provoke_resolution(addr);
-                Ok(Err(Unresolved::NoNeighbour { ifindex }))
-            }
-        }
-    }
-
-    /// Resolves, waiting up to `timeout` for the neighbour to appear.
-    pub async fn resolve_within(
-        &self,
-        addr: IpAddr,
-        timeout: Duration,
-    ) -> Result<std::result::Result<L2Path, Unresolved>> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let r = self.resolve(addr).await?;
-            if r.is_ok() || tokio::time::Instant::now() >= deadline {
-                return Ok(r);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
