@@ -13,6 +13,13 @@
 //! - Reaction: from issuing `backend add` on the socket to the first new flow that the
 //!   attached program (run under BPF_PROG_TEST_RUN, a new source port per call) sends to
 //!   the new backend.
+//! - At scale (issue 9): agent start with 10,000 backends in one VIP and in 100 VIPs x 100,
+//!   against an empty configuration in the same run; single changes (add, set, drain,
+//!   undrain, del) answered on the socket with 10,000 backends present, against the same
+//!   changes on a one-backend VIP of the same agent; reads (`vip list`, `stats`, `backend
+//!   list`) alone and while changes run; and a health-state change applied to the state
+//!   and maps of 10,000 backends (library: `State::on_report` with the loaded program's
+//!   maps), against one backend.
 
 use std::{
     fmt::Write as _,
@@ -86,9 +93,21 @@ pub struct Timing {
     pub ms: f64,
 }
 
+/// One timed operation, with its same-run baseline.
+#[derive(Clone, Debug, Serialize)]
+pub struct Scaled {
+    pub what: String,
+    pub trials: usize,
+    pub median_ms: f64,
+    pub max_ms: f64,
+    pub baseline: String,
+    pub baseline_median_ms: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub bulk: Vec<Bulk>,
+    pub scaled: Vec<Scaled>,
     pub maglev: Vec<Timing>,
     /// Per trial: ms from issuing `backend add` to the answer, and to the first new flow
     /// forwarded to the new backend.
@@ -254,6 +273,7 @@ pub fn stop(mut agent: testbed::Proc) -> Result<()> {
 pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let mut report = Report {
         bulk: Vec::new(),
+        scaled: Vec::new(),
         maglev: Vec::new(),
         reaction_answer_ms: Vec::new(),
         reaction_first_flow_ms: Vec::new(),
@@ -266,12 +286,17 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let socket = dir.join("lb.sock");
     let config = dir.join("lb.toml");
 
+    // ---- at scale: 10,000 backends ----
+    fake_neighbours(&bed, 0, SCALE + 1)?;
+    scale(&bed, opts, &mut report, progress)?;
+    health_at_scale(&mut report)?;
+
     // ---- reaction, while the agent is small ----
     let (mut agent, _) = start_agent_timed(&bed, &config, &socket, Duration::from_secs(30))?;
     progress("control plane: backend add -> first flow on the new backend");
+    let mut neighbours = SCALE + 1;
     reaction(&bed, &socket, opts.trials, &mut report)?;
 
-    let mut neighbours = 0;
     for (k, &count) in opts.counts.iter().enumerate() {
         // As many neighbour entries as backends, as a host with that many would have
         // (the agent reads the whole table per backend resolved).
@@ -473,6 +498,358 @@ fn reaction(bed: &Testbed, socket: &Path, trials: u32, report: &mut Report) -> R
             .reaction_first_flow_ms
             .push((first - issued).as_secs_f64() * 1e3);
         backend_del(socket, vip, IpAddr::V4(b2))?;
+    }
+    Ok(())
+}
+
+/// Backends in the scale cases.
+const SCALE: u32 = 10_000;
+
+fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig {
+    VipConfig {
+        address: vip,
+        proto: Proto::Tcp,
+        algo: Algo::Rr,
+        check: CheckSpec::default(),
+        rate_limit: 0,
+        burst: 0,
+        backends: backends
+            .map(|i| BackendConfig {
+                address: fake_backend(i),
+                weight: 1,
+                backup: false,
+                drain: false,
+                check: None,
+            })
+            .collect(),
+    }
+}
+
+/// `applied in N ms` from the agent's start-up line.
+fn applied_ms(log: &str) -> f64 {
+    log.split("applied in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn timed(trials: usize, f: &mut dyn FnMut(usize) -> Result<()>) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let t = Instant::now();
+        f(i)?;
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(out)
+}
+
+fn scaled(what: String, samples: &[f64], baseline: String, base: &[f64]) -> Scaled {
+    Scaled {
+        what,
+        trials: samples.len(),
+        median_ms: median(samples),
+        max_ms: samples.iter().copied().fold(f64::NAN, f64::max),
+        baseline,
+        baseline_median_ms: median(base),
+    }
+}
+
+fn request(socket: &Path, r: &Request) -> Result<()> {
+    ok(control::call(socket, r)?)
+}
+
+/// Starts, changes and reads with 10,000 backends.
+fn scale(
+    bed: &Testbed,
+    opts: &Options,
+    report: &mut Report,
+    progress: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let dir = bed.dir().to_path_buf();
+    let base_vip = SocketAddr::new(IpAddr::V4(VIP4), 2000);
+    let big_vip = SocketAddr::new(IpAddr::V4(VIP4), 2001);
+    let trials = (opts.trials as usize * 2).max(10);
+
+    // Start: empty, 1 x 10,000 and 100 x 100, a few times each, interleaved.
+    let cases: Vec<(String, Config)> = vec![
+        ("empty configuration".into(), Config::default()),
+        (
+            format!("1 VIP x {SCALE} backends"),
+            Config {
+                vips: vec![one_vip_config(big_vip, 0..SCALE)],
+                ..Default::default()
+            },
+        ),
+        (
+            format!("100 VIPs x {} backends", SCALE / 100),
+            Config {
+                vips: (0..100)
+                    .map(|v| {
+                        let vip = SocketAddr::new(IpAddr::V4(VIP4), 3000 + v as u16);
+                        one_vip_config(vip, v * (SCALE / 100)..(v + 1) * (SCALE / 100))
+                    })
+                    .collect(),
+                ..Default::default()
+            },
+        ),
+    ];
+    let mut start: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); cases.len()];
+    for round in 0..3 {
+        for (i, (name, cfg)) in cases.iter().enumerate() {
+            progress(&format!(
+                "control plane: agent start, {name} (round {round})"
+            ));
+            let path = dir.join(format!("scale-start-{i}.toml"));
+            cfg.save(&path)?;
+            let sock = dir.join(format!("scale-start-{i}.sock"));
+            let (agent, secs) = start_agent_timed(bed, &path, &sock, Duration::from_secs(120))?;
+            start[i].0.push(secs * 1e3);
+            start[i].1.push(applied_ms(&agent.log()));
+            stop(agent)?;
+        }
+    }
+    for (i, (name, _)) in cases.iter().enumerate().skip(1) {
+        report.scaled.push(scaled(
+            format!("`lb run` start with {name}: process start to answering (ms)"),
+            &start[i].0,
+            "same, empty configuration".into(),
+            &start[0].0,
+        ));
+        report.scaled.push(scaled(
+            format!("  of which applying the configuration (agent's log, before attach)"),
+            &start[i].1,
+            "same, empty configuration".into(),
+            &start[0].1,
+        ));
+    }
+
+    // Changes and reads on a running agent with 10,000 backends, beside a small VIP.
+    let mut cfg = Config {
+        vips: vec![
+            one_vip_config(base_vip, SCALE..SCALE + 1),
+            one_vip_config(big_vip, 0..SCALE),
+        ],
+        ..Default::default()
+    };
+    cfg.vips[0].backends.clear();
+    let path = dir.join("scale-run.toml");
+    cfg.save(&path)?;
+    let sock = dir.join("scale-run.sock");
+    let (agent, _) = start_agent_timed(bed, &path, &sock, Duration::from_secs(120))?;
+    progress("control plane: single changes with 10,000 backends present");
+    let spare = fake_backend(SCALE);
+    let one = fake_backend(SCALE - 1);
+    let changes: Vec<(&str, Box<dyn Fn(SocketAddr, IpAddr) -> Request>)> = vec![
+        (
+            "backend add",
+            Box::new(|vip, b| Request::BackendAdd {
+                vip,
+                proto: Proto::Tcp,
+                backend: b,
+                weight: None,
+                backup: None,
+                check: CheckPatch::default(),
+            }),
+        ),
+        (
+            "backend set --weight 2",
+            Box::new(|vip, b| Request::BackendSet {
+                vip,
+                proto: Proto::Tcp,
+                backend: b,
+                weight: Some(2),
+                backup: None,
+                check: CheckPatch::default(),
+            }),
+        ),
+        (
+            "backend drain",
+            Box::new(|vip, b| Request::BackendDrain {
+                vip,
+                proto: Proto::Tcp,
+                backend: b,
+                drain: true,
+            }),
+        ),
+        (
+            "backend undrain",
+            Box::new(|vip, b| Request::BackendDrain {
+                vip,
+                proto: Proto::Tcp,
+                backend: b,
+                drain: false,
+            }),
+        ),
+        (
+            "backend del",
+            Box::new(|vip, b| Request::BackendDel {
+                vip,
+                proto: Proto::Tcp,
+                backend: b,
+            }),
+        ),
+    ];
+    let mut big: Vec<Vec<f64>> = vec![Vec::new(); changes.len()];
+    let mut small: Vec<Vec<f64>> = vec![Vec::new(); changes.len()];
+    for _ in 0..trials {
+        for (i, (_, make)) in changes.iter().enumerate() {
+            big[i].extend(timed(1, &mut |_| request(&sock, &make(big_vip, spare)))?);
+            small[i].extend(timed(1, &mut |_| request(&sock, &make(base_vip, one)))?);
+        }
+    }
+    for (i, (name, _)) in changes.iter().enumerate() {
+        report.scaled.push(scaled(
+            format!("`{name}` answered on the socket, VIP with {SCALE} backends (ms)"),
+            &big[i],
+            "same change, VIP with 1 backend, same agent".into(),
+            &small[i],
+        ));
+    }
+
+    progress("control plane: reads with 10,000 backends present");
+    let reads: Vec<(&str, Request)> = vec![
+        ("vip list", Request::VipList),
+        ("stats", Request::Stats),
+        (
+            "backend list (walks the flow table)",
+            Request::BackendList {
+                vip: None,
+                proto: Proto::Tcp,
+            },
+        ),
+    ];
+    let small_sock = dir.join("scale-small.sock");
+    let small_path = dir.join("scale-small.toml");
+    Config {
+        vips: vec![one_vip_config(base_vip, SCALE..SCALE + 1)],
+        ..Default::default()
+    }
+    .save(&small_path)?;
+    let (small_agent, _) =
+        start_agent_timed(bed, &small_path, &small_sock, Duration::from_secs(60))?;
+    for (name, r) in &reads {
+        let big_t = timed(trials, &mut |_| request(&sock, r))?;
+        let small_t = timed(trials, &mut |_| request(&small_sock, r))?;
+        report.scaled.push(scaled(
+            format!("`{name}` answered, {SCALE} backends (ms)"),
+            &big_t,
+            "same, an agent with 1 backend".into(),
+            &small_t,
+        ));
+    }
+    stop(small_agent)?;
+
+    // Reads while changes run: a reader thread times `stats` while this one adds and
+    // removes a backend of the big VIP in a loop.
+    progress("control plane: reads while changes run");
+    let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let sock = sock.clone();
+        let stop_flag = stop_flag.clone();
+        std::thread::spawn(move || -> Result<Vec<f64>> {
+            let mut t = Vec::new();
+            while !stop_flag.load(std::sync::atomic::Ordering::Relaxed) && t.len() < 2000 {
+                t.extend(timed(1, &mut |_| request(&sock, &Request::VipList))?);
+            }
+            Ok(t)
+        })
+    };
+    let quiet = timed(trials, &mut |_| request(&sock, &Request::VipList))?;
+    for _ in 0..trials {
+        request(&sock, &changes[0].1(big_vip, spare))?;
+        request(&sock, &changes[4].1(big_vip, spare))?;
+    }
+    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    let busy = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    report.scaled.push(scaled(
+        format!("`vip list` while `backend add`/`del` run back to back, {SCALE} backends (ms)"),
+        &busy,
+        "`vip list` with no change running, same agent".into(),
+        &quiet,
+    ));
+    stop(agent)?;
+    Ok(())
+}
+
+/// A health-state change of one backend among 10,000 applied to the state and the loaded
+/// program's maps (what the agent does under its lock when a check result arrives), against
+/// the same with one backend. Round robin and Maglev.
+fn health_at_scale(report: &mut Report) -> Result<()> {
+    use lb::{
+        health::{CheckKind, Outcome, Report as CheckReport},
+        model::{L2Path, Reach},
+        state::State,
+    };
+    let trials = 40;
+    let check = CheckSpec {
+        check: CheckKind::Tcp,
+        rise: 1,
+        fall: 1,
+        ..Default::default()
+    };
+    let run = |count: u32, algo: Algo| -> Result<Vec<f64>> {
+        let dp = lb::datapath::Datapath::load()?;
+        let mut state = State::new(dp, None);
+        let vip = SocketAddr::new(IpAddr::V4(VIP4), 80);
+        let mut vc = one_vip_config(vip, 0..count);
+        vc.algo = algo;
+        vc.check = check.clone();
+        let reach = vc
+            .backends
+            .iter()
+            .map(|b| {
+                let l2 = L2Path {
+                    ifindex: 1,
+                    src_mac: [2, 0, 0, 0, 0, 1],
+                    dst_mac: [2, 0, 0, 0, 0, 2],
+                };
+                let r = Reach {
+                    l2: Some(l2),
+                    note: None,
+                };
+                (b.address, r)
+            })
+            .collect();
+        state.apply(
+            &Config {
+                vips: vec![vc],
+                ..Default::default()
+            },
+            &reach,
+        )?;
+        let service = lb::model::Service::new(vip, Proto::Tcp)?;
+        let b = state.backend(&service, fake_backend(count / 2))?;
+        let (id, generation) = (b.id, b.generation);
+        timed(trials, &mut |i| {
+            let changed = state.on_report(CheckReport {
+                backend_id: id,
+                generation,
+                outcome: Outcome {
+                    ok: i % 2 == 1,
+                    latency_us: 1,
+                    detail: String::new(),
+                },
+            })?;
+            if !changed {
+                bail!("the report did not change the backend's state");
+            }
+            Ok(())
+        })
+    };
+    for algo in [Algo::Rr, Algo::Maglev] {
+        let base = run(1, algo)?;
+        let big = run(SCALE, algo)?;
+        report.scaled.push(scaled(
+            format!(
+                "health change of 1 backend among {SCALE} ({algo}): result to maps written                  (library, `State::on_report`, ms)"
+            ),
+            &big,
+            format!("same, 1 backend ({algo})"),
+            &base,
+        ));
     }
     Ok(())
 }

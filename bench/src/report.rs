@@ -91,6 +91,25 @@ pub fn control(r: &control::Report) -> String {
             ms(b.last_ms)
         );
     }
+    if !r.scaled.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| at scale | trials | median ms | max ms | baseline (same run) | baseline median ms | ratio |\n|---|---:|---:|---:|---|---:|---:|"
+        );
+        for s in &r.scaled {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {:.2}× |",
+                s.what,
+                s.trials,
+                ms(s.median_ms),
+                ms(s.max_ms),
+                s.baseline,
+                ms(s.baseline_median_ms),
+                s.median_ms / s.baseline_median_ms
+            );
+        }
+    }
     let _ = writeln!(out, "\n| Maglev | ms |\n|---|---:|");
     for t in &r.maglev {
         let _ = writeln!(out, "| {} | {} |", t.what, ms(t.ms));

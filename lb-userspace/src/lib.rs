@@ -1,17 +1,28 @@
-//! The agent and CLI of the XDP load balancer.
+//! The agent and CLI of the XDP load balancer. The folders follow the architecture:
+//!
+//! - [`state`]: VIPs, backends, rings, health and adoption, and every change to them;
+//!   kernel-free, writing the data plane through the small [`state::Dataplane`] trait.
+//! - [`kernel`]: the BPF maps and program ([`kernel::datapath`], which implements that
+//!   trait), rtnetlink ([`kernel::netif`]) and the flow-table walker.
+//! - [`api`]: the control protocol, the socket server and the views it answers with.
+//! - [`health`]: health checks. [`monitor`]: metrics, the status page and its HTTP server.
+//! - [`cli`]: the `lb` command line, its tables and `stats --watch`.
+//! - [`config`] the configuration file, [`model`] the domain's small types, [`run`] the
+//!   agent's run loop.
 
-pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod config;
-pub mod control;
-pub mod datapath;
 pub mod health;
-pub mod metrics;
+pub mod kernel;
 pub mod model;
 pub mod monitor;
-pub mod netif;
-pub mod status;
-pub mod table;
-pub mod watch;
+pub mod run;
+pub mod state;
+
+// The paths tools and tests know.
+pub use api::protocol as control;
+pub use kernel::{datapath, netif};
 
 /// The compiled XDP program, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

@@ -262,6 +262,30 @@ pub fn addr_from_map(addr: Addr, family: u8) -> IpAddr {
     }
 }
 
+/// Unix time now, seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// How to put a frame on the wire for a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L2Path {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// What the kernel said of reaching a backend: its L2 path, or a note saying why it cannot
+/// take traffic (yet), for `backend list`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reach {
+    pub l2: Option<L2Path>,
+    pub note: Option<String>,
+}
+
 /// Hands out small integer ids (VIP and backend slots in the BPF arrays), reusing freed
 /// ones, and counts how often each was handed out so stale references can be recognised.
 #[derive(Debug)]
@@ -304,6 +328,11 @@ impl IdPool {
         if let Some(g) = self.generations.get_mut(id as usize) {
             *g = (*g).max(generation);
         }
+    }
+
+    /// Ids free to take now.
+    pub fn available(&self) -> usize {
+        self.free.len()
     }
 
     pub fn give_back(&mut self, id: u32) {
@@ -421,9 +450,11 @@ fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// The weighted round-robin ring: new flows take its entries in turn. Built with the
-/// smooth weighted round robin of nginx, so the picks interleave (weights 3:1 give
-/// A A B A, not A A A B), over one period of the weights reduced by their gcd.
+/// The weighted round-robin ring: new flows take its entries in turn. The picks of each
+/// backend are spread evenly over one period of the weights reduced by their gcd: its
+/// k-th pick sits at (k + 1/2) / weight of the period, so weights 3:1 give A A B A, not
+/// A A A B. Sorting those places is O(n log n) in the ring's length, whatever the number
+/// of backends.
 pub fn round_robin_ring(members: &[RingMember]) -> Vec<u32> {
     let members: Vec<RingMember> = members.iter().copied().filter(|m| m.weight > 0).collect();
     if members.is_empty() {
@@ -439,21 +470,14 @@ pub fn round_robin_ring(members: &[RingMember]) -> Vec<u32> {
             .map(|w| (w * MAX_RR_RING as u64 / total).max(1))
             .collect();
     }
-    let total: i64 = weights.iter().sum::<u64>() as i64;
-    let mut current = vec![0i64; members.len()];
-    let mut ring = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for i in 0..members.len() {
-            current[i] += weights[i] as i64;
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        ring.push(members[best].id);
+    // (2k + 1, 2w): the place (k + 1/2) / w as a fraction; ties go to the earlier backend.
+    let mut places: Vec<(u64, u64, usize)> =
+        Vec::with_capacity(weights.iter().sum::<u64>() as usize);
+    for (i, &w) in weights.iter().enumerate() {
+        places.extend((0..w).map(|k| (2 * k + 1, 2 * w, i)));
     }
-    ring
+    places.sort_unstable_by(|a, b| (a.0 * b.1).cmp(&(b.0 * a.1)).then(a.2.cmp(&b.2)));
+    places.into_iter().map(|(_, _, i)| members[i].id).collect()
 }
 
 /// Maglev table size: prime, and large against the number of backends so each backend's

@@ -174,12 +174,51 @@ impl Setup {
             .collect()
     }
 
+    /// Sends `signal` to the agent.
+    pub fn agent_signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on the agent's own pid, which this test bed started.
+        let r = unsafe { libc::kill(self.agent.proc.pid() as i32, signal) };
+        assert_eq!(r, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// `count` backend addresses on-link to the balancer (10.100.0.0/16, an extra address
+    /// on its interface), each with a permanent neighbour entry: the agent resolves them
+    /// at once, and nothing is ever sent to them.
+    pub fn static_neighbours(&self, count: u32) -> Vec<IpAddr> {
+        static_neighbours(&self.bed, count).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Waits until every backend of the agent reports state "up".
     pub fn wait_all_up(&self) {
         wait_backends(&self.bed, &self.socket, "every backend up", |list| {
             !list.is_empty() && list.iter().all(|b| field(b, "state") == "up")
         });
     }
+}
+
+/// See [`Setup::static_neighbours`]; for benchmarks too.
+pub fn static_neighbours(bed: &Testbed, count: u32) -> anyhow::Result<Vec<IpAddr>> {
+    use std::fmt::Write as _;
+    bed.ip(
+        &bed.lb.ns,
+        &["addr", "replace", "10.100.0.1/16", "dev", "eth0"],
+    )?;
+    let addrs: Vec<IpAddr> = (0..count)
+        .map(|i| IpAddr::from([10, 100, (i / 250) as u8, (i % 250) as u8 + 2]))
+        .collect();
+    let mut batch = String::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let _ = writeln!(
+            batch,
+            "neigh replace {a} lladdr 02:bb:00:00:{:02x}:{:02x} dev eth0 nud permanent",
+            i >> 8 & 0xff,
+            i & 0xff
+        );
+    }
+    let file = bed.dir().join("neighbours.batch");
+    std::fs::write(&file, batch)?;
+    bed.ip(&bed.lb.ns, &["-batch", &file.to_string_lossy()])?;
+    Ok(addrs)
 }
 
 /// `lb ARGS --socket SOCKET` (for any agent of the test bed), which must succeed; returns

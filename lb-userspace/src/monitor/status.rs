@@ -9,14 +9,16 @@ use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use lb_common::{Counters, Reason};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::model::{Algo, Proto};
+use crate::{
+    model::{Algo, Proto},
+    state::{Dataplane, State},
+};
 
 /// Per-second samples the agent keeps for the status page's chart: ten minutes.
 pub const HISTORY_SECONDS: usize = 600;
@@ -149,25 +151,61 @@ pub struct AgentInfo {
     pub started: f64,
 }
 
-/// One walk of the flow table (see `monitor::FlowCounts`).
-#[derive(Clone, Debug, Default)]
-pub struct FlowScan {
-    /// Entries in the table.
-    pub entries: u64,
-    /// Entries per (backend id, generation): flows pinned to a backend that still exists.
-    pub per_backend: HashMap<(u32, u32), u64>,
-    /// Unix time the walk finished, seconds.
-    pub time: f64,
-    pub took: Duration,
-}
+pub use crate::kernel::flows::FlowScan;
+pub use crate::model::unix_now;
 
-impl FlowScan {
-    pub fn backend(&self, b: &BackendSnapshot) -> u64 {
-        self.per_backend
-            .get(&(b.id, b.generation))
-            .copied()
-            .unwrap_or(0)
-    }
+/// The state and its counters now, for monitoring: no flow-table walk, and the counters
+/// in one batched read per map, so it is cheap under the lock at any size.
+pub fn snapshot<D: Dataplane>(state: &State<D>) -> anyhow::Result<Snapshot> {
+    let counters = state.counters()?;
+    let vips = state
+        .vips()
+        .iter()
+        .map(|v| VipSnapshot {
+            addr: v.service.addr,
+            proto: v.service.proto,
+            algo: v.algo,
+            check: v.check.check.to_string(),
+            counters: counters.vip(v.id).into(),
+            backends: v
+                .backends
+                .iter()
+                .map(|b| BackendSnapshot {
+                    addr: b.addr,
+                    id: b.id,
+                    generation: b.generation,
+                    state: b.state(),
+                    healthy: b.health.up,
+                    weight: b.weight,
+                    backup: b.backup,
+                    drain: b.drain,
+                    in_rotation: v.in_rotation(b),
+                    check: v.check_of(b).check.to_string(),
+                    last_check: b.health.last.as_ref().map(|o| LastCheck {
+                        ok: o.ok,
+                        latency_us: o.latency_us,
+                        detail: o.detail.clone(),
+                    }),
+                    note: b.note.clone(),
+                    counters: counters.backend(b.id).into(),
+                })
+                .collect(),
+        })
+        .collect();
+    let firewall = state
+        .rules()
+        .iter()
+        .map(|(net, id)| RuleSnapshot {
+            cidr: net.to_string(),
+            counters: counters.rule(*id).into(),
+        })
+        .collect();
+    Ok(Snapshot {
+        time: unix_now(),
+        vips,
+        reasons: counters.reasons.iter().copied().map(Into::into).collect(),
+        firewall,
+    })
 }
 
 /// This host's name (of its UTS namespace).
@@ -175,13 +213,6 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()
-}
-
-pub fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// `forward`, `pass` or `drop`: what the data plane did with packets of this reason.
@@ -226,17 +257,20 @@ struct Sample {
     keys: Arc<Keys>,
     vips: Vec<Count>,
     backends: Vec<Count>,
-    /// Summed by action: forward, pass, drop.
-    actions: [Count; 3],
+    /// Summed by action, in `ACTIONS` order.
+    actions: [Count; 4],
 }
 
-const ACTIONS: [&str; 3] = ["forward", "pass", "drop"];
+const ACTIONS: [&str; 4] = ["forward", "pass", "drop", "reply"];
 
 impl Sample {
     fn of(s: &Snapshot, keys: Arc<Keys>) -> Sample {
-        let mut actions = [Count::default(); 3];
+        let mut actions = [Count::default(); 4];
         for (r, c) in Reason::ALL.iter().zip(&s.reasons) {
-            let a = &mut actions[ACTIONS.iter().position(|a| *a == action(*r)).unwrap_or(0)];
+            let Some(i) = ACTIONS.iter().position(|a| *a == action(*r)) else {
+                continue; // an action without a chart line is not a forward
+            };
+            let a = &mut actions[i];
             a.packets += c.packets;
             a.bytes += c.bytes;
         }
@@ -333,7 +367,7 @@ impl History {
     /// entry of `t` (null where the VIP or backend did not exist).
     pub fn series(&self, since: f64) -> Value {
         let mut t = Vec::new();
-        let mut totals: Vec<Vec<Value>> = vec![Vec::new(); 4];
+        let mut totals: Vec<Vec<Value>> = vec![Vec::new(); 5];
         let mut vips: HashMap<&str, [Vec<Value>; 3]> = HashMap::new();
         let mut backends: HashMap<&str, [Vec<Value>; 2]> = HashMap::new();
         let pairs = self.samples.iter().zip(self.samples.iter().skip(1));
@@ -343,7 +377,7 @@ impl History {
             let fwd = Rate::between(&now.actions[0], &before.actions[0], dt);
             totals[0].push(json!(round1(fwd.pps)));
             totals[1].push(json!(round1(fwd.bps)));
-            for (i, a) in [1, 2].into_iter().enumerate() {
+            for (i, a) in [1, 2, 3].into_iter().enumerate() {
                 let r = Rate::between(&now.actions[a], &before.actions[a], dt);
                 totals[2 + i].push(json!(round1(r.pps)));
             }
@@ -379,8 +413,8 @@ impl History {
                 s.resize(n + 1, Value::Null);
             }
         }
-        let [fwd_pps, fwd_bps, pass_pps, drop_pps] =
-            <[Vec<Value>; 4]>::try_from(totals).expect("four totals");
+        let [fwd_pps, fwd_bps, pass_pps, drop_pps, reply_pps] =
+            <[Vec<Value>; 5]>::try_from(totals).expect("five totals");
         json!({
             "t": t,
             "total": {
@@ -388,6 +422,7 @@ impl History {
                 "forwarded_bps": fwd_bps,
                 "passed_pps": pass_pps,
                 "dropped_pps": drop_pps,
+                "replied_pps": reply_pps,
             },
             "vips": vips.into_iter().map(|(k, [pps, bps, nfps])| {
                 (k.to_string(), json!({"pps": pps, "bps": bps, "new_flows_ps": nfps}))
@@ -458,7 +493,7 @@ pub fn status_json(
                         "packets": b.counters.packets,
                         "bytes": b.counters.bytes,
                         "new_flows": b.counters.new_flows,
-                        "flows": flows.map(|f| f.backend(b)),
+                        "flows": flows.map(|f| f.backend(b.id, b.generation)),
                         "rate": rate(rates.backends.get(&bkey)),
                     })
                 })
@@ -472,7 +507,7 @@ pub fn status_json(
                 "packets": v.counters.packets,
                 "bytes": v.counters.bytes,
                 "new_flows": v.counters.new_flows,
-                "flows": flows.map(|f| v.backends.iter().map(|b| f.backend(b)).sum::<u64>()),
+                "flows": flows.map(|f| v.backends.iter().map(|b| f.backend(b.id, b.generation)).sum::<u64>()),
                 "backends_in_rotation": v.backends.iter().filter(|b| b.in_rotation).count(),
                 "rate": rate(rates.vips.get(&key)),
                 "backends": backends,
@@ -574,6 +609,22 @@ mod tests {
         assert_eq!(r.vips["10.99.1.1:80/tcp"].pps, (210.0 - 50.0) / 2.0);
     }
 
+    /// Echo replies sent from XDP are neither forwards nor passes nor drops.
+    #[test]
+    fn echo_replies_are_charted_as_replies() {
+        let mut h = History::default();
+        let with_replies = |time: f64, n: u64| {
+            let mut s = (*snapshot(time, &[])).clone();
+            s.reasons[Reason::IcmpEchoReply as usize].packets = n;
+            Arc::new(s)
+        };
+        h.push(with_replies(1.0, 0));
+        h.push(with_replies(2.0, 7));
+        let s = h.series(0.0);
+        assert_eq!(s["total"]["forwarded_pps"], json!([0.0]));
+        assert_eq!(s["total"]["replied_pps"], json!([7.0]));
+    }
+
     #[test]
     fn series_follow_backends_that_come_and_go() {
         let mut h = History::default();
@@ -630,7 +681,7 @@ mod tests {
             entries: 7,
             per_backend: [((1, 1), 7)].into(),
             time: 2.0,
-            took: Duration::ZERO,
+            took: std::time::Duration::ZERO,
         };
         let s = status_json(&info, &latest, Some(&flows), &h, 0.0);
         let vip = &s["vips"][0];

@@ -32,7 +32,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::status::{AgentInfo, BackendSnapshot, FlowScan, Snapshot, VipSnapshot, action};
+use super::status::{AgentInfo, BackendSnapshot, FlowScan, Snapshot, VipSnapshot, action};
 
 /// The `Content-Type` of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -282,7 +282,10 @@ fn vips(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
         for v in vips {
             f.sample(
                 vip_labels(v),
-                v.backends.iter().map(|b| flows.backend(b)).sum::<u64>(),
+                v.backends
+                    .iter()
+                    .map(|b| flows.backend(b.id, b.generation))
+                    .sum::<u64>(),
             );
         }
     }
@@ -343,7 +346,7 @@ fn backends(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
                 "lb_backend_active_flows",
                 "Flow-table entries pinned to the backend (live flows and finished ones not yet evicted)",
             ),
-            &|b| Some(flows.backend(b).into()),
+            &|b| Some(flows.backend(b.id, b.generation).into()),
         );
     }
     each(
@@ -491,7 +494,7 @@ mod tests {
     use super::*;
     use crate::{
         model::{Algo, Proto},
-        status::{Count, LastCheck},
+        monitor::status::{Count, LastCheck},
     };
     use std::time::Duration;
 
@@ -554,7 +557,7 @@ mod tests {
                     new_flows: 0,
                 })
                 .collect(),
-            firewall: vec![crate::status::RuleSnapshot {
+            firewall: vec![crate::monitor::status::RuleSnapshot {
                 cidr: "198.51.100.0/24".into(),
                 counters: Count {
                     packets: 7,
@@ -676,7 +679,7 @@ mod tests {
     /// Every exposed family is in the README's metrics table, and nothing else is.
     #[test]
     fn readme_lists_every_family() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let (_, names) = scrape_text(true);
         let listed: std::collections::BTreeSet<&str> = readme
             .lines()

@@ -24,13 +24,9 @@ use lb_common::{
     maps,
 };
 
-/// Which per-CPU counters `reset_counters` zeroes.
-#[derive(Clone, Copy, Debug)]
-pub enum CounterId {
-    Vip(u32),
-    Backend(u32),
-    FirewallRule(u32),
-}
+use super::batch;
+
+pub use crate::state::{CounterId, Pinned};
 
 /// The XDP program with its maps, loaded into the kernel (attached or not).
 pub struct Datapath {
@@ -170,7 +166,7 @@ impl Datapath {
         } else {
             XdpMode::Driver
         };
-        let index = crate::netif::index(iface)?;
+        let index = super::netif::index(iface)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join("links").join(iface));
         if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
             let pinned = PinnedLink::from_pin(pin)
@@ -256,20 +252,6 @@ impl Datapath {
         Ok((result.return_value, out))
     }
 
-    /// Like `test_run`, returning the kernel-measured run time too (for benchmarks).
-    pub fn test_run_timed(
-        &mut self,
-        frame: &[u8],
-        repeat: u32,
-    ) -> Result<(u32, std::time::Duration)> {
-        let result = self.program().test_run(TestRunOptions {
-            data_in: Some(frame),
-            repeat,
-            ..Default::default()
-        })?;
-        Ok((result.return_value, result.duration))
-    }
-
     // ---- configuration maps ----
 
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
@@ -292,24 +274,22 @@ impl Datapath {
             .context("deleting from VIP_ADDRS")
     }
 
-    /// Writes `ring` into the slab starting at `off`.
+    /// Writes `ring` into the slab starting at `off`, in one batch.
     pub fn write_ring(&mut self, off: u32, ring: &[u32]) -> Result<()> {
-        for (i, backend_id) in ring.iter().enumerate() {
-            self.ring_slab
-                .set(off + i as u32, backend_id, 0)
-                .context("writing RING_SLAB")?;
-        }
-        Ok(())
+        let slots: Vec<u32> = (off..off + ring.len() as u32).collect();
+        self.set_ring_slots(&slots, ring)
+    }
+
+    /// Writes backend id `ids[i]` into slab slot `slots[i]`, all in one syscall.
+    pub fn set_ring_slots(&mut self, slots: &[u32], ids: &[u32]) -> Result<()> {
+        let fd = aya::maps::IterableMap::map(&self.ring_slab).fd().as_fd();
+        batch::update(fd, slots, ids).context("writing RING_SLAB")
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         self.backends
             .set(id, backend, 0)
             .context("writing BACKENDS")
-    }
-
-    pub fn backend(&self, id: u32) -> Result<Backend> {
-        self.backends.get(&id, 0).context("reading BACKENDS")
     }
 
     /// Makes `ifindex` a redirect target; idempotent.
@@ -404,14 +384,52 @@ impl Datapath {
         Ok(())
     }
 
-    /// Flows currently pinned to each backend id (walks the flow table: for the CLI, not
-    /// for hot paths).
+    /// Flows currently pinned to each backend id, whatever their generation (walks the
+    /// flow table: for tools and tests, not for hot paths).
     pub fn flows_per_backend(&self) -> std::collections::HashMap<u32, u64> {
         let mut counts = std::collections::HashMap::new();
-        for (_, value) in self.flows.iter().flatten() {
-            *counts.entry(value.backend_id).or_insert(0) += 1;
+        for ((id, _), n) in super::flows::walk(&self.flows).per_backend {
+            *counts.entry(id).or_insert(0) += n;
         }
         counts
+    }
+
+    /// Counters of every slot of a per-CPU counter array, summed over CPUs, by index: one
+    /// batched read, not a syscall per slot.
+    fn sum_all(map: &PerCpuArray<MapData, Counters>) -> Result<Vec<Counters>> {
+        const CHUNK: usize = 4096;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
+        let fd = aya::maps::IterableMap::map(map).fd().as_fd();
+        let mut out = Vec::new();
+        batch::lookup::<u32, Counters>(fd, CHUNK, cpus, usize::MAX, &mut |keys, values| {
+            for (i, key) in keys.iter().enumerate() {
+                let sum =
+                    values[i * cpus..(i + 1) * cpus]
+                        .iter()
+                        .fold(Counters::default(), |a, c| Counters {
+                            packets: a.packets + c.packets,
+                            bytes: a.bytes + c.bytes,
+                            new_flows: a.new_flows + c.new_flows,
+                        });
+                let key = *key as usize;
+                if out.len() <= key {
+                    out.resize(key + 1, Counters::default());
+                }
+                out[key] = sum;
+            }
+        })
+        .context("reading counters")?;
+        Ok(out)
+    }
+
+    /// Every pinned entry the adoption of an earlier agent's state looks at.
+    pub fn pinned(&self) -> Pinned {
+        Pinned {
+            vips: self.vip_entries(),
+            backends: self.backend_entries(),
+            rules: self.firewall_entries(),
+            vip_addrs: self.vip_addr_entries(),
+        }
     }
 
     /// A second handle on the flow table (its own file descriptor), so monitoring can walk
@@ -516,5 +534,47 @@ fn raise_memlock_limit() {
             "setrlimit(RLIMIT_MEMLOCK) failed: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// The kernel's data plane behind the agent state's interface.
+impl crate::state::Dataplane for Datapath {
+    fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        Datapath::set_vip(self, key, meta)
+    }
+    fn del_vip(&mut self, key: &VipKey) -> Result<()> {
+        Datapath::del_vip(self, key)
+    }
+    fn set_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
+        Datapath::set_vip_addr(self, addr)
+    }
+    fn del_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
+        Datapath::del_vip_addr(self, addr)
+    }
+    fn set_ring_slots(&mut self, slots: &[u32], ids: &[u32]) -> Result<()> {
+        Datapath::set_ring_slots(self, slots, ids)
+    }
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        Datapath::set_backend(self, id, backend)
+    }
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        Datapath::add_tx_port(self, ifindex)
+    }
+    fn set_firewall_rule(&mut self, net: &IpNet, rule_id: u32) -> Result<()> {
+        Datapath::set_firewall_rule(self, net, rule_id)
+    }
+    fn del_firewall_rule(&mut self, net: &IpNet) -> Result<()> {
+        Datapath::del_firewall_rule(self, net)
+    }
+    fn reset_counters(&mut self, id: CounterId) -> Result<()> {
+        Datapath::reset_counters(self, id)
+    }
+    fn counters(&self) -> Result<crate::state::AllCounters> {
+        Ok(crate::state::AllCounters {
+            vips: Self::sum_all(&self.vip_stats)?,
+            backends: Self::sum_all(&self.backend_stats)?,
+            rules: Self::sum_all(&self.firewall_stats)?,
+            reasons: self.reason_counters()?,
+        })
     }
 }

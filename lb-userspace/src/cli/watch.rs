@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Result, bail};
 use serde_json::Value;
 
-use crate::control::{self, Request, Response};
+use crate::api::protocol::{self as control, Request, Response};
 
 const EVERY: Duration = Duration::from_secs(1);
 
@@ -148,7 +148,7 @@ pub fn render(data: &Value, since: Option<(f64, &Value)>) -> String {
             ]
         })
         .collect();
-    out += &crate::table::render(
+    out += &super::table::render(
         &[
             "VIP",
             "PROTO",
@@ -181,7 +181,7 @@ pub fn render(data: &Value, since: Option<(f64, &Value)>) -> String {
             ]
         })
         .collect();
-    out += &crate::table::render(
+    out += &super::table::render(
         &[
             "VIP", "BACKEND", "STATE", "ROLE", "WEIGHT", "PKT/S", "BIT/S", "NEW/S", "FLOWS",
             "PACKETS",
@@ -207,7 +207,7 @@ pub fn render(data: &Value, since: Option<(f64, &Value)>) -> String {
             ])
         })
         .collect();
-    out += &crate::table::render(&["REASON", "PKT/S", "BIT/S", "PACKETS"], rows);
+    out += &super::table::render(&["REASON", "PKT/S", "BIT/S", "PACKETS"], rows);
     out
 }
 

@@ -19,8 +19,9 @@ use crate::{
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
-/// Longest request line the agent reads; anything longer is refused, not buffered.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest request line the agent reads; anything longer is refused, not buffered. Room
+/// for `lb apply` of a configuration with 100,000 backends.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -102,6 +103,14 @@ pub enum Request {
         cidr: IpNet,
     },
     FirewallList,
+    /// Make the running state what this configuration text says (`lb apply -f FILE`);
+    /// `file` names it in errors. With `dry_run`, only answer what would change.
+    Apply {
+        file: String,
+        text: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

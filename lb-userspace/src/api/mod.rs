@@ -1,0 +1,129 @@
+//! The control API: the protocol the CLI speaks ([`protocol`]), the socket server that
+//! answers it ([`server`]) and the views it answers with ([`views`]); and [`Agent`], what
+//! the server, the run loop and monitoring share.
+//!
+//! Locking: the state sits behind one fair (FIFO) lock, taken only for work that does not
+//! wait: neighbour resolution, flow-table walks and configuration writes happen outside
+//! it, so reads never queue behind the network or the disk.
+
+pub mod protocol;
+pub mod server;
+pub mod views;
+
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use tokio::sync::Mutex;
+
+use crate::{
+    config::Config,
+    kernel::{datapath::Datapath, flows::FlowCounts, netif::Netif},
+    model::Reach,
+    state::{Plan, State},
+};
+
+/// How long a change that adds backends waits for the kernel to resolve their MACs before
+/// answering, so traffic can flow the moment the command returns.
+pub const RESOLVE_WAIT: Duration = Duration::from_secs(2);
+
+pub struct Agent {
+    pub state: Mutex<State<Datapath>>,
+    pub netif: Netif,
+    pub flows: FlowCounts,
+    pub config: ConfigFile,
+}
+
+/// The configuration file, rewritten after every change, in the order of the changes.
+pub struct ConfigFile {
+    pub path: PathBuf,
+    /// The state version last written.
+    written: Mutex<u64>,
+}
+
+impl ConfigFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            written: Mutex::new(0),
+        }
+    }
+
+    /// Writes `config`, the state at `version`, unless a later version is on disk already
+    /// (it includes this one). Off the agent lock, on a blocking thread.
+    pub async fn save(&self, config: Config, version: u64) -> Result<()> {
+        let mut written = self.written.lock().await;
+        if *written >= version {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || config.save(&path)).await??;
+        *written = version;
+        Ok(())
+    }
+}
+
+impl Agent {
+    /// Saves the state after a change, before the change is acknowledged.
+    pub async fn saved(&self, (config, version): (Config, u64)) -> Result<()> {
+        self.config
+            .save(config, version)
+            .await
+            .map_err(|e| anyhow!("applied, but the configuration was not saved: {e:#}"))
+    }
+
+    /// What the kernel says of reaching `addrs`, waiting up to `wait` for those it has to
+    /// resolve first. Never under the state lock.
+    pub async fn reach(&self, addrs: &[IpAddr], wait: Duration) -> Result<HashMap<IpAddr, Reach>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut reach = self.netif.resolve_many(addrs).await?;
+        loop {
+            let missing: Vec<IpAddr> = reach
+                .iter()
+                .filter(|(_, r)| {
+                    r.l2.is_none() && r.note.as_deref().is_some_and(|n| n.starts_with("MAC"))
+                })
+                .map(|(a, _)| *a)
+                .collect();
+            if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(reach);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            reach.extend(self.netif.resolve_many(&missing).await?);
+        }
+    }
+
+    /// Makes the running state what `config` says, as one change: `lb run` at start,
+    /// `lb apply` and SIGHUP all come here. With `dry_run`, only says what would change;
+    /// with `save`, writes the result to the configuration file (not when that file is
+    /// where `config` came from).
+    pub async fn apply(&self, config: &Config, dry_run: bool, save: bool) -> Result<Plan> {
+        let plan = self.state.lock().await.plan(config)?;
+        if dry_run || plan.changes.is_empty() {
+            return Ok(plan);
+        }
+        let new: Vec<IpAddr> = {
+            let mut seen = std::collections::HashSet::new();
+            plan.changes
+                .iter()
+                .filter_map(|c| match c {
+                    crate::state::Change::AddBackend { backend, .. } => Some(*backend),
+                    _ => None,
+                })
+                .filter(|a| seen.insert(*a))
+                .collect()
+        };
+        let reach = self
+            .reach(&new, RESOLVE_WAIT)
+            .await
+            .context("resolving backends")?;
+        let (plan, saved) = {
+            let mut state = self.state.lock().await;
+            let plan = state.apply(config, &reach)?;
+            (plan, (state.config(), state.version()))
+        };
+        if save {
+            self.saved(saved).await?;
+        }
+        Ok(plan)
+    }
+}

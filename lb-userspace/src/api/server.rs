@@ -1,0 +1,252 @@
+//! The control socket: one JSON request line in, one JSON response line out. Each change
+//! is made under the state lock without waiting on anything, then saved to the
+//! configuration file outside the lock, then acknowledged.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use super::{
+    Agent, RESOLVE_WAIT,
+    protocol::{self, Request, Response},
+    views,
+};
+use crate::{
+    config::{BackendConfig, Config},
+    health::CheckSpec,
+    model::{RateLimit, Service},
+};
+
+/// Flow counts in `lb stats` may be this old (`--watch` asks every second); lists and
+/// drain answers walk the table afresh.
+pub const FLOW_SCAN_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// Binds the control socket root-only. A socket file left by a crashed agent is replaced;
+/// one that answers belongs to a running agent and is an error.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("an agent is already running on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Answers one connection.
+pub async fn serve(stream: UnixStream, agent: Arc<Agent>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    BufReader::new(read.take(protocol::MAX_REQUEST_BYTES as u64 + 1))
+        .read_until(b'\n', &mut line)
+        .await?;
+    let response = match protocol::decode_request(&line) {
+        Ok(request) => match handle(&agent, request).await {
+            Ok(r) => r,
+            Err(e) => Response::Error {
+                error: format!("{e:#}"),
+            },
+        },
+        Err(error) => Response::Error { error },
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+/// Does what `request` asks.
+pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
+    // Changes that need nothing but the lock: made under it, saved after it.
+    macro_rules! change {
+        ($state:ident => $body:expr) => {{
+            let saved = {
+                let mut $state = agent.state.lock().await;
+                $body;
+                ($state.config(), $state.version())
+            };
+            agent.saved(saved).await?;
+        }};
+    }
+    Ok(match request {
+        Request::VipAdd {
+            vip,
+            proto,
+            algo,
+            check,
+            rate_limit,
+            burst,
+        } => {
+            let service = Service::new(vip, proto)?;
+            let check = check.apply(&CheckSpec::default())?;
+            let rate = RateLimit::new(rate_limit.unwrap_or(0), burst);
+            change!(s => s.add_vip(service, algo.unwrap_or_default(), check, rate)?);
+            Response::message(format!("added VIP {service}"))
+        }
+        Request::VipSet {
+            vip,
+            proto,
+            algo,
+            check,
+            rate_limit,
+            burst,
+        } => {
+            let service = Service { addr: vip, proto };
+            change!(s => s.set_vip(&service, algo, &check, rate_limit, burst)?);
+            Response::message(format!("updated VIP {service}"))
+        }
+        Request::VipDel { vip, proto } => {
+            let service = Service { addr: vip, proto };
+            change!(s => s.del_vip(&service)?);
+            Response::message(format!("removed VIP {service}"))
+        }
+        Request::BackendAdd {
+            vip,
+            proto,
+            backend,
+            weight,
+            backup,
+            check,
+        } => {
+            let service = Service { addr: vip, proto };
+            let config = {
+                let state = agent.state.lock().await;
+                let vip_check = &state.vip(&service)?.check;
+                let config = BackendConfig {
+                    address: backend,
+                    weight: weight.unwrap_or(1),
+                    backup: backup.unwrap_or(false),
+                    drain: false,
+                    check: if check.is_empty() {
+                        None
+                    } else {
+                        Some(check.apply(vip_check)?)
+                    },
+                };
+                // Refused at once, before waiting on the kernel.
+                state.check_new_backend(&service, &config)?;
+                config
+            };
+            let reach = agent.reach(&[backend], RESOLVE_WAIT).await?;
+            let reach = reach.get(&backend).cloned().unwrap_or_default();
+            let note = reach.note.clone();
+            change!(s => s.add_backend(&service, &config, reach)?);
+            Response::message(match note {
+                None => format!("added backend {backend} to VIP {service}"),
+                Some(n) => format!(
+                    "added backend {backend} to VIP {service}; no traffic until resolved: {n}"
+                ),
+            })
+        }
+        Request::BackendSet {
+            vip,
+            proto,
+            backend,
+            weight,
+            backup,
+            check,
+        } => {
+            let service = Service { addr: vip, proto };
+            change!(s => s.set_backend(&service, backend, weight, backup, &check)?);
+            Response::message(format!("updated backend {backend} of VIP {service}"))
+        }
+        Request::BackendDrain {
+            vip,
+            proto,
+            backend,
+            drain,
+        } => {
+            let service = Service { addr: vip, proto };
+            let id;
+            change!(s => {
+                s.drain_backend(&service, backend, drain)?;
+                let b = s.backend(&service, backend)?;
+                id = (b.id, b.generation);
+            });
+            if drain {
+                let flows = agent.flows.fresh(Duration::ZERO).await?.backend(id.0, id.1);
+                Response::message(format!(
+                    "draining backend {backend} of VIP {service}: {flows} flows remain"
+                ))
+            } else {
+                Response::message(format!(
+                    "backend {backend} of VIP {service} takes new flows again"
+                ))
+            }
+        }
+        Request::BackendDel {
+            vip,
+            proto,
+            backend,
+        } => {
+            let service = Service { addr: vip, proto };
+            change!(s => s.del_backend(&service, backend)?);
+            Response::message(format!("removed backend {backend} from VIP {service}"))
+        }
+        Request::FirewallAdd { cidr } => {
+            change!(s => s.add_rule(cidr)?);
+            Response::message(format!("dropping packets from {cidr}"))
+        }
+        Request::FirewallDel { cidr } => {
+            change!(s => s.del_rule(cidr)?);
+            Response::message(format!("no longer dropping packets from {cidr}"))
+        }
+        Request::Apply {
+            file,
+            text,
+            dry_run,
+        } => {
+            let config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+            let plan = agent.apply(&config, dry_run, true).await?;
+            let what = if dry_run { "would change" } else { "applied" };
+            Response::Ok {
+                message: Some(format!("{file}: {what}: {}", plan.summary())),
+                data: serde_json::to_value(&plan)?,
+            }
+        }
+        Request::VipList => {
+            let state = agent.state.lock().await;
+            let counters = state.counters()?;
+            Response::data(serde_json::to_value(views::vips(&state, &counters))?)
+        }
+        Request::BackendList { vip, proto } => {
+            let filter = vip.map(|addr| Service { addr, proto });
+            if let Some(f) = &filter {
+                agent.state.lock().await.vip(f)?;
+            }
+            let flows = agent.flows.fresh(Duration::ZERO).await?;
+            let state = agent.state.lock().await;
+            let counters = state.counters()?;
+            let list = views::backends(&state, filter.as_ref(), &counters, Some(&flows));
+            Response::data(serde_json::to_value(list)?)
+        }
+        Request::Stats => {
+            let flows = agent.flows.fresh(FLOW_SCAN_MAX_AGE).await;
+            if let Err(e) = &flows {
+                log::warn!("walking the flow table: {e:#}");
+            }
+            let state = agent.state.lock().await;
+            let counters = state.counters()?;
+            let stats = views::stats(&state, &counters, flows.ok().as_deref());
+            Response::data(serde_json::to_value(stats)?)
+        }
+        Request::FirewallList => {
+            let state = agent.state.lock().await;
+            let counters = state.counters()?;
+            Response::data(serde_json::to_value(views::rules(&state, &counters))?)
+        }
+    })
+}

@@ -1,0 +1,511 @@
+//! The `lb` command line: clap definitions, the request each command sends, and how the
+//! answer is shown (tables in [`table`], `stats --watch` in [`watch`]). `lb run` starts the
+//! agent ([`crate::run`]).
+
+pub mod table;
+pub mod watch;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    api::protocol::{self as control, Request, Response},
+    health::{self, CheckKind, CheckPatch},
+    model::{self, Algo, Proto},
+    state::Plan,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP layer-4 load balancer: agent and control CLI"
+)]
+pub struct Cli {
+    /// The running agent's control socket.
+    #[arg(long, global = true, env = "LB_SOCKET", default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground: attach XDP, serve the CLI, detach on SIGINT/SIGTERM.
+    Run {
+        /// Interfaces to attach to (comma-separated).
+        #[arg(long, required = true, value_delimiter = ',')]
+        iface: Vec<String>,
+        /// Configuration file, loaded at start and rewritten after every CLI change.
+        #[arg(long, default_value = "/etc/lb/lb.toml")]
+        config: PathBuf,
+        /// Use generic (SKB) XDP, for drivers without native XDP.
+        #[arg(long)]
+        generic: bool,
+        /// bpffs directory where maps and attachments are pinned, so a restarted or
+        /// crashed agent is taken over without dropping flows. Default: /sys/fs/bpf/lb/
+        /// followed by this network namespace's inode number.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// Keep nothing in bpffs: the data plane lives and dies with this process.
+        #[arg(long, conflicts_with_all = ["pin_dir", "keep_forwarding"])]
+        no_pin: bool,
+        /// On SIGINT/SIGTERM leave the program attached and forwarding (for upgrades); by
+        /// default a clean stop detaches it and removes the pins.
+        #[arg(long)]
+        keep_forwarding: bool,
+        /// Serve Prometheus metrics (/metrics) and the status page (/) on ADDR:PORT
+        /// ([ADDR]:PORT for IPv6), or `off`.
+        #[arg(long, value_name = "ADDR:PORT|off", default_value = crate::monitor::DEFAULT_LISTEN)]
+        metrics: crate::monitor::Listen,
+    },
+    /// Virtual services.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Real servers behind a VIP.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Drop list: packets from these sources are dropped before anything else.
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
+    /// Make the running agent's configuration what FILE says: the difference is applied as
+    /// one change, and what did not change is not touched. A bad file changes nothing.
+    Apply {
+        /// The configuration file (the format `lb run --config` reads).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Only show what would change; apply nothing.
+        #[arg(long, visible_alias = "dry-run")]
+        diff: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters per VIP, backend and pass/drop reason.
+    Stats {
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Live view: rates (packets/s, bits/s, new flows/s) redrawn every second.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, requires = "watch", value_name = "N")]
+        count: Option<u64>,
+    },
+}
+
+/// Health check settings (HAProxy's meaning).
+#[derive(Args, Default)]
+struct CheckArgs {
+    /// none, tcp (connect), http:/PATH (GET, status in --expect), tls (handshake), mysql
+    /// (login), mysql-primary (writable), mysql-replica (read-only), pgsql (login) or
+    /// exec:/PATH (script ADDR PORT exits 0).
+    #[arg(long, value_parser = clap::value_parser!(CheckKind))]
+    check: Option<CheckKind>,
+    /// Milliseconds between checks.
+    #[arg(long)]
+    interval: Option<u64>,
+    /// Milliseconds a check may take.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Consecutive good checks that bring a backend up.
+    #[arg(long)]
+    rise: Option<u32>,
+    /// Consecutive failed checks that take a backend down.
+    #[arg(long)]
+    fall: Option<u32>,
+    /// HTTP statuses that pass, e.g. 200-399.
+    #[arg(long, value_parser = health::parse_expect)]
+    expect: Option<[u16; 2]>,
+    /// Verify TLS certificates against this CA (PEM); not verified otherwise.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The check user for mysql*/pgsql checks: a TOML file (user, password) only root reads.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
+    /// mysql-replica: most replication lag (seconds) that still counts as up.
+    #[arg(long)]
+    max_lag: Option<u64>,
+}
+
+impl CheckArgs {
+    fn patch(self) -> CheckPatch {
+        CheckPatch {
+            check: self.check,
+            interval_ms: self.interval,
+            timeout_ms: self.timeout,
+            rise: self.rise,
+            fall: self.fall,
+            expect: self.expect,
+            tls_ca: self.tls_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            credentials: self
+                .credentials
+                .map(|p| std::path::absolute(&p).unwrap_or(p)),
+            max_lag_s: self.max_lag,
+        }
+    }
+}
+
+#[derive(Args)]
+struct VipSettings {
+    #[command(flatten)]
+    vip: VipArg,
+    /// rr: weighted round robin; maglev: consistent hashing for balancer fleets.
+    #[arg(long, value_enum)]
+    algo: Option<Algo>,
+    #[command(flatten)]
+    check: CheckArgs,
+    /// Most new flows per second one source may open (SYN/UDP floods); 0 removes the limit.
+    #[arg(long)]
+    rate_limit: Option<u32>,
+    /// New flows a source may open at once above the rate (default: one second's worth).
+    #[arg(long, requires = "rate_limit")]
+    burst: Option<u32>,
+}
+
+#[derive(Args)]
+struct BackendArg {
+    #[command(flatten)]
+    vip: VipArg,
+    /// The backend's address (it serves on the VIP's port).
+    backend: String,
+}
+
+#[derive(Args)]
+struct VipArg {
+    /// ADDR:PORT, or [ADDR]:PORT for IPv6.
+    vip: String,
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    proto: Proto,
+}
+
+#[derive(Subcommand)]
+enum FirewallCommand {
+    /// Drop every packet from CIDR (IPv4 or IPv6, e.g. 203.0.113.0/24, 2001:db8::/32).
+    Add { cidr: String },
+    /// Stop dropping packets from CIDR.
+    Del { cidr: String },
+    /// Rules with their hit counters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// Add a virtual service.
+    Add(VipSettings),
+    /// Change a VIP's algorithm or health check; the rest stays.
+    Set(VipSettings),
+    /// Remove a virtual service and its backends.
+    Del(VipArg),
+    /// Virtual services with their counters.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Add a backend to a VIP.
+    Add {
+        #[command(flatten)]
+        target: BackendArg,
+        /// Share of new flows relative to the other backends (0 = none), default 1.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Takes new flows only while no primary backend can (active-passive).
+        #[arg(long)]
+        backup: bool,
+        /// Health check settings that replace the VIP's for this backend.
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Change a backend's weight, role or check override.
+    Set {
+        #[command(flatten)]
+        target: BackendArg,
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Make it a backup (true) or a primary (false).
+        #[arg(long)]
+        backup: Option<bool>,
+        #[command(flatten)]
+        check: CheckArgs,
+    },
+    /// Maintenance: no new flows, established flows continue.
+    Drain(BackendArg),
+    /// End maintenance: takes new flows again.
+    Undrain(BackendArg),
+    /// Remove a backend; its flows move to the others.
+    Del(BackendArg),
+    /// Backends with their state, health and counters.
+    List {
+        /// Only this VIP's backends.
+        vip: Option<String>,
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl BackendArg {
+    fn parse(&self) -> Result<(std::net::SocketAddr, Proto, std::net::IpAddr)> {
+        let vip = model::parse_vip_addr(&self.vip.vip)?;
+        Ok((
+            vip,
+            self.vip.proto,
+            model::parse_backend_addr(&self.backend)?,
+        ))
+    }
+}
+
+/// One pin directory per network namespace, so agents in different namespaces (balancer
+/// test beds, containers) never share maps, and a restart in the same one finds its own.
+fn default_pin_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let netns = std::fs::metadata("/proc/self/ns/net")?.ino();
+    Ok(PathBuf::from(format!("/sys/fs/bpf/lb/netns-{netns}")))
+}
+
+/// Does what the command line says.
+pub fn run(cli: Cli) -> Result<()> {
+    let (request, json) = match cli.command {
+        Command::Run {
+            iface,
+            config,
+            generic,
+            pin_dir,
+            no_pin,
+            keep_forwarding,
+            metrics,
+        } => {
+            let pin_dir = match (no_pin, pin_dir) {
+                (true, _) => None,
+                (false, Some(dir)) => Some(dir),
+                (false, None) => Some(default_pin_dir()?),
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            return runtime.block_on(crate::run::run(crate::run::Options {
+                ifaces: iface,
+                config,
+                socket: cli.socket,
+                generic,
+                pin_dir,
+                keep_forwarding,
+                metrics: metrics.0,
+            }));
+        }
+        Command::Vip(VipCommand::Add(v)) => (
+            Request::VipAdd {
+                vip: model::parse_vip_addr(&v.vip.vip)?,
+                proto: v.vip.proto,
+                algo: v.algo,
+                check: v.check.patch(),
+                rate_limit: v.rate_limit,
+                burst: v.burst,
+            },
+            false,
+        ),
+        Command::Vip(VipCommand::Set(v)) => (
+            Request::VipSet {
+                vip: model::parse_vip_addr(&v.vip.vip)?,
+                proto: v.vip.proto,
+                algo: v.algo,
+                check: v.check.patch(),
+                rate_limit: v.rate_limit,
+                burst: v.burst,
+            },
+            false,
+        ),
+        Command::Vip(VipCommand::Del(v)) => (
+            Request::VipDel {
+                vip: model::parse_vip_addr(&v.vip)?,
+                proto: v.proto,
+            },
+            false,
+        ),
+        Command::Vip(VipCommand::List { json }) => (Request::VipList, json),
+        Command::Backend(BackendCommand::Add {
+            target,
+            weight,
+            backup,
+            check,
+        }) => {
+            let (vip, proto, backend) = target.parse()?;
+            let backup = Some(backup);
+            let check = check.patch();
+            (
+                Request::BackendAdd {
+                    vip,
+                    proto,
+                    backend,
+                    weight,
+                    backup,
+                    check,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Set {
+            target,
+            weight,
+            backup,
+            check,
+        }) => {
+            let (vip, proto, backend) = target.parse()?;
+            let check = check.patch();
+            (
+                Request::BackendSet {
+                    vip,
+                    proto,
+                    backend,
+                    weight,
+                    backup,
+                    check,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Drain(target)) => {
+            let (vip, proto, backend) = target.parse()?;
+            (
+                Request::BackendDrain {
+                    vip,
+                    proto,
+                    backend,
+                    drain: true,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Undrain(target)) => {
+            let (vip, proto, backend) = target.parse()?;
+            (
+                Request::BackendDrain {
+                    vip,
+                    proto,
+                    backend,
+                    drain: false,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::Del(target)) => {
+            let (vip, proto, backend) = target.parse()?;
+            (
+                Request::BackendDel {
+                    vip,
+                    proto,
+                    backend,
+                },
+                false,
+            )
+        }
+        Command::Backend(BackendCommand::List { vip, proto, json }) => {
+            let vip = vip.as_deref().map(model::parse_vip_addr).transpose()?;
+            (Request::BackendList { vip, proto }, json)
+        }
+        Command::Apply { file, diff, json } => return apply(&cli.socket, &file, diff, json),
+        Command::Stats {
+            watch: true, count, ..
+        } => return watch::run(&cli.socket, count),
+        Command::Stats { json, .. } => (Request::Stats, json),
+        Command::Firewall(FirewallCommand::Add { cidr }) => (
+            Request::FirewallAdd {
+                cidr: model::parse_cidr(&cidr)?,
+            },
+            false,
+        ),
+        Command::Firewall(FirewallCommand::Del { cidr }) => (
+            Request::FirewallDel {
+                cidr: model::parse_cidr(&cidr)?,
+            },
+            false,
+        ),
+        Command::Firewall(FirewallCommand::List { json }) => (Request::FirewallList, json),
+    };
+    let kind = std::mem::discriminant(&request);
+    match control::call(&cli.socket, &request)? {
+        Response::Error { error } => anyhow::bail!("{error}"),
+        Response::Ok { message, data } => {
+            if let Some(m) = message {
+                println!("{m}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else if kind == std::mem::discriminant(&Request::Stats) {
+                print!("{}", table::stats(&data));
+            } else if kind == std::mem::discriminant(&Request::VipList) {
+                print!("{}", table::vips(&data));
+            } else if kind == std::mem::discriminant(&Request::FirewallList) {
+                print!("{}", table::firewall(&data));
+            } else if !data.is_null() {
+                print!("{}", table::backends(&data));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `lb apply -f FILE [--diff]`: the agent parses the text (errors name FILE and the line)
+/// and answers with what it changed, or would.
+fn apply(
+    socket: &std::path::Path,
+    file: &std::path::Path,
+    dry_run: bool,
+    json: bool,
+) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let request = Request::Apply {
+        file: file.display().to_string(),
+        text,
+        dry_run,
+    };
+    match control::call(socket, &request)? {
+        Response::Error { error } => anyhow::bail!("{error}"),
+        Response::Ok { message, data } => {
+            let plan: Plan = serde_json::from_value(data)
+                .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+                return Ok(());
+            }
+            if dry_run {
+                for change in &plan.changes {
+                    println!("{change}");
+                }
+            }
+            if let Some(m) = message {
+                println!("{m}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    /// Each subcommand's help starts with what it does, not with a flattened group's title.
+    #[test]
+    fn every_subcommand_says_what_it_does() {
+        let cli = Cli::command();
+        for group in cli.get_subcommands() {
+            for sub in group.get_subcommands() {
+                let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+                let name = format!("lb {} {}", group.get_name(), sub.get_name());
+                assert!(!about.is_empty(), "{name} has no description");
+                assert!(!about.contains("Health check settings"), "{name}: {about}");
+            }
+        }
+    }
+}

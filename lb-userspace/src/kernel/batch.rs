@@ -1,0 +1,109 @@
+//! Batched map access (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, Linux 5.6), which
+//! aya 0.16 does not wrap: thousands of entries a syscall instead of one each. The one
+//! place that builds the kernel's `union bpf_attr` for it.
+
+use std::os::fd::{AsRawFd as _, BorrowedFd};
+
+use bytemuck::Pod;
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of the kernel's `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Runs one batch command. Safety: `attr` must point at buffers that hold `count` keys
+/// and values of the map's sizes (and the batch tokens), live for the call.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for the buffers; `attr` itself is a valid, writable
+    // `union bpf_attr` prefix of the size given.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Writes `values[i]` under `keys[i]` for every i, in one syscall. `K` and `V` must be the
+/// map's key and value types (for per-CPU maps the value is not this shape: not for them).
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> std::io::Result<()> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `count` keys and values of the map's types, alive across the call; the
+    // kernel only reads them (and writes back `count` into `attr`).
+    unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }
+}
+
+/// Reads a whole map, `chunk` entries a syscall, handing each batch's values to `each`.
+/// `token` is the type of the map's batch cursor: `u32` for arrays (the next index) and
+/// for hash maps (a bucket number). Values of per-CPU maps come as `ncpus` consecutive
+/// `V`s per key (each rounded up to 8 bytes by the kernel: `V` must be a multiple of 8).
+pub fn lookup<K: Pod + Default, V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    chunk: usize,
+    values_per_key: usize,
+    max_rounds: usize,
+    each: &mut dyn FnMut(&[K], &[V]),
+) -> std::io::Result<()> {
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk * values_per_key];
+    let (mut token, mut next) = (0u32, 0u32);
+    for round in 0..max_rounds {
+        let mut attr = BatchAttr {
+            in_batch: if round == 0 {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the kernel writes at most `count` keys and `count * values_per_key`
+        // values into buffers of that many, and a u32 into `next`; all outlive the call.
+        let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let done = match result {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        let n = (attr.count as usize).min(chunk);
+        each(&keys[..n], &values[..n * values_per_key]);
+        if done {
+            return Ok(());
+        }
+        token = next;
+    }
+    Ok(())
+}

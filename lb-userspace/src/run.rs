@@ -1,0 +1,255 @@
+//! `lb run`: load the program, apply the configuration, attach, then serve the control
+//! socket and monitoring, keep neighbours current and take in health results until SIGINT
+//! or SIGTERM; SIGHUP re-applies the configuration file.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, mpsc},
+    task::JoinHandle,
+};
+
+use crate::{
+    api::{Agent, ConfigFile, server},
+    config::Config,
+    health,
+    kernel::{self, datapath::Datapath, flows::FlowCounts, netif::Netif},
+    monitor::{self, status},
+    state::State,
+};
+
+/// How often unresolved backends are retried; resolved ones are re-checked every
+/// `FULL_REFRESH_TICKS` ticks (MAC or interface changes).
+const REFRESH_TICK: Duration = Duration::from_millis(250);
+const FULL_REFRESH_TICKS: u32 = 20;
+
+pub struct Options {
+    pub ifaces: Vec<String>,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub generic: bool,
+    /// bpffs directory for maps and attachments; None runs unpinned.
+    pub pin_dir: Option<PathBuf>,
+    /// On a clean stop, leave the program attached and forwarding.
+    pub keep_forwarding: bool,
+    /// Where to serve /metrics and the status page; None: nowhere.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(opts: Options) -> Result<()> {
+    if opts.ifaces.is_empty() {
+        bail!("no interface given: --iface IF[,IF...]");
+    }
+    for iface in &opts.ifaces {
+        kernel::netif::index(iface)?;
+    }
+    let config = Config::load(&opts.config)?;
+    let listener = server::bind(&opts.socket)?;
+    let metrics_listener = match opts.metrics {
+        Some(addr) => Some(monitor::bind(addr).await?),
+        None => None,
+    };
+
+    let netif = Netif::new()?;
+    let datapath = match &opts.pin_dir {
+        Some(dir) => {
+            discard_stale_pins(dir, &netif).await?;
+            Datapath::load_pinned(dir)?
+        }
+        None => Datapath::load()?,
+    };
+    let restarted = datapath.adopted_state();
+    let pinned = restarted.then(|| datapath.pinned());
+    let flows = FlowCounts::new(datapath.flow_table()?);
+    let (reports_tx, reports_rx) = mpsc::channel(1024);
+    let mut state = State::new(datapath, Some(reports_tx));
+    if let Some(pinned) = pinned {
+        state.prepare_adoption(pinned);
+    }
+    let agent = Arc::new(Agent {
+        state: Mutex::new(state),
+        netif,
+        flows,
+        config: ConfigFile::new(opts.config.clone()),
+    });
+    // The same path as `lb apply`: the difference from an empty (or adopted) state.
+    let started = std::time::Instant::now();
+    agent
+        .apply(&config, false, false)
+        .await
+        .map_err(|e| anyhow!("{}: {e:#}", opts.config.display()))?;
+    {
+        let mut state = agent.state.lock().await;
+        state.finish_adoption()?;
+        // Attach only once the maps hold the configuration: a pinned attachment is
+        // switched to this program atomically, a new one starts forwarding with complete
+        // state.
+        for iface in &opts.ifaces {
+            state.dataplane_mut().attach(iface, opts.generic)?;
+            state.add_tx_port(kernel::netif::index(iface)?)?;
+        }
+        for stale in state.dataplane().pinned_ifaces() {
+            if !opts.ifaces.contains(&stale) {
+                log::info!("detaching from {stale}, which is no longer configured");
+                state.dataplane().unpin_link(&stale)?;
+            }
+        }
+        log::info!(
+            "{} {} ({} mode); {} VIPs, {} backends applied in {} ms; control socket {}",
+            if restarted {
+                "took over"
+            } else {
+                "attached to"
+            },
+            opts.ifaces.join(","),
+            if opts.generic { "generic" } else { "native" },
+            state.vips().len(),
+            state.vips().iter().map(|v| v.backends.len()).sum::<usize>(),
+            started.elapsed().as_millis(),
+            opts.socket.display()
+        );
+    }
+
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    if let Some(l) = metrics_listener {
+        log::info!("metrics and status page on http://{}/", l.local_addr()?);
+        let info = status::AgentInfo {
+            hostname: status::hostname(),
+            version: env!("CARGO_PKG_VERSION"),
+            attach_mode: if opts.generic { "generic" } else { "native" },
+            interfaces: opts.ifaces.clone(),
+            started: status::unix_now(),
+        };
+        tasks.extend(monitor::start(l, agent.clone(), info));
+    }
+    tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
+    tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let agent = agent.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = server::serve(stream, agent).await {
+                            log::debug!("control connection: {e:#}");
+                        }
+                    });
+                }
+                Err(e) => log::warn!("accept on the control socket: {e}"),
+            },
+            _ = sighup.recv() => reapply(&agent, &opts.config).await,
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    for task in tasks {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    let mut state = agent.state.lock().await;
+    state.stop_checkers();
+    if opts.keep_forwarding && opts.pin_dir.is_some() {
+        log::info!("stopping; the data plane keeps forwarding with the pinned state");
+    } else {
+        state.dataplane_mut().detach_all()?;
+        log::info!("detached; bye");
+    }
+    Ok(())
+}
+
+/// SIGHUP: the configuration file again, through the same path as `lb apply`. A bad file
+/// changes nothing and is logged with its line.
+async fn reapply(agent: &Agent, path: &Path) {
+    let result = match Config::load(path) {
+        Ok(config) => agent.apply(&config, false, false).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(plan) => log::info!("SIGHUP: {}: {}", path.display(), plan.summary()),
+        Err(e) => log::error!("SIGHUP: {}: {e:#}; nothing changed", path.display()),
+    }
+}
+
+/// Keeps backends' L2 paths current: unresolved ones every tick, all of them every
+/// `FULL_REFRESH_TICKS`; asks the kernel outside the lock and applies what changed under
+/// it. Also releases quarantined ids and ring regions.
+async fn refresh_neighbours(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(REFRESH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0u32.. {
+        tick.tick().await;
+        let targets = {
+            let mut state = agent.state.lock().await;
+            state.release_retired();
+            state.reach_targets(n % FULL_REFRESH_TICKS == 0)
+        };
+        if targets.is_empty() {
+            continue;
+        }
+        let result = match agent.netif.resolve_many(&targets).await {
+            Ok(reach) => agent.state.lock().await.apply_reach(&reach),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            log::warn!("neighbour refresh: {e:#}");
+        }
+    }
+}
+
+async fn take_health_reports(agent: Arc<Agent>, mut reports: mpsc::Receiver<health::Report>) {
+    while let Some(report) = reports.recv().await {
+        if let Err(e) = agent.state.lock().await.on_report(report) {
+            log::warn!("applying a health check result: {e:#}");
+        }
+    }
+}
+
+/// A pinned attachment is live when its interface (in this namespace) runs the program the
+/// link points at. Pins whose attachments all died with their interfaces (a deleted
+/// namespace whose inode number came round again, a NIC that went away) describe nothing
+/// that still forwards: they are removed, maps included, and the agent starts afresh.
+async fn discard_stale_pins(dir: &Path, netif: &Netif) -> Result<()> {
+    let links_dir = dir.join("links");
+    let Ok(entries) = std::fs::read_dir(&links_dir) else {
+        return Ok(());
+    };
+    let (mut live, mut dead) = (0, Vec::new());
+    for entry in entries.flatten() {
+        let pin = entry.path();
+        let iface = entry.file_name().to_string_lossy().into_owned();
+        let attached = match kernel::netif::index(&iface) {
+            Ok(index) => netif.xdp_prog_id(index).await?,
+            Err(_) => None,
+        };
+        let linked = Datapath::pinned_link_program(&pin).unwrap_or(None);
+        if linked.is_some() && linked == attached {
+            live += 1;
+        } else {
+            dead.push(pin);
+        }
+    }
+    if live == 0 && !dead.is_empty() {
+        log::warn!(
+            "{}: pinned state of detached interfaces, discarding it",
+            dir.display()
+        );
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    } else {
+        for pin in dead {
+            log::warn!("{}: attachment gone, unpinning", pin.display());
+            std::fs::remove_file(&pin)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! The small interface through which the agent's state writes the data plane: the kernel's
+//! BPF maps in production (`kernel::datapath`), a fake in unit tests.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Result;
+use ipnet::IpNet;
+use lb_common::{Backend, Counters, VipAddr, VipKey, VipMeta};
+
+/// Which per-CPU counters `reset_counters` zeroes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CounterId {
+    Vip(u32),
+    Backend(u32),
+    FirewallRule(u32),
+}
+
+/// Every counter, by id (VIPs, backends, drop rules) and by reason (`Reason::ALL` order).
+#[derive(Clone, Debug, Default)]
+pub struct AllCounters {
+    pub vips: Vec<Counters>,
+    pub backends: Vec<Counters>,
+    pub rules: Vec<Counters>,
+    pub reasons: Vec<Counters>,
+}
+
+impl AllCounters {
+    pub fn vip(&self, id: u32) -> Counters {
+        self.vips.get(id as usize).copied().unwrap_or_default()
+    }
+    pub fn backend(&self, id: u32) -> Counters {
+        self.backends.get(id as usize).copied().unwrap_or_default()
+    }
+    pub fn rule(&self, id: u32) -> Counters {
+        self.rules.get(id as usize).copied().unwrap_or_default()
+    }
+}
+
+/// What an earlier agent left in pinned maps.
+#[derive(Clone, Debug, Default)]
+pub struct Pinned {
+    pub vips: Vec<(VipKey, VipMeta)>,
+    /// Every backend slot ever used (generation > 0).
+    pub backends: Vec<(u32, Backend)>,
+    pub rules: Vec<(IpNet, u32)>,
+    pub vip_addrs: Vec<VipAddr>,
+}
+
+pub trait Dataplane {
+    fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()>;
+    fn del_vip(&mut self, key: &VipKey) -> Result<()>;
+    fn set_vip_addr(&mut self, addr: &VipAddr) -> Result<()>;
+    fn del_vip_addr(&mut self, addr: &VipAddr) -> Result<()>;
+    /// Writes backend id `ids[i]` into ring slab slot `slots[i]`, all at once.
+    fn set_ring_slots(&mut self, slots: &[u32], ids: &[u32]) -> Result<()>;
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    /// Makes `ifindex` a redirect target; idempotent.
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()>;
+    fn set_firewall_rule(&mut self, net: &IpNet, rule_id: u32) -> Result<()>;
+    fn del_firewall_rule(&mut self, net: &IpNet) -> Result<()>;
+    fn reset_counters(&mut self, id: CounterId) -> Result<()>;
+    fn counters(&self) -> Result<AllCounters>;
+}
+
+/// A data plane in memory, for unit tests: what the maps would hold.
+#[derive(Debug, Default)]
+pub struct Fake {
+    pub vips: HashMap<VipKey, VipMeta>,
+    pub vip_addrs: HashSet<VipAddr>,
+    pub slab: HashMap<u32, u32>,
+    pub backends: HashMap<u32, Backend>,
+    pub tx_ports: HashSet<u32>,
+    pub rules: HashMap<IpNet, u32>,
+    pub resets: Vec<CounterId>,
+    /// Ring slots written so far (incremental writes keep this small).
+    pub slot_writes: usize,
+    pub counters: AllCounters,
+}
+
+impl Fake {
+    /// The ring the data plane reads for `key` now.
+    pub fn ring(&self, key: &VipKey) -> Vec<u32> {
+        let Some(meta) = self.vips.get(key) else {
+            return Vec::new();
+        };
+        (meta.ring_off..meta.ring_off + meta.ring_len)
+            .map(|slot| self.slab.get(&slot).copied().unwrap_or(u32::MAX))
+            .collect()
+    }
+}
+
+impl Dataplane for Fake {
+    fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        self.vips.insert(*key, *meta);
+        Ok(())
+    }
+    fn del_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key);
+        Ok(())
+    }
+    fn set_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
+        self.vip_addrs.insert(*addr);
+        Ok(())
+    }
+    fn del_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
+        self.vip_addrs.remove(addr);
+        Ok(())
+    }
+    fn set_ring_slots(&mut self, slots: &[u32], ids: &[u32]) -> Result<()> {
+        for (s, id) in slots.iter().zip(ids) {
+            self.slab.insert(*s, *id);
+        }
+        self.slot_writes += slots.len();
+        Ok(())
+    }
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.insert(id, *backend);
+        Ok(())
+    }
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports.insert(ifindex);
+        Ok(())
+    }
+    fn set_firewall_rule(&mut self, net: &IpNet, rule_id: u32) -> Result<()> {
+        self.rules.insert(*net, rule_id);
+        Ok(())
+    }
+    fn del_firewall_rule(&mut self, net: &IpNet) -> Result<()> {
+        self.rules.remove(net);
+        Ok(())
+    }
+    fn reset_counters(&mut self, id: CounterId) -> Result<()> {
+        self.resets.push(id);
+        Ok(())
+    }
+    fn counters(&self) -> Result<AllCounters> {
+        Ok(self.counters.clone())
+    }
+}
