@@ -293,6 +293,11 @@ const THOUSAND: Vips = Vips {
 };
 
 const BACKENDS: u32 = 1_000;
+/// Backend ids, one set per VIP as the agent gives them (a backend serves one VIP): IPv4
+/// TCP 1..=1000, IPv6 TCP from V6_IDS, IPv4 UDP from UDP4_IDS; the 1-backend VIPs ONE_IDS,
+/// +1, +2.
+const UDP4_IDS: u32 = 2_001;
+const ONE_IDS: u32 = 3_001;
 /// Drop-list rules configured in every phase: /24s of 100.64.0.0/10, and the one the
 /// firewall case's source falls in.
 const FIREWALL_RULES: u32 = 1_000;
@@ -300,7 +305,7 @@ const DROPPED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 /// Backend ids of the IPv6 VIPs start here (ids of IPv4 backends are 1..=1000).
 const V6_IDS: u32 = 1_001;
 
-/// A program loaded with fresh maps, configured with both VIP sets and 2,000 backends, all
+/// A program loaded with fresh maps, configured with both VIP sets and 3,003 backends, all
 /// behind the test-run ingress (so forwarded frames leave with XDP_TX), and 1,001 firewall
 /// drop rules (which every packet is checked against first), as the agent would.
 fn configured_fixture() -> Fixture {
@@ -310,7 +315,12 @@ fn configured_fixture() -> Fixture {
         fx.backend(1 + i, IpAddr::V4(v4), TEST_RUN_IFINDEX);
         let v6 = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, i as u16);
         fx.backend(V6_IDS + i, IpAddr::V6(v6), TEST_RUN_IFINDEX);
+        let udp4 = Ipv4Addr::new(10, 2, (i >> 8) as u8, i as u8);
+        fx.backend(UDP4_IDS + i, IpAddr::V4(udp4), TEST_RUN_IFINDEX);
     }
+    fx.backend(ONE_IDS, "10.3.0.1".parse().unwrap(), TEST_RUN_IFINDEX);
+    fx.backend(ONE_IDS + 1, "fd03::2".parse().unwrap(), TEST_RUN_IFINDEX);
+    fx.backend(ONE_IDS + 2, "10.3.0.3".parse().unwrap(), TEST_RUN_IFINDEX);
     for i in 0..FIREWALL_RULES {
         let net = ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64 + (i >> 8) as u8, i as u8, 0), 24)
             .expect("a /24");
@@ -324,12 +334,13 @@ fn configured_fixture() -> Fixture {
         .expect("writing a drop rule");
     let all4: Vec<u32> = (1..=BACKENDS).collect();
     let all6: Vec<u32> = (V6_IDS..V6_IDS + BACKENDS).collect();
-    fx.vip(ONE.tcp4.0, PROTO_TCP, ONE.tcp4.1, 0, &[1]);
-    fx.vip(ONE.tcp6.0, PROTO_TCP, ONE.tcp6.1, 16, &[V6_IDS]);
-    fx.vip(ONE.udp4.0, PROTO_UDP, ONE.udp4.1, 32, &[1]);
+    let all_udp4: Vec<u32> = (UDP4_IDS..UDP4_IDS + BACKENDS).collect();
+    fx.vip(ONE.tcp4.0, PROTO_TCP, ONE.tcp4.1, 0, &[ONE_IDS]);
+    fx.vip(ONE.tcp6.0, PROTO_TCP, ONE.tcp6.1, 16, &[ONE_IDS + 1]);
+    fx.vip(ONE.udp4.0, PROTO_UDP, ONE.udp4.1, 32, &[ONE_IDS + 2]);
     fx.vip(THOUSAND.tcp4.0, PROTO_TCP, THOUSAND.tcp4.1, 1024, &all4);
     fx.vip(THOUSAND.tcp6.0, PROTO_TCP, THOUSAND.tcp6.1, 2048, &all6);
-    fx.vip(THOUSAND.udp4.0, PROTO_UDP, THOUSAND.udp4.1, 3072, &all4);
+    fx.vip(THOUSAND.udp4.0, PROTO_UDP, THOUSAND.udp4.1, 3072, &all_udp4);
     fx
 }
 
@@ -550,9 +561,15 @@ fn phases(
     let mut notes = Vec::new();
     // Phase 1: 1 and 1,000 backends, a flow table holding only what the cases insert.
     {
-        progress("data plane: loading the program, 2,000 backends, 6 VIPs");
+        progress("data plane: loading the program, 3,003 backends, 6 VIPs");
         let mut fx = configured_fixture();
         let prog = fx.dp.program_fd()?;
+        let size = bpf::prog_size(prog.as_fd())?;
+        notes.push(format!(
+            "program: {} instructions after the verifier's rewrite, {} bytes JITed, {} \
+             instructions processed by the verifier",
+            size.insns, size.jited_bytes, size.verified_insns
+        ));
         // The established flows exist before timing starts.
         for vips in [&ONE, &THOUSAND] {
             for (vip, proto, base) in [
@@ -606,7 +623,7 @@ fn phases(
         };
         fill(THOUSAND.tcp4.0, PROTO_TCP, est4(), n4, 1)?;
         fill(THOUSAND.tcp6.0, PROTO_TCP, est6(), n6, V6_IDS)?;
-        fill(THOUSAND.udp4.0, PROTO_UDP, est4(), n_udp, 1)?;
+        fill(THOUSAND.udp4.0, PROTO_UDP, est4(), n_udp, UDP4_IDS)?;
         let secs = started.elapsed().as_secs_f64();
         let filled: u64 = fx.dp.flows_per_backend().values().sum();
         notes.push(format!(
