@@ -43,6 +43,21 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// Words of the VIP address filter (64 bits each).
+pub const VIP_ADDR_FILTER_WORDS: u32 = 64;
+
+/// Where an address sits in the VIP address filter: a word index and a bit. The agent sets
+/// the bit of every VIP address; a clear bit tells the data plane, with one array read,
+/// that a packet is certainly not for a VIP (so host traffic skips the flow table). Two
+/// addresses may share a bit: the filter can only say "maybe", never hide a VIP.
+#[inline(always)]
+pub fn vip_addr_filter_slot(addr: &Addr) -> (u32, u64) {
+    let folded =
+        addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    let bits = folded.wrapping_mul(0x9e37_79b1) >> 20;
+    (bits >> 6, 1 << (bits & 63))
+}
+
 /// A VIP's address alone: packets to it are ours to judge even when no service matches
 /// (fragments, options, extension headers are dropped rather than handed to the host).
 #[repr(C)]
@@ -278,6 +293,7 @@ impl Outcome {
 pub mod maps {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_ADDR_FILTER: &str = "VIP_ADDR_FILTER";
     pub const RING_SLAB: &str = "RING_SLAB";
     pub const RR_CURSOR: &str = "RR_CURSOR";
     pub const BACKENDS: &str = "BACKENDS";
@@ -292,9 +308,10 @@ pub mod maps {
     pub const RATE_LIMITS: &str = "RATE_LIMITS";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         VIPS,
         VIP_ADDRS,
+        VIP_ADDR_FILTER,
         RING_SLAB,
         RR_CURSOR,
         BACKENDS,
@@ -372,6 +389,21 @@ mod tests {
             };
             assert!(r.name().starts_with(prefix), "{}", r.name());
         }
+    }
+
+    #[test]
+    fn the_vip_address_filter_slot_is_in_range_and_spreads() {
+        let mut seen = [0u64; VIP_ADDR_FILTER_WORDS as usize];
+        for i in 0..64u32 {
+            let (word, bit) = vip_addr_filter_slot(&[u32::from_be(0x0a00_0000 + i), 0, 0, 0]);
+            assert!(word < VIP_ADDR_FILTER_WORDS && bit.count_ones() == 1);
+            seen[word as usize] |= bit;
+        }
+        let distinct: u32 = seen.iter().map(|w| w.count_ones()).sum();
+        assert!(
+            distinct > 48,
+            "64 neighbouring addresses share too many bits: {distinct}"
+        );
     }
 
     #[test]

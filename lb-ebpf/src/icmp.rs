@@ -70,60 +70,77 @@ fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
 
 /// Back out of the interface it came in on: swap the MACs.
 #[inline(always)]
-fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
-    let macs: [u8; 12] = load(ctx, 0).ok_or(Reason::DropTruncatedL3)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&macs[6..]);
-    swapped[6..].copy_from_slice(&macs[..6]);
-    store(ctx, 0, swapped).ok_or(Reason::DropTruncatedL3)
+fn swap_macs(ctx: &XdpContext) -> Option<()> {
+    let d0: u32 = load(ctx, 0)?;
+    let d1: u16 = load(ctx, 4)?;
+    let s0: u32 = load(ctx, 6)?;
+    let s1: u16 = load(ctx, 10)?;
+    store(ctx, 0, s0)?;
+    store(ctx, 4, s1)?;
+    store(ctx, 6, d0)?;
+    store(ctx, 10, d1)
 }
 
-/// Swaps the `N`-byte source and destination addresses at `src` and `src + N`.
+/// Swaps the `WORDS`-word source and destination addresses at `src` and after it.
 #[inline(always)]
-fn swap_addrs<const N: usize>(ctx: &XdpContext, src: usize) -> Result<(), Reason> {
-    let a: [u8; N] = load(ctx, src).ok_or(Reason::DropTruncatedL3)?;
-    let b: [u8; N] = load(ctx, src + N).ok_or(Reason::DropTruncatedL3)?;
-    store(ctx, src, b).ok_or(Reason::DropTruncatedL3)?;
-    store(ctx, src + N, a).ok_or(Reason::DropTruncatedL3)
+fn swap_addrs<const WORDS: usize>(ctx: &XdpContext, src: usize) -> Option<()> {
+    let mut i = 0;
+    while i < WORDS {
+        let a: u32 = load(ctx, src + 4 * i)?;
+        let b: u32 = load(ctx, src + 4 * (WORDS + i))?;
+        store(ctx, src + 4 * i, b)?;
+        store(ctx, src + 4 * (WORDS + i), a)?;
+        i += 1;
+    }
+    Some(())
 }
 
 /// Rewrites the ICMP type in place, fixing the checksum (the code byte stays).
 #[inline(always)]
 fn set_icmp_type(ctx: &XdpContext, pkt: &Packet, from: u8, to: u8) -> Result<(), Reason> {
-    let [_, code, c0, c1]: [u8; 4] = load(ctx, pkt.l4).ok_or(Reason::DropTruncatedL4)?;
+    let [_, code, c0, c1] = load::<u32>(ctx, pkt.l4)
+        .ok_or(Reason::DropTruncatedL4)?
+        .to_ne_bytes();
     let csum = csum_replace(
         u16::from_be_bytes([c0, c1]),
         u16::from_be_bytes([from, code]),
         u16::from_be_bytes([to, code]),
     );
     let [c0, c1] = csum.to_be_bytes();
-    store(ctx, pkt.l4, [to, code, c0, c1]).ok_or(Reason::DropTruncatedL4)
+    store(ctx, pkt.l4, u32::from_ne_bytes([to, code, c0, c1])).ok_or(Reason::DropTruncatedL4)
 }
 
 #[inline(always)]
 fn echo_reply_v4(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
     // Swapping the addresses leaves the header checksum as it is; the TTL does not.
-    swap_addrs::<4>(ctx, pkt.l3 + 12)?;
-    let [ttl, proto, c0, c1]: [u8; 4] = load(ctx, pkt.l3 + 8).ok_or(Reason::DropTruncatedL3)?;
+    swap_addrs::<1>(ctx, pkt.l3 + 12).ok_or(Reason::DropTruncatedL3)?;
+    let [ttl, proto, c0, c1] = load::<u32>(ctx, pkt.l3 + 8)
+        .ok_or(Reason::DropTruncatedL3)?
+        .to_ne_bytes();
     let check = csum_replace(
         u16::from_be_bytes([c0, c1]),
         u16::from_be_bytes([ttl, proto]),
         u16::from_be_bytes([REPLY_TTL, proto]),
     );
     let [c0, c1] = check.to_be_bytes();
-    store(ctx, pkt.l3 + 8, [REPLY_TTL, proto, c0, c1]).ok_or(Reason::DropTruncatedL3)?;
+    store(
+        ctx,
+        pkt.l3 + 8,
+        u32::from_ne_bytes([REPLY_TTL, proto, c0, c1]),
+    )
+    .ok_or(Reason::DropTruncatedL3)?;
     set_icmp_type(ctx, pkt, ICMP_ECHO, ICMP_ECHO_REPLY)?;
-    swap_macs(ctx)?;
+    swap_macs(ctx).ok_or(Reason::DropTruncatedL3)?;
     Ok((xdp::TX, Reason::IcmpEchoReply))
 }
 
 #[inline(always)]
 fn echo_reply_v6(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
     // The ICMPv6 checksum covers the addresses, but swapping them keeps the sum.
-    swap_addrs::<16>(ctx, pkt.l3 + 8)?;
+    swap_addrs::<4>(ctx, pkt.l3 + 8).ok_or(Reason::DropTruncatedL3)?;
     store(ctx, pkt.l3 + 7, REPLY_TTL).ok_or(Reason::DropTruncatedL3)?;
     set_icmp_type(ctx, pkt, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)?;
-    swap_macs(ctx)?;
+    swap_macs(ctx).ok_or(Reason::DropTruncatedL3)?;
     Ok((xdp::TX, Reason::IcmpEchoReply))
 }
 
@@ -137,8 +154,6 @@ fn quoted_flow(ctx: &XdpContext, pkt: &Packet) -> Result<FlowKey, Reason> {
         ..Default::default()
     };
     let l4 = if pkt.flow.family == FAMILY_V4 {
-        // The whole minimal quoted header must be there, as when it was read as one.
-        load::<[u8; 20]>(ctx, inner).ok_or(Reason::DropIcmpNoFlow)?;
         let vihl: u8 = load(ctx, inner).ok_or(Reason::DropIcmpNoFlow)?;
         flow.proto = load(ctx, inner + 9).ok_or(Reason::DropIcmpNoFlow)?;
         flow.src[0] = load(ctx, inner + 16).ok_or(Reason::DropIcmpNoFlow)?;
@@ -150,9 +165,11 @@ fn quoted_flow(ctx: &XdpContext, pkt: &Packet) -> Result<FlowKey, Reason> {
         flow.dst = load_addr6(ctx, inner + 8).ok_or(Reason::DropIcmpNoFlow)?;
         inner + 40
     };
-    let ports: [u16; 2] = load(ctx, l4).ok_or(Reason::DropIcmpNoFlow)?;
-    flow.sport = ports[1];
-    flow.dport = ports[0];
+    let [s0, s1, d0, d1] = load::<u32>(ctx, l4)
+        .ok_or(Reason::DropIcmpNoFlow)?
+        .to_ne_bytes();
+    flow.sport = u16::from_ne_bytes([d0, d1]);
+    flow.dport = u16::from_ne_bytes([s0, s1]);
     // An error about traffic that did not come from this VIP is not ours to pass on.
     if flow.dst != pkt.flow.dst {
         return Err(Reason::DropIcmpNoFlow);

@@ -1,9 +1,10 @@
 //! The data plane: one XDP program, a pipeline of small stages, one file each:
 //!
 //! - `parse`: Ethernet (one optional 802.1Q tag), IPv4/IPv6, TCP/UDP ports and flags;
+//! - `select`: the flow's pinned backend (first: an established flow needs nothing else),
+//!   or a new one from the VIP's ring;
 //! - `policy`: the drop list, whether the destination is a VIP address, which service
 //!   (VIP) it is for, the per-source limit of new flows;
-//! - `select`: the flow's pinned backend, or a new one from the VIP's ring;
 //! - `transmit`: MAC rewrite, then XDP_TX or XDP_REDIRECT;
 //! - `icmp`: echo requests answered, errors about a flow sent on to its backend;
 //! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access.
@@ -25,9 +26,12 @@ mod select;
 mod transmit;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::Reason;
+use lb_common::{Backend, Reason};
 
-use crate::maps::{BACKEND_STATS, REASON_STATS, VIP_STATS};
+use crate::{
+    maps::{BACKEND_STATS, REASON_STATS, VIP_STATS},
+    parse::Packet,
+};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -41,19 +45,58 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 }
 
 /// The XDP action and the reason it is counted under, or the reason of a pass or drop.
+///
+/// An established flow costs one hash lookup: the flow table is consulted before the drop
+/// list and the VIP tables, which only new flows and traffic that is not balanced need. The
+/// drop list still stops established flows: the agent removes a source's flows when it adds
+/// a rule for it (`Datapath::set_firewall_rule`).
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut pkt = parse::ip(ctx)?;
-    policy::firewall(&pkt.flow, pkt.len)?;
-    policy::vip_address(&pkt.flow)?;
-    parse::transport(ctx, &mut pkt)?;
-    if pkt.flow.proto == parse::PROTO_ICMP || pkt.flow.proto == parse::PROTO_ICMPV6 {
-        return icmp::handle(ctx, &pkt);
+    // Ports and flags; what is wrong with them matters only for a VIP address (below).
+    let transport = parse::transport(ctx, &mut pkt);
+    let maybe_vip = policy::maybe_vip_address(&pkt.flow);
+    let balanceable = transport.is_ok() && parse::has_ports(&pkt);
+    if maybe_vip
+        && balanceable
+        && !pkt.syn
+        && let Some((backend_id, backend)) = select::established(&pkt.flow)
+    {
+        return forward(ctx, &pkt, backend.vip_id, backend_id, backend);
     }
-    let vip = policy::service(&pkt.flow).ok_or(Reason::DropClosedPort)?;
-    let (backend_id, backend) = select::backend(&pkt.flow, &vip, pkt.syn)?;
-    let action = transmit::forward(ctx, &backend)?;
-    count::packet(&VIP_STATS, vip.vip_id, pkt.len);
+    policy::firewall(&pkt.flow, pkt.len)?;
+    if !maybe_vip {
+        return Err(Reason::PassNotVip);
+    }
+    let vip = if balanceable {
+        policy::service(&pkt.flow)
+    } else {
+        None
+    };
+    let Some(vip) = vip else {
+        // Not a service: is the address a VIP's at all, and if so what is wrong?
+        policy::vip_address(&pkt.flow)?;
+        transport?;
+        if parse::is_icmp(&pkt) {
+            return icmp::handle(ctx, &pkt);
+        }
+        return Err(Reason::DropClosedPort);
+    };
+    let (backend_id, backend) = select::new_flow(&pkt.flow, &vip)?;
+    forward(ctx, &pkt, vip.vip_id, backend_id, backend)
+}
+
+/// Sends the packet to its backend and counts it under its VIP and backend.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+) -> Result<(u32, Reason), Reason> {
+    let action = transmit::forward(ctx, backend)?;
+    count::packet(&VIP_STATS, vip_id, pkt.len);
     count::packet(&BACKEND_STATS, backend_id, pkt.len);
     Ok((action, Reason::Forwarded))
 }

@@ -8,14 +8,16 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Counters, FlowKey, FlowValue, MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS,
-    MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT, RING_SLAB_LEN, RateKey, VipAddr,
-    VipKey, VipMeta,
+    MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT, RING_SLAB_LEN, RateKey,
+    VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
 
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
 #[map]
 pub static VIP_ADDRS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static VIP_ADDR_FILTER: Array<u64> = Array::with_max_entries(VIP_ADDR_FILTER_WORDS, 0);
 #[map]
 pub static RING_SLAB: Array<u32> = Array::with_max_entries(RING_SLAB_LEN, 0);
 #[map]

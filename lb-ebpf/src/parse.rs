@@ -47,11 +47,11 @@ pub struct Packet {
 #[inline(always)]
 pub fn ip(ctx: &XdpContext) -> Result<Packet, Reason> {
     let frame_len = ctx.data_end() - ctx.data();
-    let mut ether_type = u16::from_be(load(ctx, 12).ok_or(Reason::DropTruncatedL3)?);
+    let mut ether_type = u16::from_be(load::<u16>(ctx, 12).ok_or(Reason::DropTruncatedL3)?);
     let mut l3 = ETH_HLEN;
     if ether_type == ETH_P_8021Q {
         // The inner EtherType sits in the last two bytes of the tag.
-        ether_type = u16::from_be(load(ctx, ETH_HLEN + 2).ok_or(Reason::DropTruncatedL3)?);
+        ether_type = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2).ok_or(Reason::DropTruncatedL3)?);
         l3 += VLAN_HLEN;
     }
     let mut pkt = Packet {
@@ -75,9 +75,12 @@ pub fn ip(ctx: &XdpContext) -> Result<Packet, Reason> {
 fn ipv4(ctx: &XdpContext, pkt: &mut Packet, frame_len: usize) -> Result<(), Reason> {
     let l3 = pkt.l3;
     // Version/IHL, TOS and total length; then flags/fragment offset, TTL and protocol.
-    let [vihl, _tos, len_hi, len_lo]: [u8; 4] = load(ctx, l3).ok_or(Reason::DropTruncatedL3)?;
-    let [frag_hi, frag_lo, _ttl, proto]: [u8; 4] =
-        load(ctx, l3 + 6).ok_or(Reason::DropTruncatedL3)?;
+    let [vihl, _tos, len_hi, len_lo] = load::<u32>(ctx, l3)
+        .ok_or(Reason::DropTruncatedL3)?
+        .to_ne_bytes();
+    let [frag_hi, frag_lo, _ttl, proto] = load::<u32>(ctx, l3 + 6)
+        .ok_or(Reason::DropTruncatedL3)?
+        .to_ne_bytes();
     let src: u32 = load(ctx, l3 + 12).ok_or(Reason::DropTruncatedL3)?;
     let dst: u32 = load(ctx, l3 + 16).ok_or(Reason::DropTruncatedL3)?;
     let ihl = ((vihl & 0x0f) as usize) * 4;
@@ -107,9 +110,10 @@ fn ipv4(ctx: &XdpContext, pkt: &mut Packet, frame_len: usize) -> Result<(), Reas
 fn ipv6(ctx: &XdpContext, pkt: &mut Packet, frame_len: usize) -> Result<(), Reason> {
     let l3 = pkt.l3;
     // Version/class/flow label, payload length, next header and hop limit.
-    let [vcf, ..]: [u8; 4] = load(ctx, l3).ok_or(Reason::DropTruncatedL3)?;
-    let [len_hi, len_lo, next_hdr, _hops]: [u8; 4] =
-        load(ctx, l3 + 4).ok_or(Reason::DropTruncatedL3)?;
+    let vcf: u8 = load(ctx, l3).ok_or(Reason::DropTruncatedL3)?;
+    let [len_hi, len_lo, next_hdr, _hops] = load::<u32>(ctx, l3 + 4)
+        .ok_or(Reason::DropTruncatedL3)?
+        .to_ne_bytes();
     pkt.flow.src = load_addr6(ctx, l3 + 8).ok_or(Reason::DropTruncatedL3)?;
     pkt.flow.dst = load_addr6(ctx, l3 + 24).ok_or(Reason::DropTruncatedL3)?;
     let payload_len = u16::from_be_bytes([len_hi, len_lo]) as usize;
@@ -141,6 +145,17 @@ pub fn load_addr6(ctx: &XdpContext, offset: usize) -> Option<Addr> {
     ])
 }
 
+/// TCP or UDP: a packet with ports, that a service can take.
+#[inline(always)]
+pub fn has_ports(pkt: &Packet) -> bool {
+    pkt.flow.proto == PROTO_TCP || pkt.flow.proto == PROTO_UDP
+}
+
+#[inline(always)]
+pub fn is_icmp(pkt: &Packet) -> bool {
+    pkt.flow.proto == PROTO_ICMP || pkt.flow.proto == PROTO_ICMPV6
+}
+
 /// For a packet to a VIP address: refuses what cannot be balanced, then reads the ports
 /// (and for TCP the flags). Source and destination ports sit in the first four bytes of
 /// both TCP and UDP. The whole minimal header must lie inside the IP packet, not merely
@@ -160,9 +175,11 @@ pub fn transport(ctx: &XdpContext, pkt: &mut Packet) -> Result<(), Reason> {
     }
     // Inside the IP packet means inside the frame (checked by `ip`): these loads only fail
     // for the verifier's eyes.
-    let ports: [u16; 2] = load(ctx, pkt.l4).ok_or(Reason::DropTruncatedL4)?;
-    pkt.flow.sport = ports[0];
-    pkt.flow.dport = ports[1];
+    let [s0, s1, d0, d1] = load::<u32>(ctx, pkt.l4)
+        .ok_or(Reason::DropTruncatedL4)?
+        .to_ne_bytes();
+    pkt.flow.sport = u16::from_ne_bytes([s0, s1]);
+    pkt.flow.dport = u16::from_ne_bytes([d0, d1]);
     if proto == PROTO_TCP {
         let flags: u8 = load(ctx, pkt.l4 + 13).ok_or(Reason::DropTruncatedL4)?;
         check_tcp_flags(flags)?;

@@ -2,11 +2,15 @@
 //! which service a packet is for, and the per-source limit of new flows.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
-use lb_common::{FAMILY_V4, FlowKey, RateKey, Reason, VipAddr, VipKey, VipMeta};
+use lb_common::{
+    FAMILY_V4, FlowKey, RateKey, Reason, VipAddr, VipKey, VipMeta, vip_addr_filter_slot,
+};
 
 use crate::{
     count,
-    maps::{FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, VIP_ADDRS, VIPS},
+    maps::{
+        FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, VIP_ADDR_FILTER, VIP_ADDRS, VIPS,
+    },
 };
 
 /// The drop list, by source address, for every IP packet whoever it is for: the balancer
@@ -31,6 +35,15 @@ pub fn firewall(flow: &FlowKey, frame_len: u64) -> Result<(), Reason> {
         }
         None => Ok(()),
     }
+}
+
+/// Whether the destination may be a VIP address: one array read. A clear bit means
+/// certainly not (the agent sets the bit of every VIP address before the address), so
+/// traffic for the host skips the flow table; a set bit is confirmed by `vip_address`.
+#[inline(always)]
+pub fn maybe_vip_address(flow: &FlowKey) -> bool {
+    let (word, bit) = vip_addr_filter_slot(&flow.dst);
+    VIP_ADDR_FILTER.get(word).is_none_or(|w| w & bit != 0)
 }
 
 /// Only a VIP's packets are ours to judge further; the host handles the rest as ever.

@@ -14,39 +14,31 @@ use crate::{
     policy,
 };
 
-/// The flow's pinned backend while that backend still keeps flows; otherwise a new one from
-/// the VIP's ring, remembered in the flow table. A TCP SYN is a new connection even when
-/// its 5-tuple is still in the table (a client reusing a source port): it is balanced
-/// afresh, so it never lands on a backend that drains or left the ring since.
+/// The backend an established flow is pinned to, if it still keeps flows (it is in use and
+/// healthy, also while it drains) and its id was not given to another server since. A
+/// removed or failed backend's flows find `None` and are balanced afresh by `new_flow`.
 #[inline(always)]
-pub fn backend(flow: &FlowKey, vip: &VipMeta, syn: bool) -> Result<(u32, Backend), Reason> {
-    if !syn && let Some(found) = established(flow) {
-        return Ok(found);
-    }
-    new_flow(flow, vip)
-}
-
-/// The backend an established flow is pinned to, if it still keeps flows and its id was
-/// not given to another server since.
-#[inline(always)]
-pub fn established(flow: &FlowKey) -> Option<(u32, Backend)> {
+pub fn established(flow: &FlowKey) -> Option<(u32, &'static Backend)> {
     // SAFETY: the value is copied out at once; an LRU element stays valid for the rest of
     // the run (RCU), and a racing update rewrites both words of a value that was valid.
     let pinned = unsafe { *FLOWS.get_ptr(flow)? };
     let backend = BACKENDS.get(pinned.backend_id)?;
     let keep = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;
     if backend.flags & keep == keep && backend.generation == pinned.backend_generation {
-        return Some((pinned.backend_id, *backend));
+        return Some((pinned.backend_id, backend));
     }
     None
 }
 
-/// A backend for a new flow (within the source's rate limit), pinned in the flow table.
+/// A backend for a new flow (within the source's rate limit) from the VIP's ring, pinned in
+/// the flow table. A TCP SYN always comes here, even when its 5-tuple is still in the table
+/// (a client reusing a source port): it is a new connection, balanced afresh, so it never
+/// lands on a backend that drains or left the ring since.
 #[inline(always)]
-fn new_flow(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), Reason> {
+pub fn new_flow(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, &'static Backend), Reason> {
     policy::rate_limit(flow, vip)?;
     let backend_id = pick_from_ring(flow, vip)?;
-    let backend = *BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
+    let backend = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
     if backend.flags & BACKEND_F_IN_USE == 0 {
         return Err(Reason::DropNoBackend);
     }

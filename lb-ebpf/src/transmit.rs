@@ -25,6 +25,11 @@ pub fn forward(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
 
 #[inline(always)]
 fn rewrite_macs(ctx: &XdpContext, backend: &Backend) -> Result<(), Reason> {
-    store(ctx, 0, backend.mac).ok_or(Reason::DropTruncatedL3)?;
-    store(ctx, 6, backend.src_mac).ok_or(Reason::DropTruncatedL3)
+    let [d0, d1, d2, d3, d4, d5] = backend.mac;
+    let [s0, s1, s2, s3, s4, s5] = backend.src_mac;
+    // Checked once for all four stores: the frame holds at least the Ethernet header.
+    store(ctx, 10, u16::from_ne_bytes([s4, s5])).ok_or(Reason::DropTruncatedL3)?;
+    store(ctx, 0, u32::from_ne_bytes([d0, d1, d2, d3])).ok_or(Reason::DropTruncatedL3)?;
+    store(ctx, 4, u16::from_ne_bytes([d4, d5])).ok_or(Reason::DropTruncatedL3)?;
+    store(ctx, 6, u32::from_ne_bytes([s0, s1, s2, s3])).ok_or(Reason::DropTruncatedL3)
 }

@@ -265,27 +265,32 @@ fn a_draining_backend_keeps_its_flows_but_takes_no_new_ones() {
 #[test]
 fn a_flow_whose_backend_left_is_reselected_from_the_ring() {
     let mut fx = Fixture::new();
+    // A backend serves one VIP (the agent gives each VIP's backends their own ids).
     fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
     fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
+    fx.backend(3, ip("fd01::3"), TEST_RUN_IFINDEX);
+    fx.backend(4, ip("fd01::4"), TEST_RUN_IFINDEX);
     fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2]);
     let a = Pkt::tcp(client4(40001), vip4(80));
     let b = Pkt::udp(client6(40002), vip6(53));
-    fx.vip(vip6(53), PROTO_UDP, 1, 16, &[1, 2]);
+    fx.vip(vip6(53), PROTO_UDP, 1, 16, &[3, 4]);
     fx.run_all(&[
         Case::new("a new", a.build(), Expect::tx(0, 1, true)),
-        Case::new("b new", b.build(), Expect::tx(1, 1, true)),
+        Case::new("b new", b.build(), Expect::tx(1, 3, true)),
     ]);
-    // Backend 1 is removed: no longer in use, and out of both rings.
+    // Backends 1 and 3 are removed: no longer in use, and out of their rings.
     fx.update_backend(1, |b| b.flags = 0);
+    fx.update_backend(3, |b| b.flags = 0);
     fx.vip(vip4(80), PROTO_TCP, 0, 8, &[2]);
-    fx.vip(vip6(53), PROTO_UDP, 1, 24, &[2]);
+    fx.vip(vip6(53), PROTO_UDP, 1, 24, &[4]);
     fx.run_all(&[
         Case::new("a moves to 2", a.build(), Expect::tx(0, 2, true)),
         Case::new("a stays on 2", a.build(), Expect::tx(0, 2, false)),
-        Case::new("b moves to 2", b.build(), Expect::tx(1, 2, true)),
+        Case::new("b moves to 4", b.build(), Expect::tx(1, 4, true)),
+        Case::new("b stays on 4", b.build(), Expect::tx(1, 4, false)),
     ]);
     assert_eq!(fx.dp.flow(&a.flow_key()), pinned(2, 1));
-    assert_eq!(fx.dp.flow(&b.flow_key()), pinned(2, 1));
+    assert_eq!(fx.dp.flow(&b.flow_key()), pinned(4, 1));
 }
 
 #[test]
@@ -485,8 +490,15 @@ fn an_unresolved_backend_hands_the_frame_to_the_host_untouched() {
         b.src_mac = [0; 6];
         b.ifindex = 0;
     });
+    fx.backend(2, ip("fd01::2"), TEST_RUN_IFINDEX);
+    fx.update_backend(2, |b| {
+        b.flags = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;
+        b.mac = [0; 6];
+        b.src_mac = [0; 6];
+        b.ifindex = 0;
+    });
     fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1]);
-    fx.vip(vip6(443), PROTO_TCP, 1, 8, &[1]);
+    fx.vip(vip6(443), PROTO_TCP, 1, 8, &[2]);
     let tcp4 = Pkt::tcp(client4(40001), vip4(80));
     fx.run_all(&[
         Case::new("ipv4", tcp4.build(), Expect::Pass(Reason::PassNoNeigh)),
