@@ -50,6 +50,9 @@ pub struct Datapath {
     firewall_v6: LpmTrie<MapData, [u8; 16], u32>,
     firewall_stats: PerCpuArray<MapData, Counters>,
     links: Vec<XdpLinkId>,
+    /// Whether the flow table may hold flows: not before the program first runs on maps
+    /// this agent created, so rules applied at start skip the walk of an empty table.
+    flows_possible: bool,
     /// Set when the maps and links live in bpffs (see `load_pinned`).
     pin_dir: Option<PathBuf>,
 }
@@ -102,6 +105,7 @@ impl Datapath {
             firewall_stats: take(&mut ebpf, maps::FIREWALL_STATS)?,
             ebpf,
             links: Vec::new(),
+            flows_possible: false,
             pin_dir: None,
         })
     }
@@ -131,6 +135,8 @@ impl Datapath {
         let mut datapath = Self::load_with(&mut loader)
             .with_context(|| format!("loading with maps pinned in {}", maps_dir.display()))?;
         datapath.pin_dir = Some(pin_dir.to_path_buf());
+        // Adopted maps may be in use by the previous agent's program.
+        datapath.flows_possible = datapath.adopted_state();
         // Pins made before the filter existed have VIP addresses but no filter yet.
         datapath.write_vip_addr_filter()?;
         Ok(datapath)
@@ -142,6 +148,8 @@ impl Datapath {
     }
 
     fn program(&mut self) -> &mut Xdp {
+        // Whoever reaches the program may run it.
+        self.flows_possible = true;
         self.ebpf
             .program_mut(PROGRAM_NAME)
             .expect("checked at load")
@@ -365,7 +373,7 @@ impl Datapath {
             ),
         }
         .with_context(|| format!("writing the drop rule {net}"))?;
-        if !covered {
+        if !covered && self.flows_possible {
             // Twice: a packet that passed the drop list just before the rule was written
             // may insert its flow while the first walk runs.
             for _ in 0..2 {
@@ -509,6 +517,7 @@ impl Datapath {
     /// Pins a flow to a backend as the data plane does for a new flow (one map update per
     /// call): for tools and benchmarks that pre-fill the flow table.
     pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.flows_possible = true;
         self.flows.insert(key, value, 0).context("writing FLOWS")
     }
 
