@@ -572,7 +572,13 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new() -> Self {
-        let dp = Datapath::load().expect("loading the XDP program (run the tests as root)");
+        Self::with_datapath(
+            Datapath::load().expect("loading the XDP program (run the tests as root)"),
+        )
+    }
+
+    /// A fixture around a program loaded by the caller (e.g. with smaller maps).
+    pub fn with_datapath(dp: Datapath) -> Self {
         Self {
             dp,
             backends: BTreeMap::new(),

@@ -219,6 +219,64 @@ fn established_flows_stick_to_their_backend() {
     ));
 }
 
+/// A random-source SYN flood several times the flow table's size must not cost an
+/// established client its backend, busy or idle: a flow looked up after its first packet
+/// sits on the LRU's active list, which flood entries (never looked up again) do not reach.
+/// On a 4,096-flow table, so that the flood stays small.
+#[test]
+fn established_flows_survive_a_syn_flood_five_times_the_flow_table() {
+    const TABLE: u32 = 4_096;
+    let dp = lb::datapath::Datapath::load_with(
+        aya::EbpfLoader::new().set_max_entries(lb_common::maps::FLOWS, TABLE),
+    )
+    .expect("loading the XDP program with a small flow table (run the tests as root)");
+    let mut fx = Fixture::with_datapath(dp);
+    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
+    fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2]);
+    let busy = Pkt::tcp(client4(40001), vip4(80));
+    let idle = Pkt::tcp(client4(40002), vip4(80));
+    fx.run_all(&[
+        Case::new("busy, first", busy.build(), Expect::tx(0, 1, true)),
+        Case::new("idle, first", idle.build(), Expect::tx(0, 2, true)),
+        Case::new("busy, second", busy.build(), Expect::tx(0, 1, false)),
+        Case::new("idle, second", idle.build(), Expect::tx(0, 2, false)),
+    ]);
+    let flood = 5 * TABLE;
+    for i in 0..flood {
+        let src = std::net::SocketAddr::new(
+            std::net::Ipv4Addr::from(0xc612_0000 + i).into(),
+            1024 + (i % 50_000) as u16,
+        );
+        let syn = Pkt::tcp(src, vip4(80)).flags(TCP_SYN).build();
+        let (action, _) = fx.dp.test_run(&syn).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(action, XDP_TX, "flood SYN {i}");
+        if i % 64 == 0 {
+            fx.run(&Case::new(
+                "busy, during the flood",
+                busy.build(),
+                Expect::tx(0, 1, false),
+            ));
+        }
+    }
+    assert_eq!(
+        fx.dp.vip_counters(0).unwrap().new_flows,
+        2 + u64::from(flood)
+    );
+    fx.run_all(&[
+        Case::new(
+            "idle, after the flood",
+            idle.build(),
+            Expect::tx(0, 2, false),
+        ),
+        Case::new(
+            "busy, after the flood",
+            busy.build(),
+            Expect::tx(0, 1, false),
+        ),
+    ]);
+}
+
 #[test]
 fn a_draining_backend_keeps_its_flows_but_takes_no_new_ones() {
     let mut fx = Fixture::new();
