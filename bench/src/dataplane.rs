@@ -17,6 +17,7 @@
 //!   CPU caches as they would on a busy balancer; new flows evict the least recently used.
 
 use std::{
+    mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     time::{Duration, Instant},
@@ -652,6 +653,123 @@ fn phases(
     Ok(notes)
 }
 
+// ---- new flows on two CPUs at once ---------------------------------------------------------
+
+pub const CASE_NEW_RR: &str = "new IPv4 TCP flow, round robin (one shared cursor)";
+pub const CASE_NEW_HASH: &str = "new IPv4 TCP flow, Maglev (no cursor)";
+pub const CONFIG_ONE_CPU: &str = "1 CPU";
+pub const CONFIG_TWO_CPUS: &str = "2 CPUs at once";
+
+/// What one shared round-robin cursor per VIP costs when two CPUs make new flows at once:
+/// the same new-flow SYNs to a round-robin VIP and to a Maglev VIP (whose selection writes
+/// nothing shared), from one thread and from two threads pinned to CPUs 0 and 1. Both
+/// VIPs insert into the same flow table, so the LRU's own contention is in both; what the
+/// cursor's cache line adds is (RR − Maglev) on two CPUs minus the same on one.
+fn contention(opts: &Options, baselines: &Baselines) -> Result<Vec<Row>> {
+    let mut fx = Fixture::new();
+    fx.backend(1, "10.1.0.1".parse()?, TEST_RUN_IFINDEX);
+    fx.backend(2, "10.1.0.2".parse()?, TEST_RUN_IFINDEX);
+    let rr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 80);
+    let hash = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 82);
+    fx.vip(rr, PROTO_TCP, 0, 0, &[1]);
+    // VIP id 8: its cursor slot is on another cache line than VIP 0's (it uses none).
+    fx.vip_with_flags(hash, PROTO_TCP, 8, 16, &[2], lb_common::VIP_F_HASH);
+    let prog = fx.dp.program_fd()?;
+    let tx_frame = Template::new(est4(), rr, PROTO_TCP).frame;
+    let calls = opts.calls.max(1) as u64;
+    let mut next = 0u64;
+    // Per (case, threads): each round's median ns per call.
+    let mut results: Vec<(&str, &str, Vec<f64>)> = Vec::new();
+    let mut tx_rounds = Vec::new();
+    for (case, _) in [(CASE_NEW_RR, rr), (CASE_NEW_HASH, hash)] {
+        for config in [CONFIG_ONE_CPU, CONFIG_TWO_CPUS] {
+            results.push((case, config, Vec::new()));
+        }
+    }
+    for round in 0..=opts.rounds {
+        let mut tx = Vec::with_capacity(calls as usize);
+        for _ in 0..calls {
+            tx.push(f64::from(
+                bpf::test_run(baselines.tx.as_fd(), &tx_frame, None, 1)?.duration_ns,
+            ));
+        }
+        for (case, config, rounds) in results.iter_mut() {
+            let vip = if *case == CASE_NEW_RR { rr } else { hash };
+            let threads: u64 = if *config == CONFIG_TWO_CPUS { 2 } else { 1 };
+            let first = next;
+            next += threads * calls;
+            let prog = prog.as_fd();
+            let durations: Vec<f64> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|t| {
+                        scope.spawn(move || -> Result<Vec<f64>> {
+                            pin_to_cpu(t as usize)?;
+                            let mut frames = Frames::New {
+                                t: Template::syn(IpAddr::V4(NEW_V4), vip),
+                                next: (1 << 40) + first + t * calls,
+                            };
+                            let mut buf = Vec::with_capacity(256);
+                            let mut d = Vec::with_capacity(calls as usize);
+                            for _ in 0..calls {
+                                frames.next(&mut buf);
+                                let run = bpf::test_run(prog, &buf, None, 1)?;
+                                if run.retval != XDP_TX {
+                                    bail!("a new flow came out with XDP action {}", run.retval);
+                                }
+                                d.push(f64::from(run.duration_ns));
+                            }
+                            Ok(d)
+                        })
+                    })
+                    .collect();
+                let mut all = Vec::new();
+                for w in workers {
+                    all.extend(
+                        w.join()
+                            .map_err(|_| anyhow::anyhow!("a worker panicked"))??,
+                    );
+                }
+                anyhow::Ok(all)
+            })?;
+            if round > 0 {
+                rounds.push(median(&durations));
+            }
+        }
+        if round > 0 {
+            tx_rounds.push(median(&tx));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let tx = median(&tx_rounds);
+    Ok(results
+        .into_iter()
+        .map(|(case, config, rounds)| {
+            let s = Summary::of_rounds(&rounds);
+            Row {
+                case: case.into(),
+                config: config.into(),
+                ns: Some(s),
+                ratio_tx: Some(s.median / tx),
+                amortized: None,
+                amortized_ratio_tx: None,
+                note: None,
+            }
+        })
+        .collect())
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; the calls only write into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` outlives the call.
+    let r = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs the whole data-plane benchmark. `progress` gets a line now and then.
 pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let baselines = Baselines::load()?;
@@ -663,6 +781,10 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         Ok(())
     })?;
     notes.append(&mut more);
+    if opts.table_flows > 0 {
+        progress("data plane: new flows on one CPU and on two at once");
+        rows_out.extend(contention(opts, &baselines)?);
+    }
     Ok(Report {
         rows: rows_out,
         notes,
