@@ -16,10 +16,9 @@ const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 /// Run XDP on real frames from a page pool: XDP_TX and XDP_REDIRECT really transmit.
 pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-pub const XDP_REDIRECT: u32 = 4;
+pub use lb_common::xdp::{
+    DROP as XDP_DROP, PASS as XDP_PASS, REDIRECT as XDP_REDIRECT, TX as XDP_TX,
+};
 
 // ---- instructions ------------------------------------------------------------------------
 
@@ -275,4 +274,41 @@ pub fn expect_action(prog: BorrowedFd<'_>, frame: &[u8], want: u32, what: &str) 
         );
     }
     Ok(())
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+#[repr(C)]
+struct GetInfoAttr {
+    fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// What the kernel made of a loaded program: its size before and after JIT, and how many
+/// instructions the verifier processed to prove it safe.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct ProgSize {
+    /// Instructions after the verifier's rewrite (`xlated_prog_len` / 8).
+    pub insns: u32,
+    pub jited_bytes: u32,
+    /// Instructions the verifier walked over all paths (`verified_insns`).
+    pub verified_insns: u32,
+}
+
+/// Reads `struct bpf_prog_info` (the offsets below are its fixed UAPI layout).
+pub fn prog_size(prog: BorrowedFd<'_>) -> Result<ProgSize> {
+    let mut info = [0u8; 232];
+    let mut attr = GetInfoAttr {
+        fd: prog.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    let word = |at: usize| u32::from_ne_bytes(info[at..at + 4].try_into().expect("4 bytes"));
+    Ok(ProgSize {
+        jited_bytes: word(16),
+        insns: word(20) / 8,
+        verified_insns: word(216),
+    })
 }

@@ -17,6 +17,7 @@
 //!   CPU caches as they would on a busy balancer; new flows evict the least recently used.
 
 use std::{
+    mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     time::{Duration, Instant},
@@ -293,6 +294,11 @@ const THOUSAND: Vips = Vips {
 };
 
 const BACKENDS: u32 = 1_000;
+/// Backend ids, one set per VIP as the agent gives them (a backend serves one VIP): IPv4
+/// TCP 1..=1000, IPv6 TCP from V6_IDS, IPv4 UDP from UDP4_IDS; the 1-backend VIPs ONE_IDS,
+/// +1, +2.
+const UDP4_IDS: u32 = 2_001;
+const ONE_IDS: u32 = 3_001;
 /// Drop-list rules configured in every phase: /24s of 100.64.0.0/10, and the one the
 /// firewall case's source falls in.
 const FIREWALL_RULES: u32 = 1_000;
@@ -300,7 +306,7 @@ const DROPPED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 /// Backend ids of the IPv6 VIPs start here (ids of IPv4 backends are 1..=1000).
 const V6_IDS: u32 = 1_001;
 
-/// A program loaded with fresh maps, configured with both VIP sets and 2,000 backends, all
+/// A program loaded with fresh maps, configured with both VIP sets and 3,003 backends, all
 /// behind the test-run ingress (so forwarded frames leave with XDP_TX), and 1,001 firewall
 /// drop rules (which every packet is checked against first), as the agent would.
 fn configured_fixture() -> Fixture {
@@ -310,7 +316,12 @@ fn configured_fixture() -> Fixture {
         fx.backend(1 + i, IpAddr::V4(v4), TEST_RUN_IFINDEX);
         let v6 = Ipv6Addr::new(0xfd01, 0, 0, 0, 0, 0, 0, i as u16);
         fx.backend(V6_IDS + i, IpAddr::V6(v6), TEST_RUN_IFINDEX);
+        let udp4 = Ipv4Addr::new(10, 2, (i >> 8) as u8, i as u8);
+        fx.backend(UDP4_IDS + i, IpAddr::V4(udp4), TEST_RUN_IFINDEX);
     }
+    fx.backend(ONE_IDS, "10.3.0.1".parse().unwrap(), TEST_RUN_IFINDEX);
+    fx.backend(ONE_IDS + 1, "fd03::2".parse().unwrap(), TEST_RUN_IFINDEX);
+    fx.backend(ONE_IDS + 2, "10.3.0.3".parse().unwrap(), TEST_RUN_IFINDEX);
     for i in 0..FIREWALL_RULES {
         let net = ipnet::Ipv4Net::new(Ipv4Addr::new(100, 64 + (i >> 8) as u8, i as u8, 0), 24)
             .expect("a /24");
@@ -324,12 +335,13 @@ fn configured_fixture() -> Fixture {
         .expect("writing a drop rule");
     let all4: Vec<u32> = (1..=BACKENDS).collect();
     let all6: Vec<u32> = (V6_IDS..V6_IDS + BACKENDS).collect();
-    fx.vip(ONE.tcp4.0, PROTO_TCP, ONE.tcp4.1, 0, &[1]);
-    fx.vip(ONE.tcp6.0, PROTO_TCP, ONE.tcp6.1, 16, &[V6_IDS]);
-    fx.vip(ONE.udp4.0, PROTO_UDP, ONE.udp4.1, 32, &[1]);
+    let all_udp4: Vec<u32> = (UDP4_IDS..UDP4_IDS + BACKENDS).collect();
+    fx.vip(ONE.tcp4.0, PROTO_TCP, ONE.tcp4.1, 0, &[ONE_IDS]);
+    fx.vip(ONE.tcp6.0, PROTO_TCP, ONE.tcp6.1, 16, &[ONE_IDS + 1]);
+    fx.vip(ONE.udp4.0, PROTO_UDP, ONE.udp4.1, 32, &[ONE_IDS + 2]);
     fx.vip(THOUSAND.tcp4.0, PROTO_TCP, THOUSAND.tcp4.1, 1024, &all4);
     fx.vip(THOUSAND.tcp6.0, PROTO_TCP, THOUSAND.tcp6.1, 2048, &all6);
-    fx.vip(THOUSAND.udp4.0, PROTO_UDP, THOUSAND.udp4.1, 3072, &all4);
+    fx.vip(THOUSAND.udp4.0, PROTO_UDP, THOUSAND.udp4.1, 3072, &all_udp4);
     fx
 }
 
@@ -550,9 +562,15 @@ fn phases(
     let mut notes = Vec::new();
     // Phase 1: 1 and 1,000 backends, a flow table holding only what the cases insert.
     {
-        progress("data plane: loading the program, 2,000 backends, 6 VIPs");
+        progress("data plane: loading the program, 3,003 backends, 6 VIPs");
         let mut fx = configured_fixture();
         let prog = fx.dp.program_fd()?;
+        let size = bpf::prog_size(prog.as_fd())?;
+        notes.push(format!(
+            "program: {} instructions after the verifier's rewrite, {} bytes JITed, {} \
+             instructions processed by the verifier",
+            size.insns, size.jited_bytes, size.verified_insns
+        ));
         // The established flows exist before timing starts.
         for vips in [&ONE, &THOUSAND] {
             for (vip, proto, base) in [
@@ -606,7 +624,7 @@ fn phases(
         };
         fill(THOUSAND.tcp4.0, PROTO_TCP, est4(), n4, 1)?;
         fill(THOUSAND.tcp6.0, PROTO_TCP, est6(), n6, V6_IDS)?;
-        fill(THOUSAND.udp4.0, PROTO_UDP, est4(), n_udp, 1)?;
+        fill(THOUSAND.udp4.0, PROTO_UDP, est4(), n_udp, UDP4_IDS)?;
         let secs = started.elapsed().as_secs_f64();
         let filled: u64 = fx.dp.flows_per_backend().values().sum();
         notes.push(format!(
@@ -635,6 +653,123 @@ fn phases(
     Ok(notes)
 }
 
+// ---- new flows on two CPUs at once ---------------------------------------------------------
+
+pub const CASE_NEW_RR: &str = "new IPv4 TCP flow, round robin (one shared cursor)";
+pub const CASE_NEW_HASH: &str = "new IPv4 TCP flow, Maglev (no cursor)";
+pub const CONFIG_ONE_CPU: &str = "1 CPU";
+pub const CONFIG_TWO_CPUS: &str = "2 CPUs at once";
+
+/// What one shared round-robin cursor per VIP costs when two CPUs make new flows at once:
+/// the same new-flow SYNs to a round-robin VIP and to a Maglev VIP (whose selection writes
+/// nothing shared), from one thread and from two threads pinned to CPUs 0 and 1. Both
+/// VIPs insert into the same flow table, so the LRU's own contention is in both; what the
+/// cursor's cache line adds is (RR − Maglev) on two CPUs minus the same on one.
+fn contention(opts: &Options, baselines: &Baselines) -> Result<Vec<Row>> {
+    let mut fx = Fixture::new();
+    fx.backend(1, "10.1.0.1".parse()?, TEST_RUN_IFINDEX);
+    fx.backend(2, "10.1.0.2".parse()?, TEST_RUN_IFINDEX);
+    let rr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 80);
+    let hash = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 82);
+    fx.vip(rr, PROTO_TCP, 0, 0, &[1]);
+    // VIP id 8: its cursor slot is on another cache line than VIP 0's (it uses none).
+    fx.vip_with_flags(hash, PROTO_TCP, 8, 16, &[2], lb_common::VIP_F_HASH);
+    let prog = fx.dp.program_fd()?;
+    let tx_frame = Template::new(est4(), rr, PROTO_TCP).frame;
+    let calls = opts.calls.max(1) as u64;
+    let mut next = 0u64;
+    // Per (case, threads): each round's median ns per call.
+    let mut results: Vec<(&str, &str, Vec<f64>)> = Vec::new();
+    let mut tx_rounds = Vec::new();
+    for (case, _) in [(CASE_NEW_RR, rr), (CASE_NEW_HASH, hash)] {
+        for config in [CONFIG_ONE_CPU, CONFIG_TWO_CPUS] {
+            results.push((case, config, Vec::new()));
+        }
+    }
+    for round in 0..=opts.rounds {
+        let mut tx = Vec::with_capacity(calls as usize);
+        for _ in 0..calls {
+            tx.push(f64::from(
+                bpf::test_run(baselines.tx.as_fd(), &tx_frame, None, 1)?.duration_ns,
+            ));
+        }
+        for (case, config, rounds) in results.iter_mut() {
+            let vip = if *case == CASE_NEW_RR { rr } else { hash };
+            let threads: u64 = if *config == CONFIG_TWO_CPUS { 2 } else { 1 };
+            let first = next;
+            next += threads * calls;
+            let prog = prog.as_fd();
+            let durations: Vec<f64> = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|t| {
+                        scope.spawn(move || -> Result<Vec<f64>> {
+                            pin_to_cpu(t as usize)?;
+                            let mut frames = Frames::New {
+                                t: Template::syn(IpAddr::V4(NEW_V4), vip),
+                                next: (1 << 40) + first + t * calls,
+                            };
+                            let mut buf = Vec::with_capacity(256);
+                            let mut d = Vec::with_capacity(calls as usize);
+                            for _ in 0..calls {
+                                frames.next(&mut buf);
+                                let run = bpf::test_run(prog, &buf, None, 1)?;
+                                if run.retval != XDP_TX {
+                                    bail!("a new flow came out with XDP action {}", run.retval);
+                                }
+                                d.push(f64::from(run.duration_ns));
+                            }
+                            Ok(d)
+                        })
+                    })
+                    .collect();
+                let mut all = Vec::new();
+                for w in workers {
+                    all.extend(
+                        w.join()
+                            .map_err(|_| anyhow::anyhow!("a worker panicked"))??,
+                    );
+                }
+                anyhow::Ok(all)
+            })?;
+            if round > 0 {
+                rounds.push(median(&durations));
+            }
+        }
+        if round > 0 {
+            tx_rounds.push(median(&tx));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let tx = median(&tx_rounds);
+    Ok(results
+        .into_iter()
+        .map(|(case, config, rounds)| {
+            let s = Summary::of_rounds(&rounds);
+            Row {
+                case: case.into(),
+                config: config.into(),
+                ns: Some(s),
+                ratio_tx: Some(s.median / tx),
+                amortized: None,
+                amortized_ratio_tx: None,
+                note: None,
+            }
+        })
+        .collect())
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; the calls only write into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` outlives the call.
+    let r = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Runs the whole data-plane benchmark. `progress` gets a line now and then.
 pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let baselines = Baselines::load()?;
@@ -646,6 +781,10 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         Ok(())
     })?;
     notes.append(&mut more);
+    if opts.table_flows > 0 {
+        progress("data plane: new flows on one CPU and on two at once");
+        rows_out.extend(contention(opts, &baselines)?);
+    }
     Ok(Report {
         rows: rows_out,
         notes,

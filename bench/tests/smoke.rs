@@ -16,21 +16,28 @@ fn a_short_data_plane_round_yields_a_figure_for_every_case() {
         dataplane::CASE_NON_VIP,
         dataplane::CASE_FIREWALL,
     ];
-    for config in [CONFIG_1, CONFIG_1000, CONFIG_1M] {
-        for case in cases {
-            let row = report
-                .rows
-                .iter()
-                .find(|r| r.case == case && r.config == config)
-                .unwrap_or_else(|| panic!("no row for {case} with {config}"));
-            let ns = row.ns.expect("a figure").median;
-            let ratio = row.ratio_tx.expect("a ratio");
-            assert!(ns > 0.0 && ns.is_finite(), "{case} ({config}): {ns} ns");
-            assert!(
-                ratio > 0.0 && ratio.is_finite(),
-                "{case} ({config}): {ratio}"
-            );
+    let mut rows: Vec<(&str, &str)> = [CONFIG_1, CONFIG_1000, CONFIG_1M]
+        .into_iter()
+        .flat_map(|config| cases.map(|case| (case, config)))
+        .collect();
+    for case in [dataplane::CASE_NEW_RR, dataplane::CASE_NEW_HASH] {
+        for config in [dataplane::CONFIG_ONE_CPU, dataplane::CONFIG_TWO_CPUS] {
+            rows.push((case, config));
         }
+    }
+    for (case, config) in rows {
+        let row = report
+            .rows
+            .iter()
+            .find(|r| r.case == case && r.config == config)
+            .unwrap_or_else(|| panic!("no row for {case} with {config}"));
+        let ns = row.ns.expect("a figure").median;
+        let ratio = row.ratio_tx.expect("a ratio");
+        assert!(ns > 0.0 && ns.is_finite(), "{case} ({config}): {ns} ns");
+        assert!(
+            ratio > 0.0 && ratio.is_finite(),
+            "{case} ({config}): {ratio}"
+        );
     }
     for baseline in [
         dataplane::CASE_PASS,

@@ -43,6 +43,21 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// Words of the VIP address filter (64 bits each).
+pub const VIP_ADDR_FILTER_WORDS: u32 = 64;
+
+/// Where an address sits in the VIP address filter: a word index and a bit. The agent sets
+/// the bit of every VIP address; a clear bit tells the data plane, with one array read,
+/// that a packet is certainly not for a VIP (so host traffic skips the flow table). Two
+/// addresses may share a bit: the filter can only say "maybe", never hide a VIP.
+#[inline(always)]
+pub fn vip_addr_filter_slot(addr: &Addr) -> (u32, u64) {
+    let folded =
+        addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    let bits = folded.wrapping_mul(0x9e37_79b1) >> 20;
+    (bits >> 6, 1 << (bits & 63))
+}
+
 /// A VIP's address alone: packets to it are ours to judge even when no service matches
 /// (fragments, options, extension headers are dropped rather than handed to the host).
 #[repr(C)]
@@ -147,103 +162,129 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
-/// Why a packet was passed to the kernel or dropped. The index into the reason counters.
-#[repr(u32)]
+/// What the data plane did with the packets counted under a reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// Forwarded to a backend (XDP_TX or XDP_REDIRECT).
-    Forwarded = 0,
-    /// Not IPv4 or IPv6 (ARP, LLDP, ...): the host's business.
-    PassNotIp,
-    /// IP traffic not addressed to a configured VIP.
-    PassNotVip,
-    /// The chosen backend's neighbour is not resolved yet.
-    PassNoNeigh,
-    /// The frame ends inside the Ethernet, VLAN or IP header.
-    DropTruncatedL3,
-    /// The IP packet (or the frame) ends inside the TCP or UDP header of a packet to a VIP
-    /// address.
-    DropTruncatedL4,
-    /// Impossible IP header: bad version, IHL below 5, lengths past the frame.
-    DropBadIpHeader,
-    /// IPv4 fragment to a VIP address: it cannot be tied to a flow.
-    DropFragment,
-    /// IPv4 options on a packet to a VIP.
-    DropIpOptions,
-    /// IPv6 extension header (or other next header) to a VIP address.
-    DropIpv6ExtHeader,
-    /// The VIP has no backend that can take a new flow.
-    DropNoBackend,
-    /// Redirect to the egress interface failed.
-    DropRedirectFailed,
-    /// The source address is in the drop list.
-    DropFirewall,
-    /// To a VIP address, but no service on that port and protocol.
-    DropClosedPort,
-    /// TCP without any flag, or SYN with FIN or RST: scans and junk, never a real flow.
-    DropBadTcpFlags,
-    /// The source opens new flows to this VIP faster than its rate limit allows.
-    DropRateLimited,
-    /// ICMP to a VIP address that is neither an echo request nor an error about a flow.
-    DropIcmp,
-    /// An ICMP error about a flow this balancer does not know.
-    DropIcmpNoFlow,
-    /// An ICMP echo request to a VIP address, answered from XDP (XDP_TX).
-    IcmpEchoReply,
-    /// An ICMP error (e.g. fragmentation needed) about a flow, sent on to its backend so path
-    /// MTU discovery works end to end.
-    IcmpErrorForwarded,
+pub enum Outcome {
+    /// Sent on to a backend (XDP_TX or XDP_REDIRECT).
+    Forward,
+    /// Answered from XDP (XDP_TX back to the sender).
+    Reply,
+    /// Handed to the host's stack untouched (XDP_PASS).
+    Pass,
+    /// Dropped (XDP_DROP).
+    Drop,
 }
 
-pub const REASON_COUNT: u32 = 20;
+/// Declares `Reason` from one list, so the enum, its names, its outcomes, `Reason::ALL` and
+/// `REASON_COUNT` cannot disagree.
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal, $outcome:ident;)*) => {
+        /// Why a packet was forwarded, answered, passed to the kernel or dropped. The index
+        /// into the reason counters: every packet is counted under exactly one.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $($(#[$doc])* $variant,)*
+        }
 
-impl Reason {
-    pub const ALL: [Reason; REASON_COUNT as usize] = [
-        Reason::Forwarded,
-        Reason::PassNotIp,
-        Reason::PassNotVip,
-        Reason::PassNoNeigh,
-        Reason::DropTruncatedL3,
-        Reason::DropTruncatedL4,
-        Reason::DropBadIpHeader,
-        Reason::DropFragment,
-        Reason::DropIpOptions,
-        Reason::DropIpv6ExtHeader,
-        Reason::DropNoBackend,
-        Reason::DropRedirectFailed,
-        Reason::DropFirewall,
-        Reason::DropClosedPort,
-        Reason::DropBadTcpFlags,
-        Reason::DropRateLimited,
-        Reason::DropIcmp,
-        Reason::DropIcmpNoFlow,
-        Reason::IcmpEchoReply,
-        Reason::IcmpErrorForwarded,
-    ];
+        impl Reason {
+            /// Every reason, in counter-index order.
+            pub const ALL: [Reason; REASON_COUNT as usize] = [$(Reason::$variant,)*];
 
-    /// Stable name used in the CLI, JSON and metrics.
-    pub const fn name(self) -> &'static str {
+            /// Stable name used in the CLI, JSON and metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $name,)*
+                }
+            }
+
+            /// What the data plane did with packets counted under this reason.
+            pub const fn outcome(self) -> Outcome {
+                match self {
+                    $(Reason::$variant => Outcome::$outcome,)*
+                }
+            }
+        }
+
+        /// Entries of the reason counters.
+        pub const REASON_COUNT: u32 = [$(stringify!($variant),)*].len() as u32;
+    };
+}
+
+reasons! {
+    /// Forwarded to a backend (XDP_TX or XDP_REDIRECT).
+    Forwarded = "forwarded", Forward;
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): the host's business.
+    PassNotIp = "pass_not_ip", Pass;
+    /// IP traffic not addressed to a configured VIP.
+    PassNotVip = "pass_not_vip", Pass;
+    /// The chosen backend's neighbour is not resolved yet.
+    PassNoNeigh = "pass_no_neigh", Pass;
+    /// The frame ends inside the Ethernet, VLAN or IP header.
+    DropTruncatedL3 = "drop_truncated_l3", Drop;
+    /// The IP packet (or the frame) ends inside the TCP or UDP header of a packet to a VIP
+    /// address.
+    DropTruncatedL4 = "drop_truncated_l4", Drop;
+    /// Impossible IP header: bad version, IHL below 5, lengths past the frame.
+    DropBadIpHeader = "drop_bad_ip_header", Drop;
+    /// IPv4 fragment to a VIP address: it cannot be tied to a flow.
+    DropFragment = "drop_fragment", Drop;
+    /// IPv4 options on a packet to a VIP.
+    DropIpOptions = "drop_ip_options", Drop;
+    /// IPv6 extension header (or other next header) to a VIP address.
+    DropIpv6ExtHeader = "drop_ipv6_ext_header", Drop;
+    /// The VIP has no backend that can take a new flow.
+    DropNoBackend = "drop_no_backend", Drop;
+    /// Redirect to the egress interface failed.
+    DropRedirectFailed = "drop_redirect_failed", Drop;
+    /// The source address is in the drop list.
+    DropFirewall = "drop_firewall", Drop;
+    /// To a VIP address, but no service on that port and protocol.
+    DropClosedPort = "drop_closed_port", Drop;
+    /// TCP without any flag, or SYN with FIN or RST: scans and junk, never a real flow.
+    DropBadTcpFlags = "drop_bad_tcp_flags", Drop;
+    /// The source opens new flows to this VIP faster than its rate limit allows.
+    DropRateLimited = "drop_rate_limited", Drop;
+    /// ICMP to a VIP address that is neither an echo request nor an error about a flow.
+    DropIcmp = "drop_icmp", Drop;
+    /// An ICMP error about a flow this balancer does not know.
+    DropIcmpNoFlow = "drop_icmp_no_flow", Drop;
+    /// An ICMP echo request to a VIP address, answered from XDP (XDP_TX).
+    IcmpEchoReply = "icmp_echo_reply", Reply;
+    /// An ICMP error (e.g. fragmentation needed) about a flow, sent on to its backend so path
+    /// MTU discovery works end to end.
+    IcmpErrorForwarded = "icmp_error_forwarded", Forward;
+}
+
+// Checked at compile time: the counters are indexed by discriminant, so `ALL` must hold
+// exactly `REASON_COUNT` reasons, each at its own index, and the counter map (indexed up to
+// `REASON_COUNT`) must have room for the largest discriminant.
+const _: () = {
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        assert!(Reason::ALL[i] as usize == i, "Reason::ALL out of order");
+        i += 1;
+    }
+    assert!(Reason::ALL.len() == REASON_COUNT as usize);
+    assert!(core::mem::size_of::<Reason>() == 4);
+};
+
+/// XDP actions (the kernel's `enum xdp_action`), for the program and for whoever runs it.
+pub mod xdp {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
+}
+
+impl Outcome {
+    /// The XDP action of a packet stopped with this outcome before it was forwarded or
+    /// answered: passes go to the host's stack, everything else is dropped.
+    pub const fn stop_action(self) -> u32 {
         match self {
-            Reason::Forwarded => "forwarded",
-            Reason::PassNotIp => "pass_not_ip",
-            Reason::PassNotVip => "pass_not_vip",
-            Reason::PassNoNeigh => "pass_no_neigh",
-            Reason::DropTruncatedL3 => "drop_truncated_l3",
-            Reason::DropTruncatedL4 => "drop_truncated_l4",
-            Reason::DropBadIpHeader => "drop_bad_ip_header",
-            Reason::DropFragment => "drop_fragment",
-            Reason::DropIpOptions => "drop_ip_options",
-            Reason::DropIpv6ExtHeader => "drop_ipv6_ext_header",
-            Reason::DropNoBackend => "drop_no_backend",
-            Reason::DropRedirectFailed => "drop_redirect_failed",
-            Reason::DropFirewall => "drop_firewall",
-            Reason::DropClosedPort => "drop_closed_port",
-            Reason::DropBadTcpFlags => "drop_bad_tcp_flags",
-            Reason::DropRateLimited => "drop_rate_limited",
-            Reason::DropIcmp => "drop_icmp",
-            Reason::DropIcmpNoFlow => "drop_icmp_no_flow",
-            Reason::IcmpEchoReply => "icmp_echo_reply",
-            Reason::IcmpErrorForwarded => "icmp_error_forwarded",
+            Outcome::Pass => xdp::PASS,
+            _ => xdp::DROP,
         }
     }
 }
@@ -252,6 +293,7 @@ impl Reason {
 pub mod maps {
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_ADDR_FILTER: &str = "VIP_ADDR_FILTER";
     pub const RING_SLAB: &str = "RING_SLAB";
     pub const RR_CURSOR: &str = "RR_CURSOR";
     pub const BACKENDS: &str = "BACKENDS";
@@ -264,6 +306,25 @@ pub mod maps {
     pub const FIREWALL_V6: &str = "FIREWALL_V6";
     pub const FIREWALL_STATS: &str = "FIREWALL_STATS";
     pub const RATE_LIMITS: &str = "RATE_LIMITS";
+
+    /// Every map of the program (for pinning and adoption).
+    pub const ALL: [&str; 15] = [
+        VIPS,
+        VIP_ADDRS,
+        VIP_ADDR_FILTER,
+        RING_SLAB,
+        RR_CURSOR,
+        BACKENDS,
+        FLOWS,
+        TX_PORTS,
+        VIP_STATS,
+        BACKEND_STATS,
+        REASON_STATS,
+        FIREWALL_V4,
+        FIREWALL_V6,
+        FIREWALL_STATS,
+        RATE_LIMITS,
+    ];
 }
 
 /// The XDP program's name in the object file.
@@ -316,6 +377,33 @@ mod tests {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{}", r.name());
         }
+    }
+
+    #[test]
+    fn names_say_what_the_outcome_is() {
+        for r in Reason::ALL {
+            let prefix = match r.outcome() {
+                Outcome::Pass => "pass_",
+                Outcome::Drop => "drop_",
+                Outcome::Forward | Outcome::Reply => "",
+            };
+            assert!(r.name().starts_with(prefix), "{}", r.name());
+        }
+    }
+
+    #[test]
+    fn the_vip_address_filter_slot_is_in_range_and_spreads() {
+        let mut seen = [0u64; VIP_ADDR_FILTER_WORDS as usize];
+        for i in 0..64u32 {
+            let (word, bit) = vip_addr_filter_slot(&[u32::from_be(0x0a00_0000 + i), 0, 0, 0]);
+            assert!(word < VIP_ADDR_FILTER_WORDS && bit.count_ones() == 1);
+            seen[word as usize] |= bit;
+        }
+        let distinct: u32 = seen.iter().map(|w| w.count_ones()).sum();
+        assert!(
+            distinct > 48,
+            "64 neighbouring addresses share too many bits: {distinct}"
+        );
     }
 
     #[test]

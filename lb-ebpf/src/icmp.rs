@@ -8,17 +8,15 @@
 //! - IPv6 neighbour discovery goes to the host, which owns the address on the wire;
 //! - everything else is dropped and counted.
 
-use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{BACKEND_F_IN_USE, FAMILY_V4, FlowKey, Reason, VIP_F_HASH};
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
+use aya_ebpf::programs::XdpContext;
+use lb_common::{BACKEND_F_IN_USE, FAMILY_V4, FlowKey, Reason, VIP_F_HASH, xdp};
+
+use crate::{
+    frame::{load, store},
+    maps::{BACKENDS, FLOWS},
+    parse::{Packet, load_addr6},
+    policy, select, transmit,
 };
-
-use crate::{BACKENDS, FLOWS, Packet, addr_from_v6, forward, lookup_vip, pick_from_ring, ptr_at};
-
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_ICMPV6: u8 = 58;
 
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -42,8 +40,7 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
     if pkt.l4 + ICMP_HLEN > pkt.ip_end {
         return Err(Reason::DropTruncatedL4);
     }
-    let kind: *const u8 = ptr_at(ctx, pkt.l4).ok_or(Reason::DropTruncatedL4)?;
-    let kind = unsafe { *kind };
+    let kind: u8 = load(ctx, pkt.l4).ok_or(Reason::DropTruncatedL4)?;
     if pkt.flow.family == FAMILY_V4 {
         match kind {
             ICMP_ECHO => echo_reply_v4(ctx, pkt),
@@ -73,59 +70,78 @@ fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
 
 /// Back out of the interface it came in on: swap the MACs.
 #[inline(always)]
-fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::DropTruncatedL3)?;
-    unsafe {
-        let dst = (*eth).dst_addr;
-        (*eth).dst_addr = (*eth).src_addr;
-        (*eth).src_addr = dst;
+fn swap_macs(ctx: &XdpContext) -> Option<()> {
+    let d0: u32 = load(ctx, 0)?;
+    let d1: u16 = load(ctx, 4)?;
+    let s0: u32 = load(ctx, 6)?;
+    let s1: u16 = load(ctx, 10)?;
+    store(ctx, 0, s0)?;
+    store(ctx, 4, s1)?;
+    store(ctx, 6, d0)?;
+    store(ctx, 10, d1)
+}
+
+/// Swaps the `WORDS`-word source and destination addresses at `src` and after it.
+#[inline(always)]
+fn swap_addrs<const WORDS: usize>(ctx: &XdpContext, src: usize) -> Option<()> {
+    let mut i = 0;
+    while i < WORDS {
+        let a: u32 = load(ctx, src + 4 * i)?;
+        let b: u32 = load(ctx, src + 4 * (WORDS + i))?;
+        store(ctx, src + 4 * i, b)?;
+        store(ctx, src + 4 * (WORDS + i), a)?;
+        i += 1;
     }
-    Ok(())
+    Some(())
 }
 
 /// Rewrites the ICMP type in place, fixing the checksum (the code byte stays).
 #[inline(always)]
 fn set_icmp_type(ctx: &XdpContext, pkt: &Packet, from: u8, to: u8) -> Result<(), Reason> {
-    let hdr: *mut [u8; 4] = ptr_at(ctx, pkt.l4).ok_or(Reason::DropTruncatedL4)?;
-    let hdr = unsafe { &mut *hdr };
-    let code = hdr[1];
-    let csum = u16::from_be_bytes([hdr[2], hdr[3]]);
+    let [_, code, c0, c1] = load::<u32>(ctx, pkt.l4)
+        .ok_or(Reason::DropTruncatedL4)?
+        .to_ne_bytes();
     let csum = csum_replace(
-        csum,
+        u16::from_be_bytes([c0, c1]),
         u16::from_be_bytes([from, code]),
         u16::from_be_bytes([to, code]),
     );
-    hdr[0] = to;
-    hdr[2..4].copy_from_slice(&csum.to_be_bytes());
-    Ok(())
+    let [c0, c1] = csum.to_be_bytes();
+    store(ctx, pkt.l4, u32::from_ne_bytes([to, code, c0, c1])).ok_or(Reason::DropTruncatedL4)
 }
 
 #[inline(always)]
 fn echo_reply_v4(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, pkt.l3).ok_or(Reason::DropTruncatedL3)?;
-    let ip = unsafe { &mut *ip };
     // Swapping the addresses leaves the header checksum as it is; the TTL does not.
-    core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
-    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_be_bytes([REPLY_TTL, ip.proto]);
-    let check = csum_replace(u16::from_be_bytes(ip.check), old, new);
-    ip.ttl = REPLY_TTL;
-    ip.check = check.to_be_bytes();
+    swap_addrs::<1>(ctx, pkt.l3 + 12).ok_or(Reason::DropTruncatedL3)?;
+    let [ttl, proto, c0, c1] = load::<u32>(ctx, pkt.l3 + 8)
+        .ok_or(Reason::DropTruncatedL3)?
+        .to_ne_bytes();
+    let check = csum_replace(
+        u16::from_be_bytes([c0, c1]),
+        u16::from_be_bytes([ttl, proto]),
+        u16::from_be_bytes([REPLY_TTL, proto]),
+    );
+    let [c0, c1] = check.to_be_bytes();
+    store(
+        ctx,
+        pkt.l3 + 8,
+        u32::from_ne_bytes([REPLY_TTL, proto, c0, c1]),
+    )
+    .ok_or(Reason::DropTruncatedL3)?;
     set_icmp_type(ctx, pkt, ICMP_ECHO, ICMP_ECHO_REPLY)?;
-    swap_macs(ctx)?;
-    Ok((xdp_action::XDP_TX, Reason::IcmpEchoReply))
+    swap_macs(ctx).ok_or(Reason::DropTruncatedL3)?;
+    Ok((xdp::TX, Reason::IcmpEchoReply))
 }
 
 #[inline(always)]
 fn echo_reply_v6(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
-    let ip: *mut Ipv6Hdr = ptr_at(ctx, pkt.l3).ok_or(Reason::DropTruncatedL3)?;
-    let ip = unsafe { &mut *ip };
     // The ICMPv6 checksum covers the addresses, but swapping them keeps the sum.
-    core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
-    ip.hop_limit = REPLY_TTL;
+    swap_addrs::<4>(ctx, pkt.l3 + 8).ok_or(Reason::DropTruncatedL3)?;
+    store(ctx, pkt.l3 + 7, REPLY_TTL).ok_or(Reason::DropTruncatedL3)?;
     set_icmp_type(ctx, pkt, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY)?;
-    swap_macs(ctx)?;
-    Ok((xdp_action::XDP_TX, Reason::IcmpEchoReply))
+    swap_macs(ctx).ok_or(Reason::DropTruncatedL3)?;
+    Ok((xdp::TX, Reason::IcmpEchoReply))
 }
 
 /// The flow an ICMP error is about: the quoted packet is one a backend sent (VIP to
@@ -138,24 +154,22 @@ fn quoted_flow(ctx: &XdpContext, pkt: &Packet) -> Result<FlowKey, Reason> {
         ..Default::default()
     };
     let l4 = if pkt.flow.family == FAMILY_V4 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, inner).ok_or(Reason::DropIcmpNoFlow)?;
-        let ip = unsafe { &*ip };
-        flow.proto = ip.proto;
-        flow.src[0] = u32::from_ne_bytes(ip.dst_addr);
-        flow.dst[0] = u32::from_ne_bytes(ip.src_addr);
-        inner + ((ip.vihl & 0x0f) as usize) * 4
+        let vihl: u8 = load(ctx, inner).ok_or(Reason::DropIcmpNoFlow)?;
+        flow.proto = load(ctx, inner + 9).ok_or(Reason::DropIcmpNoFlow)?;
+        flow.src[0] = load(ctx, inner + 16).ok_or(Reason::DropIcmpNoFlow)?;
+        flow.dst[0] = load(ctx, inner + 12).ok_or(Reason::DropIcmpNoFlow)?;
+        inner + ((vihl & 0x0f) as usize) * 4
     } else {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, inner).ok_or(Reason::DropIcmpNoFlow)?;
-        let ip = unsafe { &*ip };
-        flow.proto = ip.next_hdr;
-        flow.src = addr_from_v6(ip.dst_addr);
-        flow.dst = addr_from_v6(ip.src_addr);
-        inner + Ipv6Hdr::LEN
+        flow.proto = load(ctx, inner + 6).ok_or(Reason::DropIcmpNoFlow)?;
+        flow.src = load_addr6(ctx, inner + 24).ok_or(Reason::DropIcmpNoFlow)?;
+        flow.dst = load_addr6(ctx, inner + 8).ok_or(Reason::DropIcmpNoFlow)?;
+        inner + 40
     };
-    let ports: *const [u16; 2] = ptr_at(ctx, l4).ok_or(Reason::DropIcmpNoFlow)?;
-    let ports = unsafe { *ports };
-    flow.sport = ports[1];
-    flow.dport = ports[0];
+    let [s0, s1, d0, d1] = load::<u32>(ctx, l4)
+        .ok_or(Reason::DropIcmpNoFlow)?
+        .to_ne_bytes();
+    flow.sport = u16::from_ne_bytes([d0, d1]);
+    flow.dport = u16::from_ne_bytes([s0, s1]);
     // An error about traffic that did not come from this VIP is not ours to pass on.
     if flow.dst != pkt.flow.dst {
         return Err(Reason::DropIcmpNoFlow);
@@ -169,11 +183,12 @@ fn quoted_flow(ctx: &XdpContext, pkt: &Packet) -> Result<FlowKey, Reason> {
 #[inline(always)]
 fn error_to_backend(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
     let flow = quoted_flow(ctx, pkt)?;
-    let vip = lookup_vip(&flow).ok_or(Reason::DropIcmpNoFlow)?;
+    let vip = policy::service(&flow).ok_or(Reason::DropIcmpNoFlow)?;
+    // SAFETY: copied out at once; an LRU element stays valid for the rest of the run.
     let backend_id = match FLOWS.get_ptr(&flow) {
         Some(pinned) => unsafe { (*pinned).backend_id },
         None if vip.flags & VIP_F_HASH != 0 => {
-            pick_from_ring(&flow, &vip).map_err(|_| Reason::DropIcmpNoFlow)?
+            select::pick_from_ring(&flow, &vip).map_err(|_| Reason::DropIcmpNoFlow)?
         }
         None => return Err(Reason::DropIcmpNoFlow),
     };
@@ -181,6 +196,6 @@ fn error_to_backend(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Rea
     if backend.flags & BACKEND_F_IN_USE == 0 {
         return Err(Reason::DropIcmpNoFlow);
     }
-    let action = forward(ctx, &backend)?;
+    let action = transmit::forward(ctx, &backend)?;
     Ok((action, Reason::IcmpErrorForwarded))
 }

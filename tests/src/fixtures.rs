@@ -25,14 +25,14 @@ use etherparse::{
 use lb::datapath::Datapath;
 use lb_common::{
     Addr, BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, Counters, FAMILY_V4,
-    FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, REASON_COUNT, Reason, VipAddr, VipKey, VipMeta,
+    FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, REASON_COUNT, Reason, VipAddr, VipKey, VipMeta, xdp,
 };
 
-pub const XDP_ABORTED: u32 = 0;
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-pub const XDP_REDIRECT: u32 = 4;
+pub const XDP_ABORTED: u32 = xdp::ABORTED;
+pub const XDP_DROP: u32 = xdp::DROP;
+pub const XDP_PASS: u32 = xdp::PASS;
+pub const XDP_TX: u32 = xdp::TX;
+pub const XDP_REDIRECT: u32 = xdp::REDIRECT;
 
 /// BPF_PROG_TEST_RUN always runs XDP as if received on the loopback device of the caller's
 /// network namespace, whose index is 1: a backend behind this index is sent with XDP_TX.
@@ -566,14 +566,23 @@ pub fn four_vips() -> Fixture {
 pub struct Fixture {
     pub dp: Datapath,
     backends: BTreeMap<u32, Backend>,
+    /// The VIP whose ring each backend was put in, as the agent records it in the backend.
+    vip_of: BTreeMap<u32, u32>,
 }
 
 impl Fixture {
     pub fn new() -> Self {
-        let dp = Datapath::load().expect("loading the XDP program (run the tests as root)");
+        Self::with_datapath(
+            Datapath::load().expect("loading the XDP program (run the tests as root)"),
+        )
+    }
+
+    /// A fixture around a program loaded by the caller (e.g. with smaller maps).
+    pub fn with_datapath(dp: Datapath) -> Self {
         Self {
             dp,
             backends: BTreeMap::new(),
+            vip_of: BTreeMap::new(),
         }
     }
 
@@ -609,6 +618,12 @@ impl Fixture {
             _pad: [0; 3],
         };
         self.dp.set_vip_addr(&vaddr).unwrap();
+        for &id in ring {
+            self.vip_of.insert(id, meta.vip_id);
+            if let Some(&b) = self.backends.get(&id) {
+                self.set_backend(id, b);
+            }
+        }
         self.dp.write_ring(meta.ring_off, ring).unwrap();
         let meta = VipMeta {
             ring_len: ring.len() as u32,
@@ -622,7 +637,8 @@ impl Fixture {
         let b = Backend {
             addr: addr(ip),
             generation: 1,
-            // The data plane never reads it; only an adopting agent does.
+            // Set from the ring the backend is put in (`set_backend`): established packets
+            // are counted under it.
             vip_id: 0,
             ifindex,
             mac: backend_mac(id),
@@ -635,7 +651,10 @@ impl Fixture {
         b
     }
 
-    pub fn set_backend(&mut self, id: u32, b: Backend) {
+    pub fn set_backend(&mut self, id: u32, mut b: Backend) {
+        if let Some(&vip_id) = self.vip_of.get(&id) {
+            b.vip_id = vip_id;
+        }
         self.dp.set_backend(id, &b).unwrap();
         self.backends.insert(id, b);
     }

@@ -219,6 +219,64 @@ fn established_flows_stick_to_their_backend() {
     ));
 }
 
+/// A random-source SYN flood several times the flow table's size must not cost an
+/// established client its backend, busy or idle: a flow looked up after its first packet
+/// sits on the LRU's active list, which flood entries (never looked up again) do not reach.
+/// On a 4,096-flow table, so that the flood stays small.
+#[test]
+fn established_flows_survive_a_syn_flood_five_times_the_flow_table() {
+    const TABLE: u32 = 4_096;
+    let dp = lb::datapath::Datapath::load_with(
+        aya::EbpfLoader::new().set_max_entries(lb_common::maps::FLOWS, TABLE),
+    )
+    .expect("loading the XDP program with a small flow table (run the tests as root)");
+    let mut fx = Fixture::with_datapath(dp);
+    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
+    fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2]);
+    let busy = Pkt::tcp(client4(40001), vip4(80));
+    let idle = Pkt::tcp(client4(40002), vip4(80));
+    fx.run_all(&[
+        Case::new("busy, first", busy.build(), Expect::tx(0, 1, true)),
+        Case::new("idle, first", idle.build(), Expect::tx(0, 2, true)),
+        Case::new("busy, second", busy.build(), Expect::tx(0, 1, false)),
+        Case::new("idle, second", idle.build(), Expect::tx(0, 2, false)),
+    ]);
+    let flood = 5 * TABLE;
+    for i in 0..flood {
+        let src = std::net::SocketAddr::new(
+            std::net::Ipv4Addr::from(0xc612_0000 + i).into(),
+            1024 + (i % 50_000) as u16,
+        );
+        let syn = Pkt::tcp(src, vip4(80)).flags(TCP_SYN).build();
+        let (action, _) = fx.dp.test_run(&syn).expect("BPF_PROG_TEST_RUN");
+        assert_eq!(action, XDP_TX, "flood SYN {i}");
+        if i % 64 == 0 {
+            fx.run(&Case::new(
+                "busy, during the flood",
+                busy.build(),
+                Expect::tx(0, 1, false),
+            ));
+        }
+    }
+    assert_eq!(
+        fx.dp.vip_counters(0).unwrap().new_flows,
+        2 + u64::from(flood)
+    );
+    fx.run_all(&[
+        Case::new(
+            "idle, after the flood",
+            idle.build(),
+            Expect::tx(0, 2, false),
+        ),
+        Case::new(
+            "busy, after the flood",
+            busy.build(),
+            Expect::tx(0, 1, false),
+        ),
+    ]);
+}
+
 #[test]
 fn a_draining_backend_keeps_its_flows_but_takes_no_new_ones() {
     let mut fx = Fixture::new();
@@ -265,27 +323,32 @@ fn a_draining_backend_keeps_its_flows_but_takes_no_new_ones() {
 #[test]
 fn a_flow_whose_backend_left_is_reselected_from_the_ring() {
     let mut fx = Fixture::new();
+    // A backend serves one VIP (the agent gives each VIP's backends their own ids).
     fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
     fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
+    fx.backend(3, ip("fd01::3"), TEST_RUN_IFINDEX);
+    fx.backend(4, ip("fd01::4"), TEST_RUN_IFINDEX);
     fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2]);
     let a = Pkt::tcp(client4(40001), vip4(80));
     let b = Pkt::udp(client6(40002), vip6(53));
-    fx.vip(vip6(53), PROTO_UDP, 1, 16, &[1, 2]);
+    fx.vip(vip6(53), PROTO_UDP, 1, 16, &[3, 4]);
     fx.run_all(&[
         Case::new("a new", a.build(), Expect::tx(0, 1, true)),
-        Case::new("b new", b.build(), Expect::tx(1, 1, true)),
+        Case::new("b new", b.build(), Expect::tx(1, 3, true)),
     ]);
-    // Backend 1 is removed: no longer in use, and out of both rings.
+    // Backends 1 and 3 are removed: no longer in use, and out of their rings.
     fx.update_backend(1, |b| b.flags = 0);
+    fx.update_backend(3, |b| b.flags = 0);
     fx.vip(vip4(80), PROTO_TCP, 0, 8, &[2]);
-    fx.vip(vip6(53), PROTO_UDP, 1, 24, &[2]);
+    fx.vip(vip6(53), PROTO_UDP, 1, 24, &[4]);
     fx.run_all(&[
         Case::new("a moves to 2", a.build(), Expect::tx(0, 2, true)),
         Case::new("a stays on 2", a.build(), Expect::tx(0, 2, false)),
-        Case::new("b moves to 2", b.build(), Expect::tx(1, 2, true)),
+        Case::new("b moves to 4", b.build(), Expect::tx(1, 4, true)),
+        Case::new("b stays on 4", b.build(), Expect::tx(1, 4, false)),
     ]);
     assert_eq!(fx.dp.flow(&a.flow_key()), pinned(2, 1));
-    assert_eq!(fx.dp.flow(&b.flow_key()), pinned(2, 1));
+    assert_eq!(fx.dp.flow(&b.flow_key()), pinned(4, 1));
 }
 
 #[test]
@@ -485,8 +548,15 @@ fn an_unresolved_backend_hands_the_frame_to_the_host_untouched() {
         b.src_mac = [0; 6];
         b.ifindex = 0;
     });
+    fx.backend(2, ip("fd01::2"), TEST_RUN_IFINDEX);
+    fx.update_backend(2, |b| {
+        b.flags = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;
+        b.mac = [0; 6];
+        b.src_mac = [0; 6];
+        b.ifindex = 0;
+    });
     fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1]);
-    fx.vip(vip6(443), PROTO_TCP, 1, 8, &[1]);
+    fx.vip(vip6(443), PROTO_TCP, 1, 8, &[2]);
     let tcp4 = Pkt::tcp(client4(40001), vip4(80));
     fx.run_all(&[
         Case::new("ipv4", tcp4.build(), Expect::Pass(Reason::PassNoNeigh)),

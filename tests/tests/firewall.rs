@@ -72,6 +72,48 @@ fn drop_lists_drop_their_sources_whoever_the_packets_are_for() {
     assert_eq!((hits(7), hits(8), hits(9)), (2, 1, 2));
 }
 
+/// An established flow is looked up before the drop list, so adding a rule must end the
+/// flows of the sources it names: their next packet is dropped, while flows of other
+/// sources, and of sources an earlier rule already covered, carry on.
+#[test]
+fn a_rule_added_later_stops_the_established_flows_of_its_sources() {
+    let mut fx = four_vips();
+    let listed4 = Pkt::tcp(sa("198.51.100.7:4000"), vip4(80));
+    let listed6 = Pkt::udp(sa("[2001:db8:bad::5]:4000"), vip6(53));
+    let other4 = Pkt::tcp(sa("198.51.101.7:4000"), vip4(80));
+    let setup = [
+        Case::new("listed v4, first", listed4.build(), Expect::tx(0, 1, true)),
+        Case::new("listed v6, first", listed6.build(), Expect::tx(3, 4, true)),
+        Case::new("other v4, first", other4.build(), Expect::tx(0, 1, true)),
+        Case::new("listed v4, again", listed4.build(), Expect::tx(0, 1, false)),
+        Case::new("listed v6, again", listed6.build(), Expect::tx(3, 4, false)),
+    ];
+    fx.run_all(&setup);
+    fx.dp.set_firewall_rule(&net("198.51.100.0/24"), 7).unwrap();
+    fx.dp
+        .set_firewall_rule(&net("2001:db8:bad::/48"), 9)
+        .unwrap();
+    let fw = Expect::Drop(Reason::DropFirewall);
+    fx.run_all(&[
+        Case::new("listed v4, after the rule", listed4.build(), fw),
+        Case::new("listed v6, after the rule", listed6.build(), fw),
+        Case::new(
+            "other v4, after the rule",
+            other4.build(),
+            Expect::tx(0, 1, false),
+        ),
+    ]);
+    // A narrower rule inside one that already drops changes nothing for anyone else.
+    fx.dp.set_firewall_rule(&net("198.51.100.9/32"), 8).unwrap();
+    fx.run(&Case::new(
+        "other v4, after a covered rule",
+        other4.build(),
+        Expect::tx(0, 1, false),
+    ));
+    assert_eq!(fx.dp.firewall_counters(7).unwrap().packets, 1);
+    assert_eq!(fx.dp.firewall_counters(9).unwrap().packets, 1);
+}
+
 #[test]
 fn a_vip_address_answers_only_on_its_services() {
     let mut fx = four_vips();

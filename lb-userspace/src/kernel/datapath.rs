@@ -20,8 +20,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use lb_common::{
-    Backend, Counters, FlowKey, FlowValue, PROGRAM_NAME, REASON_COUNT, VipAddr, VipKey, VipMeta,
-    maps,
+    Backend, Counters, FAMILY_V4, FlowKey, FlowValue, PROGRAM_NAME, REASON_COUNT,
+    VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta, maps, vip_addr_filter_slot,
 };
 
 use super::batch;
@@ -33,6 +33,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     vips: HashMap<MapData, VipKey, VipMeta>,
     vip_addrs: HashMap<MapData, VipAddr, u32>,
+    vip_addr_filter: Array<MapData, u64>,
     ring_slab: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     // aya reads LRU hash maps through its HashMap type.
@@ -45,27 +46,15 @@ pub struct Datapath {
     firewall_v6: LpmTrie<MapData, [u8; 16], u32>,
     firewall_stats: PerCpuArray<MapData, Counters>,
     links: Vec<XdpLinkId>,
+    /// Whether the flow table may hold flows: not before the program first runs on maps
+    /// this agent created, so rules applied at start skip the walk of an empty table.
+    flows_possible: bool,
     /// Set when the maps and links live in bpffs (see `load_pinned`).
     pin_dir: Option<PathBuf>,
 }
 
 /// Every map of the program, for pinning.
-const ALL_MAPS: [&str; 14] = [
-    maps::VIPS,
-    maps::VIP_ADDRS,
-    maps::RING_SLAB,
-    maps::RR_CURSOR,
-    maps::BACKENDS,
-    maps::FLOWS,
-    maps::TX_PORTS,
-    maps::VIP_STATS,
-    maps::BACKEND_STATS,
-    maps::REASON_STATS,
-    maps::FIREWALL_V4,
-    maps::FIREWALL_V6,
-    maps::FIREWALL_STATS,
-    maps::RATE_LIMITS,
-];
+const ALL_MAPS: [&str; maps::ALL.len()] = maps::ALL;
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
@@ -99,6 +88,7 @@ impl Datapath {
         Ok(Self {
             vips: take(&mut ebpf, maps::VIPS)?,
             vip_addrs: take(&mut ebpf, maps::VIP_ADDRS)?,
+            vip_addr_filter: take(&mut ebpf, maps::VIP_ADDR_FILTER)?,
             ring_slab: take(&mut ebpf, maps::RING_SLAB)?,
             backends: take(&mut ebpf, maps::BACKENDS)?,
             flows: take(&mut ebpf, maps::FLOWS)?,
@@ -111,6 +101,7 @@ impl Datapath {
             firewall_stats: take(&mut ebpf, maps::FIREWALL_STATS)?,
             ebpf,
             links: Vec::new(),
+            flows_possible: false,
             pin_dir: None,
         })
     }
@@ -140,6 +131,10 @@ impl Datapath {
         let mut datapath = Self::load_with(&mut loader)
             .with_context(|| format!("loading with maps pinned in {}", maps_dir.display()))?;
         datapath.pin_dir = Some(pin_dir.to_path_buf());
+        // Adopted maps may be in use by the previous agent's program.
+        datapath.flows_possible = datapath.adopted_state();
+        // Pins made before the filter existed have VIP addresses but no filter yet.
+        datapath.write_vip_addr_filter()?;
         Ok(datapath)
     }
 
@@ -149,6 +144,8 @@ impl Datapath {
     }
 
     fn program(&mut self) -> &mut Xdp {
+        // Whoever reaches the program may run it.
+        self.flows_possible = true;
         self.ebpf
             .program_mut(PROGRAM_NAME)
             .expect("checked at load")
@@ -263,6 +260,15 @@ impl Datapath {
     }
 
     pub fn set_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
+        // The filter first, so that it covers every address in VIP_ADDRS at every moment.
+        let (word, bit) = vip_addr_filter_slot(&addr.addr);
+        let old = self
+            .vip_addr_filter
+            .get(&word, 0)
+            .context("reading VIP_ADDR_FILTER")?;
+        self.vip_addr_filter
+            .set(word, &(old | bit), 0)
+            .context("writing VIP_ADDR_FILTER")?;
         self.vip_addrs
             .insert(addr, &1, 0)
             .context("writing VIP_ADDRS")
@@ -271,7 +277,26 @@ impl Datapath {
     pub fn del_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
         self.vip_addrs
             .remove(addr)
-            .context("deleting from VIP_ADDRS")
+            .context("deleting from VIP_ADDRS")?;
+        self.write_vip_addr_filter()
+    }
+
+    /// Rewrites the VIP address filter from VIP_ADDRS: addresses may share a bit, so a
+    /// removal recomputes the words rather than clearing one bit.
+    fn write_vip_addr_filter(&mut self) -> Result<()> {
+        let mut words = [0u64; VIP_ADDR_FILTER_WORDS as usize];
+        for addr in self.vip_addrs.keys() {
+            let (word, bit) = vip_addr_filter_slot(&addr.context("reading VIP_ADDRS")?.addr);
+            words[word as usize] |= bit;
+        }
+        for (i, want) in (0..).zip(words) {
+            if self.vip_addr_filter.get(&i, 0)? != want {
+                self.vip_addr_filter
+                    .set(i, &want, 0)
+                    .context("writing VIP_ADDR_FILTER")?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes `ring` into the slab starting at `off`, in one batch.
@@ -299,8 +324,22 @@ impl Datapath {
             .with_context(|| format!("adding interface {ifindex} to TX_PORTS"))
     }
 
-    /// Drops packets from `net` (by source address), counting hits under `rule_id`.
+    /// Drops packets from `net` (by source address), counting hits under `rule_id`, and ends
+    /// the established flows of its sources: the data plane looks a flow up before the drop
+    /// list, so without this they would carry on.
     pub fn set_firewall_rule(&mut self, net: &IpNet, rule_id: u32) -> Result<()> {
+        // A lookup keyed by the rule's own prefix finds a rule as wide or wider that holds
+        // it: then its sources have no flows left (e.g. rules re-applied at adoption).
+        let covered = match net {
+            IpNet::V4(n) => self
+                .firewall_v4
+                .get(&LpmKey::new(n.prefix_len() as u32, n.network().octets()), 0)
+                .is_ok(),
+            IpNet::V6(n) => self
+                .firewall_v6
+                .get(&LpmKey::new(n.prefix_len() as u32, n.network().octets()), 0)
+                .is_ok(),
+        };
         match net {
             IpNet::V4(n) => self.firewall_v4.insert(
                 &LpmKey::new(n.prefix_len() as u32, n.network().octets()),
@@ -313,7 +352,35 @@ impl Datapath {
                 0,
             ),
         }
-        .with_context(|| format!("writing the drop rule {net}"))
+        .with_context(|| format!("writing the drop rule {net}"))?;
+        if !covered && self.flows_possible {
+            // Twice: a packet that passed the drop list just before the rule was written
+            // may insert its flow while the first walk runs.
+            for _ in 0..2 {
+                self.remove_flows_from(net)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every flow whose client address is in `net`.
+    fn remove_flows_from(&mut self, net: &IpNet) -> Result<()> {
+        let from_net = |k: &FlowKey| {
+            let src: std::net::IpAddr = if k.family == FAMILY_V4 {
+                std::net::Ipv4Addr::from(k.src[0].to_ne_bytes()).into()
+            } else {
+                let b = k.src.map(u32::to_ne_bytes).concat();
+                std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).expect("16 bytes")).into()
+            };
+            net.contains(&src)
+        };
+        // Collected first: deleting while walking would restart the walk.
+        let doomed: Vec<FlowKey> = self.flows.keys().flatten().filter(from_net).collect();
+        for key in &doomed {
+            // Gone already (evicted, or the data plane replaced it) is as good.
+            let _ = self.flows.remove(key);
+        }
+        Ok(())
     }
 
     pub fn del_firewall_rule(&mut self, net: &IpNet) -> Result<()> {
@@ -468,6 +535,7 @@ impl Datapath {
     /// Pins a flow to a backend as the data plane does for a new flow (one map update per
     /// call): for tools and benchmarks that pre-fill the flow table.
     pub fn insert_flow(&mut self, key: &FlowKey, value: &FlowValue) -> Result<()> {
+        self.flows_possible = true;
         self.flows.insert(key, value, 0).context("writing FLOWS")
     }
 

@@ -1,0 +1,48 @@
+//! Every map of the program. Names, key and value types, and sizes come from lb-common,
+//! which the agent reads too.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counters, FlowKey, FlowValue, MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS,
+    MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT, RING_SLAB_LEN, RateKey,
+    VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
+};
+
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static VIP_ADDRS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static VIP_ADDR_FILTER: Array<u64> = Array::with_max_entries(VIP_ADDR_FILTER_WORDS, 0);
+#[map]
+pub static RING_SLAB: Array<u32> = Array::with_max_entries(RING_SLAB_LEN, 0);
+#[map]
+pub static RR_CURSOR: Array<u64> = Array::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+#[map]
+pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+pub static REASON_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+#[map]
+pub static FIREWALL_V4: LpmTrie<[u8; 4], u32> =
+    LpmTrie::with_max_entries(MAX_FIREWALL_RULES, BPF_F_NO_PREALLOC);
+#[map]
+pub static FIREWALL_V6: LpmTrie<[u8; 16], u32> =
+    LpmTrie::with_max_entries(MAX_FIREWALL_RULES, BPF_F_NO_PREALLOC);
+#[map]
+pub static FIREWALL_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(MAX_FIREWALL_RULES, 0);
+#[map]
+pub static RATE_LIMITS: LruHashMap<RateKey, u64> =
+    LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);

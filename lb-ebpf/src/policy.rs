@@ -1,0 +1,109 @@
+//! Policy: the drop list (by source, for every IP packet), whether a destination is ours,
+//! which service a packet is for, and the per-source limit of new flows.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use lb_common::{
+    FAMILY_V4, FlowKey, RateKey, Reason, VipAddr, VipKey, VipMeta, vip_addr_filter_slot,
+};
+
+use crate::{
+    count,
+    maps::{
+        FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, VIP_ADDR_FILTER, VIP_ADDRS, VIPS,
+    },
+};
+
+/// The drop list, by source address, for every IP packet whoever it is for: the balancer
+/// is the first thing packets meet, so it is where the firewall belongs.
+#[inline(always)]
+pub fn firewall(flow: &FlowKey, frame_len: u64) -> Result<(), Reason> {
+    let rule = if flow.family == FAMILY_V4 {
+        FIREWALL_V4.get(&Key::new(32, flow.src[0].to_ne_bytes()))
+    } else {
+        let w = |i: usize| flow.src[i].to_ne_bytes();
+        let (a, b, c, d) = (w(0), w(1), w(2), w(3));
+        let addr = [
+            a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+            d[2], d[3],
+        ];
+        FIREWALL_V6.get(&Key::new(128, addr))
+    };
+    match rule {
+        Some(&rule_id) => {
+            count::packet(&FIREWALL_STATS, rule_id, frame_len);
+            Err(Reason::DropFirewall)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Whether the destination may be a VIP address: one array read. A clear bit means
+/// certainly not (the agent sets the bit of every VIP address before the address), so
+/// traffic for the host skips the flow table; a set bit is confirmed by `vip_address`.
+#[inline(always)]
+pub fn maybe_vip_address(flow: &FlowKey) -> bool {
+    let (word, bit) = vip_addr_filter_slot(&flow.dst);
+    VIP_ADDR_FILTER.get(word).is_none_or(|w| w & bit != 0)
+}
+
+/// Only a VIP's packets are ours to judge further; the host handles the rest as ever.
+#[inline(always)]
+pub fn vip_address(flow: &FlowKey) -> Result<(), Reason> {
+    let key = VipAddr {
+        addr: flow.dst,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    match VIP_ADDRS.get_ptr(&key) {
+        Some(_) => Ok(()),
+        None => Err(Reason::PassNotVip),
+    }
+}
+
+/// The service a packet to a VIP address is for: only a VIP's own ports are open.
+#[inline(always)]
+pub fn service(flow: &FlowKey) -> Option<VipMeta> {
+    let key = VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: the agent replaces a VIP's entry whole (one map update), and the value is
+    // copied out at once.
+    VIPS.get_ptr(&key).map(|meta| unsafe { *meta })
+}
+
+/// Per-source limit of new flows, as a generic cell rate algorithm: one timestamp per
+/// source (the theoretical arrival time of its next new flow), no timer, no refill loop.
+/// Checked only when a flow is new, so established flows never pay for it.
+#[inline(always)]
+pub fn rate_limit(flow: &FlowKey, vip: &VipMeta) -> Result<(), Reason> {
+    if vip.rate_interval_ns == 0 {
+        return Ok(());
+    }
+    let key = RateKey {
+        addr: flow.src,
+        vip_id: vip.vip_id,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match RATE_LIMITS.get_ptr_mut(&key) {
+        Some(tat) => {
+            // SAFETY: an LRU element stays valid for the rest of the run (RCU).
+            let tat = unsafe { &mut *tat };
+            let due = if *tat > now { *tat } else { now };
+            if due - now > vip.rate_burst_ns {
+                return Err(Reason::DropRateLimited);
+            }
+            // Two CPUs racing here may both pass: a limit off by one, never a lost packet.
+            *tat = due + vip.rate_interval_ns;
+        }
+        None => {
+            let _ = RATE_LIMITS.insert(&key, &(now + vip.rate_interval_ns), 0);
+        }
+    }
+    Ok(())
+}
