@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.98.0".into());
     println!("cargo::rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
+    commit();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",
@@ -29,4 +30,30 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom(&toolchain),
     )
+}
+
+/// `LB_COMMIT` for `lb --version` (see `service::VERSION`): the commit HEAD names (work
+/// tree changes on top of it are not tracked); nothing outside a git checkout.
+fn commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return;
+    };
+    println!("cargo::rustc-env=LB_COMMIT={head}");
+    // A new commit moves HEAD or the branch it names.
+    if let Some(p) = git(&["rev-parse", "--git-path", "HEAD"]) {
+        println!("cargo::rerun-if-changed={p}");
+    }
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        if let Some(p) = git(&["rev-parse", "--git-path", &branch]) {
+            println!("cargo::rerun-if-changed={p}");
+        }
+    }
 }

@@ -1232,6 +1232,8 @@ pub async fn run(opts: Options) -> Result<()> {
         }
         None => Vec::new(),
     };
+    let watchdog = crate::service::spawn_watchdog(agent.clone());
+    crate::service::ready(&format!("forwarding on {}", opts.ifaces.join(",")));
 
     let refresher = {
         let agent = agent.clone();
@@ -1263,6 +1265,7 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -1278,8 +1281,14 @@ pub async fn run(opts: Options) -> Result<()> {
             },
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => crate::service::reload(async {
+                Config::load(&opts.config)?;
+                Ok(format!("{} is valid; re-applying it at runtime is not built yet", opts.config.display()))
+            }).await,
         }
     }
+    crate::service::stopping();
+    watchdog.inspect(JoinHandle::abort);
     refresher.abort();
     health.abort();
     for task in monitoring {

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use lb::{
     agent,
     control::{self, Request, Response},
@@ -14,7 +14,7 @@ use lb::{
 #[derive(Parser)]
 #[command(
     name = "lb",
-    version,
+    version = lb::service::VERSION.as_str(),
     about = "XDP layer-4 load balancer: agent and control CLI"
 )]
 struct Cli {
@@ -75,6 +75,12 @@ enum Command {
         #[arg(long, requires = "watch", value_name = "N")]
         count: Option<u64>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (lb.1, lb-run.1, ...) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 /// Health check settings (HAProxy's meaning).
@@ -240,12 +246,13 @@ fn default_pin_dir() -> Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    lb::service::init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the chain of causes.
-            eprintln!("lb: {}", format!("{e:#}").replace('\n', " "));
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("{}lb: {line}", lb::service::error_prefix());
             ExitCode::FAILURE
         }
     }
@@ -278,6 +285,8 @@ fn run(cli: Cli) -> Result<()> {
                 metrics: metrics.0,
             }));
         }
+        Command::Completions { shell } => return lb::manual::completions(Cli::command(), shell),
+        Command::Man { dir } => return lb::manual::man_pages(Cli::command(), &dir),
         Command::Vip(VipCommand::Add(v)) => (
             Request::VipAdd {
                 vip: model::parse_vip_addr(&v.vip.vip)?,
