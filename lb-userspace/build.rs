@@ -47,12 +47,14 @@ fn commit() {
         return;
     };
     println!("cargo::rustc-env=LB_COMMIT={head}");
-    // A new commit moves HEAD or the branch it names.
-    if let Some(p) = git(&["rev-parse", "--git-path", "HEAD"]) {
-        println!("cargo::rerun-if-changed={p}");
-    }
-    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(p) = git(&["rev-parse", "--git-path", &branch]) {
+    // A new commit moves HEAD or the branch it names (a loose ref, or packed-refs). A path
+    // that does not exist would make cargo rerun this script every time: only existing ones.
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for path in watch {
+        if let Some(p) = git(&["rev-parse", "--git-path", &path])
+            && std::path::Path::new(&p).exists()
+        {
             println!("cargo::rerun-if-changed={p}");
         }
     }
