@@ -11,9 +11,9 @@ cd "$(dirname "$0")"
 TOOLCHAIN=1.98.0            # aya 0.16 needs >= 1.98; pinned in rust-toolchain.toml too
 BPF_LINKER_VERSION=0.13.0   # built against LLVM 22, rustc 1.98's LLVM
 APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 openssl curl iputils-ping
-  # packaging and the service tests: dpkg-deb, lintian, a booted systemd in a container,
+  # packaging and the service tests: strip, lintian, a booted systemd in a container,
   # the real Prometheus
-  dpkg-dev binutils lintian systemd-container debootstrap prometheus)
+  binutils lintian systemd-container debootstrap prometheus)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
