@@ -2,6 +2,7 @@
 # The one entry point: installs what is missing, then runs `cargo xtask <command>`.
 #   ./x.sh demo    build, start the namespace test bed, balance traffic, clean up
 #   ./x.sh test    every test (unit, data-plane fixtures, end to end); needs root
+#   ./x.sh package the Debian package, target/package/lb_VERSION_ARCH.deb (release build)
 #   ./x.sh bench   benchmarks in release mode (BENCHMARKS.md); --quick for a short run
 #   ./x.sh setup   only install the prerequisites
 set -euo pipefail
@@ -9,7 +10,12 @@ cd "$(dirname "$0")"
 
 TOOLCHAIN=1.98.0            # aya 0.16 needs >= 1.98; pinned in rust-toolchain.toml too
 BPF_LINKER_VERSION=0.13.0   # built against LLVM 22, rustc 1.98's LLVM
-APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 openssl curl iputils-ping mariadb-server postgresql)
+APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 openssl curl iputils-ping
+  # database checks' tests: the real servers
+  mariadb-server postgresql
+  # packaging and the service tests: strip, lintian, a booted systemd in a container,
+  # the real Prometheus
+  binutils lintian systemd-container debootstrap prometheus)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -52,6 +58,6 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cmd="${1:-}"
 case "$cmd" in
   setup) need_root; install_apt; install_rust ;;
-  demo|test|bench) need_root; install_apt; install_rust; shift; exec cargo xtask "$cmd" "$@" ;;
-  *) echo "usage: ./x.sh demo|test|bench|setup [args]" >&2; exit 2 ;;
+  demo|test|bench|package) need_root; install_apt; install_rust; shift; exec cargo xtask "$cmd" "$@" ;;
+  *) echo "usage: ./x.sh demo|test|bench|package|setup [args]" >&2; exit 2 ;;
 esac

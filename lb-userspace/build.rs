@@ -21,6 +21,7 @@ fn main() -> anyhow::Result<()> {
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     let toolchain = std::env::var("LB_EBPF_TOOLCHAIN").unwrap_or_else(|_| "1.98.0".into());
     println!("cargo::rerun-if-env-changed=LB_EBPF_TOOLCHAIN");
+    commit();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "lb-ebpf",
@@ -29,4 +30,32 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom(&toolchain),
     )
+}
+
+/// `LB_COMMIT` for `lb --version` (see `service::VERSION`): the commit HEAD names (work
+/// tree changes on top of it are not tracked); nothing outside a git checkout.
+fn commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return;
+    };
+    println!("cargo::rustc-env=LB_COMMIT={head}");
+    // A new commit moves HEAD or the branch it names (a loose ref, or packed-refs). A path
+    // that does not exist would make cargo rerun this script every time: only existing ones.
+    let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for path in watch {
+        if let Some(p) = git(&["rev-parse", "--git-path", &path])
+            && std::path::Path::new(&p).exists()
+        {
+            println!("cargo::rerun-if-changed={p}");
+        }
+    }
 }

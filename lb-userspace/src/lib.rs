@@ -15,9 +15,11 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod kernel;
+pub mod manual;
 pub mod model;
 pub mod monitor;
 pub mod run;
+pub mod service;
 pub mod state;
 
 // The paths tools and tests know.

@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    lb::service::init_logging();
     match lb::cli::run(lb::cli::Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the chain of causes.
-            eprintln!("lb: {}", format!("{e:#}").replace('\n', " "));
+            let line = format!("{e:#}").replace('\n', " ");
+            eprintln!("{}lb: {line}", lb::service::error_prefix());
             ExitCode::FAILURE
         }
     }

@@ -132,6 +132,16 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
 
+    // The watchdog pings only while the agent's lock can be taken: a stuck agent is restarted.
+    let watchdog = crate::service::spawn_watchdog({
+        let agent = agent.clone();
+        move || {
+            let agent = agent.clone();
+            async move { drop(agent.state.lock().await) }
+        }
+    });
+    crate::service::ready(&format!("forwarding on {}", opts.ifaces.join(",")));
+
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
@@ -153,6 +163,8 @@ pub async fn run(opts: Options) -> Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    crate::service::stopping();
+    tasks.extend(watchdog);
     for task in tasks {
         task.abort();
     }
@@ -171,14 +183,12 @@ pub async fn run(opts: Options) -> Result<()> {
 /// SIGHUP: the configuration file again, through the same path as `lb apply`. A bad file
 /// changes nothing and is logged with its line.
 async fn reapply(agent: &Agent, path: &Path) {
-    let result = match Config::load(path) {
-        Ok(config) => agent.apply(&config, false, false).await,
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(plan) => log::info!("SIGHUP: {}: {}", path.display(), plan.summary()),
-        Err(e) => log::error!("SIGHUP: {}: {e:#}; nothing changed", path.display()),
-    }
+    crate::service::reload(async {
+        let config = Config::load(path)?;
+        let plan = agent.apply(&config, false, false).await?;
+        Ok(format!("SIGHUP: {}: {}", path.display(), plan.summary()))
+    })
+    .await
 }
 
 /// Keeps backends' L2 paths current: unresolved ones every tick, all of them every

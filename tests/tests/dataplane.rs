@@ -227,7 +227,7 @@ fn established_flows_stick_to_their_backend() {
 fn established_flows_survive_a_syn_flood_five_times_the_flow_table() {
     const TABLE: u32 = 4_096;
     let dp = lb::datapath::Datapath::load_with(
-        aya::EbpfLoader::new().set_max_entries(lb_common::maps::FLOWS, TABLE),
+        aya::EbpfLoader::new().map_max_entries(lb_common::maps::FLOWS, TABLE),
     )
     .expect("loading the XDP program with a small flow table (run the tests as root)");
     let mut fx = Fixture::with_datapath(dp);

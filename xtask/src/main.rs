@@ -42,6 +42,8 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         hold_secs: u64,
     },
+    /// Build the Debian package (release build) into target/package/lb_VERSION_ARCH.deb.
+    Package,
     /// Delete test bed namespaces left behind by test runs that were killed.
     Clean,
     /// (test bed) Attach an XDP program that passes everything to IFACE (in this netns).
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
         Command::Bench { args } => cmd::bench::run(&args),
         Command::Demo { requests } => cmd::demo::run(requests),
         Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
+        Command::Package => cmd::package::run(),
         Command::Clean => testbed::clean_stale().map(|deleted| {
             if deleted.is_empty() {
                 println!("nothing to clean");

@@ -8,7 +8,7 @@ pub mod watch;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 
 use crate::{
     api::protocol::{self as control, Request, Response},
@@ -20,7 +20,7 @@ use crate::{
 #[derive(Parser)]
 #[command(
     name = "lb",
-    version,
+    version = crate::service::VERSION.as_str(),
     about = "XDP layer-4 load balancer: agent and control CLI"
 )]
 pub struct Cli {
@@ -93,6 +93,12 @@ enum Command {
         #[arg(long, requires = "watch", value_name = "N")]
         count: Option<u64>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (lb.1, lb-run.1, ...) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 /// Health check settings (HAProxy's meaning).
@@ -410,6 +416,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let vip = vip.as_deref().map(model::parse_vip_addr).transpose()?;
             (Request::BackendList { vip, proto }, json)
         }
+        Command::Completions { shell } => {
+            return crate::manual::completions(Cli::command(), shell);
+        }
+        Command::Man { dir } => return crate::manual::man_pages(Cli::command(), &dir),
         Command::Apply { file, diff, json } => return apply(&cli.socket, &file, diff, json),
         Command::Stats {
             watch: true, count, ..
@@ -491,7 +501,6 @@ fn apply(
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
 
     use super::*;
 

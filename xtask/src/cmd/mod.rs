@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod demo;
+pub mod package;
 pub mod test;
 
 use std::{path::PathBuf, process::Command};
