@@ -197,7 +197,9 @@ pub fn parse_backend_addr(s: &str) -> Result<IpAddr> {
         Err(_) if SocketAddr::from_str(s).is_ok() => bail!(
             "backend {s:?} has a port: backends are plain addresses and serve on the VIP's port"
         ),
-        Err(_) => bail!("malformed backend address {s:?}"),
+        Err(_) => bail!(
+            "malformed backend address {s:?}: write a plain IPv4 or IPv6 address, e.g. 192.0.2.11"
+        ),
     }
 }
 

@@ -78,6 +78,14 @@ pub async fn run(opts: Options) -> Result<()> {
         netif,
         flows,
         config: ConfigFile::new(opts.config.clone()),
+        info: status::AgentInfo {
+            hostname: status::hostname(),
+            version: env!("CARGO_PKG_VERSION"),
+            attach_mode: if opts.generic { "generic" } else { "native" },
+            interfaces: opts.ifaces.clone(),
+            started: status::unix_now(),
+        },
+        history: Default::default(),
     });
     // The same path as `lb apply`: the difference from an empty (or adopted) state.
     let started = std::time::Instant::now();
@@ -117,17 +125,10 @@ pub async fn run(opts: Options) -> Result<()> {
         );
     }
 
-    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    let mut tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(monitor::sample(agent.clone()))];
     if let Some(l) = metrics_listener {
         log::info!("metrics and status page on http://{}/", l.local_addr()?);
-        let info = status::AgentInfo {
-            hostname: status::hostname(),
-            version: env!("CARGO_PKG_VERSION"),
-            attach_mode: if opts.generic { "generic" } else { "native" },
-            interfaces: opts.ifaces.clone(),
-            started: status::unix_now(),
-        };
-        tasks.extend(monitor::start(l, agent.clone(), info));
+        tasks.push(monitor::start(l, agent.clone()));
     }
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));

@@ -19,6 +19,7 @@ use crate::{
     config::Config,
     kernel::{datapath::Datapath, flows::FlowCounts, netif::Netif},
     model::Reach,
+    monitor::status::{AgentInfo, History},
     state::{Plan, State},
 };
 
@@ -31,6 +32,11 @@ pub struct Agent {
     pub netif: Netif,
     pub flows: FlowCounts,
     pub config: ConfigFile,
+    /// What the agent runs as: `lb status`, the status page, `lb_agent_info`.
+    pub info: AgentInfo,
+    /// Per-second samples (`monitor::sample`): the status page's chart and rates, and the
+    /// drops of the last minute in `lb status`.
+    pub history: std::sync::Mutex<History>,
 }
 
 /// The configuration file, rewritten after every change, in the order of the changes.
@@ -63,6 +69,10 @@ impl ConfigFile {
 }
 
 impl Agent {
+    pub fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Saves the state after a change, before the change is acknowledged.
     pub async fn saved(&self, (config, version): (Config, u64)) -> Result<()> {
         self.config

@@ -96,6 +96,8 @@ pub enum Request {
         proto: Proto,
     },
     Stats,
+    /// The one-screen overview (`lb status`): agent, interfaces, VIPs, recent drops.
+    Status,
     FirewallAdd {
         cidr: IpNet,
     },
@@ -155,12 +157,12 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
 pub fn call(socket: &Path, request: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
-            "no agent is running on {} (start one with `lb run --iface IF`)",
+            "no agent is running on {}: start one with `systemctl start lb` or `lb run --iface IF`, or name its socket with --socket",
             socket.display()
         ),
         std::io::ErrorKind::PermissionDenied => {
             anyhow!(
-                "permission denied on {}: the control socket is root-only",
+                "permission denied on {}: the control socket is root-only (run lb with sudo)",
                 socket.display()
             )
         }

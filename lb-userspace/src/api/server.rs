@@ -36,7 +36,10 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("an agent is already running on {}", path.display());
+            bail!(
+                "an agent is already running on {}: stop it first, or give this one another --socket",
+                path.display()
+            );
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
@@ -242,6 +245,22 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             let counters = state.counters()?;
             let stats = views::stats(&state, &counters, flows.ok().as_deref());
             Response::data(serde_json::to_value(stats)?)
+        }
+        Request::Status => {
+            let flows = agent.flows.fresh(FLOW_SCAN_MAX_AGE).await;
+            if let Err(e) = &flows {
+                log::warn!("walking the flow table: {e:#}");
+            }
+            let snapshot = crate::monitor::status::snapshot(&*agent.state.lock().await)?;
+            let drops = agent.history().reasons_over(views::DROP_WINDOW_SECONDS);
+            let status = views::status(
+                &agent.info,
+                &snapshot,
+                flows.ok().as_deref(),
+                drops.as_ref(),
+                crate::model::unix_now(),
+            );
+            Response::data(serde_json::to_value(status)?)
         }
         Request::FirewallList => {
             let state = agent.state.lock().await;

@@ -1,16 +1,17 @@
-//! What `lb vip list`, `lb backend list`, `lb firewall list` and `lb stats` show: typed
+//! What `lb status`, `lb vip list`, `lb backend list`, `lb firewall list` and `lb stats` show: typed
 //! rows built from the state and its counters, sent as JSON and read back into the same
 //! types by the CLI's tables.
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use lb_common::Reason;
+use lb_common::{Outcome, Reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     health::CheckKind,
     kernel::flows::FlowScan,
     model::{Algo, Proto, Service},
+    monitor::status::{AgentInfo, ReasonWindow, Snapshot},
     state::{AllCounters, Dataplane, State},
 };
 
@@ -187,4 +188,281 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+// ---- lb status -------------------------------------------------------------------------
+
+/// `lb status` counts drops over this long (or what the agent has sampled, if less).
+pub const DROP_WINDOW_SECONDS: f64 = 60.0;
+
+/// The one-screen overview an operator reads first (`lb status`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub agent: AgentView,
+    pub interfaces: Vec<InterfaceView>,
+    pub vips: Vec<VipStatus>,
+    pub drops: DropsView,
+    pub flow_table: FlowTableView,
+    pub fleet: Fleet,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentView {
+    /// As `lb --version` prints it (with the commit when built from git).
+    pub version: String,
+    pub pid: u32,
+    pub hostname: String,
+    /// Unix time it started, seconds.
+    pub started: f64,
+    pub uptime_s: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceView {
+    pub name: String,
+    /// `native` or `generic` XDP.
+    pub xdp_mode: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub vip: SocketAddr,
+    pub proto: Proto,
+    pub algo: Algo,
+    pub backends_up: usize,
+    pub backends_total: usize,
+    /// The backends that are not up, with their state (`down`, `draining`, `unresolved`).
+    pub not_up: Vec<BackendState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendState {
+    pub address: std::net::IpAddr,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DropsView {
+    /// Seconds the counts cover: [`DROP_WINDOW_SECONDS`], or less on an agent younger than
+    /// that; None until the agent has sampled its counters twice (a second after start).
+    pub window_s: Option<f64>,
+    pub total: u64,
+    /// Drop reasons that counted packets in the window, by name.
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowTableView {
+    /// None when the flow table could not be walked (the agent logs why).
+    pub entries: Option<u64>,
+    pub capacity: u64,
+}
+
+/// Where the agent stands in a fleet of balancers. Fleet state does not exist yet, so
+/// every agent is on its own; when it does, its variant (peers, who announces which VIP)
+/// goes here, and `lb status` shows it on its `fleet` line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fleet {
+    Standalone,
+}
+
+/// The overview from a snapshot of the state, the latest flow-table walk and the drops of
+/// the last minute, for this process at unix time `now`.
+pub fn status(
+    info: &AgentInfo,
+    snapshot: &Snapshot,
+    flows: Option<&FlowScan>,
+    drops: Option<&ReasonWindow>,
+    now: f64,
+) -> StatusView {
+    let vips = snapshot
+        .vips
+        .iter()
+        .map(|v| VipStatus {
+            vip: v.addr,
+            proto: v.proto,
+            algo: v.algo,
+            backends_up: v.backends.iter().filter(|b| b.state == "up").count(),
+            backends_total: v.backends.len(),
+            not_up: v
+                .backends
+                .iter()
+                .filter(|b| b.state != "up")
+                .map(|b| BackendState {
+                    address: b.addr,
+                    state: b.state.to_string(),
+                })
+                .collect(),
+        })
+        .collect();
+    let by_reason: BTreeMap<String, u64> = drops
+        .map(|w| {
+            Reason::ALL
+                .iter()
+                .zip(&w.packets)
+                .filter(|(r, n)| r.outcome() == Outcome::Drop && **n > 0)
+                .map(|(r, n)| (r.name().to_string(), *n))
+                .collect()
+        })
+        .unwrap_or_default();
+    StatusView {
+        agent: AgentView {
+            version: crate::service::VERSION.clone(),
+            pid: std::process::id(),
+            hostname: info.hostname.clone(),
+            started: info.started,
+            uptime_s: (now - info.started).max(0.0) as u64,
+        },
+        interfaces: info
+            .interfaces
+            .iter()
+            .map(|name| InterfaceView {
+                name: name.clone(),
+                xdp_mode: info.attach_mode.to_string(),
+            })
+            .collect(),
+        vips,
+        drops: DropsView {
+            window_s: drops.map(|w| w.seconds),
+            total: by_reason.values().sum(),
+            by_reason,
+        },
+        flow_table: FlowTableView {
+            entries: flows.map(|f| f.entries),
+            capacity: lb_common::MAX_FLOWS.into(),
+        },
+        fleet: Fleet::Standalone,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::status::{BackendSnapshot, Count, VipSnapshot};
+
+    fn backend(addr: &str, state: &'static str) -> BackendSnapshot {
+        BackendSnapshot {
+            addr: addr.parse().unwrap(),
+            id: 1,
+            generation: 1,
+            state,
+            healthy: state != "down",
+            weight: 1,
+            backup: false,
+            drain: state == "draining",
+            in_rotation: state == "up",
+            check: "tcp".into(),
+            last_check: None,
+            note: None,
+            counters: Count::default(),
+        }
+    }
+
+    fn info() -> AgentInfo {
+        AgentInfo {
+            hostname: "lb1".into(),
+            version: "0.1.0",
+            attach_mode: "generic",
+            interfaces: vec!["eth0".into(), "eth1".into()],
+            started: 1000.0,
+        }
+    }
+
+    #[test]
+    fn status_counts_backends_up_and_names_the_others() {
+        let snapshot = Snapshot {
+            time: 1100.0,
+            vips: vec![
+                VipSnapshot {
+                    addr: "10.99.1.1:80".parse().unwrap(),
+                    proto: Proto::Tcp,
+                    algo: Algo::Maglev,
+                    check: "tcp".into(),
+                    counters: Count::default(),
+                    backends: vec![
+                        backend("10.99.0.11", "up"),
+                        backend("10.99.0.12", "down"),
+                        backend("10.99.0.13", "draining"),
+                        backend("10.99.0.14", "up"),
+                    ],
+                },
+                VipSnapshot {
+                    addr: "[fd00::1]:53".parse().unwrap(),
+                    proto: Proto::Udp,
+                    algo: Algo::Rr,
+                    check: "none".into(),
+                    counters: Count::default(),
+                    backends: vec![],
+                },
+            ],
+            reasons: vec![Count::default(); Reason::ALL.len()],
+            firewall: vec![],
+        };
+        let flows = FlowScan {
+            entries: 42,
+            per_backend: Default::default(),
+            time: 1100.0,
+            took: std::time::Duration::ZERO,
+        };
+        let mut packets = vec![0; Reason::ALL.len()];
+        packets[Reason::Forwarded as usize] = 1_000_000;
+        packets[Reason::DropNoBackend as usize] = 7;
+        packets[Reason::DropFragment as usize] = 3;
+        packets[Reason::PassNotVip as usize] = 9;
+        let drops = ReasonWindow {
+            seconds: 60.0,
+            packets,
+        };
+        let s = status(&info(), &snapshot, Some(&flows), Some(&drops), 4600.5);
+
+        assert_eq!(s.agent.uptime_s, 3600);
+        assert_eq!(s.agent.pid, std::process::id());
+        assert_eq!(s.agent.version, *crate::service::VERSION);
+        assert_eq!(
+            s.interfaces,
+            [("eth0", "generic"), ("eth1", "generic")].map(|(n, m)| InterfaceView {
+                name: n.into(),
+                xdp_mode: m.into()
+            })
+        );
+        let v = &s.vips[0];
+        assert_eq!((v.backends_up, v.backends_total), (2, 4));
+        assert_eq!(
+            v.not_up,
+            [("10.99.0.12", "down"), ("10.99.0.13", "draining")].map(|(a, st)| {
+                BackendState {
+                    address: a.parse().unwrap(),
+                    state: st.into(),
+                }
+            })
+        );
+        assert_eq!((s.vips[1].backends_up, s.vips[1].backends_total), (0, 0));
+        // Only drops: neither forwards nor passes.
+        assert_eq!(s.drops.window_s, Some(60.0));
+        assert_eq!(s.drops.total, 10);
+        assert_eq!(
+            s.drops.by_reason,
+            BTreeMap::from([
+                ("drop_fragment".to_string(), 3),
+                ("drop_no_backend".to_string(), 7)
+            ])
+        );
+        assert_eq!(s.flow_table.entries, Some(42));
+        assert_eq!(s.fleet, Fleet::Standalone);
+        // What the CLI reads back is what the agent built.
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["fleet"], "standalone");
+        assert_eq!(serde_json::from_value::<StatusView>(json).unwrap(), s);
+    }
+
+    #[test]
+    fn status_of_a_young_agent_has_no_drop_window_yet() {
+        let snapshot = Snapshot::default();
+        let s = status(&info(), &snapshot, None, None, 1000.2);
+        assert_eq!(s.drops.window_s, None);
+        assert_eq!(s.drops.total, 0);
+        assert_eq!(s.flow_table.entries, None);
+        assert!(s.vips.is_empty());
+    }
 }

@@ -1,7 +1,9 @@
 //! The `lb` command line: clap definitions, the request each command sends, and how the
-//! answer is shown (tables in [`table`], `stats --watch` in [`watch`]). `lb run` starts the
-//! agent ([`crate::run`]).
+//! answer is shown (tables in [`table`], `lb status` in [`status`], `stats --watch` in
+//! [`watch`]). `lb run` starts the agent ([`crate::run`]). Every command's help ends with
+//! examples, which the manual pages carry too.
 
+pub mod status;
 pub mod table;
 pub mod watch;
 
@@ -21,7 +23,13 @@ use crate::{
 #[command(
     name = "lb",
     version = crate::service::VERSION.as_str(),
-    about = "XDP layer-4 load balancer: agent and control CLI"
+    about = "XDP layer-4 load balancer: agent and control CLI",
+    after_help = "Examples:
+  lb run --iface eth0                      start the agent (as a service: systemctl start lb)
+  lb status                                what runs, what is up, what was dropped
+  lb vip add 10.0.0.10:80 --check http:/healthz
+  lb backend add 10.0.0.10:80 192.168.1.11
+  lb stats --watch                         live rates"
 )]
 pub struct Cli {
     /// The running agent's control socket.
@@ -34,6 +42,10 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent in the foreground: attach XDP, serve the CLI, detach on SIGINT/SIGTERM.
+    #[command(after_help = "Examples:
+  lb run --iface eth0
+  lb run --iface eth0,eth1 --config /etc/lb/lb.toml --metrics 0.0.0.0:9180
+  lb run --iface veth0 --generic --no-pin    (a veth or a NIC without native XDP)")]
     Run {
         /// Interfaces to attach to (comma-separated).
         #[arg(long, required = true, value_delimiter = ',')]
@@ -61,17 +73,45 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT|off", default_value = crate::monitor::DEFAULT_LISTEN)]
         metrics: crate::monitor::Listen,
     },
+    /// The overview to read first: agent, interfaces and XDP mode, VIPs with backends up,
+    /// drops in the last minute, flow table use.
+    #[command(after_help = "Examples:
+  lb status
+  lb status --json | jq '.vips[] | select(.backends_up < .backends_total)'")]
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Virtual services.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  lb vip add 10.0.0.10:80 --check http:/healthz
+  lb vip list"
+    )]
     Vip(VipCommand),
     /// Real servers behind a VIP.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  lb backend add 10.0.0.10:80 192.168.1.11
+  lb backend drain 10.0.0.10:80 192.168.1.11
+  lb backend list 10.0.0.10:80"
+    )]
     Backend(BackendCommand),
     /// Drop list: packets from these sources are dropped before anything else.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  lb firewall add 203.0.113.0/24
+  lb firewall list"
+    )]
     Firewall(FirewallCommand),
     /// Make the running agent's configuration what FILE says: the difference is applied as
     /// one change, and what did not change is not touched. A bad file changes nothing.
+    #[command(after_help = "Examples:
+  lb apply -f /etc/lb/lb.toml --diff    show what would change
+  lb apply -f /etc/lb/lb.toml")]
     Apply {
         /// The configuration file (the format `lb run --config` reads).
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -83,6 +123,10 @@ enum Command {
         json: bool,
     },
     /// Counters per VIP, backend and pass/drop reason.
+    #[command(after_help = "Examples:
+  lb stats
+  lb stats --watch
+  lb stats --json | jq .reasons.drop_no_backend")]
     Stats {
         #[arg(long, conflicts_with = "watch")]
         json: bool,
@@ -94,10 +138,18 @@ enum Command {
         count: Option<u64>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    #[command(hide = true)]
+    #[command(
+        hide = true,
+        after_help = "Examples:
+  lb completions bash > /usr/share/bash-completion/completions/lb"
+    )]
     Completions { shell: clap_complete::Shell },
     /// Write the manual pages (lb.1, lb-run.1, ...) into DIR.
-    #[command(hide = true)]
+    #[command(
+        hide = true,
+        after_help = "Examples:
+  lb man /usr/share/man/man1"
+    )]
     Man { dir: PathBuf },
 }
 
@@ -189,10 +241,19 @@ struct VipArg {
 #[derive(Subcommand)]
 enum FirewallCommand {
     /// Drop every packet from CIDR (IPv4 or IPv6, e.g. 203.0.113.0/24, 2001:db8::/32).
+    #[command(after_help = "Examples:
+  lb firewall add 203.0.113.0/24
+  lb firewall add 2001:db8:bad::/48
+  lb firewall add 198.51.100.7        (one address: /32)")]
     Add { cidr: String },
     /// Stop dropping packets from CIDR.
+    #[command(after_help = "Examples:
+  lb firewall del 203.0.113.0/24")]
     Del { cidr: String },
     /// Rules with their hit counters.
+    #[command(after_help = "Examples:
+  lb firewall list
+  lb firewall list --json")]
     List {
         #[arg(long)]
         json: bool,
@@ -202,12 +263,26 @@ enum FirewallCommand {
 #[derive(Subcommand)]
 enum VipCommand {
     /// Add a virtual service.
+    #[command(after_help = "Examples:
+  lb vip add 10.0.0.10:80 --check http:/healthz --expect 200-399
+  lb vip add 10.0.0.10:3306 --algo maglev --check mysql-primary --credentials /etc/lb/mysql.toml
+  lb vip add [2001:db8::10]:53 --proto udp
+  lb vip add 10.0.0.10:443 --check tls --rate-limit 100")]
     Add(VipSettings),
     /// Change a VIP's algorithm or health check; the rest stays.
+    #[command(after_help = "Examples:
+  lb vip set 10.0.0.10:80 --check tcp --interval 500 --fall 2
+  lb vip set 10.0.0.10:80 --rate-limit 0    (no limit)")]
     Set(VipSettings),
     /// Remove a virtual service and its backends.
+    #[command(after_help = "Examples:
+  lb vip del 10.0.0.10:80
+  lb vip del [2001:db8::10]:53 --proto udp")]
     Del(VipArg),
     /// Virtual services with their counters.
+    #[command(after_help = "Examples:
+  lb vip list
+  lb vip list --json")]
     List {
         #[arg(long)]
         json: bool,
@@ -217,6 +292,11 @@ enum VipCommand {
 #[derive(Subcommand)]
 enum BackendCommand {
     /// Add a backend to a VIP.
+    #[command(after_help = "Examples:
+  lb backend add 10.0.0.10:80 192.168.1.11
+  lb backend add 10.0.0.10:80 192.168.1.12 --weight 2
+  lb backend add 10.0.0.10:3306 192.168.1.21 --backup
+  lb backend add [2001:db8::10]:53 2001:db8::21 --proto udp")]
     Add {
         #[command(flatten)]
         target: BackendArg,
@@ -231,6 +311,9 @@ enum BackendCommand {
         check: CheckArgs,
     },
     /// Change a backend's weight, role or check override.
+    #[command(after_help = "Examples:
+  lb backend set 10.0.0.10:80 192.168.1.12 --weight 0    (no new flows by weight)
+  lb backend set 10.0.0.10:3306 192.168.1.21 --backup false")]
     Set {
         #[command(flatten)]
         target: BackendArg,
@@ -243,12 +326,23 @@ enum BackendCommand {
         check: CheckArgs,
     },
     /// Maintenance: no new flows, established flows continue.
+    #[command(after_help = "Examples:
+  lb backend drain 10.0.0.10:80 192.168.1.11
+  lb backend list 10.0.0.10:80    (FLOWS: how many remain)")]
     Drain(BackendArg),
     /// End maintenance: takes new flows again.
+    #[command(after_help = "Examples:
+  lb backend undrain 10.0.0.10:80 192.168.1.11")]
     Undrain(BackendArg),
     /// Remove a backend; its flows move to the others.
+    #[command(after_help = "Examples:
+  lb backend del 10.0.0.10:80 192.168.1.11")]
     Del(BackendArg),
     /// Backends with their state, health and counters.
+    #[command(after_help = "Examples:
+  lb backend list
+  lb backend list 10.0.0.10:80
+  lb backend list [2001:db8::10]:53 --proto udp --json")]
     List {
         /// Only this VIP's backends.
         vip: Option<String>,
@@ -425,6 +519,7 @@ pub fn run(cli: Cli) -> Result<()> {
             watch: true, count, ..
         } => return watch::run(&cli.socket, count),
         Command::Stats { json, .. } => (Request::Stats, json),
+        Command::Status { json } => (Request::Status, json),
         Command::Firewall(FirewallCommand::Add { cidr }) => (
             Request::FirewallAdd {
                 cidr: model::parse_cidr(&cidr)?,
@@ -448,6 +543,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
+            } else if kind == std::mem::discriminant(&Request::Status) {
+                let view: crate::api::views::StatusView = serde_json::from_value(data)
+                    .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))?;
+                print!("{}", status::render(&view));
             } else if kind == std::mem::discriminant(&Request::Stats) {
                 print!("{}", table::stats(&data));
             } else if kind == std::mem::discriminant(&Request::VipList) {
@@ -516,5 +615,107 @@ mod tests {
                 assert!(!about.contains("Health check settings"), "{name}: {about}");
             }
         }
+    }
+
+    /// Every command's help (and so its manual page) ends with examples of itself.
+    #[test]
+    fn every_command_has_an_example() {
+        fn check(cmd: &mut clap::Command, path: &str, seen: &mut usize) {
+            let help = cmd.render_long_help().to_string();
+            let examples = help
+                .split_once("Examples:\n")
+                .unwrap_or_else(|| panic!("`{path} --help` has no Examples: block:\n{help}"))
+                .1;
+            assert!(
+                examples
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{path} ")) || l.trim() == path),
+                "`{path} --help` has no example of `{path}`:\n{examples}"
+            );
+            *seen += 1;
+            let names: Vec<String> = cmd
+                .get_subcommands()
+                .map(|c| c.get_name().to_string())
+                .filter(|n| n != "help")
+                .collect();
+            for name in names {
+                let sub = cmd.find_subcommand_mut(&name).expect("listed");
+                check(sub, &format!("{path} {name}"), seen);
+            }
+        }
+        let mut cli = Cli::command();
+        cli.build();
+        let mut seen = 0;
+        check(&mut cli, "lb", &mut seen);
+        // lb, run, status, apply, stats, completions, man, vip (5), backend (7), firewall (4)
+        assert_eq!(seen, 23);
+    }
+
+    /// The examples are real command lines: each parses.
+    #[test]
+    fn examples_parse() {
+        fn collect(cmd: &clap::Command, out: &mut Vec<String>) {
+            if let Some(after) = cmd.get_after_help() {
+                let text = after.to_string();
+                for line in text.lines().skip(1) {
+                    // "  lb vip add ADDR ...    (comment)" or "...   comment"
+                    let line = line.trim();
+                    let line = line.split("  ").next().unwrap_or(line);
+                    let line = line.split(" | ").next().unwrap_or(line);
+                    let line = line.split(" > ").next().unwrap_or(line);
+                    out.push(line.trim().to_string());
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                collect(sub, out);
+            }
+        }
+        let mut lines = Vec::new();
+        collect(&Cli::command(), &mut lines);
+        assert!(lines.len() > 40, "{lines:?}");
+        for line in lines {
+            let words = shell_words(&line);
+            let parsed = Cli::try_parse_from(&words)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| check_addresses(cli.command));
+            assert!(
+                parsed.is_ok(),
+                "example `{line}`: {}",
+                parsed.err().unwrap()
+            );
+        }
+    }
+
+    fn shell_words(line: &str) -> Vec<String> {
+        line.split_whitespace()
+            .map(|w| w.trim_matches('\'').to_string())
+            .collect()
+    }
+
+    /// Addresses in examples parse as the agent would read them.
+    fn check_addresses(command: Command) -> Result<(), String> {
+        let e = |e: anyhow::Error| e.to_string();
+        match command {
+            Command::Vip(VipCommand::Add(v) | VipCommand::Set(v)) => {
+                model::parse_vip_addr(&v.vip.vip).map_err(e)?;
+            }
+            Command::Vip(VipCommand::Del(v)) => {
+                model::parse_vip_addr(&v.vip).map_err(e)?;
+            }
+            Command::Backend(
+                BackendCommand::Add { target, .. }
+                | BackendCommand::Set { target, .. }
+                | BackendCommand::Drain(target)
+                | BackendCommand::Undrain(target)
+                | BackendCommand::Del(target),
+            ) => {
+                target.parse().map_err(e)?;
+            }
+            Command::Firewall(FirewallCommand::Add { cidr } | FirewallCommand::Del { cidr }) => {
+                model::parse_cidr(&cidr).map_err(e)?;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }

@@ -22,7 +22,7 @@ use axum::{
 use serde::Deserialize;
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use self::status::{AgentInfo, History};
+use self::status::History;
 use crate::api::Agent;
 pub use crate::api::server::FLOW_SCAN_MAX_AGE;
 
@@ -60,47 +60,40 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 
 pub struct Monitor {
     agent: Arc<Agent>,
-    history: std::sync::Mutex<History>,
-    info: AgentInfo,
 }
 
 impl Monitor {
     fn history(&self) -> std::sync::MutexGuard<'_, History> {
-        self.history.lock().unwrap_or_else(|e| e.into_inner())
+        self.agent.history()
     }
 }
 
-/// Starts the sampler and the HTTP server on `listener`; returns their tasks (abort them
-/// to stop).
-pub fn start(listener: TcpListener, agent: Arc<Agent>, info: AgentInfo) -> Vec<JoinHandle<()>> {
-    let monitor = Arc::new(Monitor {
-        agent,
-        history: std::sync::Mutex::new(History::default()),
-        info,
-    });
-    let sampler = tokio::spawn(sample(monitor.clone()));
+/// Starts the HTTP server on `listener`; returns its task (abort it to stop). The history
+/// it shows is filled by [`sample`], which runs with or without it.
+pub fn start(listener: TcpListener, agent: Arc<Agent>) -> JoinHandle<()> {
+    let monitor = Arc::new(Monitor { agent });
     let app = Router::new()
         .route("/", get(page))
         .route("/metrics", get(scrape))
         .route("/api/status", get(api_status))
         .with_state(monitor);
-    let server = tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             log::error!("metrics listener stopped: {e}");
         }
-    });
-    vec![sampler, server]
+    })
 }
 
-/// Once a second: a snapshot into the history (rates and the chart come from these).
-async fn sample(monitor: Arc<Monitor>) {
+/// Once a second: a snapshot into the agent's history (rates, the chart and `lb status`'s
+/// drops of the last minute come from these).
+pub async fn sample(agent: Arc<Agent>) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let snapshot = status::snapshot(&*monitor.agent.state.lock().await);
+        let snapshot = status::snapshot(&*agent.state.lock().await);
         match snapshot {
-            Ok(s) => monitor.history().push(Arc::new(s)),
+            Ok(s) => agent.history().push(Arc::new(s)),
             Err(e) => log::warn!("sampling counters: {e:#}"),
         }
     }
@@ -126,7 +119,7 @@ async fn scrape(State(m): State<Arc<Monitor>>) -> Response {
     let text = metrics::render(&metrics::Scrape {
         snapshot: &snapshot,
         flows: flows.as_deref().ok(),
-        info: &m.info,
+        info: &m.agent.info,
     });
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
@@ -148,7 +141,13 @@ async fn api_status(State(m): State<Arc<Monitor>>, Query(q): Query<StatusQuery>)
             Err(e) => return error(e),
         },
     };
-    let body = status::status_json(&m.info, &snapshot, flows.as_deref(), &m.history(), q.since);
+    let body = status::status_json(
+        &m.agent.info,
+        &snapshot,
+        flows.as_deref(),
+        &m.history(),
+        q.since,
+    );
     (
         [
             (header::CONTENT_TYPE, "application/json"),

@@ -259,6 +259,9 @@ struct Sample {
     backends: Vec<Count>,
     /// Summed by action, in `ACTIONS` order.
     actions: [Count; 4],
+    /// Packets per reason, in `Reason::ALL` order (`lb status`: drops by reason over the
+    /// last minute).
+    reasons: Vec<u64>,
 }
 
 const ACTIONS: [&str; 4] = ["forward", "pass", "drop", "reply"];
@@ -285,8 +288,19 @@ impl Sample {
                 .collect(),
             keys,
             actions,
+            reasons: s.reasons.iter().map(|c| c.packets).collect(),
         }
     }
+}
+
+/// Packets per reason over the last `seconds` of the history (or less, when the agent has
+/// not sampled that long).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReasonWindow {
+    /// The span the counts cover, seconds.
+    pub seconds: f64,
+    /// In `Reason::ALL` order.
+    pub packets: Vec<u64>,
 }
 
 /// The last [`HISTORY_SECONDS`] snapshots, reduced to counters, and the latest two whole.
@@ -322,6 +336,26 @@ impl History {
 
     pub fn latest(&self) -> Option<Arc<Snapshot>> {
         self.latest.clone()
+    }
+
+    /// Packets per reason between the latest sample and the oldest one at most `seconds`
+    /// before it; None until there are two samples.
+    pub fn reasons_over(&self, seconds: f64) -> Option<ReasonWindow> {
+        let now = self.samples.back()?;
+        let before = self
+            .samples
+            .iter()
+            .find(|s| now.time - s.time <= seconds)
+            .filter(|s| s.time < now.time)?;
+        Some(ReasonWindow {
+            seconds: now.time - before.time,
+            packets: now
+                .reasons
+                .iter()
+                .zip(&before.reasons)
+                .map(|(n, b)| n.saturating_sub(*b))
+                .collect(),
+        })
     }
 
     /// Rates between the latest two snapshots (zero until there are two).
@@ -650,6 +684,30 @@ mod tests {
         assert_eq!(
             s["backends"]["10.99.1.1:80/tcp 10.0.0.2"]["pps"],
             json!([20.0])
+        );
+    }
+
+    #[test]
+    fn reasons_over_the_last_minute() {
+        let mut h = History::default();
+        assert_eq!(h.reasons_over(60.0), None);
+        // snapshot(): drop_no_backend is half the packets.
+        for i in 0..100u64 {
+            h.push(snapshot(i as f64, &[("10.0.0.1", i * 10)]));
+        }
+        let w = h.reasons_over(60.0).unwrap();
+        assert_eq!(w.seconds, 60.0);
+        assert_eq!(w.packets[Reason::DropNoBackend as usize], (990 - 390) / 2);
+        assert_eq!(w.packets[0], 990 - 390);
+        // A young agent: the span it has.
+        let mut h = History::default();
+        h.push(snapshot(0.0, &[("10.0.0.1", 0)]));
+        assert_eq!(h.reasons_over(60.0), None);
+        h.push(snapshot(5.0, &[("10.0.0.1", 40)]));
+        let w = h.reasons_over(60.0).unwrap();
+        assert_eq!(
+            (w.seconds, w.packets[Reason::DropNoBackend as usize]),
+            (5.0, 20)
         );
     }
 

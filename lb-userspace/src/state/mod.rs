@@ -218,7 +218,9 @@ impl<D: Dataplane> State<D> {
         self.vips
             .iter()
             .position(|v| v.service == *service)
-            .ok_or_else(|| anyhow!("no VIP {service}"))
+            .ok_or_else(|| {
+                anyhow!("no VIP {service}: `lb vip list` shows the VIPs, `lb vip add` adds one")
+            })
     }
 
     fn backend_index(&self, service: &Service, addr: IpAddr) -> Result<(usize, usize)> {
@@ -227,7 +229,7 @@ impl<D: Dataplane> State<D> {
             .backends
             .iter()
             .position(|b| b.addr == addr)
-            .ok_or_else(|| anyhow!("backend {addr} does not serve VIP {service}"))?;
+            .ok_or_else(|| anyhow!("backend {addr} does not serve VIP {service}: `lb backend list` shows its backends"))?;
         Ok((vi, bi))
     }
 
@@ -317,7 +319,7 @@ impl<D: Dataplane> State<D> {
         rate: &RateLimit,
     ) -> Result<()> {
         if self.vip_index(service).is_ok() {
-            bail!("VIP {service} already exists");
+            bail!("VIP {service} already exists: change it with `lb vip set`");
         }
         check.validate()?;
         rate.validate()
@@ -376,7 +378,7 @@ impl<D: Dataplane> State<D> {
         let (service, addr) = (&self.vips[vi].service, config.address);
         config.validate(service)?;
         if self.vips[vi].backends.iter().any(|b| b.addr == addr) {
-            bail!("backend {addr} already serves VIP {service}");
+            bail!("backend {addr} already serves VIP {service}: change it with `lb backend set`");
         }
         Ok(())
     }
@@ -847,7 +849,7 @@ impl<D: Dataplane> State<D> {
     pub fn add_rule(&mut self, net: IpNet) -> Result<()> {
         model::check_cidr(&net)?;
         if self.rules.iter().any(|(n, _)| *n == net) {
-            bail!("{net} is already in the drop list");
+            bail!("{net} is already in the drop list (`lb firewall list` shows the rules)");
         }
         let id = match self.adoption.rules.remove(&net) {
             Some(id) if self.rule_ids.adopt(id, 1) => id,
@@ -871,7 +873,9 @@ impl<D: Dataplane> State<D> {
             .rules
             .iter()
             .position(|(n, _)| *n == net)
-            .ok_or_else(|| anyhow!("{net} is not in the drop list"))?;
+            .ok_or_else(|| {
+                anyhow!("{net} is not in the drop list: `lb firewall list` shows the rules")
+            })?;
         let (_, id) = self.rules.remove(pos);
         self.dp.del_firewall_rule(&net)?;
         self.retired.push((Instant::now(), Retired::RuleId(id)));
