@@ -157,7 +157,7 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
 pub fn call(socket: &Path, request: &Request) -> Result<Response> {
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
-            "no agent is running on {}: start one with `systemctl start lb` or `lb run --iface IF`, or name its socket with --socket",
+            "no agent is running on {}: start one with `systemctl start lb@IF` or `lb run --iface IF`, or name its socket with --socket",
             socket.display()
         ),
         std::io::ErrorKind::PermissionDenied => {

@@ -247,7 +247,9 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             Response::data(serde_json::to_value(stats)?)
         }
         Request::Status => {
-            let flows = agent.flows.fresh(FLOW_SCAN_MAX_AGE).await;
+            // Walked afresh, as for `lb backend list`: the overview is read once, and
+            // should count the flows of the connections just made.
+            let flows = agent.flows.fresh(Duration::ZERO).await;
             if let Err(e) = &flows {
                 log::warn!("walking the flow table: {e:#}");
             }

@@ -25,7 +25,7 @@ use crate::{
     version = crate::service::VERSION.as_str(),
     about = "XDP layer-4 load balancer: agent and control CLI",
     after_help = "Examples:
-  lb run --iface eth0                      start the agent (as a service: systemctl start lb)
+  lb run --iface eth0                      start the agent (as a service: systemctl start lb@eth0)
   lb status                                what runs, what is up, what was dropped
   lb vip add 10.0.0.10:80 --check http:/healthz
   lb backend add 10.0.0.10:80 192.168.1.11
