@@ -32,7 +32,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use lb::{
     config::{BackendConfig, Config, VipConfig},
-    control::{self, Request, Response},
+    control::{self, BackendSpec, Request, Response, VipSpec},
     health::{CheckPatch, CheckSpec},
     model::{self, Algo, Proto, RingMember},
 };
@@ -131,28 +131,28 @@ fn ok(r: Response) -> Result<()> {
 fn vip_add(socket: &Path, vip: SocketAddr) -> Result<()> {
     ok(control::call(
         socket,
-        &Request::VipAdd {
+        &Request::VipAdd(VipSpec {
             vip,
             proto: Proto::Tcp,
             algo: Some(Algo::Rr),
             check: CheckPatch::default(),
             rate_limit: None,
             burst: None,
-        },
+        }),
     )?)
 }
 
 fn backend_add(socket: &Path, vip: SocketAddr, backend: IpAddr) -> Result<()> {
     ok(control::call(
         socket,
-        &Request::BackendAdd {
+        &Request::BackendAdd(BackendSpec {
             vip,
             proto: Proto::Tcp,
             backend,
             weight: None,
             backup: None,
             check: CheckPatch::default(),
-        },
+        }),
     )?)
 }
 
@@ -250,6 +250,9 @@ pub fn start_agent_timed(
             "--socket".as_ref(),
             socket.as_os_str(),
             "--no-pin".as_ref(),
+            // Several agents run at once here; none serves metrics.
+            "--metrics".as_ref(),
+            "off".as_ref(),
         ],
     )?;
     testbed::wait_until(limit, || {
@@ -344,14 +347,14 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             let t = Instant::now();
             ok(control::call(
                 &socket,
-                &Request::VipSet {
+                &Request::VipSet(VipSpec {
                     vip,
                     proto: Proto::Tcp,
                     algo: Some(Algo::Maglev),
                     check: CheckPatch::default(),
                     rate_limit: None,
                     burst: None,
-                },
+                }),
             )?)?;
             report.maglev.push(Timing {
                 what: format!(
@@ -643,24 +646,28 @@ fn scale(
     let changes: Vec<(&str, Box<dyn Fn(SocketAddr, IpAddr) -> Request>)> = vec![
         (
             "backend add",
-            Box::new(|vip, b| Request::BackendAdd {
-                vip,
-                proto: Proto::Tcp,
-                backend: b,
-                weight: None,
-                backup: None,
-                check: CheckPatch::default(),
+            Box::new(|vip, b| {
+                Request::BackendAdd(BackendSpec {
+                    vip,
+                    proto: Proto::Tcp,
+                    backend: b,
+                    weight: None,
+                    backup: None,
+                    check: CheckPatch::default(),
+                })
             }),
         ),
         (
             "backend set --weight 2",
-            Box::new(|vip, b| Request::BackendSet {
-                vip,
-                proto: Proto::Tcp,
-                backend: b,
-                weight: Some(2),
-                backup: None,
-                check: CheckPatch::default(),
+            Box::new(|vip, b| {
+                Request::BackendSet(BackendSpec {
+                    vip,
+                    proto: Proto::Tcp,
+                    backend: b,
+                    weight: Some(2),
+                    backup: None,
+                    check: CheckPatch::default(),
+                })
             }),
         ),
         (

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    api::protocol::{self as control, Request, Response},
+    api::protocol::{self as control, BackendSpec, Request, Response, VipSpec},
     health::{self, CheckKind, CheckPatch},
     model::{self, Algo, Proto},
     state::Plan,
@@ -289,25 +289,25 @@ pub fn run(cli: Cli) -> Result<()> {
             }));
         }
         Command::Vip(VipCommand::Add(v)) => (
-            Request::VipAdd {
+            Request::VipAdd(VipSpec {
                 vip: model::parse_vip_addr(&v.vip.vip)?,
                 proto: v.vip.proto,
                 algo: v.algo,
                 check: v.check.patch(),
                 rate_limit: v.rate_limit,
                 burst: v.burst,
-            },
+            }),
             false,
         ),
         Command::Vip(VipCommand::Set(v)) => (
-            Request::VipSet {
+            Request::VipSet(VipSpec {
                 vip: model::parse_vip_addr(&v.vip.vip)?,
                 proto: v.vip.proto,
                 algo: v.algo,
                 check: v.check.patch(),
                 rate_limit: v.rate_limit,
                 burst: v.burst,
-            },
+            }),
             false,
         ),
         Command::Vip(VipCommand::Del(v)) => (
@@ -328,14 +328,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let backup = Some(backup);
             let check = check.patch();
             (
-                Request::BackendAdd {
+                Request::BackendAdd(BackendSpec {
                     vip,
                     proto,
                     backend,
                     weight,
                     backup,
                     check,
-                },
+                }),
                 false,
             )
         }
@@ -348,14 +348,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let (vip, proto, backend) = target.parse()?;
             let check = check.patch();
             (
-                Request::BackendSet {
+                Request::BackendSet(BackendSpec {
                     vip,
                     proto,
                     backend,
                     weight,
                     backup,
                     check,
-                },
+                }),
                 false,
             )
         }
@@ -427,17 +427,23 @@ pub fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
             } else if kind == std::mem::discriminant(&Request::Stats) {
-                print!("{}", table::stats(&data));
+                print!("{}", table::stats(&typed(data)?));
             } else if kind == std::mem::discriminant(&Request::VipList) {
-                print!("{}", table::vips(&data));
+                print!("{}", table::vips(&typed::<Vec<_>>(data)?));
             } else if kind == std::mem::discriminant(&Request::FirewallList) {
-                print!("{}", table::firewall(&data));
+                print!("{}", table::firewall(&typed::<Vec<_>>(data)?));
             } else if !data.is_null() {
-                print!("{}", table::backends(&data));
+                print!("{}", table::backends(&typed::<Vec<_>>(data)?));
             }
         }
     }
     Ok(())
+}
+
+/// An answer's data as the view it is.
+fn typed<T: serde::de::DeserializeOwned>(data: serde_json::Value) -> Result<T> {
+    serde_json::from_value(data)
+        .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))
 }
 
 /// `lb apply -f FILE [--diff]`: the agent parses the text (errors name FILE and the line)
@@ -458,8 +464,7 @@ fn apply(
     match control::call(socket, &request)? {
         Response::Error { error } => anyhow::bail!("{error}"),
         Response::Ok { message, data } => {
-            let plan: Plan = serde_json::from_value(data)
-                .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))?;
+            let plan: Plan = typed(data)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
                 return Ok(());
