@@ -726,27 +726,12 @@ fn scale(
             },
         ),
     ];
-    let small_sock = dir.join("scale-small.sock");
-    let small_path = dir.join("scale-small.toml");
-    Config {
-        vips: vec![one_vip_config(base_vip, SCALE..SCALE + 1)],
-        ..Default::default()
+    // Big first, on this agent; the baseline after it, on an agent with one backend (one
+    // agent attaches to the interface at a time).
+    let mut big_reads = Vec::new();
+    for (_, r) in &reads {
+        big_reads.push(timed(trials, &mut |_| request(&sock, r))?);
     }
-    .save(&small_path)?;
-    let (small_agent, _) =
-        start_agent_timed(bed, &small_path, &small_sock, Duration::from_secs(60))?;
-    for (name, r) in &reads {
-        let big_t = timed(trials, &mut |_| request(&sock, r))?;
-        let small_t = timed(trials, &mut |_| request(&small_sock, r))?;
-        report.scaled.push(scaled(
-            format!("`{name}` answered, {SCALE} backends (ms)"),
-            &big_t,
-            "same, an agent with 1 backend".into(),
-            &small_t,
-        ));
-    }
-    stop(small_agent)?;
-
     // Reads while changes run: a reader thread times `stats` while this one adds and
     // removes a backend of the big VIP in a loop.
     progress("control plane: reads while changes run");
@@ -778,6 +763,26 @@ fn scale(
         &quiet,
     ));
     stop(agent)?;
+
+    let small_sock = dir.join("scale-small.sock");
+    let small_path = dir.join("scale-small.toml");
+    Config {
+        vips: vec![one_vip_config(base_vip, SCALE..SCALE + 1)],
+        ..Default::default()
+    }
+    .save(&small_path)?;
+    let (small_agent, _) =
+        start_agent_timed(bed, &small_path, &small_sock, Duration::from_secs(60))?;
+    for ((name, r), big_t) in reads.iter().zip(&big_reads) {
+        let small_t = timed(trials, &mut |_| request(&small_sock, r))?;
+        report.scaled.push(scaled(
+            format!("`{name}` answered, {SCALE} backends (ms)"),
+            big_t,
+            "same, an agent with 1 backend".into(),
+            &small_t,
+        ));
+    }
+    stop(small_agent)?;
     Ok(())
 }
 
