@@ -444,7 +444,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     let t = Instant::now();
     dp.write_ring(0, &ring)?;
     report.maglev.push(Timing {
-        what: "`Datapath::write_ring`, 65,537 entries (library, one map update each)".into(),
+        what: "`Datapath::write_ring`, 65,537 entries (library, one batched update)".into(),
         ms: t.elapsed().as_secs_f64() * 1e3,
     });
     drop(bed);
