@@ -38,7 +38,8 @@ enum Command {
         /// Interfaces to attach to (comma-separated).
         #[arg(long, required = true, value_delimiter = ',')]
         iface: Vec<String>,
-        /// Configuration file, loaded at start and rewritten after every CLI change.
+        /// Configuration file: applied at start and on SIGHUP, rewritten after every CLI
+        /// change.
         #[arg(long, default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
         /// Use generic (SKB) XDP, for drivers without native XDP.
