@@ -434,10 +434,14 @@ fn reload_keeps_the_agent_and_reports_a_broken_config() {
     // A reload applies what the file now says (the agent wrote no [firewall] table yet).
     h.sh("printf '[firewall]\\ndrop = [\"198.51.100.0/24\"]\\n' >> /etc/lb/lb.toml");
     h.sh(&format!("systemctl reload {UNIT}"));
-    h.wait("the edited file to be applied", Duration::from_secs(10), || {
-        h.journal()
-            .contains("reload: SIGHUP: /etc/lb/lb.toml: 1 added, 0 changed, 0 removed")
-    });
+    h.wait(
+        "the edited file to be applied",
+        Duration::from_secs(10),
+        || {
+            h.journal()
+                .contains("reload: SIGHUP: /etc/lb/lb.toml: 1 added, 0 changed, 0 removed")
+        },
+    );
     assert!(
         h.lb("firewall list").contains("198.51.100.0/24"),
         "{}",
