@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipAddr, VipKey};
+use lb_common::{PROTO_TCP, PROTO_UDP, VipAddr, VipKey};
 use serde::{Deserialize, Serialize};
 
 #[derive(
@@ -524,6 +524,8 @@ pub fn maglev_ring(members: &[RingMember], size: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::{FAMILY_V4, FAMILY_V6};
+
     use super::*;
 
     #[test]
