@@ -7,6 +7,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+mod addr;
+pub use addr::{addr_from_map, addr_to_map};
+
 /// Most VIPs one balancer serves; also the length of the per-VIP arrays.
 pub const MAX_VIPS: u32 = 512;
 /// Most backends over all VIPs; a backend id indexes the backend arrays.

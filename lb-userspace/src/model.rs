@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use lb_common::{Addr, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, VipAddr, VipKey};
+use lb_common::{PROTO_TCP, PROTO_UDP, VipAddr, VipKey};
 use serde::{Deserialize, Serialize};
 
 #[derive(
@@ -237,32 +237,8 @@ pub fn check_unicast(ip: IpAddr, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The map representation of an address: raw network-order bytes in `u32` words, IPv4 in
-/// the first word.
-pub fn addr_to_map(ip: IpAddr) -> (Addr, u8) {
-    match ip {
-        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
-        }
-    }
-}
-
-/// The inverse of `addr_to_map`.
-pub fn addr_from_map(addr: Addr, family: u8) -> IpAddr {
-    let bytes = |w: u32| w.to_ne_bytes();
-    if family == FAMILY_V4 {
-        IpAddr::from(bytes(addr[0]))
-    } else {
-        let mut o = [0u8; 16];
-        for (i, w) in addr.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&bytes(*w));
-        }
-        IpAddr::from(o)
-    }
-}
+/// Address packing lives with the map types, where the data plane's side is described too.
+pub use lb_common::{addr_from_map, addr_to_map};
 
 /// Unix time now, seconds.
 pub fn unix_now() -> f64 {
@@ -550,6 +526,8 @@ pub fn maglev_ring(members: &[RingMember], size: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use lb_common::{FAMILY_V4, FAMILY_V6};
+
     use super::*;
 
     #[test]

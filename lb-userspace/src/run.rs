@@ -208,7 +208,8 @@ async fn refresh_neighbours(agent: Arc<Agent>) {
         if targets.is_empty() {
             continue;
         }
-        let result = match agent.netif.resolve_many(&targets).await {
+        // The kernel is asked now; it answers on a later pass.
+        let result = match agent.reach(&targets, Duration::ZERO).await {
             Ok(reach) => agent.state.lock().await.apply_reach(&reach),
             Err(e) => Err(e),
         };

@@ -411,8 +411,8 @@ fn service_is_ready_when_attached_and_stops_cleanly() {
     h.all_answered(10);
 }
 
-/// `systemctl reload` signals the running agent (same process, still active) which reports
-/// the reload through RELOADING/READY; a broken config file makes the reload fail with an
+/// `systemctl reload` signals the running agent (same process, still active), which re-applies
+/// its config file and reports the reload through RELOADING/READY; a broken config file makes the reload fail with an
 /// error in the journal (priority err) and the status line, and the agent keeps running.
 #[test]
 fn reload_keeps_the_agent_and_reports_a_broken_config() {
@@ -425,10 +425,29 @@ fn reload_keeps_the_agent_and_reports_a_broken_config() {
 
     h.sh(&format!("systemctl reload {UNIT}"));
     h.wait("the reload to be reported", Duration::from_secs(10), || {
-        h.journal().contains("reload: /etc/lb/lb.toml is valid")
+        h.journal()
+            .contains("reload: SIGHUP: /etc/lb/lb.toml: 0 added, 0 changed, 0 removed")
     });
     assert_eq!(h.main_pid(), pid);
     assert_eq!(h.active(), "active");
+
+    // A reload applies what the file now says (the agent wrote no [firewall] table yet).
+    h.sh("printf '[firewall]\\ndrop = [\"198.51.100.0/24\"]\\n' >> /etc/lb/lb.toml");
+    h.sh(&format!("systemctl reload {UNIT}"));
+    h.wait(
+        "the edited file to be applied",
+        Duration::from_secs(10),
+        || {
+            h.journal()
+                .contains("reload: SIGHUP: /etc/lb/lb.toml: 1 added, 0 changed, 0 removed")
+        },
+    );
+    assert!(
+        h.lb("firewall list").contains("198.51.100.0/24"),
+        "{}",
+        h.journal()
+    );
+    assert_eq!(h.main_pid(), pid);
 
     h.sh("echo 'this is = not [ toml' >> /etc/lb/lb.toml");
     h.sh(&format!("systemctl reload {UNIT}"));

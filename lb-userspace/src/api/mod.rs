@@ -17,7 +17,11 @@ use tokio::sync::Mutex;
 
 use crate::{
     config::Config,
-    kernel::{datapath::Datapath, flows::FlowCounts, netif::Netif},
+    kernel::{
+        datapath::Datapath,
+        flows::FlowCounts,
+        netif::{Netif, Unresolved},
+    },
     model::Reach,
     monitor::status::{AgentInfo, History},
     state::{Plan, State},
@@ -85,20 +89,19 @@ impl Agent {
     /// resolve first. Never under the state lock.
     pub async fn reach(&self, addrs: &[IpAddr], wait: Duration) -> Result<HashMap<IpAddr, Reach>> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut reach = self.netif.resolve_many(addrs).await?;
+        let mut resolved = self.netif.resolve_many(addrs).await?;
         loop {
-            let missing: Vec<IpAddr> = reach
+            // Asked to resolve: worth another look; routed elsewhere: not.
+            let pending: Vec<IpAddr> = resolved
                 .iter()
-                .filter(|(_, r)| {
-                    r.l2.is_none() && r.note.as_deref().is_some_and(|n| n.starts_with("MAC"))
-                })
+                .filter(|(_, r)| matches!(r, Err(Unresolved::NoNeighbour { .. })))
                 .map(|(a, _)| *a)
                 .collect();
-            if missing.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(reach);
+            if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(resolved.into_iter().map(|(a, r)| (a, r.into())).collect());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-            reach.extend(self.netif.resolve_many(&missing).await?);
+            resolved.extend(self.netif.resolve_many(&pending).await?);
         }
     }
 

@@ -23,63 +23,54 @@ pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 /// for `lb apply` of a configuration with 100,000 backends.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 
+/// A VIP as `lb vip add` and `lb vip set` give it: what is not given takes its default
+/// (add) or keeps its value (set).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipSpec {
+    pub vip: SocketAddr,
+    pub proto: Proto,
+    #[serde(default)]
+    pub algo: Option<Algo>,
+    #[serde(default)]
+    pub check: CheckPatch,
+    /// New flows per second per source; 0 removes the limit.
+    #[serde(default)]
+    pub rate_limit: Option<u32>,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// A backend as `lb backend add` and `lb backend set` give it, the same way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub vip: SocketAddr,
+    pub proto: Proto,
+    pub backend: IpAddr,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub backup: Option<bool>,
+    /// Replaces the VIP's check for this backend.
+    #[serde(default)]
+    pub check: CheckPatch,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    VipAdd {
-        vip: SocketAddr,
-        proto: Proto,
-        #[serde(default)]
-        algo: Option<Algo>,
-        #[serde(default)]
-        check: CheckPatch,
-        /// New flows per second per source; 0 removes the limit.
-        #[serde(default)]
-        rate_limit: Option<u32>,
-        #[serde(default)]
-        burst: Option<u32>,
-    },
-    VipSet {
-        vip: SocketAddr,
-        proto: Proto,
-        #[serde(default)]
-        algo: Option<Algo>,
-        #[serde(default)]
-        check: CheckPatch,
-        /// New flows per second per source; 0 removes the limit.
-        #[serde(default)]
-        rate_limit: Option<u32>,
-        #[serde(default)]
-        burst: Option<u32>,
-    },
+    VipAdd(VipSpec),
+    /// Changes what the spec gives; the rest stays.
+    VipSet(VipSpec),
     VipDel {
         vip: SocketAddr,
         proto: Proto,
     },
     VipList,
-    BackendAdd {
-        vip: SocketAddr,
-        proto: Proto,
-        backend: IpAddr,
-        #[serde(default)]
-        weight: Option<u32>,
-        #[serde(default)]
-        backup: Option<bool>,
-        /// Replaces the VIP's check for this backend.
-        #[serde(default)]
-        check: CheckPatch,
-    },
-    BackendSet {
-        vip: SocketAddr,
-        proto: Proto,
-        backend: IpAddr,
-        #[serde(default)]
-        weight: Option<u32>,
-        #[serde(default)]
-        backup: Option<bool>,
-        #[serde(default)]
-        check: CheckPatch,
-    },
+    BackendAdd(BackendSpec),
+    /// Changes what the spec gives; the rest stays.
+    BackendSet(BackendSpec),
     BackendDrain {
         vip: SocketAddr,
         proto: Proto,
@@ -188,7 +179,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        let r = Request::BackendAdd {
+        let r = Request::BackendAdd(BackendSpec {
             vip: "[fd00::1]:80".parse().unwrap(),
             proto: Proto::Tcp,
             backend: "fd00::2".parse().unwrap(),
@@ -198,9 +189,21 @@ mod tests {
                 check: Some("http:/x".parse().unwrap()),
                 ..Default::default()
             },
-        };
+        });
         let line = serde_json::to_vec(&r).unwrap();
         assert_eq!(decode_request(&line).unwrap(), r);
+        // The wire form is flat: the command beside the spec's fields.
+        let text = String::from_utf8(line).unwrap();
+        assert!(
+            text.starts_with(r#"{"cmd":"backend_add","vip":"[fd00::1]:80""#),
+            "{text}"
+        );
+        let unknown = br#"{"cmd":"vip_set","vip":"10.0.0.1:80","proto":"tcp","colour":1}"#;
+        assert!(
+            decode_request(unknown)
+                .unwrap_err()
+                .contains("unknown field")
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::{
 
 use super::{
     Agent, RESOLVE_WAIT,
-    protocol::{self, Request, Response},
+    protocol::{self, BackendSpec, Request, Response, VipSpec},
     views,
 };
 use crate::{
@@ -85,28 +85,28 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
         }};
     }
     Ok(match request {
-        Request::VipAdd {
+        Request::VipAdd(VipSpec {
             vip,
             proto,
             algo,
             check,
             rate_limit,
             burst,
-        } => {
+        }) => {
             let service = Service::new(vip, proto)?;
             let check = check.apply(&CheckSpec::default())?;
             let rate = RateLimit::new(rate_limit.unwrap_or(0), burst);
             change!(s => s.add_vip(service, algo.unwrap_or_default(), check, rate)?);
             Response::message(format!("added VIP {service}"))
         }
-        Request::VipSet {
+        Request::VipSet(VipSpec {
             vip,
             proto,
             algo,
             check,
             rate_limit,
             burst,
-        } => {
+        }) => {
             let service = Service { addr: vip, proto };
             change!(s => s.set_vip(&service, algo, &check, rate_limit, burst)?);
             Response::message(format!("updated VIP {service}"))
@@ -116,14 +116,14 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             change!(s => s.del_vip(&service)?);
             Response::message(format!("removed VIP {service}"))
         }
-        Request::BackendAdd {
+        Request::BackendAdd(BackendSpec {
             vip,
             proto,
             backend,
             weight,
             backup,
             check,
-        } => {
+        }) => {
             let service = Service { addr: vip, proto };
             let config = {
                 let state = agent.state.lock().await;
@@ -154,14 +154,14 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
                 ),
             })
         }
-        Request::BackendSet {
+        Request::BackendSet(BackendSpec {
             vip,
             proto,
             backend,
             weight,
             backup,
             check,
-        } => {
+        }) => {
             let service = Service { addr: vip, proto };
             change!(s => s.set_backend(&service, backend, weight, backup, &check)?);
             Response::message(format!("updated backend {backend} of VIP {service}"))
@@ -221,9 +221,11 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             }
         }
         Request::VipList => {
-            let state = agent.state.lock().await;
-            let counters = state.counters()?;
-            Response::data(serde_json::to_value(views::vips(&state, &counters))?)
+            let list = {
+                let state = agent.state.lock().await;
+                views::vips(&state, &state.counters()?)
+            };
+            Response::data(serde_json::to_value(list)?)
         }
         Request::BackendList { vip, proto } => {
             let filter = vip.map(|addr| Service { addr, proto });
@@ -231,9 +233,10 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
                 agent.state.lock().await.vip(f)?;
             }
             let flows = agent.flows.fresh(Duration::ZERO).await?;
-            let state = agent.state.lock().await;
-            let counters = state.counters()?;
-            let list = views::backends(&state, filter.as_ref(), &counters, Some(&flows));
+            let list = {
+                let state = agent.state.lock().await;
+                views::backends(&state, filter.as_ref(), &state.counters()?, Some(&flows))
+            };
             Response::data(serde_json::to_value(list)?)
         }
         Request::Stats => {
@@ -241,9 +244,10 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             if let Err(e) = &flows {
                 log::warn!("walking the flow table: {e:#}");
             }
-            let state = agent.state.lock().await;
-            let counters = state.counters()?;
-            let stats = views::stats(&state, &counters, flows.ok().as_deref());
+            let stats = {
+                let state = agent.state.lock().await;
+                views::stats(&state, &state.counters()?, flows.ok().as_deref())
+            };
             Response::data(serde_json::to_value(stats)?)
         }
         Request::Status => {
@@ -265,9 +269,11 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             Response::data(serde_json::to_value(status)?)
         }
         Request::FirewallList => {
-            let state = agent.state.lock().await;
-            let counters = state.counters()?;
-            Response::data(serde_json::to_value(views::rules(&state, &counters))?)
+            let list = {
+                let state = agent.state.lock().await;
+                views::rules(&state, &state.counters()?)
+            };
+            Response::data(serde_json::to_value(list)?)
         }
     })
 }

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
 
 use crate::{
-    api::protocol::{self as control, Request, Response},
+    api::protocol::{self as control, BackendSpec, Request, Response, VipSpec},
     health::{self, CheckKind, CheckPatch},
     model::{self, Algo, Proto},
     state::Plan,
@@ -50,7 +50,8 @@ enum Command {
         /// Interfaces to attach to (comma-separated).
         #[arg(long, required = true, value_delimiter = ',')]
         iface: Vec<String>,
-        /// Configuration file, loaded at start and rewritten after every CLI change.
+        /// Configuration file: applied at start and on SIGHUP, rewritten after every CLI
+        /// change.
         #[arg(long, default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
         /// Use generic (SKB) XDP, for drivers without native XDP.
@@ -401,25 +402,25 @@ pub fn run(cli: Cli) -> Result<()> {
             }));
         }
         Command::Vip(VipCommand::Add(v)) => (
-            Request::VipAdd {
+            Request::VipAdd(VipSpec {
                 vip: model::parse_vip_addr(&v.vip.vip)?,
                 proto: v.vip.proto,
                 algo: v.algo,
                 check: v.check.patch(),
                 rate_limit: v.rate_limit,
                 burst: v.burst,
-            },
+            }),
             false,
         ),
         Command::Vip(VipCommand::Set(v)) => (
-            Request::VipSet {
+            Request::VipSet(VipSpec {
                 vip: model::parse_vip_addr(&v.vip.vip)?,
                 proto: v.vip.proto,
                 algo: v.algo,
                 check: v.check.patch(),
                 rate_limit: v.rate_limit,
                 burst: v.burst,
-            },
+            }),
             false,
         ),
         Command::Vip(VipCommand::Del(v)) => (
@@ -440,14 +441,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let backup = Some(backup);
             let check = check.patch();
             (
-                Request::BackendAdd {
+                Request::BackendAdd(BackendSpec {
                     vip,
                     proto,
                     backend,
                     weight,
                     backup,
                     check,
-                },
+                }),
                 false,
             )
         }
@@ -460,14 +461,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let (vip, proto, backend) = target.parse()?;
             let check = check.patch();
             (
-                Request::BackendSet {
+                Request::BackendSet(BackendSpec {
                     vip,
                     proto,
                     backend,
                     weight,
                     backup,
                     check,
-                },
+                }),
                 false,
             )
         }
@@ -548,17 +549,23 @@ pub fn run(cli: Cli) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))?;
                 print!("{}", status::render(&view));
             } else if kind == std::mem::discriminant(&Request::Stats) {
-                print!("{}", table::stats(&data));
+                print!("{}", table::stats(&typed(data)?));
             } else if kind == std::mem::discriminant(&Request::VipList) {
-                print!("{}", table::vips(&data));
+                print!("{}", table::vips(&typed::<Vec<_>>(data)?));
             } else if kind == std::mem::discriminant(&Request::FirewallList) {
-                print!("{}", table::firewall(&data));
+                print!("{}", table::firewall(&typed::<Vec<_>>(data)?));
             } else if !data.is_null() {
-                print!("{}", table::backends(&data));
+                print!("{}", table::backends(&typed::<Vec<_>>(data)?));
             }
         }
     }
     Ok(())
+}
+
+/// An answer's data as the view it is.
+fn typed<T: serde::de::DeserializeOwned>(data: serde_json::Value) -> Result<T> {
+    serde_json::from_value(data)
+        .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))
 }
 
 /// `lb apply -f FILE [--diff]`: the agent parses the text (errors name FILE and the line)
@@ -579,8 +586,7 @@ fn apply(
     match control::call(socket, &request)? {
         Response::Error { error } => anyhow::bail!("{error}"),
         Response::Ok { message, data } => {
-            let plan: Plan = serde_json::from_value(data)
-                .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))?;
+            let plan: Plan = typed(data)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
                 return Ok(());

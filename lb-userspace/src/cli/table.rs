@@ -1,14 +1,11 @@
-//! Human-readable tables for the CLI, rendered from the same JSON `--json` prints, so the
-//! two views can never disagree.
+//! Human-readable tables for the CLI, rendered from the same typed views `--json` prints,
+//! so the two can never disagree.
 
-use serde_json::Value;
+use crate::api::views::{BackendView, RuleView, StatsView, VipView};
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+/// `-` for nothing.
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".into(), ToString::to_string)
 }
 
 pub(crate) fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
@@ -33,26 +30,21 @@ pub(crate) fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
-fn rows(data: &Value, fields: &[&str]) -> Vec<Vec<String>> {
-    data.as_array()
-        .map(|a| {
-            a.iter()
-                .map(|item| fields.iter().map(|f| s(&item[*f])).collect())
-                .collect()
+pub fn vips(vips: &[VipView]) -> String {
+    let rows = vips
+        .iter()
+        .map(|v| {
+            vec![
+                v.vip.to_string(),
+                v.proto.to_string(),
+                v.backends.to_string(),
+                v.active_backends.to_string(),
+                v.packets.to_string(),
+                v.bytes.to_string(),
+                v.new_flows.to_string(),
+            ]
         })
-        .unwrap_or_default()
-}
-
-pub fn vips(data: &Value) -> String {
-    let fields = [
-        "vip",
-        "proto",
-        "backends",
-        "active_backends",
-        "packets",
-        "bytes",
-        "new_flows",
-    ];
+        .collect();
     render(
         &[
             "VIP",
@@ -63,27 +55,32 @@ pub fn vips(data: &Value) -> String {
             "BYTES",
             "NEW FLOWS",
         ],
-        rows(data, &fields),
+        rows,
     )
 }
 
-pub fn backends(data: &Value) -> String {
-    let fields = [
-        "vip",
-        "proto",
-        "address",
-        "state",
-        "role",
-        "weight",
-        "check",
-        "last_check",
-        "check_latency_us",
-        "packets",
-        "bytes",
-        "new_flows",
-        "flows",
-        "note",
-    ];
+pub fn backends(list: &[BackendView]) -> String {
+    let rows = list
+        .iter()
+        .map(|b| {
+            vec![
+                b.vip.to_string(),
+                b.proto.to_string(),
+                b.address.to_string(),
+                b.state.clone(),
+                b.role.clone(),
+                b.weight.to_string(),
+                b.check.to_string(),
+                opt(&b.last_check),
+                opt(&b.check_latency_us),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.new_flows.to_string(),
+                b.flows.to_string(),
+                opt(&b.note),
+            ]
+        })
+        .collect();
     render(
         &[
             "VIP",
@@ -101,34 +98,45 @@ pub fn backends(data: &Value) -> String {
             "FLOWS",
             "NOTE",
         ],
-        rows(data, &fields),
+        rows,
     )
 }
 
-pub fn stats(data: &Value) -> String {
-    let mut out = vips(&data["vips"]);
+pub fn stats(stats: &StatsView) -> String {
+    let mut out = vips(&stats.vips);
     out += "\n";
-    out += &backends(&data["backends"]);
+    out += &backends(&stats.backends);
     out += "\n";
-    if data["firewall"].as_array().is_some_and(|a| !a.is_empty()) {
-        out += &firewall(&data["firewall"]);
+    if !stats.firewall.is_empty() {
+        out += &firewall(&stats.firewall);
         out += "\n";
     }
-    // In the data plane's order, not the JSON object's.
+    // In the data plane's order, not the map's.
     let rows = lb_common::Reason::ALL
         .iter()
         .map(|r| {
-            let c = &data["reasons"][r.name()];
-            vec![r.name().to_string(), s(&c["packets"]), s(&c["bytes"])]
+            let c = stats.reasons.get(r.name()).copied().unwrap_or_default();
+            vec![
+                r.name().to_string(),
+                c.packets.to_string(),
+                c.bytes.to_string(),
+            ]
         })
         .collect();
     out += &render(&["REASON", "PACKETS", "BYTES"], rows);
     out
 }
 
-pub fn firewall(data: &Value) -> String {
-    render(
-        &["DROP FROM", "PACKETS", "BYTES"],
-        rows(data, &["cidr", "packets", "bytes"]),
-    )
+pub fn firewall(rules: &[RuleView]) -> String {
+    let rows = rules
+        .iter()
+        .map(|r| {
+            vec![
+                r.cidr.to_string(),
+                r.packets.to_string(),
+                r.bytes.to_string(),
+            ]
+        })
+        .collect();
+    render(&["DROP FROM", "PACKETS", "BYTES"], rows)
 }

@@ -10,20 +10,23 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use serde_json::Value;
 
-use crate::api::protocol::{self as control, Request, Response};
+use crate::api::{
+    protocol::{self as control, Request, Response},
+    views::StatsView,
+};
 
 const EVERY: Duration = Duration::from_secs(1);
 
 /// Polls and redraws until interrupted, or `count` times.
 pub fn run(socket: &Path, count: Option<u64>) -> Result<()> {
     let tty = std::io::stdout().is_terminal();
-    let mut previous: Option<(Instant, Value)> = None;
+    let mut previous: Option<(Instant, StatsView)> = None;
     let mut next = Instant::now();
     for n in 1.. {
-        let data = match control::call(socket, &Request::Stats)? {
-            Response::Ok { data, .. } => data,
+        let data: StatsView = match control::call(socket, &Request::Stats)? {
+            Response::Ok { data, .. } => serde_json::from_value(data)
+                .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))?,
             Response::Error { error } => bail!("{error}"),
         };
         let now = Instant::now();
@@ -56,16 +59,159 @@ pub fn run(socket: &Path, count: Option<u64>) -> Result<()> {
     Ok(())
 }
 
-fn u(v: &Value, field: &str) -> u64 {
-    v[field].as_u64().unwrap_or(0)
+/// Packets, bytes and new flows of one row, now or before.
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    packets: u64,
+    bytes: u64,
+    new_flows: u64,
 }
 
-fn s(v: &Value, field: &str) -> String {
-    match &v[field] {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+/// Rates of one item from its counters now and before.
+fn rates(now: Counts, before: Option<Counts>, seconds: f64) -> [String; 3] {
+    let Some(before) = before.filter(|_| seconds > 0.0) else {
+        return ["-".into(), "-".into(), "-".into()];
+    };
+    let r = |n: u64, b: u64, scale: f64| si(n.saturating_sub(b) as f64 * scale / seconds);
+    [
+        r(now.packets, before.packets, 1.0),
+        r(now.bytes, before.bytes, 8.0),
+        r(now.new_flows, before.new_flows, 1.0),
+    ]
+}
+
+/// One screen: the `stats` answer `data`, with rates against `since` = (seconds, the
+/// answer before) when there is one.
+pub fn render(data: &StatsView, since: Option<(f64, &StatsView)>) -> String {
+    let seconds = since.map_or(0.0, |(s, _)| s);
+    let before = since.map(|(_, d)| d);
+    let old_vips: HashMap<String, Counts> = before
+        .iter()
+        .flat_map(|d| &d.vips)
+        .map(|v| {
+            let c = Counts {
+                packets: v.packets,
+                bytes: v.bytes,
+                new_flows: v.new_flows,
+            };
+            (format!("{}/{}", v.vip, v.proto), c)
+        })
+        .collect();
+    let old_backends: HashMap<String, Counts> = before
+        .iter()
+        .flat_map(|d| &d.backends)
+        .map(|b| {
+            let c = Counts {
+                packets: b.packets,
+                bytes: b.bytes,
+                new_flows: b.new_flows,
+            };
+            (format!("{}/{} {}", b.vip, b.proto, b.address), c)
+        })
+        .collect();
+
+    let mut out = format!(
+        "lb stats --watch: rates over the last {}, Ctrl-C to stop\n\n",
+        if since.is_some() {
+            format!("{seconds:.1} s")
+        } else {
+            "second (from the next refresh on)".to_string()
+        }
+    );
+    let rows = data
+        .vips
+        .iter()
+        .map(|v| {
+            let now = Counts {
+                packets: v.packets,
+                bytes: v.bytes,
+                new_flows: v.new_flows,
+            };
+            let old = old_vips.get(&format!("{}/{}", v.vip, v.proto)).copied();
+            let [pps, bps, nfps] = rates(now, old, seconds);
+            vec![
+                v.vip.to_string(),
+                v.proto.to_string(),
+                format!("{}/{}", v.active_backends, v.backends),
+                pps,
+                bps,
+                nfps,
+                v.packets.to_string(),
+                v.new_flows.to_string(),
+            ]
+        })
+        .collect();
+    out += &super::table::render(
+        &[
+            "VIP",
+            "PROTO",
+            "ACTIVE",
+            "PKT/S",
+            "BIT/S",
+            "NEW/S",
+            "PACKETS",
+            "NEW FLOWS",
+        ],
+        rows,
+    );
+    out += "\n";
+    let rows = data
+        .backends
+        .iter()
+        .map(|b| {
+            let now = Counts {
+                packets: b.packets,
+                bytes: b.bytes,
+                new_flows: b.new_flows,
+            };
+            let key = format!("{}/{} {}", b.vip, b.proto, b.address);
+            let [pps, bps, nfps] = rates(now, old_backends.get(&key).copied(), seconds);
+            vec![
+                b.vip.to_string(),
+                b.address.to_string(),
+                b.state.clone(),
+                b.role.clone(),
+                b.weight.to_string(),
+                pps,
+                bps,
+                nfps,
+                b.flows.to_string(),
+                b.packets.to_string(),
+            ]
+        })
+        .collect();
+    out += &super::table::render(
+        &[
+            "VIP", "BACKEND", "STATE", "ROLE", "WEIGHT", "PKT/S", "BIT/S", "NEW/S", "FLOWS",
+            "PACKETS",
+        ],
+        rows,
+    );
+    out += "\n";
+    // Reasons that saw packets, in the data plane's order.
+    let reason = |d: &StatsView, name: &str| {
+        d.reasons.get(name).map(|c| Counts {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: 0,
+        })
+    };
+    let rows = lb_common::Reason::ALL
+        .iter()
+        .filter_map(|r| {
+            let now = reason(data, r.name()).filter(|c| c.packets > 0)?;
+            let old = before.and_then(|d| reason(d, r.name()));
+            let [pps, bps, _] = rates(now, old, seconds);
+            Some(vec![
+                r.name().to_string(),
+                pps,
+                bps,
+                now.packets.to_string(),
+            ])
+        })
+        .collect();
+    out += &super::table::render(&["REASON", "PKT/S", "BIT/S", "PACKETS"], rows);
+    out
 }
 
 /// 1234567 -> "1.23M"; plain below 1000.
@@ -86,150 +232,32 @@ pub fn si(v: f64) -> String {
     format!("{v:.digits$}{unit}")
 }
 
-/// Rates of one item from its counters now and before.
-fn rates(now: &Value, before: Option<&Value>, seconds: f64) -> [String; 3] {
-    let Some(before) = before.filter(|_| seconds > 0.0) else {
-        return ["-".into(), "-".into(), "-".into()];
-    };
-    let r =
-        |f: &str, scale: f64| si(u(now, f).saturating_sub(u(before, f)) as f64 * scale / seconds);
-    [r("packets", 1.0), r("bytes", 8.0), r("new_flows", 1.0)]
-}
-
-fn index(items: &Value, key: impl Fn(&Value) -> String) -> HashMap<String, &Value> {
-    items
-        .as_array()
-        .map(|a| a.iter().map(|i| (key(i), i)).collect())
-        .unwrap_or_default()
-}
-
-fn vip_key(v: &Value) -> String {
-    format!("{}/{}", s(v, "vip"), s(v, "proto"))
-}
-
-fn backend_key(b: &Value) -> String {
-    format!("{} {}", vip_key(b), s(b, "address"))
-}
-
-/// One screen: the `stats` answer `data`, with rates against `since` = (seconds, the
-/// answer before) when there is one.
-pub fn render(data: &Value, since: Option<(f64, &Value)>) -> String {
-    let seconds = since.map_or(0.0, |(s, _)| s);
-    let before = since.map(|(_, d)| d);
-    let old_vips = before
-        .map(|d| index(&d["vips"], vip_key))
-        .unwrap_or_default();
-    let old_backends = before
-        .map(|d| index(&d["backends"], backend_key))
-        .unwrap_or_default();
-
-    let mut out = format!(
-        "lb stats --watch: rates over the last {}, Ctrl-C to stop\n\n",
-        if since.is_some() {
-            format!("{seconds:.1} s")
-        } else {
-            "second (from the next refresh on)".to_string()
-        }
-    );
-    let vips = data["vips"].as_array().cloned().unwrap_or_default();
-    let rows = vips
-        .iter()
-        .map(|v| {
-            let [pps, bps, nfps] = rates(v, old_vips.get(&vip_key(v)).copied(), seconds);
-            vec![
-                s(v, "vip"),
-                s(v, "proto"),
-                format!("{}/{}", u(v, "active_backends"), u(v, "backends")),
-                pps,
-                bps,
-                nfps,
-                u(v, "packets").to_string(),
-                u(v, "new_flows").to_string(),
-            ]
-        })
-        .collect();
-    out += &super::table::render(
-        &[
-            "VIP",
-            "PROTO",
-            "ACTIVE",
-            "PKT/S",
-            "BIT/S",
-            "NEW/S",
-            "PACKETS",
-            "NEW FLOWS",
-        ],
-        rows,
-    );
-    out += "\n";
-    let backends = data["backends"].as_array().cloned().unwrap_or_default();
-    let rows = backends
-        .iter()
-        .map(|b| {
-            let [pps, bps, nfps] = rates(b, old_backends.get(&backend_key(b)).copied(), seconds);
-            vec![
-                s(b, "vip"),
-                s(b, "address"),
-                s(b, "state"),
-                s(b, "role"),
-                s(b, "weight"),
-                pps,
-                bps,
-                nfps,
-                s(b, "flows"),
-                u(b, "packets").to_string(),
-            ]
-        })
-        .collect();
-    out += &super::table::render(
-        &[
-            "VIP", "BACKEND", "STATE", "ROLE", "WEIGHT", "PKT/S", "BIT/S", "NEW/S", "FLOWS",
-            "PACKETS",
-        ],
-        rows,
-    );
-    out += "\n";
-    // Reasons that saw packets, in the data plane's order.
-    let rows = lb_common::Reason::ALL
-        .iter()
-        .filter_map(|r| {
-            let now = &data["reasons"][r.name()];
-            if u(now, "packets") == 0 {
-                return None;
-            }
-            let old = before.map(|d| &d["reasons"][r.name()]);
-            let [pps, bps, _] = rates(now, old, seconds);
-            Some(vec![
-                r.name().to_string(),
-                pps,
-                bps,
-                u(now, "packets").to_string(),
-            ])
-        })
-        .collect();
-    out += &super::table::render(&["REASON", "PKT/S", "BIT/S", "PACKETS"], rows);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn stats(packets: u64, flows: u64) -> Value {
-        json!({
-            "vips": [{"vip": "10.99.1.1:80", "proto": "tcp", "backends": 2, "active_backends": 2,
+    fn stats(packets: u64, flows: u64) -> StatsView {
+        let backend = |address: &str, state: &str, packets: u64, bytes: u64, flows: u64| {
+            json!({"vip": "10.99.1.1:80", "proto": "tcp", "address": address, "state": state,
+                   "role": "primary", "weight": 1, "backup": false, "drain": state == "draining",
+                   "check": "none", "last_check": null, "last_check_detail": null,
+                   "check_latency_us": null, "mac": null, "ifindex": null, "note": null,
+                   "packets": packets, "bytes": bytes, "new_flows": flows, "flows": flows})
+        };
+        serde_json::from_value(json!({
+            "vips": [{"vip": "10.99.1.1:80", "proto": "tcp", "algo": "rr", "check": "none",
+                      "rate_limit": 0, "burst": 0, "backends": 2, "active_backends": 2,
                       "packets": packets, "bytes": packets * 125, "new_flows": flows}],
             "backends": [
-                {"vip": "10.99.1.1:80", "proto": "tcp", "address": "10.99.0.11", "state": "up",
-                 "role": "primary", "weight": 1, "packets": packets, "bytes": packets * 125,
-                 "new_flows": flows, "flows": flows},
-                {"vip": "10.99.1.1:80", "proto": "tcp", "address": "10.99.0.12", "state": "draining",
-                 "role": "primary", "weight": 1, "packets": 7, "bytes": 700, "new_flows": 1, "flows": 1}
+                backend("10.99.0.11", "up", packets, packets * 125, flows),
+                backend("10.99.0.12", "draining", 7, 700, 1),
             ],
             "reasons": {"forwarded": {"packets": packets + 7, "bytes": 0},
-                        "drop_no_backend": {"packets": 0, "bytes": 0}}
-        })
+                        "drop_no_backend": {"packets": 0, "bytes": 0}},
+            "firewall": []
+        }))
+        .expect("a stats view")
     }
 
     fn row<'a>(screen: &'a str, starts: &str) -> Vec<&'a str> {

@@ -461,14 +461,19 @@ impl Datapath {
         counts
     }
 
-    /// Counters of every slot of a per-CPU counter array, summed over CPUs, by index: one
-    /// batched read, not a syscall per slot.
-    fn sum_all(map: &PerCpuArray<MapData, Counters>) -> Result<Vec<Counters>> {
+    /// Counters of the slots below `upto` of a per-CPU counter array, summed over CPUs,
+    /// by index: batched reads (a few thousand slots a syscall), not a syscall per slot.
+    fn sum_all(map: &PerCpuArray<MapData, Counters>, upto: u32) -> Result<Vec<Counters>> {
         const CHUNK: usize = 4096;
+        if upto == 0 {
+            return Ok(Vec::new());
+        }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?.get() as usize;
         let fd = aya::maps::IterableMap::map(map).fd().as_fd();
+        let chunk = CHUNK.min(upto as usize);
+        let rounds = (upto as usize).div_ceil(chunk);
         let mut out = Vec::new();
-        batch::lookup::<u32, Counters>(fd, CHUNK, cpus, usize::MAX, &mut |keys, values| {
+        batch::lookup::<u32, Counters>(fd, chunk, cpus, rounds, &mut |keys, values| {
             for (i, key) in keys.iter().enumerate() {
                 let sum =
                     values[i * cpus..(i + 1) * cpus]
@@ -637,11 +642,11 @@ impl crate::state::Dataplane for Datapath {
     fn reset_counters(&mut self, id: CounterId) -> Result<()> {
         Datapath::reset_counters(self, id)
     }
-    fn counters(&self) -> Result<crate::state::AllCounters> {
+    fn counters(&self, in_use: crate::state::InUse) -> Result<crate::state::AllCounters> {
         Ok(crate::state::AllCounters {
-            vips: Self::sum_all(&self.vip_stats)?,
-            backends: Self::sum_all(&self.backend_stats)?,
-            rules: Self::sum_all(&self.firewall_stats)?,
+            vips: Self::sum_all(&self.vip_stats, in_use.vips)?,
+            backends: Self::sum_all(&self.backend_stats, in_use.backends)?,
+            rules: Self::sum_all(&self.firewall_stats, in_use.rules)?,
             reasons: self.reason_counters()?,
         })
     }

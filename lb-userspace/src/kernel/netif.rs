@@ -59,6 +59,9 @@ impl From<std::result::Result<L2Path, Unresolved>> for Reach {
     }
 }
 
+/// What the kernel said of reaching one backend.
+pub type Resolved = std::result::Result<L2Path, Unresolved>;
+
 /// Route lookups in flight at once while resolving many backends: netlink requests are
 /// answered in order, so pipelining hides the round trips.
 const ROUTE_LOOKUPS_IN_FLIGHT: usize = 128;
@@ -196,7 +199,7 @@ impl Netif {
     /// Resolves many backends at once: one neighbour dump, one link query per interface
     /// and the route lookups pipelined. What the kernel does not know yet it is asked to
     /// resolve (see `provoke_resolution`), so a later pass finds it.
-    pub async fn resolve_many(&self, addrs: &[IpAddr]) -> Result<HashMap<IpAddr, Reach>> {
+    pub async fn resolve_many(&self, addrs: &[IpAddr]) -> Result<HashMap<IpAddr, Resolved>> {
         use futures::StreamExt as _;
         if addrs.is_empty() {
             return Ok(HashMap::new());
@@ -219,7 +222,7 @@ impl Netif {
             let ifindex = match route? {
                 Ok(i) => i,
                 Err(why) => {
-                    out.insert(addr, Err(why).into());
+                    out.insert(addr, Err(why));
                     continue;
                 }
             };
@@ -246,7 +249,7 @@ impl Netif {
                     Err(Unresolved::NoNeighbour { ifindex })
                 }
             };
-            out.insert(addr, reach.into());
+            out.insert(addr, reach);
         }
         Ok(out)
     }

@@ -36,6 +36,14 @@ impl AllCounters {
     }
 }
 
+/// One past the highest id in use of each kind: how much of each counter array to read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InUse {
+    pub vips: u32,
+    pub backends: u32,
+    pub rules: u32,
+}
+
 /// What an earlier agent left in pinned maps.
 #[derive(Clone, Debug, Default)]
 pub struct Pinned {
@@ -59,7 +67,8 @@ pub trait Dataplane {
     fn set_firewall_rule(&mut self, net: &IpNet, rule_id: u32) -> Result<()>;
     fn del_firewall_rule(&mut self, net: &IpNet) -> Result<()>;
     fn reset_counters(&mut self, id: CounterId) -> Result<()>;
-    fn counters(&self) -> Result<AllCounters>;
+    /// The counters of the ids below `in_use`'s, and every reason's.
+    fn counters(&self, in_use: InUse) -> Result<AllCounters>;
 }
 
 /// A data plane in memory, for unit tests: what the maps would hold.
@@ -133,7 +142,7 @@ impl Dataplane for Fake {
         self.resets.push(id);
         Ok(())
     }
-    fn counters(&self) -> Result<AllCounters> {
+    fn counters(&self, _: InUse) -> Result<AllCounters> {
         Ok(self.counters.clone())
     }
 }

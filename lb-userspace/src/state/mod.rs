@@ -24,7 +24,7 @@ use lb_common::{
 use tokio::{sync::mpsc, task::JoinHandle};
 
 pub use apply::{Change, Plan};
-pub use dataplane::{AllCounters, CounterId, Dataplane, Fake, Pinned};
+pub use dataplane::{AllCounters, CounterId, Dataplane, Fake, InUse, Pinned};
 
 use crate::{
     config::{BackendConfig, Config, FirewallConfig, VipConfig},
@@ -197,9 +197,14 @@ impl<D: Dataplane> State<D> {
         &mut self.dp
     }
 
-    /// Every counter the data plane keeps.
+    /// The counters of every VIP, backend and drop rule there is, and every reason's.
     pub fn counters(&self) -> Result<AllCounters> {
-        self.dp.counters()
+        let next = |ids: &mut dyn Iterator<Item = u32>| ids.max().map_or(0, |id| id + 1);
+        self.dp.counters(InUse {
+            vips: next(&mut self.vips.iter().map(|v| v.id)),
+            backends: next(&mut self.vips.iter().flat_map(|v| &v.backends).map(|b| b.id)),
+            rules: next(&mut self.rules.iter().map(|(_, id)| *id)),
+        })
     }
 
     pub fn vips(&self) -> &[VipState] {
