@@ -545,9 +545,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
             } else if kind == std::mem::discriminant(&Request::Status) {
-                let view: crate::api::views::StatusView = serde_json::from_value(data)
-                    .map_err(|e| anyhow::anyhow!("unreadable answer from the agent: {e}"))?;
-                print!("{}", status::render(&view));
+                print!("{}", status::render(&typed(data)?));
             } else if kind == std::mem::discriminant(&Request::Stats) {
                 print!("{}", table::stats(&typed(data)?));
             } else if kind == std::mem::discriminant(&Request::VipList) {
