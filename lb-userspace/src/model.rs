@@ -526,7 +526,7 @@ pub fn maglev_ring(members: &[RingMember], size: u32) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::{FAMILY_V4, FAMILY_V6};
+    use lb_common::FAMILY_V4;
 
     use super::*;
 
@@ -619,15 +619,7 @@ mod tests {
         assert_eq!(key.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
         assert_eq!(key.port.to_ne_bytes(), [0, 80]);
         assert_eq!((key.proto, key.family), (PROTO_UDP, FAMILY_V4));
-        let (a6, f6) = addr_to_map("fd00::1".parse().unwrap());
-        assert_eq!(f6, FAMILY_V6);
-        assert_eq!(a6[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
-        assert_eq!(a6[3].to_ne_bytes(), [0, 0, 0, 1]);
-        for ip in ["10.1.2.3", "fd00::1", "2001:db8:1:2:3:4:5:6"] {
-            let ip: IpAddr = ip.parse().unwrap();
-            let (a, f) = addr_to_map(ip);
-            assert_eq!(addr_from_map(a, f), ip);
-        }
+        // The address words themselves: lb_common::addr's tests.
     }
 
     #[test]
