@@ -758,7 +758,7 @@ fn contention(opts: &Options, baselines: &Baselines) -> Result<Vec<Row>> {
         .collect())
 }
 
-fn pin_to_cpu(cpu: usize) -> Result<()> {
+pub(crate) fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; the calls only write into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     unsafe { libc::CPU_SET(cpu, &mut set) };

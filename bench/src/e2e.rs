@@ -236,6 +236,8 @@ fn packets(
         ));
     }
 
+    live_many_flows(bed, opts, progress, report, &progs[..2], lb_mac, lb_ifindex)?;
+
     // ---- public generators ----
     let through_lb = frame.clone();
     let direct = udp_frame(bed, b1_mac, 5000)?;
@@ -293,6 +295,141 @@ fn live(
         bpf::test_run_live(prog, frame, ifindex, frames, 64).context("live-frames test run")?;
         Ok(t.elapsed())
     })
+}
+
+/// Flows of the many-flows live-frames runs (distinct source ports), split between CPUs.
+const MANY_FLOWS: u16 = 2_000;
+/// Frames per BPF_PROG_TEST_RUN call in those runs: one call sends one flow's frame.
+const FRAMES_PER_FLOW_CALL: u32 = 256;
+
+/// Live frames of many flows, from one CPU and from both at once: each thread pinned to
+/// its CPU sends its own flows in turn (one call per flow), so lb's flow table, its LRU and
+/// the veth's transmit queue are shared by two CPUs as on a NIC with two RX queues. lb and
+/// the bare XDP_REDIRECT program, interleaved; frames run per second summed over threads,
+/// and what reached the backend.
+fn live_many_flows(
+    bed: &Testbed,
+    opts: &Options,
+    progress: &mut dyn FnMut(&str),
+    report: &mut Report,
+    progs: &[(&str, std::os::fd::BorrowedFd<'_>)],
+    lb_mac: [u8; 6],
+    lb_ifindex: u32,
+) -> Result<()> {
+    progress("end to end: live frames, 2,000 flows on one CPU and on both (lb, bare XDP_REDIRECT)");
+    let flows = (0..MANY_FLOWS)
+        .map(|i| udp_frame(bed, lb_mac, 10_000 + i))
+        .collect::<Result<Vec<_>>>()?;
+    // Every flow is made once before timing, so the runs measure established flows.
+    let cpus_all = [0usize, 1];
+    live_flows(
+        bed,
+        progs[0].1,
+        &flows,
+        lb_ifindex,
+        &cpus_all,
+        1,
+        Duration::ZERO,
+    )?;
+    let configs: [(&str, &[usize]); 2] = [("1 CPU", &cpus_all[..1]), ("2 CPUs at once", &cpus_all)];
+    let mut ran = vec![vec![Vec::new(); progs.len()]; configs.len()];
+    let mut arrived = vec![vec![Vec::new(); progs.len()]; configs.len()];
+    for _ in 0..opts.reps {
+        for (c, (_, cpus)) in configs.iter().enumerate() {
+            for (k, (_, prog)) in progs.iter().enumerate() {
+                let mut frames = 0;
+                let (n, took) = received(bed, || {
+                    let (f, took) = live_flows(
+                        bed,
+                        *prog,
+                        &flows,
+                        lb_ifindex,
+                        cpus,
+                        FRAMES_PER_FLOW_CALL,
+                        opts.window,
+                    )?;
+                    frames = f;
+                    Ok(took)
+                })?;
+                ran[c][k].push(frames as f64 / took.as_secs_f64());
+                arrived[c][k].push(n as f64 / took.as_secs_f64());
+            }
+        }
+    }
+    for (group, values) in [
+        (
+            "live frames, 2,000 flows: frames run and transmitted per second",
+            &ran,
+        ),
+        (
+            "live frames, 2,000 flows: packets/s at the backend",
+            &arrived,
+        ),
+    ] {
+        for (c, (cpus, _)) in configs.iter().enumerate() {
+            let base = median(&values[c][1]);
+            for (k, (name, _)) in progs.iter().enumerate() {
+                let v = median(&values[c][k]);
+                report.packets.push(Rate {
+                    group: group.into(),
+                    what: format!("{name}, {cpus}"),
+                    value: v,
+                    samples: values[c][k].clone(),
+                    versus: Some((format!("bare XDP_REDIRECT, {cpus}"), v / base)),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends `flows` in turn, `frames` live frames per call, from one thread per CPU of `cpus`
+/// (thread t takes every len(cpus)-th flow from t) until `window` ends or every thread has
+/// made 1,000,000 calls; the frames run in all and the time taken.
+fn live_flows(
+    bed: &Testbed,
+    prog: std::os::fd::BorrowedFd<'_>,
+    flows: &[Vec<u8>],
+    ifindex: u32,
+    cpus: &[usize],
+    frames: u32,
+    window: Duration,
+) -> Result<(u64, Duration)> {
+    let started = Instant::now();
+    let deadline = started + window;
+    let ran = std::thread::scope(|s| {
+        let threads: Vec<_> = cpus
+            .iter()
+            .enumerate()
+            .map(|(t, &cpu)| {
+                s.spawn(move || {
+                    netns::run_in(&bed.lb.ns, || {
+                        crate::dataplane::pin_to_cpu(cpu)?;
+                        let mine = flows.iter().skip(t).step_by(cpus.len());
+                        let mut ran = 0u64;
+                        // One pass at least (the warm-up relies on it), then until the deadline.
+                        for (i, frame) in mine.clone().cycle().take(1_000_000).enumerate() {
+                            if i >= mine.len() && Instant::now() >= deadline {
+                                break;
+                            }
+                            bpf::test_run_live(prog, frame, ifindex, frames, 64)
+                                .context("live-frames test run")?;
+                            ran += u64::from(frames);
+                        }
+                        Ok(ran)
+                    })
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow!("a live-frames thread panicked"))?
+            })
+            .sum::<Result<u64>>()
+    })?;
+    Ok((ran, started.elapsed()))
 }
 
 fn trafgen_config(dir: &Path, name: &str, frame: &[u8]) -> Result<std::path::PathBuf> {

@@ -46,13 +46,17 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 /// The XDP action and the reason it is counted under, or the reason of a pass or drop.
 ///
-/// An established flow costs one hash lookup: the flow table is consulted before the drop
-/// list and the VIP tables, which only new flows and traffic that is not balanced need. The
-/// drop list still stops established flows: the agent removes a source's flows when it adds
-/// a rule for it (`Datapath::set_firewall_rule`).
+/// An established flow costs one hash lookup: the flow table is consulted before the VIP
+/// tables, which only new flows and traffic that is not balanced need, and the drop list's
+/// tries are searched only for a source that the drop filter says may be in a rule; for
+/// such a source they come first, so a rule stops its established flows and a listed
+/// source's packet costs no flow lookup.
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let mut pkt = parse::ip(ctx)?;
+    if policy::maybe_listed_source(&pkt.flow) {
+        policy::firewall(&pkt.flow, pkt.len)?;
+    }
     // Ports and flags; what is wrong with them matters only for a VIP address (below).
     let transport = parse::transport(ctx, &mut pkt);
     let maybe_vip = policy::maybe_vip_address(&pkt.flow);
@@ -64,7 +68,6 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     {
         return forward(ctx, &pkt, backend.vip_id, backend_id, backend);
     }
-    policy::firewall(&pkt.flow, pkt.len)?;
     if !maybe_vip {
         return Err(Reason::PassNotVip);
     }

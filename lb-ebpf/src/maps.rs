@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, FlowKey, FlowValue, MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS,
-    MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT, RING_SLAB_LEN, RateKey,
+    Backend, Counters, DROP_FILTER_WORDS, FlowKey, FlowValue, MAX_BACKENDS, MAX_FIREWALL_RULES,
+    MAX_FLOWS, MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT, RING_SLAB_LEN, RateKey,
     VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
 
@@ -40,6 +40,8 @@ pub static FIREWALL_V4: LpmTrie<[u8; 4], u32> =
 #[map]
 pub static FIREWALL_V6: LpmTrie<[u8; 16], u32> =
     LpmTrie::with_max_entries(MAX_FIREWALL_RULES, BPF_F_NO_PREALLOC);
+#[map]
+pub static DROP_FILTER: Array<u64> = Array::with_max_entries(DROP_FILTER_WORDS, 0);
 #[map]
 pub static FIREWALL_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(MAX_FIREWALL_RULES, 0);

@@ -3,13 +3,15 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
-    FAMILY_V4, FlowKey, RateKey, Reason, VipAddr, VipKey, VipMeta, vip_addr_filter_slot,
+    FAMILY_V4, FlowKey, RateKey, Reason, VipAddr, VipKey, VipMeta, drop_filter_slot,
+    vip_addr_filter_slot,
 };
 
 use crate::{
     count,
     maps::{
-        FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, VIP_ADDR_FILTER, VIP_ADDRS, VIPS,
+        DROP_FILTER, FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, VIP_ADDR_FILTER,
+        VIP_ADDRS, VIPS,
     },
 };
 
@@ -35,6 +37,16 @@ pub fn firewall(flow: &FlowKey, frame_len: u64) -> Result<(), Reason> {
         }
         None => Ok(()),
     }
+}
+
+/// Whether the source may be in a drop rule: one array read. A clear bit means certainly
+/// not (the agent sets the bit of every source a rule covers before it writes the rule), so
+/// the packet skips the LPM tries; a set bit sends it to `firewall` before anything else,
+/// its flow included, which is how a rule stops the established flows of its sources.
+#[inline(always)]
+pub fn maybe_listed_source(flow: &FlowKey) -> bool {
+    let (word, bit) = drop_filter_slot(flow.family, &flow.src);
+    DROP_FILTER.get(word).is_none_or(|w| w & bit != 0)
 }
 
 /// Whether the destination may be a VIP address: one array read. A clear bit means

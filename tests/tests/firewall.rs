@@ -114,6 +114,62 @@ fn a_rule_added_later_stops_the_established_flows_of_its_sources() {
     assert_eq!(fx.dp.firewall_counters(9).unwrap().packets, 1);
 }
 
+/// The drop filter sends a packet to the drop list before its flow only when its source's
+/// bit (an IPv4 /16, a hashed IPv6 /32) is set: a rule wider than a bit sets all of its
+/// bits, an IPv6 rule wider than /16 sets every bit (unlisted flows still go on), and
+/// removing a rule keeps the bits another rule needs.
+#[test]
+fn drop_rules_of_any_width_stop_flows_and_removed_ones_let_them_go() {
+    let mut fx = four_vips();
+    let wide4 = Pkt::tcp(sa("172.31.200.7:4000"), vip4(80));
+    let gone4 = Pkt::tcp(sa("192.168.1.7:4000"), vip4(80));
+    let twin4 = Pkt::tcp(sa("192.168.2.7:4000"), vip4(80));
+    let wide6 = Pkt::udp(sa("[3fff:fff::5]:4000"), vip6(53));
+    let other6 = Pkt::udp(sa("[2001:db8::5]:4000"), vip6(53));
+    fx.run_all(&[
+        Case::new("wide v4, first", wide4.build(), Expect::tx(0, 1, true)),
+        Case::new("gone v4, first", gone4.build(), Expect::tx(0, 1, true)),
+        Case::new("twin v4, first", twin4.build(), Expect::tx(0, 1, true)),
+        Case::new("wide v6, first", wide6.build(), Expect::tx(3, 4, true)),
+        Case::new("other v6, first", other6.build(), Expect::tx(3, 4, true)),
+    ]);
+    fx.dp.set_firewall_rule(&net("172.16.0.0/12"), 1).unwrap();
+    fx.dp.set_firewall_rule(&net("192.168.1.0/24"), 2).unwrap();
+    fx.dp.set_firewall_rule(&net("192.168.2.0/24"), 3).unwrap();
+    fx.dp.set_firewall_rule(&net("3ff0::/12"), 4).unwrap();
+    let fw = Expect::Drop(Reason::DropFirewall);
+    fx.run_all(&[
+        Case::new("wide v4, listed", wide4.build(), fw),
+        Case::new("gone v4, listed", gone4.build(), fw),
+        Case::new("twin v4, listed", twin4.build(), fw),
+        Case::new("wide v6, listed", wide6.build(), fw),
+        Case::new(
+            "other v6 beside a rule wider than /16",
+            other6.build(),
+            Expect::tx(3, 4, false),
+        ),
+    ]);
+    fx.dp.del_firewall_rule(&net("192.168.1.0/24")).unwrap();
+    fx.dp.del_firewall_rule(&net("3ff0::/12")).unwrap();
+    fx.run_all(&[
+        // Their flows ended with the rule: the next packet makes a new one.
+        Case::new(
+            "gone v4, rule removed",
+            gone4.build(),
+            Expect::tx(0, 1, true),
+        ),
+        Case::new(
+            "wide v6, rule removed",
+            wide6.build(),
+            Expect::tx(3, 4, true),
+        ),
+        Case::new("twin v4, its rule kept", twin4.build(), fw),
+        Case::new("wide v4, its rule kept", wide4.build(), fw),
+    ]);
+    let hits = |id| fx.dp.firewall_counters(id).unwrap().packets;
+    assert_eq!((hits(1), hits(2), hits(3), hits(4)), (2, 1, 2, 1));
+}
+
 #[test]
 fn a_vip_address_answers_only_on_its_services() {
     let mut fx = four_vips();

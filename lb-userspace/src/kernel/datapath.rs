@@ -20,8 +20,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use lb_common::{
-    Backend, Counters, FAMILY_V4, FlowKey, FlowValue, PROGRAM_NAME, REASON_COUNT,
-    VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta, maps, vip_addr_filter_slot,
+    Backend, Counters, DROP_FILTER_WORDS, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, PROGRAM_NAME,
+    REASON_COUNT, VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta, drop_filter_mark, maps,
+    vip_addr_filter_slot,
 };
 
 use super::batch;
@@ -45,6 +46,7 @@ pub struct Datapath {
     firewall_v4: LpmTrie<MapData, [u8; 4], u32>,
     firewall_v6: LpmTrie<MapData, [u8; 16], u32>,
     firewall_stats: PerCpuArray<MapData, Counters>,
+    drop_filter: Array<MapData, u64>,
     links: Vec<XdpLinkId>,
     /// Whether the flow table may hold flows: not before the program first runs on maps
     /// this agent created, so rules applied at start skip the walk of an empty table.
@@ -99,6 +101,7 @@ impl Datapath {
             firewall_v4: take(&mut ebpf, maps::FIREWALL_V4)?,
             firewall_v6: take(&mut ebpf, maps::FIREWALL_V6)?,
             firewall_stats: take(&mut ebpf, maps::FIREWALL_STATS)?,
+            drop_filter: take(&mut ebpf, maps::DROP_FILTER)?,
             ebpf,
             links: Vec::new(),
             flows_possible: false,
@@ -135,6 +138,7 @@ impl Datapath {
         datapath.flows_possible = datapath.adopted_state();
         // Pins made before the filter existed have VIP addresses but no filter yet.
         datapath.write_vip_addr_filter()?;
+        datapath.write_drop_filter(None)?;
         Ok(datapath)
     }
 
@@ -340,6 +344,7 @@ impl Datapath {
                 .get(&LpmKey::new(n.prefix_len() as u32, n.network().octets()), 0)
                 .is_ok(),
         };
+        self.write_drop_filter(Some(net))?;
         match net {
             IpNet::V4(n) => self.firewall_v4.insert(
                 &LpmKey::new(n.prefix_len() as u32, n.network().octets()),
@@ -392,7 +397,50 @@ impl Datapath {
                 .firewall_v6
                 .remove(&LpmKey::new(n.prefix_len() as u32, n.network().octets())),
         }
-        .with_context(|| format!("deleting the drop rule {net}"))
+        .with_context(|| format!("deleting the drop rule {net}"))?;
+        self.write_drop_filter(None)
+    }
+
+    /// Sets the drop filter's bits for the rule `added` (before it is written, so that the
+    /// filter covers every rule at every moment), or, given None, rewrites the filter from
+    /// the rules in the tries (rules may share a bit, so a removal cannot clear one).
+    fn write_drop_filter(&mut self, added: Option<&IpNet>) -> Result<()> {
+        let mut words = [0u64; DROP_FILTER_WORDS as usize];
+        let rules = match added {
+            Some(net) => vec![*net],
+            None => self
+                .firewall_entries()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect(),
+        };
+        for net in rules {
+            let (family, addr) = match net {
+                IpNet::V4(n) => (
+                    FAMILY_V4,
+                    [u32::from_ne_bytes(n.network().octets()), 0, 0, 0],
+                ),
+                IpNet::V6(n) => {
+                    let o = n.network().octets();
+                    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                    (FAMILY_V6, [w(0), w(4), w(8), w(12)])
+                }
+            };
+            drop_filter_mark(&mut words, family, &addr, net.prefix_len().into());
+        }
+        for (i, want) in (0..).zip(words) {
+            if added.is_some() && want == 0 {
+                continue;
+            }
+            let old = self.drop_filter.get(&i, 0).context("reading DROP_FILTER")?;
+            let new = if added.is_some() { old | want } else { want };
+            if new != old {
+                self.drop_filter
+                    .set(i, &new, 0)
+                    .context("writing DROP_FILTER")?;
+            }
+        }
+        Ok(())
     }
 
     /// Every drop rule in the maps with its id, for adopting pinned state.
