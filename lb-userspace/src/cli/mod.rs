@@ -472,26 +472,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 false,
             )
         }
-        Command::Backend(BackendCommand::Drain(target)) => {
+        Command::Backend(
+            BackendCommand::Drain(ref target) | BackendCommand::Undrain(ref target),
+        ) => {
+            let drain = matches!(cli.command, Command::Backend(BackendCommand::Drain(_)));
             let (vip, proto, backend) = target.parse()?;
             (
                 Request::BackendDrain {
                     vip,
                     proto,
                     backend,
-                    drain: true,
-                },
-                false,
-            )
-        }
-        Command::Backend(BackendCommand::Undrain(target)) => {
-            let (vip, proto, backend) = target.parse()?;
-            (
-                Request::BackendDrain {
-                    vip,
-                    proto,
-                    backend,
-                    drain: false,
+                    drain,
                 },
                 false,
             )
