@@ -369,23 +369,7 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         // ---- the config file at start ----
         let cfg = Config {
             firewall: Default::default(),
-            vips: vec![VipConfig {
-                address: vip,
-                proto: Proto::Tcp,
-                algo: Algo::Rr,
-                check: CheckSpec::default(),
-                rate_limit: 0,
-                burst: 0,
-                backends: (0..count)
-                    .map(|i| BackendConfig {
-                        address: fake_backend(i),
-                        weight: 1,
-                        backup: false,
-                        drain: false,
-                        check: None,
-                    })
-                    .collect(),
-            }],
+            vips: vec![one_vip_config(vip, 0..count)],
         };
         let path = dir.join(format!("start-{count}.toml"));
         cfg.save(&path)?;

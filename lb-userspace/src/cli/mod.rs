@@ -223,6 +223,21 @@ struct VipSettings {
     burst: Option<u32>,
 }
 
+impl VipSettings {
+    /// `vip add` and `vip set` send the same spec; the agent reads what is absent as the
+    /// default (add) or as unchanged (set).
+    fn spec(self) -> Result<VipSpec> {
+        Ok(VipSpec {
+            vip: model::parse_vip_addr(&self.vip.vip)?,
+            proto: self.vip.proto,
+            algo: self.algo,
+            check: self.check.patch(),
+            rate_limit: self.rate_limit,
+            burst: self.burst,
+        })
+    }
+}
+
 #[derive(Args)]
 struct BackendArg {
     #[command(flatten)]
@@ -401,28 +416,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 metrics: metrics.0,
             }));
         }
-        Command::Vip(VipCommand::Add(v)) => (
-            Request::VipAdd(VipSpec {
-                vip: model::parse_vip_addr(&v.vip.vip)?,
-                proto: v.vip.proto,
-                algo: v.algo,
-                check: v.check.patch(),
-                rate_limit: v.rate_limit,
-                burst: v.burst,
-            }),
-            false,
-        ),
-        Command::Vip(VipCommand::Set(v)) => (
-            Request::VipSet(VipSpec {
-                vip: model::parse_vip_addr(&v.vip.vip)?,
-                proto: v.vip.proto,
-                algo: v.algo,
-                check: v.check.patch(),
-                rate_limit: v.rate_limit,
-                burst: v.burst,
-            }),
-            false,
-        ),
+        Command::Vip(VipCommand::Add(v)) => (Request::VipAdd(v.spec()?), false),
+        Command::Vip(VipCommand::Set(v)) => (Request::VipSet(v.spec()?), false),
         Command::Vip(VipCommand::Del(v)) => (
             Request::VipDel {
                 vip: model::parse_vip_addr(&v.vip)?,
