@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -56,17 +56,7 @@ fn mysql_check_logs_in_with_the_check_user() {
     let _serial = serial();
     let bed = bed(1);
     let (mut primary, _) = ok(mariadb_pair(&bed, false));
-    let good = ok(credentials_file(
-        &bed,
-        "good",
-        CHECK_USER,
-        CHECK_PASSWORD,
-        None,
-        0o600,
-    ));
-    let wrong = ok(credentials_file(
-        &bed, "wrong", CHECK_USER, "nope", None, 0o600,
-    ));
+    let (good, wrong) = good_and_wrong_credentials(&bed, None);
     let target = primary.addr();
 
     let detail = up(&bed, &spec("mysql", &good), target);
@@ -177,17 +167,7 @@ fn pgsql_check_logs_in_with_the_check_user() {
     let bed = bed(1);
     let mut pg = ok(start_postgres(&bed, &bed.backends[0]));
     let db = Some("postgres");
-    let good = ok(credentials_file(
-        &bed,
-        "good",
-        CHECK_USER,
-        CHECK_PASSWORD,
-        db,
-        0o600,
-    ));
-    let wrong = ok(credentials_file(
-        &bed, "wrong", CHECK_USER, "nope", db, 0o600,
-    ));
+    let (good, wrong) = good_and_wrong_credentials(&bed, db);
     let target = pg.addr();
 
     let detail = up(&bed, &spec("pgsql", &good), target);
@@ -453,4 +433,20 @@ fn exec_check_run_by_the_agent_follows_the_script() {
     assert_eq!(detail, format!("exit 1: flagged {b1}"));
     std::fs::remove_file(&flag).unwrap();
     states([(&b1, "up"), (&b2, "up")]);
+}
+
+/// Root-only credential files for the check user: its real password, and a wrong one.
+fn good_and_wrong_credentials(bed: &Testbed, db: Option<&str>) -> (PathBuf, PathBuf) {
+    let good = ok(credentials_file(
+        bed,
+        "good",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        db,
+        0o600,
+    ));
+    let wrong = ok(credentials_file(
+        bed, "wrong", CHECK_USER, "nope", db, 0o600,
+    ));
+    (good, wrong)
 }
