@@ -266,7 +266,7 @@ pub struct Reach {
 
 /// Hands out small integer ids (VIP and backend slots in the BPF arrays), reusing freed
 /// ones, and counts how often each was handed out so stale references can be recognised.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct IdPool {
     /// Free ids, lowest last so they are handed out in order.
     free: Vec<u32>,
@@ -320,7 +320,7 @@ impl IdPool {
 }
 
 /// First-fit allocator over the ring slab (`lb_common::RING_SLAB_LEN` entries).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SlabAllocator {
     /// Free extents as (offset, length), sorted by offset, never adjacent.
     free: Vec<(u32, u32)>,

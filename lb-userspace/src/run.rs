@@ -50,6 +50,7 @@ pub async fn run(opts: Options) -> Result<()> {
     for iface in &opts.ifaces {
         kernel::netif::index(iface)?;
     }
+    raise_open_file_limit();
     let config = Config::load(&opts.config)?;
     let listener = server::bind(&opts.socket)?;
     let metrics_listener = match opts.metrics {
@@ -132,6 +133,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
+    tasks.push(tokio::spawn(crate::api::remove_departed(agent.clone())));
 
     // The watchdog pings only while the agent's lock can be taken: a stuck agent is restarted.
     let watchdog = crate::service::spawn_watchdog({
@@ -179,6 +181,17 @@ pub async fn run(opts: Options) -> Result<()> {
         log::info!("detached; bye");
     }
     Ok(())
+}
+
+/// Health checks hold a socket each while in flight: many slow backends need many.
+fn raise_open_file_limit() {
+    match health::fds::raise_open_file_limit() {
+        Ok((before, after)) if before != after => {
+            log::info!("open file limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("raising the open file limit: {e}"),
+    }
 }
 
 /// SIGHUP: the configuration file again, through the same path as `lb apply`. A bad file

@@ -8,6 +8,7 @@ mod apply;
 mod dataplane;
 #[cfg(test)]
 mod tests;
+mod undo;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -25,6 +26,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 pub use apply::{Change, Plan};
 pub use dataplane::{AllCounters, CounterId, Dataplane, Fake, InUse, Pinned};
+pub use undo::Undo;
 
 use crate::{
     config::{BackendConfig, Config, FirewallConfig, VipConfig},
@@ -41,6 +43,7 @@ const INITIAL_RING_CAPACITY: u32 = 64;
 /// ring or backend just before a flip never sees them repurposed.
 const QUARANTINE: Duration = Duration::from_millis(500);
 
+#[derive(Clone)]
 pub struct BackendState {
     pub addr: IpAddr,
     pub id: u32,
@@ -51,21 +54,29 @@ pub struct BackendState {
     pub weight: u32,
     pub backup: bool,
     pub drain: bool,
+    /// Being deleted gracefully (`lb backend del`): takes no new flows, and is removed
+    /// when its flows end or at this unix time (seconds), whichever comes first.
+    pub leaving_until: Option<u64>,
     /// Replaces the VIP's check for this backend.
     pub check: Option<CheckSpec>,
     pub health: Health,
-    checker: Option<JoinHandle<()>>,
 }
 
 impl BackendState {
     /// May take new flows.
     pub fn eligible(&self) -> bool {
-        self.l2.is_some() && self.health.up && !self.drain && self.weight > 0
+        self.l2.is_some()
+            && self.health.up
+            && !self.drain
+            && self.leaving_until.is_none()
+            && self.weight > 0
     }
 
-    /// `unresolved`, `down`, `draining` or `up`, as `lb backend list` says.
+    /// `leaving`, `unresolved`, `down`, `draining` or `up`, as `lb backend list` says.
     pub fn state(&self) -> &'static str {
-        if self.l2.is_none() {
+        if self.leaving_until.is_some() {
+            "leaving"
+        } else if self.l2.is_none() {
             "unresolved"
         } else if !self.health.up {
             "down"
@@ -82,16 +93,24 @@ impl BackendState {
             weight: self.weight,
             backup: self.backup,
             drain: self.drain,
+            leaving_until: self.leaving_until,
             check: self.check.clone(),
         }
     }
 }
 
-impl Drop for BackendState {
+/// A backend's running health checker, with what it checks: restarted when that changes.
+struct Checker {
+    generation: u32,
+    addr: IpAddr,
+    port: u16,
+    spec: CheckSpec,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Checker {
     fn drop(&mut self) {
-        if let Some(c) = self.checker.take() {
-            c.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -121,6 +140,21 @@ impl VipState {
         b.eligible() && b.backup != primaries
     }
 
+    /// A copy to go back to, without what was written to the ring regions (the regions
+    /// may be written after the copy is taken).
+    fn snapshot(&self) -> VipState {
+        VipState {
+            service: self.service,
+            id: self.id,
+            algo: self.algo,
+            check: self.check.clone(),
+            rate: self.rate,
+            backends: self.backends.clone(),
+            rings: self.rings,
+            written: Default::default(),
+        }
+    }
+
     fn config(&self) -> VipConfig {
         VipConfig {
             address: self.service.addr,
@@ -134,6 +168,7 @@ impl VipState {
     }
 }
 
+#[derive(Clone)]
 enum Retired {
     Rings(RingRegions),
     Extent(u32, u32),
@@ -143,7 +178,7 @@ enum Retired {
 }
 
 /// What an earlier agent left in pinned maps, looked up while the configuration is applied.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Adoption {
     vips: HashMap<lb_common::VipKey, VipMeta>,
     backends: HashMap<(u32, IpAddr), (u32, Backend)>,
@@ -165,6 +200,9 @@ pub struct State<D> {
     retired: Vec<(Instant, Retired)>,
     /// Where health checkers send results; None runs no checkers (unit tests).
     reports: Option<mpsc::Sender<health::Report>>,
+    /// By backend id; started and stopped only once a change is made (`change`), so an
+    /// undone change leaves the checkers as they were.
+    checkers: HashMap<u32, Checker>,
     adoption: Adoption,
     /// Bumped by every change, so configuration writes can be put in order.
     version: u64,
@@ -184,6 +222,7 @@ impl<D: Dataplane> State<D> {
             tx_ports: Vec::new(),
             retired: Vec::new(),
             reports,
+            checkers: HashMap::new(),
             adoption: Adoption::default(),
             version: 0,
         }
@@ -412,6 +451,7 @@ impl<D: Dataplane> State<D> {
             weight: weight.unwrap_or(b.weight),
             backup: backup.unwrap_or(b.backup),
             drain: b.drain,
+            leaving_until: b.leaving_until,
             check,
         };
         self.update_backend(vi, bi, &config)?;
@@ -426,6 +466,33 @@ impl<D: Dataplane> State<D> {
         };
         self.update_backend(vi, bi, &config)?;
         self.rebuild_ring(vi)
+    }
+
+    /// Deletes a backend gracefully: no new flows from now on; `remove_departed` removes
+    /// it when its flows end or at `until` (unix seconds).
+    pub fn leave_backend(&mut self, service: &Service, addr: IpAddr, until: u64) -> Result<()> {
+        let (vi, bi) = self.backend_index(service, addr)?;
+        let config = BackendConfig {
+            leaving_until: Some(until),
+            ..self.vips[vi].backends[bi].config()
+        };
+        self.update_backend(vi, bi, &config)?;
+        self.rebuild_ring(vi)
+    }
+
+    /// The backends leaving (see `leave_backend`): VIP, address, id and generation, and
+    /// whether they are due to go whatever their flows (the time is up, or they are down
+    /// or unresolved, so their flows move anyway).
+    pub fn leaving(&self, now: u64) -> Vec<(Service, IpAddr, (u32, u32), bool)> {
+        self.vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(move |b| (v, b)))
+            .filter_map(|(v, b)| {
+                let until = b.leaving_until?;
+                let due = until <= now || !b.health.up || b.l2.is_none();
+                Some((v.service, b.addr, (b.id, b.generation), due))
+            })
+            .collect()
     }
 
     pub fn del_backend(&mut self, service: &Service, addr: IpAddr) -> Result<()> {
@@ -501,8 +568,8 @@ impl<D: Dataplane> State<D> {
         self.version += 1;
         if check_changed {
             for bi in 0..self.vips[vi].backends.len() {
-                if self.vips[vi].backends[bi].check.is_none() {
-                    self.restart_checker(vi, bi)?;
+                if self.vips[vi].backends[bi].check.is_none() && self.restart_health(vi, bi) {
+                    self.write_backend(vi, bi)?;
                 }
             }
         }
@@ -558,20 +625,15 @@ impl<D: Dataplane> State<D> {
             weight: config.weight,
             backup: config.backup,
             drain: config.drain,
+            leaving_until: config.leaving_until,
             check: config.check.clone(),
-            health: Health::default(),
-            checker: None,
+            health: Health::restarted(!was_down),
         });
         self.version += 1;
         let bi = self.vips[vi].backends.len() - 1;
-        self.restart_checker(vi, bi)?;
         // A restart keeps a backend that was down out of rotation until `rise` good checks
-        // (unless it has no check any more, which would leave it down for good), instead of
-        // sending new flows to a dead backend until `fall` checks find out again.
-        let b = &mut self.vips[vi].backends[bi];
-        if was_down && b.checker.is_some() {
-            b.health.up = false;
-        }
+        // instead of sending new flows to a dead backend until `fall` checks find out again.
+        self.restart_health(vi, bi);
         self.write_backend(vi, bi)
     }
 
@@ -585,11 +647,12 @@ impl<D: Dataplane> State<D> {
         b.weight = config.weight;
         b.backup = config.backup;
         b.drain = config.drain;
+        b.leaving_until = config.leaving_until;
         let check_changed = b.check != config.check;
         b.check = config.check.clone();
         self.version += 1;
         if check_changed {
-            self.restart_checker(vi, bi)?;
+            self.restart_health(vi, bi);
         }
         self.write_backend(vi, bi)
     }
@@ -648,42 +711,65 @@ impl<D: Dataplane> State<D> {
         Ok(())
     }
 
-    fn restart_checker(&mut self, vi: usize, bi: usize) -> Result<()> {
+    /// Health counted afresh under a changed check: up or down as before (a down backend
+    /// needs `rise` good checks of the new one), except that with no check at all it is up,
+    /// as nothing would ever bring it back. True when it came up.
+    fn restart_health(&mut self, vi: usize, bi: usize) -> bool {
         let vip = &self.vips[vi];
-        let spec = vip.check_of(&vip.backends[bi]).clone();
-        let port = vip.service.addr.port();
-        let reports = self.reports.clone();
+        let unchecked = vip.check_of(&vip.backends[bi]).check == CheckKind::None;
         let b = &mut self.vips[vi].backends[bi];
-        if let Some(c) = b.checker.take() {
-            c.abort();
-        }
         let was_up = b.health.up;
-        b.health = Health::default();
-        if spec.check != CheckKind::None
-            && let Some(reports) = reports
-        {
-            b.checker = Some(health::spawn_checker(
-                b.id,
-                b.generation,
-                b.addr,
-                port,
-                spec,
-                reports,
-            ));
+        b.health = Health::restarted(was_up || unchecked);
+        !was_up && b.health.up
+    }
+
+    /// Starts the checkers a change asked for and stops those it made obsolete: a backend
+    /// checks what `check_of` says, tagged with its id and generation.
+    fn sync_checkers(&mut self) {
+        let Some(reports) = &self.reports else {
+            return;
+        };
+        let mut wanted = HashSet::new();
+        for vip in &self.vips {
+            let port = vip.service.addr.port();
+            for b in &vip.backends {
+                let spec = vip.check_of(b);
+                if spec.check == CheckKind::None {
+                    continue;
+                }
+                wanted.insert(b.id);
+                let current = self.checkers.get(&b.id).is_some_and(|c| {
+                    c.generation == b.generation
+                        && c.addr == b.addr
+                        && c.port == port
+                        && c.spec == *spec
+                });
+                if !current {
+                    let task = health::spawn_checker(
+                        b.id,
+                        b.generation,
+                        b.addr,
+                        port,
+                        spec.clone(),
+                        reports.clone(),
+                    );
+                    let checker = Checker {
+                        generation: b.generation,
+                        addr: b.addr,
+                        port,
+                        spec: spec.clone(),
+                        task,
+                    };
+                    self.checkers.insert(b.id, checker);
+                }
+            }
         }
-        if !was_up {
-            self.write_backend(vi, bi)?;
-        }
-        Ok(())
+        self.checkers.retain(|id, _| wanted.contains(id));
     }
 
     /// Stops every health checker (the agent is stopping).
     pub fn stop_checkers(&mut self) {
-        for b in self.vips.iter_mut().flat_map(|v| &mut v.backends) {
-            if let Some(c) = b.checker.take() {
-                c.abort();
-            }
-        }
+        self.checkers.clear();
     }
 
     /// Applies a health check result; a backend that changes between up and down is
