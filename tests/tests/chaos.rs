@@ -60,14 +60,17 @@ fn write_check_script(dir: &Path) -> String {
     format!("exec:{}", script.display())
 }
 
-/// The configuration file with its VIPs and every VIP's backends in reverse order: a new
-/// agent must give every entry the id it had, whatever the order.
-fn reorder_config(path: &Path) {
+/// The configuration file with its VIPs and every VIP's backends in reverse order, and
+/// the VIPs of `new` (TOML, as in the file) first: a new agent must give every adopted
+/// entry the id it had, whatever the order and whatever is new.
+fn reorder_config(path: &Path, new: &str) {
     let mut config = Config::load(path).unwrap_or_else(|e| panic!("{e:#}"));
     config.vips.reverse();
     for vip in &mut config.vips {
         vip.backends.reverse();
     }
+    let new = Config::parse(new).unwrap_or_else(|e| panic!("{e:#}"));
+    config.vips.splice(0..0, new.vips);
     config.save(path).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
@@ -104,7 +107,7 @@ impl Chaos {
         self.s.lb(&a);
     }
 
-    fn restart(&mut self, kill: bool) {
+    fn restart(&mut self, kill: bool, new: &str) {
         if kill {
             self.s.agent.proc.kill();
         } else {
@@ -113,7 +116,7 @@ impl Chaos {
                 .stop(Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("{e:#}"));
         }
-        reorder_config(&self.s.config);
+        reorder_config(&self.s.config, new);
         self.s.agent = self
             .s
             .bed
@@ -213,9 +216,19 @@ fn a_minute_of_chaos_breaks_no_connection_to_a_backend_that_stayed_up() {
     c.at(18, "backend 2 undrained");
     c.both_vips(&["backend", "undrain", &drained]);
     c.at(21, "agent stopped, config reordered, agent started");
-    c.restart(false);
-    c.at(28, "agent killed (-9), config reordered, agent started");
-    c.restart(true);
+    c.restart(false, "");
+    c.at(
+        28,
+        "agent killed (-9), config reordered with a new VIP first, agent started",
+    );
+    let new_vip = format!(
+        "[[vip]]\naddress = \"[{}]:{HTTP_PORT}\"\n\n[[vip.backend]]\naddress = \"{}\"\n\n\
+         [[vip.backend]]\naddress = \"{}\"\n",
+        xtask::testbed::VIP6,
+        c.s.backend(1, true),
+        c.s.backend(2, true)
+    );
+    c.restart(true, &new_vip);
     c.at(34, "random-source SYN flood starts");
     let vip_addr = VIP4.to_string();
     let mut flood: Proc =

@@ -62,17 +62,51 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// Answers every datagram on `socket` with `name`, until the process ends.
+/// Answers every datagram on `socket` with `name`, until the process ends. The answer
+/// leaves from the address the datagram was sent to (IPV6_PKTINFO; on this dual-stack
+/// socket IPv4 arrives v4-mapped and the kernel takes a v4-mapped source back): a backend
+/// under direct server return is asked on the VIP, which it holds on loopback, and a
+/// client only takes an answer from the address it asked.
 fn serve_udp(socket: &UdpSocket, name: &str) {
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn6, recvmsg, sendmsg, setsockopt,
+        sockopt::Ipv6RecvPacketInfo,
+    };
+    if let Err(e) = setsockopt(socket, Ipv6RecvPacketInfo, &true) {
+        eprintln!("{name}: IPV6_RECVPKTINFO: {e}");
+        return;
+    }
+    let fd = socket.as_raw_fd();
     let mut buf = [0u8; 2048];
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
     loop {
-        match socket.recv_from(&mut buf) {
-            Ok((_, peer)) => {
-                if let Err(e) = socket.send_to(name.as_bytes(), peer) {
-                    eprintln!("{name}: udp answer to {peer}: {e}");
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let (peer, pktinfo) =
+            match recvmsg::<SockaddrIn6>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()) {
+                Ok(msg) => {
+                    let info = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::Ipv6PacketInfo(info) => Some(info),
+                            _ => None,
+                        })
+                    });
+                    (msg.address, info)
                 }
-            }
-            Err(e) => eprintln!("{name}: udp receive: {e}"),
+                Err(e) => {
+                    eprintln!("{name}: udp receive: {e}");
+                    continue;
+                }
+            };
+        let (Some(peer), Some(mut info)) = (peer, pktinfo) else {
+            eprintln!("{name}: udp datagram without its addresses");
+            continue;
+        };
+        // Any interface: the route to the client decides.
+        info.ipi6_ifindex = 0;
+        let answer = [std::io::IoSlice::new(name.as_bytes())];
+        let cmsgs = [ControlMessage::Ipv6PacketInfo(&info)];
+        if let Err(e) = sendmsg(fd, &answer, &cmsgs, MsgFlags::empty(), Some(&peer)) {
+            eprintln!("{name}: udp answer to {peer}: {e}");
         }
     }
 }
@@ -662,6 +696,13 @@ mod tests {
         for a in &udp {
             assert_eq!(a.backend(), Some("backend-x"), "{a}");
         }
+        // Asked on another of its addresses (as a backend is asked on the VIP), the server
+        // answers from that address, or the client would not take the answer.
+        let other: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        assert_eq!(
+            one_udp_request(other, Duration::from_secs(2)).unwrap(),
+            "backend-x"
+        );
     }
 
     #[test]
