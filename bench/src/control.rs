@@ -169,10 +169,13 @@ fn vip_del(socket: &Path, vip: SocketAddr) -> Result<()> {
 fn backend_del(socket: &Path, vip: SocketAddr, backend: IpAddr) -> Result<()> {
     ok(control::call(
         socket,
+        // At once: the benchmark measures the removal, not a grace period.
         &Request::BackendDel {
             vip,
             proto: Proto::Tcp,
             backend,
+            grace_s: None,
+            now: true,
         },
     )?)
 }
@@ -507,6 +510,7 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
                 backup: false,
                 drain: false,
                 check: None,
+                leaving_until: None,
             })
             .collect(),
     }
@@ -678,6 +682,8 @@ fn scale(
                 vip,
                 proto: Proto::Tcp,
                 backend: b,
+                grace_s: None,
+                now: true,
             }),
         ),
     ];
