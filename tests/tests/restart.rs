@@ -9,7 +9,14 @@
 
 use std::{
     net::SocketAddr,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
+};
+
+use aya::programs::{
+    Xdp,
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
 };
 
 use lb_tests::e2e::*;
@@ -18,6 +25,66 @@ use xtask::{
     testbed::{HTTP_PORT, VIP4, run_with_timeout},
     traffic::Answer,
 };
+
+/// The pin directory the agent of `s` uses by default: one per network namespace.
+fn pin_dir(s: &Setup) -> PathBuf {
+    let out = s
+        .bed
+        .run_in_ok(
+            &s.bed.lb.ns,
+            "stat",
+            ["-L", "-c", "%i", "/proc/self/ns/net"],
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    PathBuf::from(format!("/sys/fs/bpf/lb/netns-{}", out.trim()))
+}
+
+/// The XDP object of commit 4fe7cc3, the last layout without a version record (see
+/// tests/fixtures/README.md).
+const PREVIOUS_LAYOUT: &[u8] = include_bytes!("../fixtures/lb-ebpf-4fe7cc3.o");
+
+/// What an agent of commit 4fe7cc3 leaves in `pins` after `kill -9`: its program forwarding
+/// over the pinned maps (switched onto the pinned attachment, as that agent would have
+/// attached it), and no layout record.
+fn become_previous_layout(pins: &Path) {
+    let mut loader = aya::EbpfLoader::new();
+    for name in lb_common::maps::ALL {
+        loader.map_pin_path(name, pins.join("maps").join(name));
+    }
+    let mut ebpf = loader
+        .load(PREVIOUS_LAYOUT)
+        .unwrap_or_else(|e| panic!("the fixture no longer loads on the pinned maps: {e:#}"));
+    let program: &mut Xdp = ebpf.program_mut("lb_xdp").unwrap().try_into().unwrap();
+    program.load().unwrap();
+    let link = PinnedLink::from_pin(pins.join("links").join("eth0")).unwrap();
+    program
+        .attach_to_link(XdpLink::try_from(FdLink::from(link)).unwrap())
+        .unwrap();
+    for entry in std::fs::read_dir(pins).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("layout-") {
+            std::fs::remove_dir(entry.path()).unwrap();
+        }
+    }
+}
+
+/// `lb run` on the test bed's balancer with `extra` arguments, expected to fail at once.
+fn run_fails(s: &Setup, socket: &str, extra: &[&str]) -> String {
+    let mut cmd = s.bed.command_in(&s.bed.lb.ns, s.bed.bin("lb").unwrap());
+    cmd.args([
+        "run",
+        "--iface",
+        &s.bed.lb.ifname,
+        "--metrics",
+        "off",
+        "--config",
+    ])
+    .arg(&s.config)
+    .arg("--socket")
+    .arg(s.bed.dir().join(socket))
+    .args(extra);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
+    one_line_error("lb run", &out)
+}
 
 /// `kill -9` of the agent, a new config file, and a new agent on the same pins.
 fn restart_with(s: &mut Setup, config: &str) {
@@ -81,10 +148,17 @@ fn a_second_agent_on_the_same_pins_is_refused() {
     let s = Setup::new(1);
     s.configure(vip4(), &[1]);
     let mut cmd = s.bed.command_in(&s.bed.lb.ns, s.bed.bin("lb").unwrap());
-    cmd.args(["run", "--iface", &s.bed.lb.ifname, "--config"])
-        .arg(s.bed.dir().join("second.toml"))
-        .arg("--socket")
-        .arg(s.bed.dir().join("second.sock"));
+    cmd.args([
+        "run",
+        "--iface",
+        &s.bed.lb.ifname,
+        "--metrics",
+        "off",
+        "--config",
+    ])
+    .arg(s.bed.dir().join("second.toml"))
+    .arg("--socket")
+    .arg(s.bed.dir().join("second.sock"));
     let out = run_with_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
     let line = one_line_error("a second lb run", &out);
     let pid = s.agent.proc.pid().to_string();
@@ -217,4 +291,52 @@ fn a_blackholed_backend_is_its_own_problem() {
     let config = std::fs::read_to_string(&s.config).unwrap();
     restart_with(&mut s, &config);
     check(&s);
+}
+
+/// An upgrade from the previous layout: the program of commit 4fe7cc3 forwards over pins
+/// without a layout record. A record of an unknown (newer) layout is refused with one line
+/// while that program keeps forwarding; then the new agent, with another flow-table size
+/// (`--max-flows`), copies the pinned maps into new ones, switches the attachment over
+/// and records the layout, and an established connection keeps its backend throughout.
+#[test]
+fn an_upgrade_from_the_previous_layout_keeps_connections() {
+    let _serial = serial();
+    let mut s = Setup::new(2);
+    s.configure(vip4(), &[1, 2]);
+    let (keepalive, backend) =
+        s.pinned_keepalive(vip4(), Duration::from_millis(50), Duration::from_secs(30));
+    let pins = pin_dir(&s);
+    s.agent.proc.kill();
+    become_previous_layout(&pins);
+    let wait_more = |n: usize| {
+        let seen = keepalive.answers().len();
+        keepalive
+            .wait_answers(seen + n, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    };
+    wait_more(5);
+
+    std::fs::create_dir(pins.join("layout-v99")).unwrap();
+    let line = run_fails(&s, "refused.sock", &[]);
+    assert!(line.contains("layout version 99"), "{line}");
+    wait_more(5);
+    std::fs::remove_dir(pins.join("layout-v99")).unwrap();
+
+    s.agent = s
+        .bed
+        .start_agent_on(&s.bed.lb, &s.config, &s.socket, &["--max-flows", "65536"])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_more(10);
+    assert_all_from(&keepalive.stop(), &backend, "across the upgrade");
+    let flows = aya::maps::MapInfo::from_pin(pins.join("maps").join(lb_common::maps::FLOWS))
+        .unwrap()
+        .max_entries();
+    assert_eq!(flows, 65536, "the flow table has the size asked for");
+    let version = lb_common::LAYOUT_VERSION;
+    assert!(
+        pins.join(format!("layout-v{version}")).exists(),
+        "no layout record after the upgrade"
+    );
+    let tally = s.requests_from(vip4(), 10, 23_000);
+    assert_split(&tally, &[(1, 5), (2, 5)]);
 }

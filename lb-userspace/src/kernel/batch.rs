@@ -107,3 +107,76 @@ pub fn lookup<K: Pod + Default, V: Pod + Default>(
     }
     Ok(())
 }
+
+/// Like [`lookup`] for a map whose key and value sizes are known only at run time (copying
+/// pinned maps of another layout): `key_size` and `value_len` bytes per entry (for per-CPU
+/// maps, every CPU's value). `each` gets the batch's keys and values, back to back.
+pub fn lookup_raw(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_len: usize,
+    chunk: usize,
+    max_rounds: usize,
+    each: &mut dyn FnMut(&[u8], &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut keys = vec![0u8; chunk * key_size];
+    let mut values = vec![0u8; chunk * value_len];
+    let (mut token, mut next) = (0u32, 0u32);
+    for round in 0..max_rounds {
+        let mut attr = BatchAttr {
+            in_batch: if round == 0 {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the kernel writes at most `count` keys of `key_size` and values of
+        // `value_len` bytes into buffers of that many, and a u32 into `next`.
+        let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let done = match result {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        let n = (attr.count as usize).min(chunk);
+        each(&keys[..n * key_size], &values[..n * value_len])?;
+        if done {
+            return Ok(());
+        }
+        token = next;
+    }
+    Ok(())
+}
+
+/// Like [`update`] for run-time sizes: `count` keys and values back to back in `keys` and
+/// `values`, with `elem_flags` (BPF_ANY, BPF_NOEXIST). Returns how many were written
+/// before an error stopped the batch, with the error.
+pub fn update_raw(
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+    elem_flags: u64,
+) -> (usize, std::io::Result<()>) {
+    if count == 0 {
+        return (0, Ok(()));
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags,
+        ..Default::default()
+    };
+    // SAFETY: `count` keys and values of the map's sizes in the buffers, alive across the
+    // call; the kernel only reads them (and writes back `count` into `attr`).
+    let r = unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) };
+    ((attr.count as usize).min(count), r)
+}

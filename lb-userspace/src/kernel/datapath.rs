@@ -210,7 +210,7 @@ impl Datapath {
         let maps_dir = pin_dir.join("maps");
         let n = layout::copy(&maps_dir.join(maps::FLOWS), &next.join(maps::FLOWS), true)?;
         log::info!("upgraded the pinned maps; {n} flows made during the upgrade copied");
-        let old = pin_dir.join("maps.old");
+        let old = pin_dir.join("maps-old");
         std::fs::rename(&maps_dir, &old)
             .with_context(|| format!("moving {}", maps_dir.display()))?;
         std::fs::rename(&next, &maps_dir).with_context(|| format!("moving {}", next.display()))?;

@@ -86,9 +86,10 @@ pub fn is_incompatible_pin(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Where a migration pins the new maps until the program using them is attached.
+/// Where a migration pins the new maps until the program using them is attached (bpffs
+/// names may not hold a dot).
 pub fn next_dir(pin_dir: &Path) -> PathBuf {
-    pin_dir.join("maps.next")
+    pin_dir.join("maps-next")
 }
 
 /// Checks every pinned map in `old` can be copied into its namesake in `new` (same type,
@@ -149,19 +150,57 @@ pub fn copy(old: &Path, new: &Path, only_missing: bool) -> Result<usize> {
     } else {
         i.value_size() as usize
     };
-    let mut key = vec![0u8; i.key_size() as usize];
-    let mut next = key.clone();
-    let mut value = vec![0u8; value_len];
+    let key_size = i.key_size() as usize;
     let (from, to) = (from.fd().as_fd(), to.fd().as_fd());
     let flags = if only_missing { BPF_NOEXIST } else { BPF_ANY };
+    // Thousands of entries a syscall where the map type has batches (arrays, hashes: the
+    // ring slab has millions of slots), one at a time where not (LPM tries, devmaps).
+    const CHUNK: usize = 8192;
+    let rounds = (i.max_entries() as usize).div_ceil(CHUNK) * 2 + 2;
     let mut copied = 0;
+    let batched = super::batch::lookup_raw(
+        from,
+        key_size,
+        value_len,
+        CHUNK,
+        rounds,
+        &mut |keys, values| {
+            let n = keys.len() / key_size;
+            let (done, result) = if only_missing {
+                (0, Err(std::io::Error::from_raw_os_error(libc::EEXIST)))
+            } else {
+                super::batch::update_raw(to, keys, values, n, flags)
+            };
+            copied += done;
+            if result.is_err() {
+                // Entry by entry from where the batch stopped, leaving out those `new` has (or
+                // has no room for).
+                for j in done..n {
+                    let (k, v) = (
+                        &keys[j * key_size..][..key_size],
+                        &values[j * value_len..][..value_len],
+                    );
+                    copied += put(to, k, v, flags)?;
+                }
+            }
+            Ok(())
+        },
+    );
+    match batched {
+        Ok(()) => return Ok(copied),
+        Err(e) if copied == 0 && matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {}
+        Err(e) => return Err(e).with_context(|| format!("copying {}", old.display())),
+    }
+    let mut key = vec![0u8; key_size];
+    let mut next = key.clone();
+    let mut value = vec![0u8; value_len];
     let mut first = true;
     // Bounded by the map's size: a hash map being changed under the walk may restart it.
     for _ in 0..=2 * u64::from(i.max_entries()) {
         match elem(
             BPF_MAP_GET_NEXT_KEY,
             from,
-            (!first).then_some(&key),
+            (!first).then_some(&key[..]),
             next.as_mut_ptr(),
             0,
         ) {
@@ -176,19 +215,28 @@ pub fn copy(old: &Path, new: &Path, only_missing: bool) -> Result<usize> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue, // gone meanwhile
             Err(e) => return Err(e).with_context(|| format!("reading {}", old.display())),
         }
-        match elem(
-            BPF_MAP_UPDATE_ELEM,
-            to,
-            Some(&key),
-            value.as_mut_ptr(),
-            flags,
-        ) {
-            Ok(()) => copied += 1,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::E2BIG)) => {}
-            Err(e) => return Err(e).with_context(|| format!("writing {}", new.display())),
-        }
+        copied +=
+            put(to, &key, &value, flags).with_context(|| format!("writing {}", new.display()))?;
     }
     Ok(copied)
+}
+
+/// The kernel's ENOTSUPP (not in libc): a map type without batch operations.
+const ENOTSUPP: i32 = 524;
+
+/// Writes one entry; 0 when `to` has it already (BPF_NOEXIST) or has no room for it.
+fn put(to: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> std::io::Result<usize> {
+    match elem(
+        BPF_MAP_UPDATE_ELEM,
+        to,
+        Some(key),
+        value.as_ptr() as *mut u8,
+        flags,
+    ) {
+        Ok(()) => Ok(1),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST | libc::E2BIG)) => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 fn open(path: &Path) -> Result<MapData> {
@@ -213,11 +261,11 @@ struct ElemAttr {
 }
 
 /// One element command on `fd`. `out` must hold the map's key (GET_NEXT_KEY) or value
-/// size; `key` the key size.
+/// size (it is only read by UPDATE_ELEM); `key` the key size.
 fn elem(
     cmd: libc::c_long,
     fd: BorrowedFd<'_>,
-    key: Option<&Vec<u8>>,
+    key: Option<&[u8]>,
     out: *mut u8,
     flags: u64,
 ) -> std::io::Result<()> {
