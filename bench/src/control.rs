@@ -173,6 +173,8 @@ fn backend_del(socket: &Path, vip: SocketAddr, backend: IpAddr) -> Result<()> {
             vip,
             proto: Proto::Tcp,
             backend,
+            grace_s: None,
+            now: true,
         },
     )?)
 }
@@ -506,6 +508,7 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
                 weight: 1,
                 backup: false,
                 drain: false,
+                leaving_until: None,
                 check: None,
             })
             .collect(),
@@ -678,6 +681,8 @@ fn scale(
                 vip,
                 proto: Proto::Tcp,
                 backend: b,
+                grace_s: None,
+                now: true,
             }),
         ),
     ];
