@@ -73,6 +73,11 @@ enum Command {
         /// ([ADDR]:PORT for IPv6), or `off`.
         #[arg(long, value_name = "ADDR:PORT|off", default_value = crate::monitor::DEFAULT_LISTEN)]
         metrics: crate::monitor::Listen,
+        /// Entries of the flow table (connections tracked at once; the least recently
+        /// used are evicted when full). Changing it on a restart copies the flows over.
+        #[arg(long, value_name = "N", default_value_t = lb_common::MAX_FLOWS,
+              value_parser = clap::value_parser!(u32).range(1024..=1 << 28))]
+        max_flows: u32,
     },
     /// The overview to read first: agent, interfaces and XDP mode, VIPs with backends up,
     /// drops in the last minute, flow table use.
@@ -415,6 +420,7 @@ pub fn run(cli: Cli) -> Result<()> {
             no_pin,
             keep_forwarding,
             metrics,
+            max_flows,
         } => {
             let pin_dir = match (no_pin, pin_dir) {
                 (true, _) => None,
@@ -430,6 +436,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 pin_dir,
                 keep_forwarding,
                 metrics: metrics.0,
+                max_flows,
             }));
         }
         Command::Vip(VipCommand::Add(v)) => (Request::VipAdd(v.spec()?), false),

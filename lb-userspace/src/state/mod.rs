@@ -180,10 +180,15 @@ enum Retired {
 /// What an earlier agent left in pinned maps, looked up while the configuration is applied.
 #[derive(Clone, Default)]
 struct Adoption {
+    /// Entries not claimed yet, their ids reserved.
     vips: HashMap<lb_common::VipKey, VipMeta>,
     backends: HashMap<(u32, IpAddr), (u32, Backend)>,
     rules: HashMap<IpNet, u32>,
     vip_addrs: Vec<VipAddr>,
+    /// Entries whose id another entry held already (damaged maps): removed unless the
+    /// configuration claims them, which then gives them new ids.
+    stray_vips: Vec<lb_common::VipKey>,
+    stray_rules: Vec<IpNet>,
 }
 
 pub struct State<D> {
@@ -291,17 +296,25 @@ impl<D: Dataplane> State<D> {
     // ---- adopting pinned state -------------------------------------------------------
 
     /// Takes in what a previous agent left in the pinned maps. Ids and generations found
-    /// there are kept for the same VIPs and backends, so pinned flows stay valid; the rings
-    /// the data plane reads now are fenced off until every VIP has flipped to a new one.
+    /// there are kept for the same VIPs, backends and drop rules, so pinned flows stay
+    /// valid: they are reserved here, before the configuration allocates anything, so an
+    /// entry new to it cannot take an adopted one's id whatever the order. The rings the
+    /// data plane reads now are fenced off until every VIP has flipped to a new one.
     pub fn prepare_adoption(&mut self, pinned: Pinned) {
         for (id, b) in pinned.backends {
             self.backend_ids.seed(id, b.generation);
-            if b.flags & BACKEND_F_IN_USE != 0 {
+            if b.flags & BACKEND_F_IN_USE != 0 && self.backend_ids.adopt(id, b.generation) {
                 let addr = model::addr_from_map(b.addr, b.family);
                 self.adoption.backends.insert((b.vip_id, addr), (id, b));
             }
         }
-        self.adoption.rules = pinned.rules.into_iter().collect();
+        for (net, id) in pinned.rules {
+            if self.rule_ids.adopt(id, 1) {
+                self.adoption.rules.insert(net, id);
+            } else {
+                self.adoption.stray_rules.push(net);
+            }
+        }
         for (key, meta) in pinned.vips {
             if meta.ring_len > 0 && self.slab.reserve(meta.ring_off, meta.ring_len) {
                 self.retired.push((
@@ -309,30 +322,62 @@ impl<D: Dataplane> State<D> {
                     Retired::Extent(meta.ring_off, meta.ring_len),
                 ));
             }
-            self.adoption.vips.insert(key, meta);
+            if self.vip_ids.adopt(meta.vip_id, 1) {
+                self.adoption.vips.insert(key, meta);
+            } else {
+                self.adoption.stray_vips.push(key);
+            }
         }
         self.adoption.vip_addrs = pinned.vip_addrs;
     }
 
-    /// After the configuration is applied: whatever pinned state it did not claim goes.
+    /// Whether `service` has an adopted id waiting for it (no free id needed).
+    fn adopted_vip(&self, service: &Service) -> bool {
+        self.adoption.vips.contains_key(&service.key())
+    }
+
+    /// Whether backend `addr` of `service` has an adopted id waiting for it.
+    fn adopted_backend(&self, service: &Service, addr: IpAddr) -> bool {
+        let vip_id = match self.adoption.vips.get(&service.key()) {
+            Some(meta) => meta.vip_id,
+            None => match self.vip_index(service) {
+                Ok(vi) => self.vips[vi].id,
+                Err(_) => return false,
+            },
+        };
+        self.adoption.backends.contains_key(&(vip_id, addr))
+    }
+
+    /// Whether drop rule `net` has an adopted id waiting for it.
+    fn adopted_rule(&self, net: &IpNet) -> bool {
+        self.adoption.rules.contains_key(net)
+    }
+
+    /// After the configuration is applied: whatever pinned state it did not claim goes,
+    /// and the ids reserved for it are quarantined like any removed entry's.
     pub fn finish_adoption(&mut self) -> Result<()> {
         let adoption = std::mem::take(&mut self.adoption);
-        for key in adoption.vips.keys() {
+        let now = Instant::now();
+        for (key, meta) in &adoption.vips {
+            self.dp.del_vip(key)?;
+            self.retired.push((now, Retired::VipId(meta.vip_id)));
+        }
+        for key in &adoption.stray_vips {
             if !self.vips.iter().any(|v| v.service.key() == *key) {
                 self.dp.del_vip(key)?;
             }
         }
-        for net in adoption.rules.keys() {
+        for (net, id) in &adoption.rules {
             self.dp.del_firewall_rule(net)?;
+            self.retired.push((now, Retired::RuleId(*id)));
+        }
+        for net in &adoption.stray_rules {
+            if !self.rules.iter().any(|(n, _)| n == net) {
+                self.dp.del_firewall_rule(net)?;
+            }
         }
         for (id, b) in adoption.backends.values() {
-            self.dp.set_backend(
-                *id,
-                &Backend {
-                    generation: b.generation,
-                    ..Default::default()
-                },
-            )?;
+            self.clear_backend(*id, b.generation)?;
         }
         for addr in &adoption.vip_addrs {
             if !self.vip_addr_refs.contains_key(addr) {
@@ -515,10 +560,11 @@ impl<D: Dataplane> State<D> {
         check: CheckSpec,
         rate: RateLimit,
     ) -> Result<usize> {
-        let adopted = self.adoption.vips.get(&service.key()).copied();
+        // Adopted ids were reserved by `prepare_adoption`.
+        let adopted = self.adoption.vips.remove(&service.key());
         let id = match adopted {
-            Some(meta) if self.vip_ids.adopt(meta.vip_id, 1) => meta.vip_id,
-            _ => {
+            Some(meta) => meta.vip_id,
+            None => {
                 let (id, _) = self
                     .vip_ids
                     .take()
@@ -528,7 +574,10 @@ impl<D: Dataplane> State<D> {
             }
         };
         let Some(rings) = RingRegions::alloc(&mut self.slab, ring_capacity(algo, 0)) else {
-            self.vip_ids.give_back(id);
+            match adopted {
+                Some(meta) => drop(self.adoption.vips.insert(service.key(), meta)),
+                None => self.vip_ids.give_back(id),
+            }
             bail!("ring slab full: remove unused VIPs first");
         };
         let addr_key = service.addr_key();
@@ -604,11 +653,22 @@ impl<D: Dataplane> State<D> {
         let addr = config.address;
         // An adopted backend that had lost KEEP_FLOWS was down when the previous agent
         // stopped (only failed health checks clear the flag).
+        let mut reach = reach;
         let (id, generation, was_down) = match self.adoption.backends.remove(&(vip_id, addr)) {
-            Some((id, b)) if self.backend_ids.adopt(id, b.generation) => {
+            Some((id, b)) => {
+                // Its MAC being re-resolved (the neighbour entry aged out while no agent
+                // ran): its flows keep going to the MAC the data plane has.
+                let pinned = (b.flags & BACKEND_F_RESOLVED != 0).then_some(L2Path {
+                    ifindex: b.ifindex,
+                    src_mac: b.src_mac,
+                    dst_mac: b.mac,
+                });
+                if reach.l2.is_none() && model::keep_last_mac(pinned, &reach).is_some() {
+                    reach.l2 = pinned;
+                }
                 (id, b.generation, b.flags & BACKEND_F_KEEP_FLOWS == 0)
             }
-            _ => {
+            None => {
                 let taken = self.backend_ids.take();
                 let (id, generation) =
                     taken.ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
@@ -873,13 +933,14 @@ impl<D: Dataplane> State<D> {
 
     // ---- what the kernel says of reaching backends -------------------------------------
 
-    /// Backend addresses to ask the kernel about: all of them, or those not resolved yet.
+    /// Backend addresses to ask the kernel about: all of them, or those not resolved yet
+    /// (or being re-resolved: those have a note).
     pub fn reach_targets(&self, all: bool) -> Vec<IpAddr> {
         let mut seen = HashSet::new();
         self.vips
             .iter()
             .flat_map(|v| &v.backends)
-            .filter(|b| all || b.l2.is_none())
+            .filter(|b| all || b.l2.is_none() || b.note.is_some())
             .map(|b| b.addr)
             .filter(|a| seen.insert(*a))
             .collect()
@@ -895,18 +956,25 @@ impl<D: Dataplane> State<D> {
                 let Some(r) = reach.get(&b.addr) else {
                     continue;
                 };
+                let l2 = model::keep_last_mac(b.l2, r);
                 b.note = r.note.clone();
-                if r.l2 == b.l2 {
+                if l2.is_some() && r.l2.is_none() {
+                    b.note = r
+                        .note
+                        .as_ref()
+                        .map(|n| format!("{n}; forwarding to the last known MAC"));
+                }
+                if l2 == b.l2 {
                     continue;
                 }
-                let old = std::mem::replace(&mut b.l2, r.l2);
-                let what = if r.l2.is_some() {
+                let old = std::mem::replace(&mut b.l2, l2);
+                let what = if l2.is_some() {
                     "resolved"
                 } else {
                     "lost its neighbour entry"
                 };
                 log::info!("backend {}: {what}", b.addr);
-                changed_ring |= r.l2.is_some() != old.is_some();
+                changed_ring |= l2.is_some() != old.is_some();
                 self.write_backend(vi, bi)?;
             }
             if changed_ring {
@@ -943,8 +1011,8 @@ impl<D: Dataplane> State<D> {
             bail!("{net} is already in the drop list (`lb firewall list` shows the rules)");
         }
         let id = match self.adoption.rules.remove(&net) {
-            Some(id) if self.rule_ids.adopt(id, 1) => id,
-            _ => {
+            Some(id) => id,
+            None => {
                 let (id, _) = self
                     .rule_ids
                     .take()

@@ -26,7 +26,7 @@ fn reached(i: u32) -> Reach {
             src_mac: [2, 0, 0, 0, 0, 1],
             dst_mac: [2, 0, 0, 0, (i >> 8) as u8, i as u8],
         }),
-        note: None,
+        ..Default::default()
     }
 }
 
@@ -646,4 +646,133 @@ fn a_leaving_backend_keeps_its_flows_and_its_state_in_the_config() {
         down.leaving(0)[0].3,
         "a down backend's flows move anyway: due"
     );
+}
+
+/// The pinned maps of `old`, as `Datapath::pinned` reads them, and the maps themselves.
+fn pinned_of(mut old: State<Fake>) -> (Fake, Pinned) {
+    let dp = std::mem::take(old.dataplane_mut());
+    let pinned = Pinned {
+        vips: dp.vips.iter().map(|(k, m)| (*k, *m)).collect(),
+        backends: dp.backends.iter().map(|(i, b)| (*i, *b)).collect(),
+        rules: dp.rules.iter().map(|(n, i)| (*n, *i)).collect(),
+        vip_addrs: dp.vip_addrs.iter().copied().collect(),
+    };
+    (dp, pinned)
+}
+
+#[test]
+fn adopted_ids_are_reserved_before_new_entries_whatever_the_order() {
+    // An earlier agent: VIP 81 with backend 2 (VIP id 0, backend id 0), one rule.
+    let mut old = state();
+    let first = Config {
+        vips: vec![vip(81, Algo::Rr, [2])],
+        ..Default::default()
+    };
+    old.apply(&first, &reach_all(&first)).unwrap();
+    old.add_rule("192.0.2.0/24".parse().unwrap()).unwrap();
+    let (vip_id, backend) = {
+        let v = old.vip(&service(81)).unwrap();
+        (v.id, (v.backends[0].id, v.backends[0].generation))
+    };
+    let rule_id = old.rules()[0].1;
+    let (dp, pinned) = pinned_of(old);
+
+    // The new config puts a new VIP with a new backend, and a new rule, first.
+    let mut new = State::new(dp, None);
+    new.prepare_adoption(pinned);
+    let mut config = Config {
+        vips: vec![vip(80, Algo::Rr, [1]), vip(81, Algo::Rr, [2])],
+        ..Default::default()
+    };
+    config.firewall.drop = vec![
+        "198.51.100.0/24".parse().unwrap(),
+        "192.0.2.0/24".parse().unwrap(),
+    ];
+    new.apply(&config, &reach_all(&config)).unwrap();
+    new.finish_adoption().unwrap();
+    let adopted = new.vip(&service(81)).unwrap();
+    assert_eq!(adopted.id, vip_id, "the adopted VIP keeps its id");
+    let b = &adopted.backends[0];
+    assert_eq!(
+        (b.id, b.generation),
+        backend,
+        "the adopted backend keeps its id"
+    );
+    assert_ne!(new.vip(&service(80)).unwrap().id, vip_id);
+    assert_ne!(new.backend(&service(80), addr(1)).unwrap().id, backend.0);
+    let rules: HashMap<IpNet, u32> = new.rules().iter().copied().collect();
+    assert_eq!(rules[&"192.0.2.0/24".parse().unwrap()], rule_id);
+    // The adopted backend's entry is as the data plane's flows expect it.
+    let entry = new.dataplane().backends[&backend.0];
+    assert_eq!(entry.generation, backend.1);
+    assert_ne!(entry.flags & BACKEND_F_IN_USE, 0);
+    assert_eq!(entry.vip_id, vip_id);
+}
+
+#[test]
+fn a_backend_being_re_resolved_keeps_its_last_mac_and_its_place() {
+    let mut s = state();
+    let config = Config {
+        vips: vec![vip(80, Algo::Rr, [1, 2])],
+        ..Default::default()
+    };
+    s.apply(&config, &reach_all(&config)).unwrap();
+    let svc = service(80);
+    let resolving = Reach {
+        note: Some("MAC address being resolved (interface 2)".into()),
+        resolving_on: Some(2),
+        ..Default::default()
+    };
+    s.apply_reach(&HashMap::from([(addr(1), resolving.clone())]))
+        .unwrap();
+    let b = s.backend(&svc, addr(1)).unwrap();
+    assert_eq!(b.l2, reached(1).l2, "the last known MAC is kept");
+    assert_eq!(b.state(), "up");
+    assert!(
+        b.note.as_deref().unwrap().contains("last known MAC"),
+        "{:?}",
+        b.note
+    );
+    let entry = s.dataplane().backends[&b.id];
+    assert_ne!(entry.flags & BACKEND_F_RESOLVED, 0);
+    assert_eq!(ring_addrs(&s, &svc).len(), 2);
+    // Looked at again every tick until it is resolved.
+    assert_eq!(s.reach_targets(false), vec![addr(1)]);
+    s.apply_reach(&HashMap::from([(addr(1), reached(1))]))
+        .unwrap();
+    assert_eq!(s.backend(&svc, addr(1)).unwrap().note, None);
+    assert!(s.reach_targets(false).is_empty());
+
+    // The kernel gave up (no answer), or the route moved: unresolved.
+    let failed = Reach {
+        note: Some("MAC address not resolved".into()),
+        ..Default::default()
+    };
+    s.apply_reach(&HashMap::from([(addr(1), failed)])).unwrap();
+    assert_eq!(s.backend(&svc, addr(1)).unwrap().state(), "unresolved");
+    assert_eq!(ring_addrs(&s, &svc), vec![addr(2)]);
+}
+
+#[test]
+fn an_adopted_backend_being_re_resolved_keeps_the_pinned_mac() {
+    let mut old = state();
+    let config = Config {
+        vips: vec![vip(80, Algo::Rr, [1])],
+        ..Default::default()
+    };
+    old.apply(&config, &reach_all(&config)).unwrap();
+    let (dp, pinned) = pinned_of(old);
+    let mut new = State::new(dp, None);
+    new.prepare_adoption(pinned);
+    let resolving = Reach {
+        note: Some("MAC address being resolved (interface 2)".into()),
+        resolving_on: Some(2),
+        ..Default::default()
+    };
+    new.apply(&config, &HashMap::from([(addr(1), resolving)]))
+        .unwrap();
+    new.finish_adoption().unwrap();
+    let b = new.backend(&service(80), addr(1)).unwrap();
+    assert_eq!(b.l2, reached(1).l2);
+    assert_eq!(b.state(), "up");
 }
