@@ -169,6 +169,7 @@ fn vip_del(socket: &Path, vip: SocketAddr) -> Result<()> {
 fn backend_del(socket: &Path, vip: SocketAddr, backend: IpAddr) -> Result<()> {
     ok(control::call(
         socket,
+        // At once: the benchmark measures the removal, not a grace period.
         &Request::BackendDel {
             vip,
             proto: Proto::Tcp,
@@ -508,8 +509,8 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
                 weight: 1,
                 backup: false,
                 drain: false,
-                leaving_until: None,
                 check: None,
+                leaving_until: None,
             })
             .collect(),
     }
