@@ -284,7 +284,7 @@ fn a_blackholed_backend_is_its_own_problem() {
     // runs despite the bad one, and adding it back works.
     let good = s.backend(1, false);
     let v = vip4().to_string();
-    s.lb(&["backend", "del", &v, &good]);
+    s.lb(&["backend", "del", &v, &good, "--now"]);
     s.lb(&["backend", "add", &v, &good]);
     check(&s);
     // And a restart with it in the config starts.

@@ -82,7 +82,7 @@ pub struct BackendSnapshot {
     /// Slot in the backend map and its generation: the flow-table scan counts by these.
     pub id: u32,
     pub generation: u32,
-    /// `up`, `down`, `draining` or `unresolved` (as `lb backend list` says).
+    /// `up`, `down`, `draining`, `unresolved` or `leaving` (as `lb backend list` says).
     pub state: &'static str,
     /// Passes its health checks (or has none).
     pub healthy: bool,

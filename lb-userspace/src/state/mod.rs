@@ -466,8 +466,14 @@ impl<D: Dataplane> State<D> {
     fn validate_new_backend(&self, vi: usize, config: &BackendConfig) -> Result<()> {
         let (service, addr) = (&self.vips[vi].service, config.address);
         config.validate(service)?;
-        if self.vips[vi].backends.iter().any(|b| b.addr == addr) {
-            bail!("backend {addr} already serves VIP {service}: change it with `lb backend set`");
+        match self.vips[vi].backends.iter().find(|b| b.addr == addr) {
+            Some(b) if b.leaving_until.is_some() => bail!(
+                "backend {addr} is leaving VIP {service}: wait until it is gone, or remove it at once with `lb backend del --now`"
+            ),
+            Some(_) => bail!(
+                "backend {addr} already serves VIP {service}: change it with `lb backend set`"
+            ),
+            None => {}
         }
         Ok(())
     }
