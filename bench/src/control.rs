@@ -138,6 +138,8 @@ fn vip_add(socket: &Path, vip: SocketAddr) -> Result<()> {
             check: CheckPatch::default(),
             rate_limit: None,
             burst: None,
+            max_new_flows: None,
+            new_flow_burst: None,
         }),
     )?)
 }
@@ -357,6 +359,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
                     check: CheckPatch::default(),
                     rate_limit: None,
                     burst: None,
+                    max_new_flows: None,
+                    new_flow_burst: None,
                 }),
             )?)?;
             report.maglev.push(Timing {
@@ -503,6 +507,8 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
         check: CheckSpec::default(),
         rate_limit: 0,
         burst: 0,
+        max_new_flows: 0,
+        new_flow_burst: 0,
         backends: backends
             .map(|i| BackendConfig {
                 address: fake_backend(i),

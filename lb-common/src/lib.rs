@@ -152,6 +152,12 @@ pub struct VipMeta {
     /// bursts up to `rate_burst_ns / rate_interval_ns + 1`; 0 means no limit.
     pub rate_interval_ns: u64,
     pub rate_burst_ns: u64,
+    /// Ceiling on new flows to this VIP from all sources together (checked after the
+    /// per-source limit), as a GCRA shared by every CPU (its state: `VIP_NEW_FLOW_TAT`):
+    /// one new flow per `new_flow_interval_ns`, bursts up to `new_flow_burst_ns /
+    /// new_flow_interval_ns + 1`; 0 means no ceiling.
+    pub new_flow_interval_ns: u64,
+    pub new_flow_burst_ns: u64,
 }
 
 /// New flows take ring entries by hash of the 5-tuple (Maglev) instead of in turn.
@@ -183,12 +189,36 @@ pub struct FlowKey {
 }
 
 /// The backend a flow is pinned to. The generation guards against a backend id being
-/// reused for another server after the one the flow was pinned to was removed.
+/// reused for another server after the one the flow was pinned to was removed. Its top
+/// bit is `FLOW_F_HANDSHAKE`, so compare generations through `FlowValue::generation`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowValue {
     pub backend_id: u32,
     pub backend_generation: u32,
+}
+
+/// Set in `FlowValue::backend_generation` of a flow a TCP SYN opened, until the flow's
+/// first packet that is not a SYN: a SYN that finds it set is a retransmission of the
+/// handshake and keeps its backend; a SYN that finds it clear reuses the ports of a
+/// connection past its handshake and is balanced afresh. Stolen from the generation,
+/// which keeps the value's 8 bytes (and pinned flow tables) as they were.
+pub const FLOW_F_HANDSHAKE: u32 = 1 << 31;
+/// The bits of a generation: the agent hands out generations below 2^31.
+pub const GENERATION_MASK: u32 = !FLOW_F_HANDSHAKE;
+
+impl FlowValue {
+    /// The backend's generation the flow was pinned at, without the handshake bit.
+    #[inline(always)]
+    pub const fn generation(&self) -> u32 {
+        self.backend_generation & GENERATION_MASK
+    }
+
+    /// Whether the flow was opened by a SYN and has seen no other packet yet.
+    #[inline(always)]
+    pub const fn in_handshake(&self) -> bool {
+        self.backend_generation & FLOW_F_HANDSHAKE != 0
+    }
 }
 
 /// A real server as the data plane needs it: where to send frames and how.
@@ -197,6 +227,7 @@ pub struct FlowValue {
 pub struct Backend {
     pub addr: Addr,
     /// Bumped each time the id is given to another server.
+    /// Below 2^31 (`GENERATION_MASK`): flows keep a bit beside it.
     pub generation: u32,
     /// The VIP this backend serves, so a restarted agent can adopt the pinned maps.
     pub vip_id: u32,
@@ -314,13 +345,18 @@ reasons! {
     DropRateLimited = "drop_rate_limited", Drop;
     /// ICMP to a VIP address that is neither an echo request nor an error about a flow.
     DropIcmp = "drop_icmp", Drop;
-    /// An ICMP error about a flow this balancer does not know.
+    /// An ICMP error about a flow this balancer does not know, or whose pinned backend no
+    /// longer keeps it (gone, failed, or its id given to another server): the server that
+    /// sent the quoted packet is not there to learn from it.
     DropIcmpNoFlow = "drop_icmp_no_flow", Drop;
     /// An ICMP echo request to a VIP address, answered from XDP (XDP_TX).
     IcmpEchoReply = "icmp_echo_reply", Reply;
     /// An ICMP error (e.g. fragmentation needed) about a flow, sent on to its backend so path
     /// MTU discovery works end to end.
     IcmpErrorForwarded = "icmp_error_forwarded", Forward;
+    /// New flows to this VIP from all sources together come faster than its ceiling
+    /// (`--max-new-flows`) allows. Last, so the counters of older reasons keep their index.
+    DropVipRateLimited = "drop_vip_rate_limited", Drop;
 }
 
 // Checked at compile time: the counters are indexed by discriminant, so `ALL` must hold
@@ -374,9 +410,10 @@ pub mod maps {
     pub const FIREWALL_V6: &str = "FIREWALL_V6";
     pub const FIREWALL_STATS: &str = "FIREWALL_STATS";
     pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    pub const VIP_NEW_FLOW_TAT: &str = "VIP_NEW_FLOW_TAT";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -393,6 +430,7 @@ pub mod maps {
         FIREWALL_V6,
         FIREWALL_STATS,
         RATE_LIMITS,
+        VIP_NEW_FLOW_TAT,
     ];
 }
 
@@ -553,5 +591,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<VipKey>(), 20);
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::size_of::<Backend>(), 48);
+        // Pinned flow tables outlive the agent: the flow value's size never changes.
+        assert_eq!(core::mem::size_of::<FlowValue>(), 8);
+        assert_eq!(core::mem::size_of::<VipMeta>(), 48);
     }
 }

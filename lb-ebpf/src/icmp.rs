@@ -177,25 +177,33 @@ fn quoted_flow(ctx: &XdpContext, pkt: &Packet) -> Result<FlowKey, Reason> {
     Ok(flow)
 }
 
-/// Sends an ICMP error on to the backend of the flow it is about: the pinned one, or for a
-/// hash-mode VIP the one the hash picks (a flow this balancer never saw, active-active).
-/// The flow table is not touched: an error never creates a flow.
+/// Sends an ICMP error on to the backend of the flow it is about: the pinned one if it
+/// still keeps the flow (the checks an established packet gets, so an error never reaches
+/// a server that took over a reused backend id), or for a hash-mode VIP without the flow
+/// the one the hash picks (a flow this balancer never saw, active-active). A flow pinned to
+/// a backend that no longer keeps it is dropped, not re-balanced: the server that sent
+/// the quoted packet is gone. The flow table is not touched: an error never creates a flow
+/// nor ends a handshake.
 #[inline(always)]
 fn error_to_backend(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
     let flow = quoted_flow(ctx, pkt)?;
     let vip = policy::service(&flow).ok_or(Reason::DropIcmpNoFlow)?;
-    // SAFETY: copied out at once; an LRU element stays valid for the rest of the run.
-    let backend_id = match FLOWS.get_ptr(&flow) {
-        Some(pinned) => unsafe { (*pinned).backend_id },
+    let backend = match FLOWS.get_ptr(&flow) {
+        Some(pinned) => {
+            // SAFETY: copied out at once; an LRU element stays valid for the rest of the run.
+            let pinned = unsafe { *pinned };
+            select::pinned_backend(&pinned).ok_or(Reason::DropIcmpNoFlow)?
+        }
         None if vip.flags & VIP_F_HASH != 0 => {
-            select::pick_from_ring(&flow, &vip).map_err(|_| Reason::DropIcmpNoFlow)?
+            let id = select::pick_from_ring(&flow, &vip).map_err(|_| Reason::DropIcmpNoFlow)?;
+            let backend = BACKENDS.get(id).ok_or(Reason::DropIcmpNoFlow)?;
+            if backend.flags & BACKEND_F_IN_USE == 0 {
+                return Err(Reason::DropIcmpNoFlow);
+            }
+            backend
         }
         None => return Err(Reason::DropIcmpNoFlow),
     };
-    let backend = *BACKENDS.get(backend_id).ok_or(Reason::DropIcmpNoFlow)?;
-    if backend.flags & BACKEND_F_IN_USE == 0 {
-        return Err(Reason::DropIcmpNoFlow);
-    }
-    let action = transmit::forward(ctx, &backend)?;
+    let action = transmit::forward(ctx, backend)?;
     Ok((action, Reason::IcmpErrorForwarded))
 }

@@ -1,10 +1,10 @@
 //! The data plane: one XDP program, a pipeline of small stages, one file each:
 //!
 //! - `parse`: Ethernet (one optional 802.1Q tag), IPv4/IPv6, TCP/UDP ports and flags;
-//! - `select`: the flow's pinned backend (first: an established flow needs nothing else),
-//!   or a new one from the VIP's ring;
+//! - `select`: the flow's pinned backend (first: an established flow needs nothing else,
+//!   nor does a SYN retransmitted during the handshake), or a new one from the VIP's ring;
 //! - `policy`: the drop list, whether the destination is a VIP address, which service
-//!   (VIP) it is for, the per-source limit of new flows;
+//!   (VIP) it is for, the per-source limit of new flows and the VIP's ceiling on them;
 //! - `transmit`: MAC rewrite, then XDP_TX or XDP_REDIRECT;
 //! - `icmp`: echo requests answered, errors about a flow sent on to its backend;
 //! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access.
@@ -63,8 +63,7 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let balanceable = transport.is_ok() && parse::has_ports(&pkt);
     if maybe_vip
         && balanceable
-        && !pkt.syn
-        && let Some((backend_id, backend)) = select::established(&pkt.flow)
+        && let Some((backend_id, backend)) = select::established(&pkt.flow, pkt.syn)
     {
         return forward(ctx, &pkt, backend.vip_id, backend_id, backend);
     }
@@ -85,7 +84,7 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
         return Err(Reason::DropClosedPort);
     };
-    let (backend_id, backend) = select::new_flow(&pkt.flow, &vip)?;
+    let (backend_id, backend) = select::new_flow(&pkt.flow, &vip, pkt.syn)?;
     forward(ctx, &pkt, vip.vip_id, backend_id, backend)
 }
 

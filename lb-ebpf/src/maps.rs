@@ -48,3 +48,7 @@ pub static FIREWALL_STATS: PerCpuArray<Counters> =
 #[map]
 pub static RATE_LIMITS: LruHashMap<RateKey, u64> =
     LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
+/// Per VIP, the theoretical arrival time of its next new flow under its ceiling (see
+/// `policy::vip_ceiling`); shared by every CPU, updated with compare-and-exchange.
+#[map]
+pub static VIP_NEW_FLOW_TAT: Array<u64> = Array::with_max_entries(MAX_VIPS, 0);

@@ -1,5 +1,7 @@
 //! Policy: the drop list (by source, for every IP packet), whether a destination is ours,
-//! which service a packet is for, and the per-source limit of new flows.
+//! which service a packet is for, the per-source limit of new flows and the VIP's ceiling.
+
+use core::arch::asm;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use lb_common::{
@@ -11,7 +13,7 @@ use crate::{
     count,
     maps::{
         DROP_FILTER, FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, VIP_ADDR_FILTER,
-        VIP_ADDRS, VIPS,
+        VIP_ADDRS, VIP_NEW_FLOW_TAT, VIPS,
     },
 };
 
@@ -118,4 +120,62 @@ pub fn rate_limit(flow: &FlowKey, vip: &VipMeta) -> Result<(), Reason> {
         }
     }
     Ok(())
+}
+
+/// The VIP's ceiling on new flows from all sources together, checked after the per-source
+/// limit, so that a flood from random sources (each within its own limit) costs the
+/// backends at most this many new flows a second. A GCRA like `rate_limit`, with its one
+/// timestamp per VIP shared by every CPU: over the ceiling a packet only reads it, so a
+/// flood bounces off a cache line that changes at most at the ceiling's rate; a flow let in
+/// moves it with one compare-and-exchange.
+#[inline(always)]
+pub fn vip_ceiling(vip: &VipMeta) -> Result<(), Reason> {
+    if vip.new_flow_interval_ns == 0 {
+        return Ok(());
+    }
+    let tat = VIP_NEW_FLOW_TAT
+        .get_ptr_mut(vip.vip_id)
+        .ok_or(Reason::DropVipRateLimited)?;
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: an array element, valid for the map's lifetime and 8-byte aligned, so the
+    // load is one instruction and sees a whole value.
+    let mut seen = unsafe { core::ptr::read_volatile(tat) };
+    // Another CPU may move the timestamp between the read and the exchange: try again
+    // with what it wrote, once; losing twice in a row means flows arrive as fast as CPUs
+    // can take them, and the flow is refused (the ceiling errs on the backends' side).
+    for _ in 0..2 {
+        let due = if seen > now { seen } else { now };
+        if due - now > vip.new_flow_burst_ns {
+            return Err(Reason::DropVipRateLimited);
+        }
+        // SAFETY: as above; the exchange is atomic.
+        let found = unsafe { cmpxchg(tat, seen, due + vip.new_flow_interval_ns) };
+        if found == seen {
+            return Ok(());
+        }
+        seen = found;
+    }
+    Err(Reason::DropVipRateLimited)
+}
+
+/// Atomic compare-and-exchange: stores `new` at `ptr` if it holds `expected`, and returns
+/// what it held. Written as assembly for the reason `select::fetch_add` gives; the
+/// instruction takes the expected value in r0 and leaves the old one there.
+///
+/// # Safety
+/// `ptr` must point to a u64 in map memory.
+#[inline(always)]
+unsafe fn cmpxchg(ptr: *mut u64, expected: u64, new: u64) -> u64 {
+    let mut old = expected;
+    unsafe {
+        asm!(
+            "r0 = cmpxchg_64({ptr} + 0, r0, {new})",
+            ptr = in(reg) ptr,
+            new = in(reg) new,
+            inout("r0") old,
+            options(nostack),
+        );
+    }
+    old
 }

@@ -4,8 +4,8 @@
 use core::arch::asm;
 
 use lb_common::{
-    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, Backend, FlowKey, FlowValue, Reason, VIP_F_HASH,
-    VipMeta, flow_hash,
+    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, Backend, FLOW_F_HANDSHAKE, FlowKey, FlowValue, Reason,
+    VIP_F_HASH, VipMeta, flow_hash,
 };
 
 use crate::{
@@ -14,37 +14,64 @@ use crate::{
     policy,
 };
 
-/// The backend an established flow is pinned to, if it still keeps flows (it is in use and
-/// healthy, also while it drains) and its id was not given to another server since. A
-/// removed or failed backend's flows find `None` and are balanced afresh by `new_flow`.
+/// The backend a flow is pinned to, if it still keeps flows (it is in use and healthy,
+/// also while it drains) and its id was not given to another server since. A removed or
+/// failed backend's flows find `None` and are balanced afresh by `new_flow`.
+///
+/// A SYN finds its flow only while the flow is in its handshake (a retransmitted SYN keeps
+/// its backend); a SYN for a flow past its handshake is a new connection reusing the
+/// ports, balanced afresh. The first other packet of a flow ends its handshake: one write,
+/// once per flow.
 #[inline(always)]
-pub fn established(flow: &FlowKey) -> Option<(u32, &'static Backend)> {
+pub fn established(flow: &FlowKey, syn: bool) -> Option<(u32, &'static Backend)> {
+    let entry = FLOWS.get_ptr_mut(flow)?;
     // SAFETY: the value is copied out at once; an LRU element stays valid for the rest of
     // the run (RCU), and a racing update rewrites both words of a value that was valid.
-    let pinned = unsafe { *FLOWS.get_ptr(flow)? };
+    let pinned = unsafe { *entry };
+    if syn && !pinned.in_handshake() {
+        return None;
+    }
+    let backend = pinned_backend(&pinned)?;
+    if !syn && pinned.in_handshake() {
+        // SAFETY: as above; one aligned 32-bit store, and a racing writer stores a value
+        // that is just as valid.
+        unsafe { (*entry).backend_generation = pinned.generation() };
+    }
+    Some((pinned.backend_id, backend))
+}
+
+/// The backend of a pinned flow, if it still keeps the flow: the one check of established
+/// packets and of ICMP errors about a flow.
+#[inline(always)]
+pub fn pinned_backend(pinned: &FlowValue) -> Option<&'static Backend> {
     let backend = BACKENDS.get(pinned.backend_id)?;
     let keep = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;
-    if backend.flags & keep == keep && backend.generation == pinned.backend_generation {
-        return Some((pinned.backend_id, backend));
+    if backend.flags & keep == keep && backend.generation == pinned.generation() {
+        return Some(backend);
     }
     None
 }
 
-/// A backend for a new flow (within the source's rate limit) from the VIP's ring, pinned in
-/// the flow table. A TCP SYN always comes here, even when its 5-tuple is still in the table
-/// (a client reusing a source port): it is a new connection, balanced afresh, so it never
-/// lands on a backend that drains or left the ring since.
+/// A backend for a new flow (within the source's rate limit and the VIP's ceiling) from
+/// the VIP's ring, pinned in the flow table; a flow opened by a SYN is marked as in its
+/// handshake (see `established`).
 #[inline(always)]
-pub fn new_flow(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, &'static Backend), Reason> {
+pub fn new_flow(
+    flow: &FlowKey,
+    vip: &VipMeta,
+    syn: bool,
+) -> Result<(u32, &'static Backend), Reason> {
     policy::rate_limit(flow, vip)?;
+    policy::vip_ceiling(vip)?;
     let backend_id = pick_from_ring(flow, vip)?;
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
     if backend.flags & BACKEND_F_IN_USE == 0 {
         return Err(Reason::DropNoBackend);
     }
+    let handshake = if syn { FLOW_F_HANDSHAKE } else { 0 };
     let pinned = FlowValue {
         backend_id,
-        backend_generation: backend.generation,
+        backend_generation: backend.generation | handshake,
     };
     // A full table evicts the least recently used flow; insert cannot fail otherwise.
     let _ = FLOWS.insert(flow, &pinned, 0);

@@ -8,6 +8,8 @@
 //! algo = "rr"                # or "maglev"
 //! rate_limit = 100           # new flows per second per source; 0 (default) = no limit
 //! burst = 200                # default: one second's worth
+//! max_new_flows = 5000       # new flows per second from all sources together; 0 = none
+//! new_flow_burst = 10000     # default (or 0): one second's worth
 //!
 //! [vip.check]                # optional; fields default to HAProxy's
 //! check = "http:/health"     # none | tcp | http:/PATH | tls | mysql[-primary|-replica] | pgsql | exec:/PATH
@@ -78,6 +80,11 @@ pub struct VipConfig {
     pub rate_limit: u32,
     #[serde(default, skip_serializing_if = "is_default")]
     pub burst: u32,
+    /// Ceiling on new flows per second from all sources together; 0 = none.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub max_new_flows: u32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub new_flow_burst: u32,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
 }
@@ -108,6 +115,12 @@ impl VipConfig {
         RateLimit {
             rate_limit: self.rate_limit,
             burst: self.burst,
+            max_new_flows: self.max_new_flows,
+            // Absent (0): one second's worth, as on the command line.
+            new_flow_burst: match self.new_flow_burst {
+                0 => self.max_new_flows,
+                b => b,
+            },
         }
     }
 }
@@ -314,18 +327,27 @@ mod tests {
             addr,
             prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
             prop_oneof![Just(Algo::Rr), Just(Algo::Maglev)],
-            0u32..3,
-            0u32..3,
+            (0u32..3, 0u32..3),
+            (0u32..3, 0u32..3),
             proptest::collection::vec(backend, 0..4),
         )
             .prop_map(
-                |(address, proto, algo, rate_limit, burst, backends)| VipConfig {
+                |(
+                    address,
+                    proto,
+                    algo,
+                    (rate_limit, burst),
+                    (max_new_flows, new_flow_burst),
+                    backends,
+                )| VipConfig {
                     address,
                     proto,
                     algo,
                     check: CheckSpec::default(),
                     rate_limit,
                     burst,
+                    max_new_flows,
+                    new_flow_burst,
                     backends,
                 },
             )
@@ -364,7 +386,7 @@ mod tests {
         #[test]
         fn parsing_near_misses_never_panics(
             lines in proptest::collection::vec(
-                r#"(\[\[vip\]\]|\[\[vip\.backend\]\]|\[firewall\]|\[vip\.check\]|(address|proto|algo|weight|backup|drain|rate_limit|burst|drop|check|rise|fall|interval_ms) = ("[0-9a-f.:/\[\]]{0,16}"|-?[0-9]{1,12}|true|\[\]|\{\}))"#,
+                r#"(\[\[vip\]\]|\[\[vip\.backend\]\]|\[firewall\]|\[vip\.check\]|(address|proto|algo|weight|backup|drain|rate_limit|burst|max_new_flows|new_flow_burst|drop|check|rise|fall|interval_ms) = ("[0-9a-f.:/\[\]]{0,16}"|-?[0-9]{1,12}|true|\[\]|\{\}))"#,
                 0..12,
             )
         ) {
@@ -407,6 +429,7 @@ address = "[fd00::1]:53"
 proto = "udp"
 rate_limit = 50
 burst = 100
+max_new_flows = 5000
 
 [firewall]
 drop = ["192.0.2.0/24", "2001:db8::/32"]
@@ -419,10 +442,7 @@ drop = ["192.0.2.0/24", "2001:db8::/32"]
         assert!(config.vips[0].backends[1].backup);
         assert_eq!(
             config.vips[1].rate(),
-            RateLimit {
-                rate_limit: 50,
-                burst: 100
-            }
+            RateLimit::new(50, Some(100)).with_ceiling(5000, Some(5000))
         );
         assert_eq!(config.firewall.drop.len(), 2);
         let again = Config::parse(&toml::to_string_pretty(&config).unwrap()).unwrap();
@@ -472,6 +492,12 @@ drop = ["192.0.2.0/24", "2001:db8::/32"]
         );
         let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nrate_limit = 10\nburst = 0\n";
         assert!(Config::parse(text).is_err());
+        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nnew_flow_burst = 10\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("line 2:") && err.contains("max new flows"),
+            "{err}"
+        );
     }
 
     #[test]

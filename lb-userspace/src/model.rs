@@ -84,22 +84,56 @@ pub fn check_weight(weight: u32) -> Result<()> {
     Ok(())
 }
 
-/// A per-source limit of new flows to a VIP (SYN and UDP floods): `rate_limit` new flows
-/// per second per source address, with bursts of up to `burst`; 0 means no limit.
+/// The limits on new flows to a VIP (SYN and UDP floods): `rate_limit` new flows per
+/// second per source address, with bursts of up to `burst`; and a ceiling for all sources
+/// together, `max_new_flows` a second with bursts of up to `new_flow_burst`, which holds
+/// when a flood comes from more sources than any per-source limit can tell apart. 0 means
+/// no limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RateLimit {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rate_limit: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub burst: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_new_flows: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub new_flow_burst: u32,
 }
 
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
+/// GCRA parameters of `rate` new flows a second with bursts of up to `burst`: the emission
+/// interval and the tolerance, in nanoseconds; (0, 0) for no limit.
+fn gcra_ns(rate: u32, burst: u32) -> (u64, u64) {
+    if rate == 0 {
+        return (0, 0);
+    }
+    let interval = (1_000_000_000 / rate as u64).max(1);
+    (interval, (burst.max(1) as u64 - 1) * interval)
+}
+
+/// One rate and its burst, checked the same way for the per-source limit and the ceiling.
+fn validate_rate(rate: u32, burst: u32, what: &str, burst_what: &str) -> Result<()> {
+    if rate > RateLimit::MAX_RATE {
+        bail!("{what} {rate} out of range 0..{}", RateLimit::MAX_RATE);
+    }
+    if rate > 0 && (burst == 0 || burst > RateLimit::MAX_RATE) {
+        bail!(
+            "{burst_what} {burst} out of range 1..{}",
+            RateLimit::MAX_RATE
+        );
+    }
+    if rate == 0 && burst != 0 {
+        bail!("a {burst_what} needs a {what} above 0");
+    }
+    Ok(())
+}
+
 impl RateLimit {
-    /// Most new flows per second per source one can ask for.
+    /// Most new flows per second one can ask for (per source, or as a VIP's ceiling).
     pub const MAX_RATE: u32 = 10_000_000;
 
     /// With a rate given and no burst, the burst is one second's worth.
@@ -107,33 +141,75 @@ impl RateLimit {
         Self {
             rate_limit,
             burst: burst.unwrap_or(if rate_limit > 0 { rate_limit } else { 0 }),
+            ..Self::default()
+        }
+    }
+
+    /// These limits with the ceiling for all sources together set to `max_new_flows` a
+    /// second; with no burst given, one second's worth.
+    pub fn with_ceiling(self, max_new_flows: u32, burst: Option<u32>) -> Self {
+        Self {
+            max_new_flows,
+            new_flow_burst: burst.unwrap_or(max_new_flows),
+            ..self
         }
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.rate_limit > Self::MAX_RATE {
-            bail!(
-                "rate limit {} out of range 0..{}",
-                self.rate_limit,
-                Self::MAX_RATE
-            );
-        }
-        if self.rate_limit > 0 && (self.burst == 0 || self.burst > Self::MAX_RATE) {
-            bail!("burst {} out of range 1..{}", self.burst, Self::MAX_RATE);
-        }
-        if self.rate_limit == 0 && self.burst != 0 {
-            bail!("a burst needs a rate limit");
-        }
-        Ok(())
+        validate_rate(self.rate_limit, self.burst, "rate limit", "burst")?;
+        validate_rate(
+            self.max_new_flows,
+            self.new_flow_burst,
+            "ceiling (max new flows)",
+            "new-flow burst",
+        )
     }
 
-    /// The data plane's form (see `lb_common::VipMeta`): emission interval and tolerance.
+    /// The data plane's form of the per-source limit (see `lb_common::VipMeta`): emission
+    /// interval and tolerance.
     pub fn gcra_ns(&self) -> (u64, u64) {
-        if self.rate_limit == 0 {
-            return (0, 0);
+        gcra_ns(self.rate_limit, self.burst)
+    }
+
+    /// The data plane's form of the VIP's ceiling, as `gcra_ns`.
+    pub fn ceiling_gcra_ns(&self) -> (u64, u64) {
+        gcra_ns(self.max_new_flows, self.new_flow_burst)
+    }
+}
+
+/// What `lb vip add` and `lb vip set` give of a VIP's limits on new flows: what is absent
+/// keeps its value (set) or stays 0 (add). A rate given without its burst takes one
+/// second's worth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RatePatch {
+    pub rate_limit: Option<u32>,
+    pub burst: Option<u32>,
+    pub max_new_flows: Option<u32>,
+    pub new_flow_burst: Option<u32>,
+}
+
+impl RatePatch {
+    pub fn apply(&self, current: &RateLimit) -> RateLimit {
+        let rate = match (self.rate_limit, self.burst) {
+            (None, None) => *current,
+            (Some(r), b) => RateLimit {
+                rate_limit: r,
+                burst: b.unwrap_or(r),
+                ..*current
+            },
+            (None, Some(b)) => RateLimit {
+                burst: b,
+                ..*current
+            },
+        };
+        match (self.max_new_flows, self.new_flow_burst) {
+            (None, None) => rate,
+            (Some(m), b) => rate.with_ceiling(m, b),
+            (None, Some(b)) => RateLimit {
+                new_flow_burst: b,
+                ..rate
+            },
         }
-        let interval = (1_000_000_000 / self.rate_limit as u64).max(1);
-        (interval, (self.burst as u64 - 1) * interval)
     }
 }
 
@@ -295,11 +371,12 @@ impl IdPool {
         }
     }
 
-    /// A free id and its new generation (1 on first use).
+    /// A free id and its new generation (1 on first use; below 2^31, as flows keep a bit
+    /// beside it: `lb_common::GENERATION_MASK`).
     pub fn take(&mut self) -> Option<(u32, u32)> {
         let id = self.free.pop()?;
         let generation = &mut self.generations[id as usize];
-        *generation = generation.wrapping_add(1).max(1);
+        *generation = (generation.wrapping_add(1) & lb_common::GENERATION_MASK).max(1);
         Some((id, *generation))
     }
 
@@ -582,7 +659,8 @@ mod tests {
         assert!(
             RateLimit {
                 rate_limit: 0,
-                burst: 5
+                burst: 5,
+                ..Default::default()
             }
             .validate()
             .is_err()
@@ -592,6 +670,72 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_vip_ceiling_becomes_gcra_parameters_and_is_validated_like_a_rate_limit() {
+        let r = RateLimit::new(10, None).with_ceiling(1000, None);
+        assert_eq!(r.new_flow_burst, 1000);
+        assert_eq!(r.ceiling_gcra_ns(), (1_000_000, 999_000_000));
+        assert_eq!(r.gcra_ns(), (100_000_000, 900_000_000));
+        assert_eq!(RateLimit::default().ceiling_gcra_ns(), (0, 0));
+        assert!(r.validate().is_ok());
+        let no_rate = RateLimit {
+            new_flow_burst: 5,
+            ..Default::default()
+        };
+        assert!(
+            no_rate
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max new flows")
+        );
+        assert!(
+            RateLimit::default()
+                .with_ceiling(10, Some(0))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            RateLimit::default()
+                .with_ceiling(RateLimit::MAX_RATE + 1, None)
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_rate_patch_changes_what_it_gives_and_keeps_the_rest() {
+        let current = RateLimit::new(10, Some(20)).with_ceiling(1000, Some(50));
+        assert_eq!(RatePatch::default().apply(&current), current);
+        let ceiling = RatePatch {
+            max_new_flows: Some(500),
+            ..Default::default()
+        };
+        assert_eq!(
+            ceiling.apply(&current),
+            RateLimit::new(10, Some(20)).with_ceiling(500, None)
+        );
+        let off = RatePatch {
+            max_new_flows: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(off.apply(&current), RateLimit::new(10, Some(20)));
+        let per_source = RatePatch {
+            rate_limit: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(
+            per_source.apply(&current),
+            RateLimit::new(5, None).with_ceiling(1000, Some(50))
+        );
+        let burst_only = RatePatch {
+            new_flow_burst: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(burst_only.apply(&current).new_flow_burst, 7);
+        assert_eq!(burst_only.apply(&current).max_new_flows, 1000);
     }
 
     #[test]
@@ -652,6 +796,10 @@ mod tests {
         assert_eq!(pool.take(), Some((0, 6)), "past the seeded generation");
         assert_eq!(pool.take(), Some((1, 1)));
         assert_eq!(pool.take(), Some((3, 1)));
+        // Generations stay below the flow table's handshake bit: past it, they wrap to 1.
+        pool.give_back(0);
+        pool.seed(0, lb_common::GENERATION_MASK);
+        assert_eq!(pool.take(), Some((0, 1)));
     }
 
     fn member(id: u32, weight: u32) -> RingMember {

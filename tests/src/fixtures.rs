@@ -19,8 +19,9 @@ use std::{
 };
 
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpHeaders, IpNumber, Ipv4Header,
-    Ipv6Extensions, Ipv6FlowLabel, Ipv6Header, PacketBuilder, VlanId,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, Icmpv6Type, IpHeaders, IpNumber,
+    Ipv4Header, Ipv6Extensions, Ipv6FlowLabel, Ipv6Header, PacketBuilder, VlanId,
+    icmpv4::DestUnreachableHeader,
 };
 use lb::datapath::Datapath;
 use lb_common::{
@@ -348,6 +349,59 @@ pub fn arp_request(sender: [u8; 4], target: [u8; 4], vlan: Option<u16>) -> Vec<u
             .arp(arp)
             .write(&mut out),
         None => eth.arp(arp).write(&mut out),
+    }
+    .unwrap();
+    out
+}
+
+/// An ICMP error from a router on the path (`from`) about a packet a backend sent for the
+/// flow client -> VIP: the quote is the backend's packet, VIP -> client (fragmentation
+/// needed over IPv4, packet too big over IPv6).
+pub fn icmp_error(from: IpAddr, client: SocketAddr, vip: SocketAddr, proto: u8) -> Vec<u8> {
+    let mut quoted = Vec::new();
+    let b = PacketBuilder::ip(match (vip.ip(), client.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
+            Ipv4Header::new(0, 64, IpNumber(proto), s.octets(), d.octets()).unwrap(),
+            Default::default(),
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
+            Ipv6Header {
+                next_header: IpNumber(proto),
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+                ..Default::default()
+            },
+            Default::default(),
+        ),
+        _ => panic!("mixed address families: {client} -> {vip}"),
+    });
+    if proto == PROTO_TCP {
+        b.tcp(vip.port(), client.port(), 1, 1000)
+            .write(&mut quoted, &[0; 64])
+            .unwrap();
+    } else {
+        b.udp(vip.port(), client.port())
+            .write(&mut quoted, &[0; 64])
+            .unwrap();
+    }
+    // Routers quote the IP header and at least eight bytes of what follows.
+    let l3 = if vip.is_ipv4() { 20 } else { 40 };
+    quoted.truncate(l3 + 8);
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
+    let mut out = Vec::new();
+    match (from, vip.ip()) {
+        (IpAddr::V4(f), IpAddr::V4(v)) => eth
+            .ipv4(f.octets(), v.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+            ))
+            .write(&mut out, &quoted),
+        (IpAddr::V6(f), IpAddr::V6(v)) => eth
+            .ipv6(f.octets(), v.octets(), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1400 })
+            .write(&mut out, &quoted),
+        _ => panic!("mixed address families: {from} -> {vip}"),
     }
     .unwrap();
     out

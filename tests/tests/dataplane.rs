@@ -14,8 +14,8 @@ use etherparse::{
     Ipv6RawExtHeader, PacketBuilder, VlanId,
 };
 use lb_common::{
-    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, Backend, Counters, FlowValue, PROTO_TCP, PROTO_UDP,
-    Reason, VIP_F_HASH, flow_hash,
+    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, Backend, Counters, FLOW_F_HANDSHAKE, FlowValue,
+    Outcome, PROTO_TCP, PROTO_UDP, Reason, VIP_F_HASH, VipMeta, flow_hash,
 };
 use lb_tests::fixtures::*;
 use proptest::{
@@ -236,11 +236,15 @@ fn established_flows_survive_a_syn_flood_five_times_the_flow_table() {
     fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2]);
     let busy = Pkt::tcp(client4(40001), vip4(80));
     let idle = Pkt::tcp(client4(40002), vip4(80));
+    // The idle flow opens with a full handshake, its SYN retransmitted once: a flow that
+    // leaves its handshake must be as safe from the flood as one that never had one.
+    let idle_syn = idle.clone().flags(TCP_SYN).payload(&[]);
     fx.run_all(&[
         Case::new("busy, first", busy.build(), Expect::tx(0, 1, true)),
-        Case::new("idle, first", idle.build(), Expect::tx(0, 2, true)),
+        Case::new("idle, syn", idle_syn.build(), Expect::tx(0, 2, true)),
+        Case::new("idle, syn again", idle_syn.build(), Expect::tx(0, 2, false)),
         Case::new("busy, second", busy.build(), Expect::tx(0, 1, false)),
-        Case::new("idle, second", idle.build(), Expect::tx(0, 2, false)),
+        Case::new("idle, ack", idle.build(), Expect::tx(0, 2, false)),
     ]);
     let flood = 5 * TABLE;
     for i in 0..flood {
@@ -426,6 +430,357 @@ fn hash_mode_takes_the_ring_entry_the_flow_hashes_to() {
         seen[1..].iter().all(|&n| n > 0),
         "32 flows should reach all three: {seen:?}"
     );
+}
+
+// ---- the handshake: retransmitted SYNs -------------------------------------------------------
+
+fn in_handshake(backend_id: u32, backend_generation: u32) -> Option<FlowValue> {
+    Some(FlowValue {
+        backend_id,
+        backend_generation: backend_generation | FLOW_F_HANDSHAKE,
+    })
+}
+
+/// A SYN retransmitted while the handshake is under way (the SYN-ACK was lost or slow) goes
+/// where the first one went: round robin would send it to the next backend, which would
+/// answer the client's ACK of the first backend's SYN-ACK with a reset.
+#[test]
+fn a_retransmitted_syn_keeps_the_backend_of_its_handshake() {
+    let mut fx = Fixture::new();
+    for id in 1..=3 {
+        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
+    }
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3]);
+    fx.backend(4, ip("fd01::4"), TEST_RUN_IFINDEX);
+    fx.backend(5, ip("fd01::5"), TEST_RUN_IFINDEX);
+    fx.vip(vip6(443), PROTO_TCP, 1, 8, &[4, 5]);
+    let a = Pkt::tcp(client4(40001), vip4(80));
+    let b = Pkt::tcp(client4(40002), vip4(80));
+    let c = Pkt::tcp(client6(40003), vip6(443));
+    let syn = |p: &Pkt| p.clone().flags(TCP_SYN).payload(&[]).build();
+    fx.run_all(&[
+        Case::new("a syn", syn(&a), Expect::tx(0, 1, true)),
+        Case::new("a syn retransmitted", syn(&a), Expect::tx(0, 1, false)),
+        Case::new("b syn", syn(&b), Expect::tx(0, 2, true)),
+        Case::new("a syn, twice", syn(&a), Expect::tx(0, 1, false)),
+        Case::new("c syn", syn(&c), Expect::tx(1, 4, true)),
+        Case::new("c syn retransmitted", syn(&c), Expect::tx(1, 4, false)),
+    ]);
+    assert_eq!(fx.dp.flow(&a.flow_key()), in_handshake(1, 1));
+    // The client's ACK ends the handshake; the flow is then like any other.
+    fx.run_all(&[
+        Case::new("a ack", a.build(), Expect::tx(0, 1, false)),
+        Case::new("c ack", c.build(), Expect::tx(1, 4, false)),
+    ]);
+    assert_eq!(fx.dp.flow(&a.flow_key()), pinned(1, 1));
+    assert_eq!(fx.dp.flow(&c.flow_key()), pinned(4, 1));
+    // A SYN after that is a new connection reusing the ports: balanced afresh (the cursor
+    // stands at 3 after a and b), and in its own handshake again.
+    fx.run_all(&[
+        Case::new("a's ports reused", syn(&a), Expect::tx(0, 3, true)),
+        Case::new("its retransmission", syn(&a), Expect::tx(0, 3, false)),
+        Case::new("c's ports reused", syn(&c), Expect::tx(1, 5, true)),
+    ]);
+    assert_eq!(fx.dp.flow(&a.flow_key()), in_handshake(3, 1));
+    // UDP and TCP flows opened by other packets have no handshake to keep.
+    fx.backend(6, ip("10.1.0.6"), TEST_RUN_IFINDEX);
+    fx.vip(vip4(53), PROTO_UDP, 2, 16, &[6]);
+    let u = Pkt::udp(client4(40004), vip4(53));
+    let d = Pkt::tcp(client4(40005), vip4(80));
+    fx.run_all(&[
+        Case::new("udp", u.build(), Expect::tx(2, 6, true)),
+        Case::new("tcp ack first", d.build(), Expect::tx(0, 1, true)),
+        Case::new("then a syn", syn(&d), Expect::tx(0, 2, true)),
+    ]);
+    assert_eq!(fx.dp.flow(&u.flow_key()), pinned(6, 1));
+}
+
+/// A retransmitted SYN keeps its backend only while that backend keeps flows: one that is
+/// draining still finishes the handshakes it began; one that failed, left, or whose id now
+/// names another server does not, and the SYN is balanced afresh.
+#[test]
+fn a_retransmitted_syn_follows_its_backend_only_while_it_keeps_flows() {
+    let mut fx = Fixture::new();
+    for id in 1..=4 {
+        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
+    }
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3, 4]);
+    let flow = |sport| Pkt::tcp(client4(sport), vip4(80)).flags(TCP_SYN);
+    let (a, b, c, d) = (flow(40001), flow(40002), flow(40003), flow(40004));
+    fx.run_all(&[
+        Case::new("a syn", a.build(), Expect::tx(0, 1, true)),
+        Case::new("b syn", b.build(), Expect::tx(0, 2, true)),
+        Case::new("c syn", c.build(), Expect::tx(0, 3, true)),
+        Case::new("d syn", d.build(), Expect::tx(0, 4, true)),
+    ]);
+    // 1 drains (out of the ring, keeps flows); 2 fails its checks (in use, keeps no flows);
+    // 3 is removed; 4's id is given to another server.
+    fx.update_backend(2, |b| b.flags &= !BACKEND_F_KEEP_FLOWS);
+    fx.update_backend(3, |b| b.flags = 0);
+    fx.update_backend(4, |b| {
+        b.generation = 2;
+        b.mac = [0x02, 0xbe, 0x00, 0x00, 0x44, 0x44];
+    });
+    fx.vip(vip4(80), PROTO_TCP, 0, 16, &[4]);
+    fx.run_all(&[
+        Case::new("a: to draining 1", a.build(), Expect::tx(0, 1, false)),
+        Case::new("b: afresh", b.build(), Expect::tx(0, 4, true)),
+        Case::new("c: afresh", c.build(), Expect::tx(0, 4, true)),
+        Case::new("d: afresh, new server", d.build(), Expect::tx(0, 4, true)),
+    ]);
+    assert_eq!(fx.dp.flow(&a.flow_key()), in_handshake(1, 1));
+    assert_eq!(fx.dp.flow(&d.flow_key()), in_handshake(4, 2));
+}
+
+// ---- ICMP errors about a flow ------------------------------------------------------------------
+
+/// An ICMP error about a flow goes to the flow's backend only while that backend keeps the
+/// flow, as an established packet would: never to a server that took over the backend's id,
+/// nor to one that failed or left. Such an error is dropped, not re-balanced: the server
+/// that sent the quoted packet is no longer there.
+#[test]
+fn icmp_errors_reach_a_pinned_backend_only_while_it_keeps_the_flow() {
+    let mut fx = Fixture::new();
+    for id in 1..=3 {
+        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
+    }
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3]);
+    fx.backend(4, ip("fd01::4"), TEST_RUN_IFINDEX);
+    fx.vip_with_flags(vip6(53), PROTO_UDP, 1, 8, &[4], VIP_F_HASH);
+    let router4 = ip("192.0.2.254");
+    let router6 = ip("2001:db8::fe");
+    let (a, b, c) = (client4(40001), client4(40002), client4(40003));
+    let u = client6(40004);
+    fx.run_all(&[
+        Case::new("a", Pkt::tcp(a, vip4(80)).build(), Expect::tx(0, 1, true)),
+        Case::new("b", Pkt::tcp(b, vip4(80)).build(), Expect::tx(0, 2, true)),
+        Case::new("c", Pkt::tcp(c, vip4(80)).build(), Expect::tx(0, 3, true)),
+        Case::new("u", Pkt::udp(u, vip6(53)).build(), Expect::tx(1, 4, true)),
+    ]);
+    // 1's id now names another server; 2 failed its checks; 3 is removed; 4's id now
+    // names another server too (a hash-mode VIP: its flow is pinned all the same).
+    fx.update_backend(1, |b| {
+        b.generation = 2;
+        b.addr = addr(ip("10.1.0.99"));
+        b.mac = [0x02, 0xbe, 0x00, 0x00, 0x99, 0x99];
+    });
+    fx.update_backend(2, |b| b.flags &= !BACKEND_F_KEEP_FLOWS);
+    fx.update_backend(3, |b| b.flags = 0);
+    fx.update_backend(4, |b| b.generation = 2);
+    let gone = Expect::Drop(Reason::DropIcmpNoFlow);
+    fx.run_all(&[
+        Case::new(
+            "about a, whose backend id was reused",
+            icmp_error(router4, a, vip4(80), PROTO_TCP),
+            gone,
+        ),
+        Case::new(
+            "about b, whose backend failed",
+            icmp_error(router4, b, vip4(80), PROTO_TCP),
+            gone,
+        ),
+        Case::new(
+            "about c, whose backend left",
+            icmp_error(router4, c, vip4(80), PROTO_TCP),
+            gone,
+        ),
+        Case::new(
+            "about u, hash mode, backend id reused",
+            icmp_error(router6, u, vip6(53), PROTO_UDP),
+            gone,
+        ),
+    ]);
+    // The errors changed no flow: a's next packet is re-balanced as before.
+    assert_eq!(fx.dp.flow(&flow_key(a, vip4(80), PROTO_TCP)), pinned(1, 1));
+    // Once a's flow is pinned anew (to the server now behind id 1), its errors go there.
+    fx.run_all(&[
+        Case::new(
+            "a re-pinned",
+            Pkt::tcp(a, vip4(80)).build(),
+            Expect::tx(0, 1, true),
+        ),
+        Case::new(
+            "about a, re-pinned",
+            icmp_error(router4, a, vip4(80), PROTO_TCP),
+            Expect::ForwardIcmp {
+                action: XDP_TX,
+                backend: 1,
+            },
+        ),
+    ]);
+}
+
+// ---- the VIP's ceiling on new flows ------------------------------------------------------------
+
+/// A VIP with a ceiling of `burst` new flows at once (then one per 1,000 s: the test runs well
+/// inside that), as the agent writes it from `max_new_flows`/`new_flow_burst`, and an optional
+/// per-source limit of `per_source_burst` (also one per 1,000 s after it).
+fn ceiling_meta(vip_id: u32, burst: u64, per_source_burst: Option<u64>) -> VipMeta {
+    const INTERVAL: u64 = 1_000_000_000_000;
+    VipMeta {
+        vip_id,
+        new_flow_interval_ns: INTERVAL,
+        new_flow_burst_ns: (burst - 1) * INTERVAL,
+        rate_interval_ns: per_source_burst.map_or(0, |_| INTERVAL),
+        rate_burst_ns: per_source_burst.map_or(0, |b| (b - 1) * INTERVAL),
+        ..Default::default()
+    }
+}
+
+/// Per-source limits let through a flood from random sources (each new source is within
+/// its own limit); the VIP's ceiling counts all sources together, after the per-source
+/// limit, so a source over its own limit uses none of the VIP's allowance. Established
+/// flows and retransmitted SYNs are not new flows: the ceiling never drops them.
+#[test]
+fn a_vip_ceiling_caps_new_flows_from_all_sources_and_spares_established_ones() {
+    let mut fx = Fixture::new();
+    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
+    fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
+    fx.backend(3, ip("fd01::3"), TEST_RUN_IFINDEX);
+    fx.vip_with_meta(vip4(80), PROTO_TCP, &[1, 2], ceiling_meta(0, 3, Some(1)));
+    let v6 = VipMeta {
+        ring_off: 8,
+        ..ceiling_meta(1, 2, None)
+    };
+    fx.vip_with_meta(vip6(53), PROTO_UDP, &[3], v6);
+    // Another VIP without a ceiling, on the same backends' address.
+    fx.backend(4, ip("10.1.0.1"), TEST_RUN_IFINDEX);
+    fx.vip(vip4(8080), PROTO_TCP, 2, 16, &[4]);
+    let syn = |src: &str| Pkt::tcp(sa(src), vip4(80)).flags(TCP_SYN);
+    let ceiling = Expect::Drop(Reason::DropVipRateLimited);
+    let (a, b, c) = (
+        syn("198.18.0.1:1000"),
+        syn("198.18.0.2:1000"),
+        syn("198.18.0.3:1000"),
+    );
+    fx.run_all(&[
+        Case::new("a: new", a.build(), Expect::tx(0, 1, true)),
+        // Over its own limit: dropped before the ceiling is asked.
+        Case::new(
+            "a: second new flow",
+            syn("198.18.0.1:1001").build(),
+            Expect::Drop(Reason::DropRateLimited),
+        ),
+        Case::new("b: new", b.build(), Expect::tx(0, 2, true)),
+        Case::new("a: syn retransmitted", a.build(), Expect::tx(0, 1, false)),
+        Case::new(
+            "c: new, the last of the burst",
+            c.build(),
+            Expect::tx(0, 1, true),
+        ),
+        Case::new(
+            "d: new, over the ceiling",
+            syn("198.18.0.4:1000").build(),
+            ceiling,
+        ),
+        Case::new(
+            "e: new, over the ceiling",
+            syn("198.18.0.5:1000").build(),
+            ceiling,
+        ),
+        Case::new("b: syn retransmitted", b.build(), Expect::tx(0, 2, false)),
+        Case::new(
+            "a: ack",
+            a.clone().flags(TCP_ACK).build(),
+            Expect::tx(0, 1, false),
+        ),
+        Case::new(
+            "c: ack",
+            c.clone().flags(TCP_ACK).build(),
+            Expect::tx(0, 1, false),
+        ),
+        // Each VIP has its own ceiling, and one without any takes everything.
+        Case::new(
+            "udp v6: new",
+            Pkt::udp(client6(1), vip6(53)).build(),
+            Expect::tx(1, 3, true),
+        ),
+        Case::new(
+            "udp v6: new",
+            Pkt::udp(client6(2), vip6(53)).build(),
+            Expect::tx(1, 3, true),
+        ),
+        Case::new(
+            "udp v6: new, over the ceiling",
+            Pkt::udp(client6(3), vip6(53)).build(),
+            ceiling,
+        ),
+        Case::new(
+            "udp v6: the first flow again",
+            Pkt::udp(client6(1), vip6(53)).build(),
+            Expect::tx(1, 3, false),
+        ),
+        Case::new(
+            "no ceiling",
+            Pkt::tcp(sa("198.18.0.6:1000"), vip4(8080))
+                .flags(TCP_SYN)
+                .build(),
+            Expect::tx(2, 4, true),
+        ),
+    ]);
+    // A refused flow pinned nothing.
+    assert_eq!(fx.dp.flow(&syn("198.18.0.4:1000").flow_key()), None);
+}
+
+/// A random-source SYN flood against a VIP with a ceiling: the backends see exactly the
+/// ceiling's burst of new flows, the rest is dropped and counted, and flows established
+/// before the flood keep their backends throughout.
+#[test]
+fn a_random_source_syn_flood_costs_the_backends_at_most_the_vip_ceiling() {
+    const BURST: u64 = 100;
+    const FLOOD: u32 = 2_000;
+    let mut fx = Fixture::new();
+    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
+    fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
+    // A per-source limit too: it cannot tell a flood of random sources apart.
+    fx.vip_with_meta(
+        vip4(80),
+        PROTO_TCP,
+        &[1, 2],
+        ceiling_meta(0, BURST, Some(5)),
+    );
+    let busy = Pkt::tcp(client4(40001), vip4(80));
+    let idle = Pkt::tcp(client4(40002), vip4(80));
+    fx.run_all(&[
+        Case::new("busy, first", busy.build(), Expect::tx(0, 1, true)),
+        Case::new("idle, first", idle.build(), Expect::tx(0, 2, true)),
+    ]);
+    let before = fx.reasons();
+    let mut admitted = 0;
+    for i in 0..FLOOD {
+        let src = SocketAddr::new(std::net::Ipv4Addr::from(0xc612_0000 + i).into(), 1024);
+        let (action, _) = fx
+            .dp
+            .test_run(&Pkt::tcp(src, vip4(80)).flags(TCP_SYN).build())
+            .expect("BPF_PROG_TEST_RUN");
+        match action {
+            XDP_TX => admitted += 1,
+            XDP_DROP => {}
+            other => panic!("flood SYN {i}: action {other}"),
+        }
+        if i % 100 == 0 {
+            fx.run(&Case::new(
+                "busy, during the flood",
+                busy.build(),
+                Expect::tx(0, 1, false),
+            ));
+        }
+    }
+    // The two flows above were the first two of the burst.
+    assert_eq!(admitted, BURST - 2);
+    let after = fx.reasons();
+    let moved = |r: Reason| after[r as usize].packets - before[r as usize].packets;
+    assert_eq!(
+        moved(Reason::DropVipRateLimited),
+        u64::from(FLOOD) - admitted
+    );
+    assert_eq!(moved(Reason::DropRateLimited), 0);
+    assert_eq!(fx.dp.vip_counters(0).unwrap().new_flows, BURST);
+    fx.run(&Case::new(
+        "idle, after the flood",
+        idle.build(),
+        Expect::tx(0, 2, false),
+    ));
 }
 
 // ---- egress: XDP_TX, XDP_REDIRECT --------------------------------------------------------------
@@ -1159,6 +1514,15 @@ fn seed_frames() -> Vec<Vec<u8>> {
         arp_request([192, 0, 2, 1], ip4(VIP4), None),
         cut_l4(Pkt::tcp(client4(40000), vip4(80)).build(), 10),
         cut_l4(Pkt::udp(client6(40000), vip6(53)).build(), 5),
+        Pkt::tcp(client4(40002), vip4(80))
+            .flags(TCP_SYN)
+            .payload(&[])
+            .build(),
+        Pkt::tcp(client4(40000), vip4(7000)).flags(TCP_SYN).build(),
+        Pkt::tcp(client4(40000), vip4(9999)).build(),
+        Pkt::tcp(sa("198.51.100.7:4000"), vip4(80)).build(),
+        icmp_error(ip("192.0.2.254"), client4(40000), vip4(80), PROTO_TCP),
+        icmp_error(ip("2001:db8::fe"), client6(40000), vip6(53), PROTO_UDP),
     ]
 }
 
@@ -1257,8 +1621,42 @@ fn addressed_vip_address(frame: &[u8], vips: &[(SocketAddr, u8, &[u32])]) -> boo
     destination(frame).is_some_and(|(dst, _, _)| vips.iter().any(|(vip, _, _)| vip.ip() == dst))
 }
 
+/// Where a frame comes from: the source address of an untagged or 802.1Q IP frame.
+fn source(frame: &[u8]) -> Option<IpAddr> {
+    let (ether_type, l3) = match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x8100 => (u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]), 18),
+        t => (t, 14),
+    };
+    match ether_type {
+        0x0800 => Some(
+            <[u8; 4]>::try_from(frame.get(l3 + 12..l3 + 16)?)
+                .ok()?
+                .into(),
+        ),
+        0x86dd => Some(
+            <[u8; 16]>::try_from(frame.get(l3 + 8..l3 + 24)?)
+                .ok()?
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// Whether a frame is ICMP or ICMPv6 to a VIP's address (an error about a flow is sent on
+/// to the flow's backend, so it meets the outcomes of forwarding).
+fn icmp_to_vip_address(frame: &[u8], vips: &[(SocketAddr, u8, &[u32])]) -> bool {
+    destination(frame).is_some_and(|(dst, proto, _)| {
+        matches!(proto, 1 | 58) && vips.iter().any(|(vip, _, _)| vip.ip() == dst)
+    })
+}
+
+/// The property: 100,000 random and mutated frames a run, each checked as it comes for the
+/// one reason it was counted under and what that reason means for its action and bytes;
+/// then every counter must add up over the whole run. Each run of the program costs one
+/// test run and one read of the reason counters (the previous read is the next "before").
 #[test]
 fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_changed() {
+    const CASES: u32 = 100_000;
     let mut fx = Fixture::new();
     fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
     fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
@@ -1278,7 +1676,8 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
             ..unresolved
         },
     );
-    let vips: [(SocketAddr, u8, &[u32]); 7] = [
+    fx.backend(6, ip("10.1.0.6"), TEST_RUN_IFINDEX);
+    let vips: [(SocketAddr, u8, &[u32]); 8] = [
         (vip4(80), PROTO_TCP, &[1, 2]),
         (vip4(53), PROTO_UDP, &[2]),
         (vip6(443), PROTO_TCP, &[3]),
@@ -1286,27 +1685,45 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
         (vip4(8080), PROTO_TCP, &[4]),
         (vip6(8443), PROTO_TCP, &[5]),
         (vip4(9000), PROTO_TCP, &[]),
+        // Limited: 20 new flows per source, 50 for the VIP, then one per 1,000 s.
+        (vip4(7000), PROTO_TCP, &[6]),
     ];
+    let limited = vip4(7000);
     for (i, (vip, proto, ring)) in vips.iter().enumerate() {
-        fx.vip(*vip, *proto, i as u32, i as u32 * 8, ring);
+        let meta = VipMeta {
+            vip_id: i as u32,
+            ring_off: i as u32 * 8,
+            ..if *vip == limited {
+                ceiling_meta(i as u32, 50, Some(20))
+            } else {
+                VipMeta::default()
+            }
+        };
+        fx.vip_with_meta(*vip, *proto, ring, meta);
     }
+    let listed: ipnet::IpNet = "198.51.100.0/24".parse().unwrap();
+    fx.dp.set_firewall_rule(&listed, 3).unwrap();
 
     let fx = RefCell::new(fx);
     let runs = Cell::new(0u64);
+    let bytes = Cell::new(0u64);
+    let last = RefCell::new(fx.borrow().reasons());
     let mut runner = TestRunner::new(Config {
-        cases: 4000,
+        cases: CASES,
         failure_persistence: None,
         ..Config::default()
     });
+    let started = std::time::Instant::now();
     let result = runner.run(&frames(), |frame| {
         let mut fx = fx.borrow_mut();
-        let before = fx.reasons();
         let (action, out) = fx
             .dp
             .test_run(&frame)
             .map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
         runs.set(runs.get() + 1);
+        bytes.set(bytes.get() + frame.len() as u64);
         let after = fx.reasons();
+        let before = last.replace(after.clone());
 
         // Exactly one reason counted, by one packet and the frame's length.
         let moved: Vec<Reason> = Reason::ALL
@@ -1321,56 +1738,23 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
             (1, frame.len() as u64)
         );
 
+        // The reason's outcome is the action (no backend here sits behind a port in the
+        // devmap, so forwarding is XDP_TX).
+        let want = match reason.outcome() {
+            Outcome::Forward | Outcome::Reply => XDP_TX,
+            stop => stop.stop_action(),
+        };
+        prop_assert_eq!(action, want, "action for {:?}", reason);
+        // Passed frames reach the host as they came (a dropped frame's bytes go nowhere).
+        if action == XDP_PASS {
+            prop_assert_eq!(&out, &frame, "{:?} changed the frame", reason);
+        }
         let addressed = addressed_vip(&frame, &vips);
-        match action {
-            XDP_PASS => {
-                prop_assert!(
-                    matches!(
-                        reason,
-                        Reason::PassNotIp | Reason::PassNotVip | Reason::PassNoNeigh
-                    ),
-                    "{:?}",
-                    reason
-                );
-                prop_assert_eq!(&out, &frame, "passed frames are untouched");
-                if reason == Reason::PassNoNeigh {
-                    prop_assert_eq!(addressed, Some(vec![5]));
-                }
-            }
-            XDP_DROP => {
-                prop_assert!(
-                    !matches!(
-                        reason,
-                        Reason::Forwarded
-                            | Reason::PassNotIp
-                            | Reason::PassNotVip
-                            | Reason::PassNoNeigh
-                    ),
-                    "{:?}",
-                    reason
-                );
-                match reason {
-                    Reason::DropRedirectFailed => prop_assert_eq!(addressed, Some(vec![4])),
-                    Reason::DropNoBackend => prop_assert_eq!(addressed, Some(vec![])),
-                    _ => {}
-                }
-            }
-            XDP_TX if reason == Reason::IcmpEchoReply => {
-                // Answered in place: back to the sender, the same length.
-                prop_assert_eq!(out.len(), frame.len());
-                prop_assert_eq!(&out[0..6], &frame[6..12], "reply goes to the sender's MAC");
-                prop_assert_eq!(&out[6..12], &frame[0..6]);
-                prop_assert!(
-                    addressed_vip_address(&frame, &vips),
-                    "echo reply for no VIP address"
-                );
-            }
-            XDP_TX => {
-                prop_assert!(
-                    matches!(reason, Reason::Forwarded | Reason::IcmpErrorForwarded),
-                    "{:?}",
-                    reason
-                );
+        let to_vip_address = addressed_vip_address(&frame, &vips);
+        let icmp_to_vip = icmp_to_vip_address(&frame, &vips);
+        // What each reason means, one arm each: a new reason has to say what it means here.
+        match reason {
+            Reason::Forwarded | Reason::IcmpErrorForwarded => {
                 prop_assert_eq!(out.len(), frame.len());
                 prop_assert_eq!(&out[12..], &frame[12..], "only the MACs change");
                 let backend = fx
@@ -1393,35 +1777,102 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
                         id,
                         ring
                     );
+                } else {
+                    prop_assert!(icmp_to_vip, "an ICMP error forwarded for no VIP address");
                 }
             }
-            // No backend here sits behind a port in the devmap.
-            other => prop_assert!(false, "unexpected XDP action {}", other),
+            Reason::IcmpEchoReply => {
+                // Answered in place: back to the sender, the same length.
+                prop_assert_eq!(out.len(), frame.len());
+                prop_assert_eq!(&out[0..6], &frame[6..12], "reply goes to the sender's MAC");
+                prop_assert_eq!(&out[6..12], &frame[0..6]);
+                prop_assert!(icmp_to_vip, "echo reply for no VIP address");
+            }
+            Reason::PassNotIp | Reason::PassNotVip => {}
+            Reason::PassNoNeigh => {
+                prop_assert!(addressed == Some(vec![5]) || icmp_to_vip, "{:?}", addressed);
+            }
+            Reason::DropRedirectFailed => {
+                prop_assert!(addressed == Some(vec![4]) || icmp_to_vip, "{:?}", addressed);
+            }
+            Reason::DropNoBackend => prop_assert_eq!(addressed, Some(vec![])),
+            Reason::DropRateLimited | Reason::DropVipRateLimited => {
+                let (dst, _, l4) = destination(&frame).unwrap();
+                let dport = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+                prop_assert_eq!(SocketAddr::new(dst, dport), limited);
+            }
+            Reason::DropFirewall => {
+                prop_assert!(source(&frame).is_some_and(|s| listed.contains(&s)));
+            }
+            // Judged on what the parser saw, which may be less than the frame says.
+            Reason::DropTruncatedL3 | Reason::DropBadIpHeader => {}
+            Reason::DropTruncatedL4
+            | Reason::DropFragment
+            | Reason::DropIpOptions
+            | Reason::DropIpv6ExtHeader
+            | Reason::DropClosedPort
+            | Reason::DropBadTcpFlags
+            | Reason::DropIcmp
+            | Reason::DropIcmpNoFlow => {
+                prop_assert!(to_vip_address, "{:?} for no VIP address", reason);
+            }
         }
         Ok(())
     });
+    let took = started.elapsed();
     if let Err(e) = result {
         panic!("{e}");
     }
 
-    let total: u64 = fx.borrow().reasons().iter().map(|c| c.packets).sum();
+    // Every counter adds up over the run.
+    let fx = fx.borrow();
+    let reasons = fx.reasons();
+    let count = |r: Reason| reasons[r as usize];
+    assert_eq!(runs.get(), u64::from(CASES));
+    let total = reasons
+        .iter()
+        .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
     assert_eq!(
         total,
-        runs.get(),
+        (runs.get(), bytes.get()),
         "every run counted under exactly one reason"
+    );
+    let sum = |c: &mut dyn Iterator<Item = Counters>| {
+        c.fold(Counters::default(), |s, c| Counters {
+            packets: s.packets + c.packets,
+            bytes: s.bytes + c.bytes,
+            new_flows: s.new_flows + c.new_flows,
+        })
+    };
+    let per_vip = sum(&mut (0..vips.len() as u32).map(|i| fx.dp.vip_counters(i).unwrap()));
+    let per_backend = sum(&mut (1..=6).map(|i| fx.dp.backend_counters(i).unwrap()));
+    let forwarded = count(Reason::Forwarded);
+    assert_eq!(
+        (per_vip.packets, per_vip.bytes),
+        (forwarded.packets, forwarded.bytes),
+        "VIP counters are the forwarded packets"
+    );
+    assert_eq!(per_backend, per_vip, "backend counters add up to the VIPs'");
+    // A new flow's first packet is forwarded, or stopped on the way out of a backend that
+    // cannot be reached.
+    assert!(
+        per_vip.new_flows
+            <= forwarded.packets
+                + count(Reason::PassNoNeigh).packets
+                + count(Reason::DropRedirectFailed).packets
+    );
+    assert_eq!(
+        fx.dp.firewall_counters(3).unwrap().packets,
+        count(Reason::DropFirewall).packets,
+        "the rule counts its drops"
     );
     let by_reason: Vec<(&str, u64)> = Reason::ALL
         .iter()
-        .map(|r| (r.name(), fx.borrow().reasons()[*r as usize].packets))
+        .map(|r| (r.name(), count(*r).packets))
         .collect();
-    println!("{} runs: {by_reason:?}", runs.get());
-    // The mix must actually reach the interesting outcomes, or the property says little.
-    for r in [
-        Reason::Forwarded,
-        Reason::PassNotVip,
-        Reason::DropBadIpHeader,
-        Reason::DropTruncatedL4,
-    ] {
-        assert!(by_reason[r as usize].1 > 0, "no run ended as {}", r.name());
+    println!("{} runs in {took:.1?}: {by_reason:?}", runs.get());
+    // The mix must actually reach every outcome, or the property says little of it.
+    for r in Reason::ALL {
+        assert!(count(r).packets > 0, "no run ended as {}", r.name());
     }
 }

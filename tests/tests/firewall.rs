@@ -4,9 +4,7 @@
 
 use std::net::IpAddr;
 
-use etherparse::{
-    IcmpEchoHeader, Icmpv4Type, Icmpv6Type, IpHeaders, PacketBuilder, icmpv4::DestUnreachableHeader,
-};
+use etherparse::{IcmpEchoHeader, Icmpv4Type, Icmpv6Type, PacketBuilder};
 use lb_common::{PROTO_TCP, PROTO_UDP, Reason, VIP_F_HASH, VipMeta, flow_hash};
 use lb_tests::fixtures::*;
 
@@ -362,64 +360,6 @@ fn echo_requests_to_a_vip_are_answered_from_xdp() {
             Expect::Pass(Reason::PassNotVip),
         ),
     ]);
-}
-
-/// An ICMP error from a router on the path (`from`) about a packet a backend sent for the
-/// flow client -> VIP: the quote is the backend's packet, VIP -> client.
-fn icmp_error(
-    from: IpAddr,
-    client: std::net::SocketAddr,
-    vip: std::net::SocketAddr,
-    proto: u8,
-) -> Vec<u8> {
-    let mut quoted = Vec::new();
-    let b = PacketBuilder::ip(match (vip.ip(), client.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
-            etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber(proto), s.octets(), d.octets())
-                .unwrap(),
-            Default::default(),
-        ),
-        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
-            etherparse::Ipv6Header {
-                next_header: etherparse::IpNumber(proto),
-                hop_limit: 64,
-                source: s.octets(),
-                destination: d.octets(),
-                ..Default::default()
-            },
-            Default::default(),
-        ),
-        _ => unreachable!(),
-    });
-    if proto == PROTO_TCP {
-        b.tcp(vip.port(), client.port(), 1, 1000)
-            .write(&mut quoted, &[0; 64])
-            .unwrap();
-    } else {
-        b.udp(vip.port(), client.port())
-            .write(&mut quoted, &[0; 64])
-            .unwrap();
-    }
-    // Routers quote the IP header and at least eight bytes of what follows.
-    let l3 = if vip.is_ipv4() { 20 } else { 40 };
-    quoted.truncate(l3 + 8);
-    let eth = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC);
-    let mut out = Vec::new();
-    match (from, vip.ip()) {
-        (IpAddr::V4(f), IpAddr::V4(v)) => eth
-            .ipv4(f.octets(), v.octets(), 64)
-            .icmpv4(Icmpv4Type::DestinationUnreachable(
-                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-            ))
-            .write(&mut out, &quoted),
-        (IpAddr::V6(f), IpAddr::V6(v)) => eth
-            .ipv6(f.octets(), v.octets(), 64)
-            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1400 })
-            .write(&mut out, &quoted),
-        _ => unreachable!(),
-    }
-    .unwrap();
-    out
 }
 
 #[test]

@@ -42,6 +42,11 @@ pub struct VipSpec {
     pub rate_limit: Option<u32>,
     #[serde(default)]
     pub burst: Option<u32>,
+    /// Ceiling on new flows per second from all sources together; 0 removes it.
+    #[serde(default)]
+    pub max_new_flows: Option<u32>,
+    #[serde(default)]
+    pub new_flow_burst: Option<u32>,
 }
 
 /// A backend as `lb backend add` and `lb backend set` give it, the same way.

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     config::{BackendConfig, Config},
     health::CheckSpec,
-    model::{RateLimit, Service},
+    model::{RateLimit, RatePatch, Service},
 };
 
 /// Flow counts in `lb stats` may be this old (`--watch` asks every second); lists and
@@ -87,10 +87,18 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             check,
             rate_limit,
             burst,
+            max_new_flows,
+            new_flow_burst,
         }) => {
             let service = Service::new(vip, proto)?;
             let check = check.apply(&CheckSpec::default())?;
-            let rate = RateLimit::new(rate_limit.unwrap_or(0), burst);
+            let rate = RatePatch {
+                rate_limit,
+                burst,
+                max_new_flows,
+                new_flow_burst,
+            }
+            .apply(&RateLimit::default());
             change!(s => s.add_vip(service, algo.unwrap_or_default(), check, rate)?);
             Response::message(format!("added VIP {service}"))
         }
@@ -101,9 +109,17 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             check,
             rate_limit,
             burst,
+            max_new_flows,
+            new_flow_burst,
         }) => {
             let service = Service { addr: vip, proto };
-            change!(s => s.set_vip(&service, algo, &check, rate_limit, burst)?);
+            let rate = RatePatch {
+                rate_limit,
+                burst,
+                max_new_flows,
+                new_flow_burst,
+            };
+            change!(s => s.set_vip(&service, algo, &check, &rate)?);
             Response::message(format!("updated VIP {service}"))
         }
         Request::VipDel { vip, proto } => {

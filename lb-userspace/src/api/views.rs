@@ -23,6 +23,11 @@ pub struct VipView {
     pub check: CheckKind,
     pub rate_limit: u32,
     pub burst: u32,
+    /// The VIP's ceiling on new flows per second from all sources; 0 = none.
+    #[serde(default)]
+    pub max_new_flows: u32,
+    #[serde(default)]
+    pub new_flow_burst: u32,
     pub backends: usize,
     pub active_backends: usize,
     pub packets: u64,
@@ -95,6 +100,8 @@ pub fn vips<D: Dataplane>(state: &State<D>, counters: &AllCounters) -> Vec<VipVi
                 check: v.check.check.clone(),
                 rate_limit: v.rate.rate_limit,
                 burst: v.rate.burst,
+                max_new_flows: v.rate.max_new_flows,
+                new_flow_burst: v.rate.new_flow_burst,
                 backends: v.backends.len(),
                 active_backends: v.backends.iter().filter(|b| b.eligible()).count(),
                 packets: c.packets,

@@ -230,6 +230,13 @@ struct VipSettings {
     /// New flows a source may open at once above the rate (default: one second's worth).
     #[arg(long, requires = "rate_limit")]
     burst: Option<u32>,
+    /// Most new flows per second the VIP takes from all sources together (checked after
+    /// --rate-limit; holds against floods from random sources); 0 removes the ceiling.
+    #[arg(long)]
+    max_new_flows: Option<u32>,
+    /// New flows the VIP takes at once above its ceiling (default: one second's worth).
+    #[arg(long, requires = "max_new_flows")]
+    new_flow_burst: Option<u32>,
 }
 
 impl VipSettings {
@@ -243,6 +250,8 @@ impl VipSettings {
             check: self.check.patch(),
             rate_limit: self.rate_limit,
             burst: self.burst,
+            max_new_flows: self.max_new_flows,
+            new_flow_burst: self.new_flow_burst,
         })
     }
 }
@@ -292,12 +301,14 @@ enum VipCommand {
   lb vip add 10.0.0.10:80 --check http:/healthz --expect 200-399
   lb vip add 10.0.0.10:3306 --algo maglev --check mysql-primary --credentials /etc/lb/mysql.toml
   lb vip add [2001:db8::10]:53 --proto udp
-  lb vip add 10.0.0.10:443 --check tls --rate-limit 100")]
+  lb vip add 10.0.0.10:443 --check tls --rate-limit 100
+  lb vip add 10.0.0.10:443 --rate-limit 100 --max-new-flows 20000")]
     Add(VipSettings),
     /// Change a VIP's algorithm or health check; the rest stays.
     #[command(after_help = "Examples:
   lb vip set 10.0.0.10:80 --check tcp --interval 500 --fall 2
-  lb vip set 10.0.0.10:80 --rate-limit 0    (no limit)")]
+  lb vip set 10.0.0.10:80 --rate-limit 0    (no limit)
+  lb vip set 10.0.0.10:80 --max-new-flows 5000 --new-flow-burst 10000")]
     Set(VipSettings),
     /// Remove a virtual service and its backends.
     #[command(after_help = "Examples:

@@ -30,6 +30,16 @@ pub(crate) fn render(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// The VIP's ceiling on new flows per second, with its burst when that is not one
+/// second's worth; `-` for none.
+fn ceiling(v: &VipView) -> String {
+    match (v.max_new_flows, v.new_flow_burst) {
+        (0, _) => "-".into(),
+        (max, burst) if burst == max => max.to_string(),
+        (max, burst) => format!("{max} (burst {burst})"),
+    }
+}
+
 pub fn vips(vips: &[VipView]) -> String {
     let rows = vips
         .iter()
@@ -42,6 +52,7 @@ pub fn vips(vips: &[VipView]) -> String {
                 v.packets.to_string(),
                 v.bytes.to_string(),
                 v.new_flows.to_string(),
+                ceiling(v),
             ]
         })
         .collect();
@@ -54,6 +65,7 @@ pub fn vips(vips: &[VipView]) -> String {
             "PACKETS",
             "BYTES",
             "NEW FLOWS",
+            "MAX NEW/S",
         ],
         rows,
     )

@@ -562,11 +562,11 @@ impl Datapath {
         Self::sum(&self.backend_stats, backend_id)
     }
 
-    /// Counters per `lb_common::Reason`, in `Reason::ALL` order.
+    /// Counters per `lb_common::Reason`, in `Reason::ALL` order: one batched read.
     pub fn reason_counters(&self) -> Result<Vec<Counters>> {
-        (0..REASON_COUNT)
-            .map(|i| Self::sum(&self.reason_stats, i))
-            .collect()
+        let mut all = Self::sum_all(&self.reason_stats, REASON_COUNT)?;
+        all.resize(REASON_COUNT as usize, Counters::default());
+        Ok(all)
     }
 
     /// Zeroes the counters of a VIP, backend or firewall rule id given to a new one.

@@ -43,7 +43,7 @@ impl FlowScan {
         self.entries += 1;
         *self
             .per_backend
-            .entry((v.backend_id, v.backend_generation))
+            .entry((v.backend_id, v.generation()))
             .or_insert(0) += 1;
     }
 }

@@ -657,6 +657,14 @@ mod tests {
             &text,
             r#"lb_packets_total{action="forward",reason="forwarded"} 0"#,
         );
+        // The VIP's ceiling on new flows is a reason like any other.
+        has(
+            &text,
+            &format!(
+                r#"lb_packets_total{{action="drop",reason="drop_vip_rate_limited"}} {}"#,
+                Reason::DropVipRateLimited as u32
+            ),
+        );
         has(&text, "lb_flow_table_entries 12");
         has(&text, "lb_flow_table_capacity 1048576");
         has(

@@ -32,7 +32,7 @@ use crate::{
     config::{BackendConfig, Config, FirewallConfig, VipConfig},
     health::{self, CheckKind, CheckPatch, CheckSpec, Health},
     model::{
-        self, Algo, IdPool, L2Path, RateLimit, Reach, RingMember, RingRegions, Service,
+        self, Algo, IdPool, L2Path, RateLimit, RatePatch, Reach, RingMember, RingRegions, Service,
         SlabAllocator,
     },
 };
@@ -163,6 +163,8 @@ impl VipState {
             check: self.check.clone(),
             rate_limit: self.rate.rate_limit,
             burst: self.rate.burst,
+            max_new_flows: self.rate.max_new_flows,
+            new_flow_burst: self.rate.new_flow_burst,
             backends: self.backends.iter().map(BackendState::config).collect(),
         }
     }
@@ -419,20 +421,12 @@ impl<D: Dataplane> State<D> {
         service: &Service,
         algo: Option<Algo>,
         patch: &CheckPatch,
-        rate_limit: Option<u32>,
-        burst: Option<u32>,
+        rate: &RatePatch,
     ) -> Result<()> {
         let vi = self.vip_index(service)?;
         let vip = &self.vips[vi];
         let check = patch.apply(&vip.check)?;
-        let rate = match (rate_limit, burst) {
-            (None, None) => vip.rate,
-            (Some(r), b) => RateLimit::new(r, b),
-            (None, Some(b)) => RateLimit {
-                burst: b,
-                ..vip.rate
-            },
-        };
+        let rate = rate.apply(&vip.rate);
         rate.validate()?;
         let algo = algo.unwrap_or(vip.algo);
         self.update_vip(vi, algo, check, rate)?;
@@ -922,6 +916,7 @@ impl<D: Dataplane> State<D> {
         // `written` stays empty (unknown) should the write fail half-way.
         self.dp.set_ring_slots(&slots, &ids)?;
         let (rate_interval_ns, rate_burst_ns) = vip.rate.gcra_ns();
+        let (new_flow_interval_ns, new_flow_burst_ns) = vip.rate.ceiling_gcra_ns();
         let meta = VipMeta {
             vip_id: vip.id,
             ring_off: off,
@@ -929,6 +924,8 @@ impl<D: Dataplane> State<D> {
             flags,
             rate_interval_ns,
             rate_burst_ns,
+            new_flow_interval_ns,
+            new_flow_burst_ns,
         };
         vip.written[inactive] = ring;
         self.dp.set_vip(&vip.service.key(), &meta)?;

@@ -49,6 +49,8 @@ fn vip(port: u16, algo: Algo, backends: impl IntoIterator<Item = u32>) -> VipCon
         check: CheckSpec::default(),
         rate_limit: 0,
         burst: 0,
+        max_new_flows: 0,
+        new_flow_burst: 0,
         backends: backends.into_iter().map(backend).collect(),
     }
 }
