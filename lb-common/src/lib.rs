@@ -22,8 +22,11 @@ pub const MAX_FLOWS: u32 = 1 << 20;
 /// agent knows what the maps it finds mean. Bump it when a map changes meaning at the same
 /// size (a field reused, a flag added to a word that had none), and teach the agent's
 /// `kernel::layout` the step; sizes alone are checked without it. 0: no record, the layout
-/// up to commit 4fe7cc3 (the same as 1).
-pub const LAYOUT_VERSION: u32 = 1;
+/// up to commit 4fe7cc3 (the same as 1). 2: bit 31 of a flow's generation marks a flow in
+/// its handshake (older flows never have it set, so they read as established), and
+/// `VipMeta` grew two fields at its end (the new-flow ceiling; zero means none, so an
+/// older VIP entry copied with zeros appended means what it meant).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Egress interfaces the devmap can hold.
 pub const MAX_TX_PORTS: u32 = 64;

@@ -43,19 +43,57 @@ fn pin_dir(s: &Setup) -> PathBuf {
 /// tests/fixtures/README.md).
 const PREVIOUS_LAYOUT: &[u8] = include_bytes!("../fixtures/lb-ebpf-4fe7cc3.o");
 
+/// Maps whose shape changed since commit 4fe7cc3: VIPS (its value, `VipMeta`, was 32
+/// bytes: the fields since are appended) and REASON_STATS (one reason fewer). The previous
+/// program gets maps of its own shapes for these; the map added since is not pinned.
+const CHANGED_SINCE_PREVIOUS: [&str; 2] = [lb_common::maps::VIPS, lb_common::maps::REASON_STATS];
+const ADDED_SINCE_PREVIOUS: [&str; 1] = [lb_common::maps::VIP_NEW_FLOW_TAT];
+const PREVIOUS_VIP_META_LEN: usize = 32;
+
 /// What an agent of commit 4fe7cc3 leaves in `pins` after `kill -9`: its program forwarding
 /// over the pinned maps (switched onto the pinned attachment, as that agent would have
-/// attached it), and no layout record.
+/// attached it), maps of its own shapes where they differ from today's (VIP entries as
+/// that agent wrote them: today's without the fields added since), and no layout record.
 fn become_previous_layout(pins: &Path) {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::{VipKey, VipMeta};
+    let maps = pins.join("maps");
     let mut loader = aya::EbpfLoader::new();
-    for name in lb_common::maps::ALL {
-        loader.map_pin_path(name, pins.join("maps").join(name));
+    for name in lb_common::maps::ALL.iter().copied() {
+        if !CHANGED_SINCE_PREVIOUS.contains(&name) && !ADDED_SINCE_PREVIOUS.contains(&name) {
+            loader.map_pin_path(name, maps.join(name));
+        }
     }
     let mut ebpf = loader
         .load(PREVIOUS_LAYOUT)
         .unwrap_or_else(|e| panic!("the fixture no longer loads on the pinned maps: {e:#}"));
+    // Loaded (its maps' fds in its instructions) before VIPS is taken out of `ebpf` below,
+    // whose fd closes once pinned; attached once every map is in place.
     let program: &mut Xdp = ebpf.program_mut("lb_xdp").unwrap().try_into().unwrap();
     program.load().unwrap();
+    let current: HashMap<MapData, VipKey, VipMeta> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(maps.join("VIPS")).unwrap())).unwrap();
+    let mut previous: HashMap<MapData, VipKey, [u8; PREVIOUS_VIP_META_LEN]> =
+        HashMap::try_from(ebpf.take_map("VIPS").unwrap()).unwrap();
+    for entry in current.iter() {
+        let (key, meta) = entry.unwrap();
+        let bytes = bytemuck::bytes_of(&meta)[..PREVIOUS_VIP_META_LEN]
+            .try_into()
+            .unwrap();
+        previous.insert(&key, &bytes, 0).unwrap();
+    }
+    for name in CHANGED_SINCE_PREVIOUS {
+        std::fs::remove_file(maps.join(name)).unwrap();
+    }
+    previous.pin(maps.join("VIPS")).unwrap();
+    ebpf.map_mut(lb_common::maps::REASON_STATS)
+        .unwrap()
+        .pin(maps.join(lb_common::maps::REASON_STATS))
+        .unwrap();
+    for name in ADDED_SINCE_PREVIOUS {
+        std::fs::remove_file(maps.join(name)).unwrap();
+    }
+    let program: &mut Xdp = ebpf.program_mut("lb_xdp").unwrap().try_into().unwrap();
     let link = PinnedLink::from_pin(pins.join("links").join("eth0")).unwrap();
     program
         .attach_to_link(XdpLink::try_from(FdLink::from(link)).unwrap())

@@ -6,8 +6,10 @@
 //!
 //! When the pins cannot be reused as they are (a map of another size, e.g. `--max-flows`
 //! changed), their contents are copied into new maps of this binary's shapes, map by map,
-//! entry by entry; a map whose key or value changed shape cannot be copied and the upgrade
-//! is refused before anything changes, so the old program keeps forwarding.
+//! entry by entry; a map whose value grew at its end by fields where zero means "none"
+//! (`ZERO_EXTENDED`) is copied with zeros appended; any other change of key or value shape
+//! cannot be copied and the upgrade is refused before anything changes, so the old program
+//! keeps forwarding.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
@@ -23,7 +25,11 @@ const RECORD_PREFIX: &str = "layout-v";
 /// Layout versions whose maps mean what this binary's mean (same types, same sizes give
 /// the same meaning): their pins are reused, or copied when only sizes differ. A version
 /// that changes a map's meaning at equal size needs its own migration step here.
-const SAME_MEANING: [u32; 2] = [0, 1];
+const SAME_MEANING: [u32; 3] = [0, 1, 2];
+
+/// Maps whose value grew at its end, since an older layout, by fields where zero means
+/// "none" (see `lb_common::LAYOUT_VERSION`): an older entry is copied with zeros appended.
+const ZERO_EXTENDED: [&str; 1] = [lb_common::maps::VIPS];
 const _: () = assert!(SAME_MEANING[SAME_MEANING.len() - 1] == LAYOUT_VERSION);
 
 /// The version recorded in `pin_dir`: 0 for pins older than the record.
@@ -102,7 +108,10 @@ pub fn check_copyable(old: &Path, new: &Path, names: &[&str]) -> Result<()> {
         }
         let (oi, ni) = (info(&o)?, info(&n)?);
         let shape = |i: &MapInfo| (type_of(i), i.key_size(), i.value_size());
-        if shape(&oi) != shape(&ni) {
+        let grown = ZERO_EXTENDED.contains(name)
+            && (type_of(&oi), oi.key_size()) == (type_of(&ni), ni.key_size())
+            && oi.value_size() < ni.value_size();
+        if shape(&oi) != shape(&ni) && !grown {
             bail!(
                 "{}: pinned map {name} (type {}, key {} B, value {} B) cannot become this \
                  lb's (type {}, key {} B, value {} B); nothing was changed and the running \
@@ -130,12 +139,14 @@ fn info(path: &Path) -> Result<MapInfo> {
 }
 
 /// Copies every entry of the map pinned at `old` into the one pinned at `new` (shapes
-/// checked by `check_copyable`). `only_missing` leaves entries `new` has alone (a second
-/// pass for flows the old program made meanwhile). Entries `new` has no room for (a
-/// smaller array) are left out. Returns how many were copied.
+/// checked by `check_copyable`; a longer value in `new` gets zeros appended).
+/// `only_missing` leaves entries `new` has alone (a second pass for flows the old program
+/// made meanwhile). Entries `new` has no room for (a smaller array) are left out. Returns
+/// how many were copied.
 pub fn copy(old: &Path, new: &Path, only_missing: bool) -> Result<usize> {
     let (from, to) = (open(old)?, open(new)?);
     let i = info(old)?;
+    let to_value_size = info(new)?.value_size() as usize;
     let per_cpu = matches!(
         i.map_type(),
         Ok(MapType::PerCpuHash | MapType::PerCpuArray | MapType::LruPerCpuHash)
@@ -166,6 +177,13 @@ pub fn copy(old: &Path, new: &Path, only_missing: bool) -> Result<usize> {
         rounds,
         &mut |keys, values| {
             let n = keys.len() / key_size;
+            let padded;
+            let (values, value_len) = if to_value_size > value_len && !per_cpu {
+                padded = zero_extend(values, value_len, to_value_size);
+                (&padded[..], to_value_size)
+            } else {
+                (values, value_len)
+            };
             let (done, result) = if only_missing {
                 (0, Err(std::io::Error::from_raw_os_error(libc::EEXIST)))
             } else {
@@ -215,10 +233,23 @@ pub fn copy(old: &Path, new: &Path, only_missing: bool) -> Result<usize> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue, // gone meanwhile
             Err(e) => return Err(e).with_context(|| format!("reading {}", old.display())),
         }
+        let value = if to_value_size > value_len && !per_cpu {
+            zero_extend(&value, value_len, to_value_size)
+        } else {
+            value.clone()
+        };
         copied +=
             put(to, &key, &value, flags).with_context(|| format!("writing {}", new.display()))?;
     }
     Ok(copied)
+}
+
+/// `values` (each `from` bytes) with each one followed by zeros up to `to` bytes.
+fn zero_extend(values: &[u8], from: usize, to: usize) -> Vec<u8> {
+    values
+        .chunks(from)
+        .flat_map(|v| v.iter().copied().chain(std::iter::repeat_n(0, to - from)))
+        .collect()
 }
 
 /// The kernel's ENOTSUPP (not in libc): a map type without batch operations.
