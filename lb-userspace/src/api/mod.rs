@@ -41,6 +41,8 @@ pub struct Agent {
     /// Per-second samples (`monitor::sample`): the status page's chart and rates, and the
     /// drops of the last minute in `lb status`.
     pub history: std::sync::Mutex<History>,
+    /// Announcing VIP addresses to routers, leave and join (`crate::fleet`).
+    pub fleet: crate::fleet::Fleet,
 }
 
 /// The configuration file, rewritten after every change, in the order of the changes.
@@ -73,12 +75,30 @@ impl ConfigFile {
 }
 
 impl Agent {
+    /// Writes the configuration file after a change of fleet state (leave, join), which
+    /// the state's version does not count.
+    pub async fn save_fleet(&self) -> Result<()> {
+        let mut written = self.config.written.lock().await;
+        let (mut config, version) = {
+            let state = self.state.lock().await;
+            (state.config(), state.version())
+        };
+        config.fleet = self.fleet.config();
+        let path = self.config.path.clone();
+        tokio::task::spawn_blocking(move || config.save(&path))
+            .await?
+            .map_err(|e| anyhow!("changed, but the configuration was not saved: {e:#}"))?;
+        *written = (*written).max(version);
+        Ok(())
+    }
+
     pub fn history(&self) -> std::sync::MutexGuard<'_, History> {
         self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Saves the state after a change, before the change is acknowledged.
-    pub async fn saved(&self, (config, version): (Config, u64)) -> Result<()> {
+    pub async fn saved(&self, (mut config, version): (Config, u64)) -> Result<()> {
+        config.fleet = self.fleet.config();
         self.config
             .save(config, version)
             .await
