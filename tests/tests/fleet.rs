@@ -92,6 +92,13 @@ fn a_dead_balancer_loses_its_next_hop_and_maglev_connections_continue() {
         conns.len()
     );
 
+    // New connections meanwhile: those sent to lb1 before the router notices fail; how
+    // many, and for how long, is measured (BENCHMARKS.md, Fleet), not asserted.
+    let load = fleet
+        .bed
+        .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(26_000))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_millis(500));
     let down_at = monotonic_us();
     let lb1 = fleet.balancers[0].host.ns.clone();
     fleet
@@ -106,6 +113,23 @@ fn a_dead_balancer_loses_its_next_hop_and_maglev_connections_continue() {
     );
     // Every connection answers again after the switch.
     std::thread::sleep(Duration::from_secs(2));
+    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let failed: Vec<_> = attempts.iter().filter(|a| a.is_err()).collect();
+    let window = failed
+        .iter()
+        .map(|a| a.start_us.saturating_sub(down_at))
+        .max()
+        .unwrap_or(0);
+    println!(
+        "new connections: {} of {} failed, the last started {:.0} ms after the link went down",
+        failed.len(),
+        attempts.len(),
+        window as f64 / 1000.0
+    );
+    assert!(
+        attempts.iter().rev().take(25).all(|a| !a.is_err()),
+        "new connections still fail 1.5 s after the router dropped lb1"
+    );
     for (k, backend, via_lb1) in conns {
         let answers = k.stop();
         let later: Vec<&Answer> = answers
