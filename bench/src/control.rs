@@ -804,7 +804,7 @@ fn health_at_scale(report: &mut Report) -> Result<()> {
                 };
                 let r = Reach {
                     l2: Some(l2),
-                    note: None,
+                    ..Default::default()
                 };
                 (b.address, r)
             })

@@ -454,6 +454,7 @@ mod tests {
                     backup: false,
                     drain: false,
                     check: None,
+                    leaving_until: None,
                 };
                 let reach = Reach {
                     l2: Some(L2Path {
@@ -462,6 +463,7 @@ mod tests {
                         dst_mac: [2, 0, 0, 0, 1, last],
                     }),
                     note: None,
+                    resolving_on: None,
                 };
                 s.add_backend(&service, &config, reach).unwrap();
             };
