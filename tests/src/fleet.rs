@@ -49,7 +49,7 @@ impl FleetBed {
     /// Two balancers announcing VIP A (10.99.1.1:80, Maglev) and VIP B (10.99.1.2:80,
     /// round robin), both over both backends (added in different orders on the two
     /// balancers); waits until the router has both next hops for both.
-    pub fn new() -> FleetBed {
+    pub fn start() -> FleetBed {
         let mut bed = ok(Testbed::new(Config { backends: 2 }));
         let lb2 = ok(bed.add_balancer());
         let servers = ok(bed.start_backends());

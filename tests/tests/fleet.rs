@@ -27,7 +27,7 @@ fn ms(d: Duration) -> f64 {
 #[test]
 fn both_balancers_announce_and_carry_new_flows() {
     let _serial = serial();
-    let fleet = FleetBed::new();
+    let fleet = FleetBed::start();
     let both = vec![fleet.addr(0), fleet.addr(1)];
     for vip in [vip_a(), vip_b()] {
         assert_eq!(fleet.next_hops(vip.ip()), both, "next hops of {vip}");
@@ -63,7 +63,7 @@ fn both_balancers_announce_and_carry_new_flows() {
 #[test]
 fn a_dead_balancer_loses_its_next_hop_and_maglev_connections_continue() {
     let _serial = serial();
-    let fleet = FleetBed::new();
+    let fleet = FleetBed::start();
     // Keep-alive connections until at least one goes through each balancer (ECMP hashes
     // the ports, which the kernel picks).
     let mut conns = Vec::new();
@@ -165,7 +165,7 @@ fn a_dead_balancer_loses_its_next_hop_and_maglev_connections_continue() {
 #[test]
 fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
     let _serial = serial();
-    let fleet = FleetBed::new();
+    let fleet = FleetBed::start();
     let b = vip_b().to_string();
     fleet.lb(
         0,
@@ -207,7 +207,7 @@ fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
 #[test]
 fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
     let _serial = serial();
-    let mut fleet = FleetBed::new();
+    let mut fleet = FleetBed::start();
     let load = fleet
         .bed
         .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(24_000))
@@ -257,7 +257,7 @@ fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
 #[test]
 fn graceful_leave_and_join_under_load_fail_no_request() {
     let _serial = serial();
-    let mut fleet = FleetBed::new();
+    let mut fleet = FleetBed::start();
     let load = fleet
         .bed
         .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(25_000))

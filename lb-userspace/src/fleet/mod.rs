@@ -265,11 +265,11 @@ impl Fleet {
     /// The sum of every VIP's packet counter, after a leave.
     fn count(&self, packets: u64) {
         let mut inner = self.lock();
-        if let Some((last, at)) = &mut inner.traffic {
-            if *last != packets {
-                *last = packets;
-                *at = Instant::now();
-            }
+        if let Some((last, at)) = &mut inner.traffic
+            && *last != packets
+        {
+            *last = packets;
+            *at = Instant::now();
         }
     }
 
