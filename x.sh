@@ -15,7 +15,9 @@ APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 ope
   mariadb-server postgresql
   # packaging and the service tests: strip, lintian, a booted systemd in a container,
   # the real Prometheus
-  binutils lintian systemd-container debootstrap prometheus)
+  binutils lintian systemd-container debootstrap prometheus
+  # the fleet's tests: BGP with the real BIRD 2
+  bird2)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -53,6 +53,9 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub firewall: FirewallConfig,
+    /// Announcing VIP addresses to routers; kept by `Fleet`, not by the state.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +149,7 @@ enum At {
     Vip(usize),
     Backend(usize, usize),
     Firewall(usize),
+    Fleet,
 }
 
 /// Where each entry stands in the text; everything else is ignored.
@@ -155,6 +159,7 @@ struct SpanIndex {
     vips: Vec<VipSpans>,
     #[serde(default)]
     firewall: FirewallSpans,
+    fleet: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +228,7 @@ impl Config {
                     .and_then(|v| v.backends.get(b))
                     .map(|b| b.address.span()),
                 At::Firewall(i) => spans.firewall.drop.get(i).map(|d| d.span()),
+                At::Fleet => spans.fleet.as_ref().map(|f| f.span()),
             };
             return Err(match span {
                 Some(span) => anyhow!("line {}: {error:#}", line_of(span.start)),
@@ -264,6 +270,7 @@ impl Config {
             }
             model::check_cidr(net).map_err(|e| (At::Firewall(i), e))?;
         }
+        self.fleet.validate().map_err(|e| (At::Fleet, e))?;
         Ok(())
     }
 
@@ -370,6 +377,7 @@ mod tests {
             .prop_map(|(vips, drop)| Config {
                 vips,
                 firewall: FirewallConfig { drop },
+                ..Default::default()
             })
     }
 

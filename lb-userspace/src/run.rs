@@ -94,6 +94,7 @@ pub async fn run(opts: Options) -> Result<()> {
             started: status::unix_now(),
         },
         history: Default::default(),
+        fleet: crate::fleet::Fleet::new(config.fleet.clone()),
     });
     // The same path as `lb apply`: the difference from an empty (or adopted) state.
     let started = std::time::Instant::now();
@@ -143,6 +144,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
     tasks.push(tokio::spawn(crate::api::remove_departed(agent.clone())));
+    tasks.extend(crate::fleet::announce::start(agent.clone()));
 
     // The watchdog pings only while the agent's lock can be taken: a stuck agent is restarted.
     let watchdog = crate::service::spawn_watchdog({
@@ -181,6 +183,7 @@ pub async fn run(opts: Options) -> Result<()> {
         task.abort();
     }
     let _ = std::fs::remove_file(&opts.socket);
+    crate::fleet::announce::withdraw_all(&agent).await;
     let mut state = agent.state.lock().await;
     state.stop_checkers();
     if opts.keep_forwarding && opts.pin_dir.is_some() {

@@ -35,6 +35,10 @@ enum Command {
         /// Requests to send through the VIP.
         #[arg(long, default_value_t = 10)]
         requests: u32,
+        /// Two balancers behind a router (BGP + ECMP, BIRD 2) instead: both carry new
+        /// connections, then one dies under load without a failed request.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Bring the test bed up with backends, agent, VIPs (v4 and v6) and two backends each,
     /// keep it for HOLD_SECS (or until Ctrl-C) to look around, then tear it down.
@@ -109,7 +113,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Test { args } => cmd::test::run(&args),
         Command::Bench { args } => cmd::bench::run(&args),
-        Command::Demo { requests } => cmd::demo::run(requests),
+        Command::Demo { fleet: true, .. } => cmd::demo_fleet::run(),
+        Command::Demo { requests, .. } => cmd::demo::run(requests),
         Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
         Command::Package => cmd::package::run(),
         Command::Clean => testbed::clean_stale().map(|deleted| {

@@ -46,6 +46,8 @@ pub struct Agent {
     /// Per-second samples (`monitor::sample`): the status page's chart and rates, and the
     /// drops of the last minute in `lb status`.
     pub history: std::sync::Mutex<History>,
+    /// Announcing VIP addresses to routers, leave and join (`crate::fleet`).
+    pub fleet: crate::fleet::Fleet,
 }
 
 /// The configuration file, rewritten after every change.
@@ -71,6 +73,18 @@ impl ConfigFile {
 }
 
 impl Agent {
+    /// Writes the configuration file after a change of fleet state (leave, join), which
+    /// the state does not hold.
+    pub async fn save_fleet(&self) -> Result<()> {
+        let _one_at_a_time = self.config.changes.lock().await;
+        let mut config = self.state.lock().await.config();
+        config.fleet = self.fleet.config();
+        self.config
+            .save(config)
+            .await
+            .map_err(|e| anyhow!("changed, but the configuration was not saved: {e:#}"))
+    }
+
     pub fn history(&self) -> std::sync::MutexGuard<'_, History> {
         self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -87,7 +101,9 @@ impl Agent {
         let (value, undo, config) = {
             let mut state = self.state.lock().await;
             let (value, undo) = state.change(f)?;
-            (value, undo, state.config())
+            let mut config = state.config();
+            config.fleet = self.fleet.config();
+            (value, undo, config)
         };
         if !save {
             return Ok(value);

@@ -118,6 +118,12 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// Which VIP addresses this balancer announces (`lb fleet status`).
+    FleetStatus,
+    /// Withdraw every VIP address, keep forwarding (`lb fleet leave`).
+    FleetLeave,
+    /// Announce again (`lb fleet join`).
+    FleetJoin,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

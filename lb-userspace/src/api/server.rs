@@ -304,14 +304,38 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             }
             let snapshot = crate::monitor::status::snapshot(&*agent.state.lock().await)?;
             let drops = agent.history().reasons_over(views::DROP_WINDOW_SECONDS);
-            let status = views::status(
+            let mut status = views::status(
                 &agent.info,
                 &snapshot,
                 flows.ok().as_deref(),
                 drops.as_ref(),
                 crate::model::unix_now(),
             );
+            status.fleet = views::Fleet::of(&agent.fleet.view());
             Response::data(serde_json::to_value(status)?)
+        }
+        Request::FleetStatus => Response::data(serde_json::to_value(agent.fleet.view())?),
+        Request::FleetLeave | Request::FleetJoin => {
+            let join = request == Request::FleetJoin;
+            let changed = agent.fleet.set_member(join)?;
+            if changed {
+                agent.save_fleet().await?;
+            }
+            let view = agent.fleet.view();
+            let message = match (join, changed) {
+                (true, true) => {
+                    "joined the fleet: announcing the VIP addresses this balancer can serve"
+                }
+                (true, false) => "already in the fleet",
+                (false, true) => {
+                    "left the fleet: every VIP address withdrawn; still forwarding what arrives"
+                }
+                (false, false) => "already left the fleet; still forwarding what arrives",
+            };
+            Response::Ok {
+                message: Some(message.to_string()),
+                data: serde_json::to_value(view)?,
+            }
         }
         Request::FirewallList => {
             let list = {

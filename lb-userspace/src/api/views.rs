@@ -269,13 +269,40 @@ pub struct FlowTableView {
     pub capacity: u64,
 }
 
-/// Where the agent stands in a fleet of balancers. Fleet state does not exist yet, so
-/// every agent is on its own; when it does, its variant (peers, who announces which VIP)
-/// goes here, and `lb status` shows it on its `fleet` line.
+/// Where the agent stands in a fleet of balancers: on its own (no `[fleet] route_table`),
+/// or announcing VIP addresses to routers (`lb fleet status` has the details).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fleet {
     Standalone,
+    Bgp {
+        route_table: u32,
+        /// False after `lb fleet leave`.
+        member: bool,
+        announced: Vec<std::net::IpAddr>,
+        withheld: Vec<std::net::IpAddr>,
+        /// The `fleet` line of `lb status`.
+        summary: String,
+    },
+}
+
+impl Fleet {
+    pub fn of(view: &crate::fleet::FleetView) -> Self {
+        if view.route_table == 0 {
+            return Fleet::Standalone;
+        }
+        let (announced, withheld) = view
+            .addresses
+            .iter()
+            .partition::<Vec<_>, _>(|a| a.announced);
+        Fleet::Bgp {
+            route_table: view.route_table,
+            member: view.member,
+            announced: announced.iter().map(|a| a.address).collect(),
+            withheld: withheld.iter().map(|a| a.address).collect(),
+            summary: view.summary(),
+        }
+    }
 }
 
 /// The overview from a snapshot of the state, the latest flow-table walk and the drops of

@@ -143,6 +143,16 @@ enum Command {
         #[arg(long, requires = "watch", value_name = "N")]
         count: Option<u64>,
     },
+    /// Balancers in a fleet behind routers (BGP + ECMP): what this one announces, leave
+    /// and join.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  lb fleet status
+  lb fleet leave                 then stop the agent: systemctl stop lb@eth0
+  lb fleet join"
+    )]
+    Fleet(crate::fleet::cli::FleetCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(
         hide = true,
@@ -556,6 +566,7 @@ pub fn run(cli: Cli) -> Result<()> {
             false,
         ),
         Command::Firewall(FirewallCommand::List { json }) => (Request::FirewallList, json),
+        Command::Fleet(command) => return crate::fleet::cli::run(&cli.socket, command),
     };
     let kind = std::mem::discriminant(&request);
     match control::call(&cli.socket, &request)? {
@@ -673,8 +684,9 @@ mod tests {
         cli.build();
         let mut seen = 0;
         check(&mut cli, "lb", &mut seen);
-        // lb, run, status, apply, stats, completions, man, vip (5), backend (7), firewall (4)
-        assert_eq!(seen, 23);
+        // lb, run, status, apply, stats, completions, man, vip (5), backend (7), firewall (4),
+        // fleet (4)
+        assert_eq!(seen, 27);
     }
 
     /// The examples are real command lines: each parses.

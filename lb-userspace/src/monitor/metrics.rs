@@ -43,12 +43,14 @@ pub struct Scrape<'a> {
     /// The latest flow-table walk (at most a few seconds old), if one has finished.
     pub flows: Option<&'a FlowScan>,
     pub info: &'a AgentInfo,
+    /// What the agent announces to its routers (`crate::fleet`).
+    pub fleet: &'a crate::fleet::FleetView,
 }
 
 pub type Collect = fn(&Scrape<'_>, &mut Families) -> Result<()>;
 
 /// Every metric family, in exposition order.
-pub const COLLECTORS: &[Collect] = &[agent, vips, backends, datapath, flow_table, firewall];
+pub const COLLECTORS: &[Collect] = &[agent, vips, backends, datapath, flow_table, firewall, fleet];
 
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -461,6 +463,27 @@ fn firewall(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     Ok(())
 }
 
+/// Only on a balancer that announces (`[fleet] route_table`).
+fn fleet(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
+    let f = s.fleet;
+    if f.route_table == 0 {
+        return Ok(());
+    }
+    out.gauge(
+        "lb_fleet_member",
+        "1 while in the fleet, 0 after `lb fleet leave`",
+    )
+    .sample(Labels::new(), f.member);
+    let announced = out.gauge(
+        "lb_fleet_announced",
+        "1 while the VIP address's route is in the fleet routing table (announced to the routers)",
+    );
+    for a in &f.addresses {
+        announced.sample(labels([("address", a.address.to_string())]), a.announced);
+    }
+    Ok(())
+}
+
 fn flow_table(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     out.gauge(
         "lb_flow_table_capacity",
@@ -579,10 +602,25 @@ mod tests {
             time: 1.0,
             took: Duration::from_millis(3),
         };
+        let fleet = crate::fleet::FleetView {
+            route_table: 100,
+            member: true,
+            addresses: vec![crate::fleet::AddressView {
+                address: "10.99.1.1".parse().unwrap(),
+                announced: true,
+                why_not: None,
+                vips: Vec::new(),
+            }],
+            idle_s: None,
+            quiet: false,
+            grace_s: 60,
+            quiet_s: 3,
+        };
         let s = Scrape {
             snapshot: &snapshot,
             flows: flows.then_some(&scan),
             info: &info,
+            fleet: &fleet,
         };
         let mut families = Families::default();
         for c in COLLECTORS {
@@ -603,6 +641,8 @@ mod tests {
     fn families_and_samples() {
         let (text, _) = scrape_text(true);
         let v = r#"vip="10.99.1.1:80",proto="tcp""#;
+        has(&text, "lb_fleet_member 1");
+        has(&text, r#"lb_fleet_announced{address="10.99.1.1"} 1"#);
         has(&text, "# TYPE lb_vip_packets counter");
         has(&text, &format!("lb_vip_packets_total{{{v}}} 30"));
         has(&text, "# UNIT lb_vip_bytes bytes");

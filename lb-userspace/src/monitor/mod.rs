@@ -120,6 +120,7 @@ async fn scrape(State(m): State<Arc<Monitor>>) -> Response {
         snapshot: &snapshot,
         flows: flows.as_deref().ok(),
         info: &m.agent.info,
+        fleet: &m.agent.fleet.view(),
     });
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }

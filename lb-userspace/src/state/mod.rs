@@ -1054,6 +1054,7 @@ impl<D: Dataplane> State<D> {
             firewall: FirewallConfig {
                 drop: self.rules.iter().map(|(net, _)| *net).collect(),
             },
+            ..Default::default()
         }
     }
 }

@@ -473,6 +473,7 @@ fn busy_state() -> State<Fake> {
         firewall: crate::config::FirewallConfig {
             drop: vec!["192.0.2.0/24".parse().unwrap()],
         },
+        ..Default::default()
     };
     s.apply(&config, &reach_all(&config)).unwrap();
     assert!(s.on_report(report(&s, &service(80), 2, false)).unwrap());

@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod demo;
+pub mod demo_fleet;
 pub mod package;
 pub mod test;
 
