@@ -138,6 +138,8 @@ fn vip_add(socket: &Path, vip: SocketAddr) -> Result<()> {
             check: CheckPatch::default(),
             rate_limit: None,
             burst: None,
+            persist: None,
+            persist_prefix6: None,
         }),
     )?)
 }
@@ -354,6 +356,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
                     check: CheckPatch::default(),
                     rate_limit: None,
                     burst: None,
+                    persist: None,
+                    persist_prefix6: None,
                 }),
             )?)?;
             report.maglev.push(Timing {
@@ -500,6 +504,8 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
         check: CheckSpec::default(),
         rate_limit: 0,
         burst: 0,
+        persist: 0,
+        persist_prefix6: 64,
         backends: backends
             .map(|i| BackendConfig {
                 address: fake_backend(i),

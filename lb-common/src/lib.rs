@@ -141,6 +141,13 @@ pub struct VipMeta {
     pub ring_len: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
+    // -- source affinity (see `PersistValue`) --
+    /// How long a client stays with its backend after its last new flow, in ns; 0 = no
+    /// affinity.
+    pub persist_ns: u64,
+    /// The bits of an IPv6 source that make one client (its /64 by default), network
+    /// order; an IPv4 client is its whole address.
+    pub persist_mask6: Addr,
     /// Per-source new-flow limit as a GCRA: one new flow per `rate_interval_ns`, with
     /// bursts up to `rate_burst_ns / rate_interval_ns + 1`; 0 means no limit.
     pub rate_interval_ns: u64,
@@ -149,8 +156,39 @@ pub struct VipMeta {
 
 /// New flows take ring entries by hash of the 5-tuple (Maglev) instead of in turn.
 pub const VIP_F_HASH: u32 = 1;
+/// Least connections: the ring holds (backend id, weight) pairs, one per backend, and a
+/// new flow goes to the one with the fewest active flows per weight (`BACKEND_ACTIVE`).
+pub const VIP_F_LEASTCONN: u32 = 1 << 1;
+/// Most backends a least-connections VIP compares for a new flow (a bounded loop).
+pub const MAX_LEASTCONN_BACKENDS: u32 = 64;
+/// Sources whose backend affinity is remembered at once, over all VIPs.
+pub const MAX_PERSIST_SOURCES: u32 = 1 << 18;
+/// Flows of least-connections VIPs counted as active at once.
+pub const MAX_ACTIVE_FLOWS: u32 = 1 << 18;
 
-/// Whose new flows a rate limit counts: one source address at one VIP.
+/// The backend a client source (`RateKey`, its address masked to one client) was last sent
+/// to at a VIP with affinity, and when it last opened a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PersistValue {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    pub last_seen_ns: u64,
+}
+
+/// A flow of a least-connections VIP that counts as active on its backend: from its first
+/// packet until the client's FIN or RST (the data plane removes it and decrements the
+/// backend's count) or until it is idle for long (the agent's walk removes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ActiveFlow {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Whose new flows a rate limit counts, and whose backend affinity is remembered: one
+/// source address (for affinity, an IPv6 source masked to its prefix) at one VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct RateKey {
@@ -212,6 +250,8 @@ pub const BACKEND_F_RESOLVED: u32 = 1 << 1;
 /// Established flows may stay (set while the backend is up, also while it drains or has
 /// weight 0; cleared when its health checks fail, so its flows move on their next packet).
 pub const BACKEND_F_KEEP_FLOWS: u32 = 1 << 2;
+/// Serves a least-connections VIP: its flows' client FIN/RST and last packet are noted.
+pub const BACKEND_F_LEASTCONN: u32 = 1 << 3;
 
 /// Packet and byte counters, kept per CPU and summed by the agent.
 #[repr(C)]
@@ -314,6 +354,9 @@ reasons! {
     /// An ICMP error (e.g. fragmentation needed) about a flow, sent on to its backend so path
     /// MTU discovery works end to end.
     IcmpErrorForwarded = "icmp_error_forwarded", Forward;
+    /// A TCP SYN to a VIP with no backend in rotation, answered with a RST (XDP_TX) so the
+    /// client fails at once instead of waiting for its connect timeout.
+    ResetNoBackend = "reset_no_backend", Reply;
 }
 
 // Checked at compile time: the counters are indexed by discriminant, so `ALL` must hold
@@ -367,9 +410,13 @@ pub mod maps {
     pub const FIREWALL_V6: &str = "FIREWALL_V6";
     pub const FIREWALL_STATS: &str = "FIREWALL_STATS";
     pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    pub const PERSIST: &str = "PERSIST";
+    pub const PERSIST_STATS: &str = "PERSIST_STATS";
+    pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
+    pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 20] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -386,6 +433,10 @@ pub mod maps {
         FIREWALL_V6,
         FIREWALL_STATS,
         RATE_LIMITS,
+        PERSIST,
+        PERSIST_STATS,
+        ACTIVE_FLOWS,
+        BACKEND_ACTIVE,
     ];
 }
 
@@ -428,6 +479,8 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for RateKey {}
+    unsafe impl aya::Pod for PersistValue {}
+    unsafe impl aya::Pod for ActiveFlow {}
 }
 
 #[cfg(test)]

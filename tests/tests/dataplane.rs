@@ -1365,6 +1365,15 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
                     "echo reply for no VIP address"
                 );
             }
+            XDP_TX if reason == Reason::ResetNoBackend => {
+                // A SYN to a VIP with no backend, refused (tests/tests/affinity.rs).
+                prop_assert_eq!(addressed, Some(vec![]));
+                prop_assert_eq!(
+                    &out[0..6],
+                    &frame[6..12],
+                    "the RST goes to the sender's MAC"
+                );
+            }
             XDP_TX => {
                 prop_assert!(
                     matches!(reason, Reason::Forwarded | Reason::IcmpErrorForwarded),

@@ -35,6 +35,10 @@ enum Command {
         /// Requests to send through the VIP.
         #[arg(long, default_value_t = 10)]
         requests: u32,
+        /// The classic stack instead: nginx over HTTPS with source affinity, a MariaDB
+        /// primary and replica behind write and read VIPs, and a primary failover.
+        #[arg(long)]
+        stack: bool,
     },
     /// Bring the test bed up with backends, agent, VIPs (v4 and v6) and two backends each,
     /// keep it for HOLD_SECS (or until Ctrl-C) to look around, then tear it down.
@@ -105,7 +109,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Test { args } => cmd::test::run(&args),
         Command::Bench { args } => cmd::bench::run(&args),
-        Command::Demo { requests } => cmd::demo::run(requests),
+        Command::Demo { stack: true, .. } => cmd::demo::stack(),
+        Command::Demo { requests, .. } => cmd::demo::run(requests),
         Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
         Command::Package => cmd::package::run(),
         Command::Clean => testbed::clean_stale().map(|deleted| {

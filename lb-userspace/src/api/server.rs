@@ -18,7 +18,7 @@ use super::{
 use crate::{
     config::{BackendConfig, Config},
     health::CheckSpec,
-    model::{RateLimit, Service},
+    model::{Persist, RateLimit, Service},
 };
 
 /// Flow counts in `lb stats` may be this old (`--watch` asks every second); lists and
@@ -92,11 +92,18 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             check,
             rate_limit,
             burst,
+            persist,
+            persist_prefix6,
         }) => {
             let service = Service::new(vip, proto)?;
             let check = check.apply(&CheckSpec::default())?;
             let rate = RateLimit::new(rate_limit.unwrap_or(0), burst);
-            change!(s => s.add_vip(service, algo.unwrap_or_default(), check, rate)?);
+            let persist = Persist::default().patched(persist, persist_prefix6);
+            persist.validate()?;
+            change!(s => {
+                s.add_vip(service, algo.unwrap_or_default(), check, rate)?;
+                s.set_persist(&service, persist)?
+            });
             Response::message(format!("added VIP {service}"))
         }
         Request::VipSet(VipSpec {
@@ -106,9 +113,17 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             check,
             rate_limit,
             burst,
+            persist,
+            persist_prefix6,
         }) => {
             let service = Service { addr: vip, proto };
-            change!(s => s.set_vip(&service, algo, &check, rate_limit, burst)?);
+            change!(s => {
+                let old = s.vip(&service)?.persist;
+                let persist = old.patched(persist, persist_prefix6);
+                persist.validate()?;
+                s.set_vip(&service, algo, &check, rate_limit, burst)?;
+                s.set_persist(&service, persist)?
+            });
             Response::message(format!("updated VIP {service}"))
         }
         Request::VipDel { vip, proto } => {

@@ -210,7 +210,8 @@ impl CheckArgs {
 struct VipSettings {
     #[command(flatten)]
     vip: VipArg,
-    /// rr: weighted round robin; maglev: consistent hashing for balancer fleets.
+    /// rr: weighted round robin; maglev: consistent hashing for balancer fleets; leastconn:
+    /// fewest active connections per weight (long sessions, databases).
     #[arg(long, value_enum)]
     algo: Option<Algo>,
     #[command(flatten)]
@@ -221,6 +222,13 @@ struct VipSettings {
     /// New flows a source may open at once above the rate (default: one second's worth).
     #[arg(long, requires = "rate_limit")]
     burst: Option<u32>,
+    /// Source affinity: a client's connections go to one backend while it is up and for
+    /// SECONDS after the client's last new connection; 0 removes it.
+    #[arg(long, value_name = "SECONDS")]
+    persist: Option<u32>,
+    /// With --persist: an IPv6 client is its source's /LEN (default 64).
+    #[arg(long, value_name = "LEN")]
+    persist_prefix6: Option<u8>,
 }
 
 impl VipSettings {
@@ -234,6 +242,8 @@ impl VipSettings {
             check: self.check.patch(),
             rate_limit: self.rate_limit,
             burst: self.burst,
+            persist: self.persist,
+            persist_prefix6: self.persist_prefix6,
         })
     }
 }

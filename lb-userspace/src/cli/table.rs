@@ -37,6 +37,12 @@ pub fn vips(vips: &[VipView]) -> String {
             vec![
                 v.vip.to_string(),
                 v.proto.to_string(),
+                v.algo.to_string(),
+                if v.persist == 0 {
+                    "-".into()
+                } else {
+                    format!("{}s", v.persist)
+                },
                 v.backends.to_string(),
                 v.active_backends.to_string(),
                 v.packets.to_string(),
@@ -49,6 +55,8 @@ pub fn vips(vips: &[VipView]) -> String {
         &[
             "VIP",
             "PROTO",
+            "ALGO",
+            "PERSIST",
             "BACKENDS",
             "ACTIVE",
             "PACKETS",
@@ -77,6 +85,7 @@ pub fn backends(list: &[BackendView]) -> String {
                 b.bytes.to_string(),
                 b.new_flows.to_string(),
                 b.flows.to_string(),
+                b.active.to_string(),
                 opt(&b.note),
             ]
         })
@@ -96,6 +105,7 @@ pub fn backends(list: &[BackendView]) -> String {
             "BYTES",
             "NEW FLOWS",
             "FLOWS",
+            "ACTIVE",
             "NOTE",
         ],
         rows,

@@ -48,6 +48,8 @@ fn vip(port: u16, algo: Algo, backends: impl IntoIterator<Item = u32>) -> VipCon
         check: CheckSpec::default(),
         rate_limit: 0,
         burst: 0,
+        persist: 0,
+        persist_prefix6: 64,
         backends: backends.into_iter().map(backend).collect(),
     }
 }
