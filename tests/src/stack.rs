@@ -621,3 +621,36 @@ pub fn https_get(
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
+
+/// A long-lived application session through `to` from the client's namespace (the
+/// `mariadb` client running `SELECT SLEEP(secs)`); killing the returned process closes the
+/// connection from the client's side (its kernel sends the FIN).
+pub fn client_session(bed: &Testbed, to: SocketAddr, secs: u32) -> Result<Proc> {
+    bed.spawn_in(
+        &bed.client.ns,
+        "mariadb",
+        [
+            "--no-defaults".to_string(),
+            "-h".into(),
+            to.ip().to_string(),
+            "-P".into(),
+            to.port().to_string(),
+            format!("-u{APP_USER}"),
+            format!("-p{APP_PASSWORD}"),
+            "-e".into(),
+            format!("SELECT SLEEP({secs})"),
+        ],
+    )
+}
+
+impl Mariadb {
+    /// The application's sessions open on this server now.
+    pub fn app_sessions(&self) -> Result<u32> {
+        let n = self.sql(&format!(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = '{APP_USER}'"
+        ))?;
+        n.trim()
+            .parse()
+            .with_context(|| format!("session count {n:?}"))
+    }
+}

@@ -538,6 +538,91 @@ fn https_through_the_vip_verifies_and_sticks_to_one_backend_per_client() {
     assert_eq!(spread.len(), 2, "round robin without affinity: {spread:?}");
 }
 
+/// Least connections with real long-lived MariaDB sessions through a read VIP: a server
+/// holding sessions gets no new one until the other has caught up, and sessions the
+/// clients close free their places.
+#[test]
+fn leastconn_sends_new_sessions_to_the_server_with_fewest() {
+    let _serial = serial();
+    let bed = bed(2);
+    let (first, second) = ok(mariadb_pair(&bed, true));
+    let second = second.expect("a second server");
+    let creds = ok(credentials_file(
+        &bed,
+        "creds",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        0o600,
+    ));
+    let (config, socket) = (bed.dir().join("lb.toml"), bed.dir().join("lb.sock"));
+    let _agent = ok(bed.start_agent(&config, &socket));
+    let lb = |args: &[&str]| lb_at(&bed, &socket, args);
+    let read = SocketAddr::new(VIP4.into(), MYSQL_PORT);
+    let (r, creds) = (read.to_string(), creds.display().to_string());
+    lb(&[
+        "vip",
+        "add",
+        &r,
+        "--algo",
+        "leastconn",
+        "--check",
+        "mysql",
+        "--credentials",
+        &creds,
+        "--interval",
+        "300",
+        "--rise",
+        "1",
+    ]);
+    let (a1, a2) = (first.host.ipv4.to_string(), second.host.ipv4.to_string());
+    lb(&["backend", "add", &r, &a1]);
+    wait_backends(&bed, &socket, "server 1 up", |l| state(l, &r, &a1) == "up");
+    let sessions = |want: (u32, u32)| {
+        ok(xtask::testbed::wait_until(CHANGE, || {
+            Ok((first.app_sessions()?, second.app_sessions()?) == want)
+        }));
+    };
+    // Server 1 alone takes 6 long sessions.
+    let mut on_first: Vec<_> = (0..6)
+        .map(|_| ok(client_session(&bed, read, 300)))
+        .collect();
+    sessions((6, 0));
+    // Server 2 joins: the next 6 all go to it, none to the server holding 6.
+    lb(&["backend", "add", &r, &a2]);
+    wait_backends(&bed, &socket, "server 2 up", |l| state(l, &r, &a2) == "up");
+    let mut rest: Vec<_> = (0..6)
+        .map(|_| ok(client_session(&bed, read, 300)))
+        .collect();
+    sessions((6, 6));
+    let list = backend_list_at(&bed, &socket);
+    for b in &list {
+        assert_eq!(number(b, "active"), 6, "{b}");
+    }
+    // Three of server 1's clients leave (their kernel sends the FIN): the balancer counts
+    // 3 there, and the next three sessions all go to server 1, none to server 2.
+    for mut p in on_first.drain(..3) {
+        p.kill();
+    }
+    let active = |want: [u64; 2]| {
+        wait_backends(&bed, &socket, &format!("active {want:?}"), |l| {
+            [&a1, &a2].iter().zip(want).all(|(addr, n)| {
+                l.iter()
+                    .any(|b| field(b, "address") == **addr && number(b, "active") == n)
+            })
+        })
+    };
+    active([3, 6]);
+    rest.extend((0..3).map(|_| ok(client_session(&bed, read, 300))));
+    active([6, 6]);
+    // The closed sessions may still sleep on server 1 (it notices a gone client late).
+    ok(xtask::testbed::wait_until(CHANGE, || {
+        Ok(first.app_sessions()? >= 6)
+    }));
+    assert_eq!(ok(second.app_sessions()), 6);
+    drop(rest);
+}
+
 /// Root-only credential files for the check user: its real password, and a wrong one.
 fn good_and_wrong_credentials(bed: &Testbed, db: Option<&str>) -> (PathBuf, PathBuf) {
     let good = ok(credentials_file(
