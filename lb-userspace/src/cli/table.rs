@@ -105,7 +105,7 @@ pub fn backends(list: &[BackendView]) -> String {
             "BYTES",
             "NEW FLOWS",
             "FLOWS",
-            "ACTIVE",
+            "LC_ACTIVE",
             "NOTE",
         ],
         rows,

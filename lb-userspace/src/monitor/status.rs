@@ -225,17 +225,14 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// `forward`, `pass` or `drop`: what the data plane did with packets of this reason.
+/// `forward`, `reply`, `pass` or `drop`: what the data plane did with packets of this
+/// reason.
 pub fn action(reason: Reason) -> &'static str {
-    let name = reason.name();
-    if name.starts_with("pass") {
-        "pass"
-    } else if reason == Reason::IcmpEchoReply {
-        "reply"
-    } else if name.starts_with("drop") {
-        "drop"
-    } else {
-        "forward"
+    match reason.outcome() {
+        lb_common::Outcome::Forward => "forward",
+        lb_common::Outcome::Reply => "reply",
+        lb_common::Outcome::Pass => "pass",
+        lb_common::Outcome::Drop => "drop",
     }
 }
 
