@@ -171,10 +171,13 @@ fn vip_del(socket: &Path, vip: SocketAddr) -> Result<()> {
 fn backend_del(socket: &Path, vip: SocketAddr, backend: IpAddr) -> Result<()> {
     ok(control::call(
         socket,
+        // At once: the benchmark measures the removal, not a grace period.
         &Request::BackendDel {
             vip,
             proto: Proto::Tcp,
             backend,
+            grace_s: None,
+            now: true,
         },
     )?)
 }
@@ -513,6 +516,7 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
                 backup: false,
                 drain: false,
                 check: None,
+                leaving_until: None,
             })
             .collect(),
     }
@@ -684,6 +688,8 @@ fn scale(
                 vip,
                 proto: Proto::Tcp,
                 backend: b,
+                grace_s: None,
+                now: true,
             }),
         ),
     ];
@@ -810,7 +816,7 @@ fn health_at_scale(report: &mut Report) -> Result<()> {
                 };
                 let r = Reach {
                     l2: Some(l2),
-                    note: None,
+                    ..Default::default()
                 };
                 (b.address, r)
             })

@@ -18,6 +18,13 @@ pub const MAX_BACKENDS: u32 = 65_536;
 pub const RING_SLAB_LEN: u32 = 1 << 22;
 /// Flows the flow table keeps before the least recently used are evicted.
 pub const MAX_FLOWS: u32 = 1 << 20;
+/// The pinned maps' layout version, recorded beside the pins so a restarted (or upgraded)
+/// agent knows what the maps it finds mean. Bump it when a map changes meaning at the same
+/// size (a field reused, a flag added to a word that had none), and teach the agent's
+/// `kernel::layout` the step; sizes alone are checked without it. 0: no record, the layout
+/// up to commit 4fe7cc3 (the same as 1).
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Egress interfaces the devmap can hold.
 pub const MAX_TX_PORTS: u32 = 64;
 /// Drop-list rules (CIDRs) over both families; a rule id indexes the hit counters.

@@ -105,6 +105,10 @@ pub struct BackendConfig {
     /// In maintenance: keeps its flows, gets no new ones.
     #[serde(default, skip_serializing_if = "is_false")]
     pub drain: bool,
+    /// Being deleted gracefully (`lb backend del`): gets no new flows and is removed when
+    /// its flows end or at this unix time (seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving_until: Option<u64>,
     /// Replaces the VIP's check for this backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<CheckSpec>,
@@ -332,6 +336,7 @@ mod tests {
                 weight,
                 backup,
                 drain,
+                leaving_until: None,
                 check: None,
             });
         (

@@ -323,11 +323,25 @@ pub struct L2Path {
 pub struct Reach {
     pub l2: Option<L2Path>,
     pub note: Option<String>,
+    /// The kernel is resolving the backend's MAC on this interface right now (its
+    /// neighbour entry went away or is being probed): a backend that had one keeps
+    /// forwarding to the last known MAC meanwhile, rather than handing its flows to the
+    /// host.
+    pub resolving_on: Option<u32>,
+}
+
+/// The path to use for a backend that had `last` when the kernel says `now`: the new one,
+/// or the last known one while the kernel re-resolves the MAC on the same interface.
+pub fn keep_last_mac(last: Option<L2Path>, now: &Reach) -> Option<L2Path> {
+    match (now.l2, last, now.resolving_on) {
+        (None, Some(last), Some(ifindex)) if last.ifindex == ifindex => Some(last),
+        (l2, ..) => l2,
+    }
 }
 
 /// Hands out small integer ids (VIP and backend slots in the BPF arrays), reusing freed
 /// ones, and counts how often each was handed out so stale references can be recognised.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct IdPool {
     /// Free ids, lowest last so they are handed out in order.
     free: Vec<u32>,
@@ -381,7 +395,7 @@ impl IdPool {
 }
 
 /// First-fit allocator over the ring slab (`lb_common::RING_SLAB_LEN` entries).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SlabAllocator {
     /// Free extents as (offset, length), sorted by offset, never adjacent.
     free: Vec<(u32, u32)>,

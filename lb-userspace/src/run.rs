@@ -40,6 +40,8 @@ pub struct Options {
     pub keep_forwarding: bool,
     /// Where to serve /metrics and the status page; None: nowhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Entries of the flow table (`lb_common::MAX_FLOWS` by default).
+    pub max_flows: u32,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -50,7 +52,13 @@ pub async fn run(opts: Options) -> Result<()> {
     for iface in &opts.ifaces {
         kernel::netif::index(iface)?;
     }
+    raise_open_file_limit();
     let config = Config::load(&opts.config)?;
+    // Before anything touches the pins or the socket: one agent per pin directory.
+    let _pin_lock = match &opts.pin_dir {
+        Some(dir) => Some(kernel::datapath::PinLock::take(dir)?),
+        None => None,
+    };
     let listener = server::bind(&opts.socket)?;
     let metrics_listener = match opts.metrics {
         Some(addr) => Some(monitor::bind(addr).await?),
@@ -61,9 +69,9 @@ pub async fn run(opts: Options) -> Result<()> {
     let datapath = match &opts.pin_dir {
         Some(dir) => {
             discard_stale_pins(dir, &netif).await?;
-            Datapath::load_pinned(dir)?
+            Datapath::load_pinned(dir, opts.max_flows)?
         }
-        None => Datapath::load()?,
+        None => Datapath::load_sized(opts.max_flows)?,
     };
     let restarted = datapath.adopted_state();
     let pinned = restarted.then(|| datapath.pinned());
@@ -103,6 +111,8 @@ pub async fn run(opts: Options) -> Result<()> {
             state.dataplane_mut().attach(iface, opts.generic)?;
             state.add_tx_port(kernel::netif::index(iface)?)?;
         }
+        // Attached to the new maps everywhere: an upgrade's copies take their pins' place.
+        state.dataplane_mut().finish_upgrade()?;
         for stale in state.dataplane().pinned_ifaces() {
             if !opts.ifaces.contains(&stale) {
                 log::info!("detaching from {stale}, which is no longer configured");
@@ -133,6 +143,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
     tasks.push(tokio::spawn(reconcile_active(agent.clone())));
+    tasks.push(tokio::spawn(crate::api::remove_departed(agent.clone())));
 
     // The watchdog pings only while the agent's lock can be taken: a stuck agent is restarted.
     let watchdog = crate::service::spawn_watchdog({
@@ -180,6 +191,17 @@ pub async fn run(opts: Options) -> Result<()> {
         log::info!("detached; bye");
     }
     Ok(())
+}
+
+/// Health checks hold a socket each while in flight: many slow backends need many.
+fn raise_open_file_limit() {
+    match health::fds::raise_open_file_limit() {
+        Ok((before, after)) if before != after => {
+            log::info!("open file limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("raising the open file limit: {e}"),
+    }
 }
 
 /// SIGHUP: the configuration file again, through the same path as `lb apply`. A bad file
@@ -260,7 +282,8 @@ async fn take_health_reports(agent: Arc<Agent>, mut reports: mpsc::Receiver<heal
 /// A pinned attachment is live when its interface (in this namespace) runs the program the
 /// link points at. Pins whose attachments all died with their interfaces (a deleted
 /// namespace whose inode number came round again, a NIC that went away) describe nothing
-/// that still forwards: they are removed, maps included, and the agent starts afresh.
+/// that still forwards: they are removed, maps included, and the agent starts afresh (the
+/// directory itself stays: this agent holds its lock).
 async fn discard_stale_pins(dir: &Path, netif: &Netif) -> Result<()> {
     let links_dir = dir.join("links");
     let Ok(entries) = std::fs::read_dir(&links_dir) else {
@@ -286,7 +309,13 @@ async fn discard_stale_pins(dir: &Path, netif: &Netif) -> Result<()> {
             "{}: pinned state of detached interfaces, discarding it",
             dir.display()
         );
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        for sub in ["maps", "links"] {
+            let path = dir.join(sub);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
     } else {
         for pin in dead {
             log::warn!("{}: attachment gone, unpinning", pin.display());

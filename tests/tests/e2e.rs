@@ -43,13 +43,14 @@ fn balances_and_follows_runtime_changes() {
     let tally = s.requests(vip4(), 30);
     assert_split(&tally, &[(1, 10), (2, 10), (3, 10)]);
 
-    // The other of the first two leaves: it gets nothing more.
+    // The other of the first two is removed at once: it gets nothing more.
     let removed = if kept_index == 1 { 2 } else { 1 };
     s.lb(&[
         "backend",
         "del",
         &vip4().to_string(),
         &s.backend(removed, false),
+        "--now",
     ]);
     let listed: Vec<String> = s
         .backend_list()

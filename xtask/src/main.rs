@@ -76,8 +76,9 @@ enum Command {
         source_port: Option<u16>,
     },
     /// (test bed) Steady load: a new connection to TO every INTERVAL_MS for MAX_SECS (or
-    /// until SIGTERM), one request each; prints `SEQ START_US LATENCY_US ok BACKEND` or
-    /// `... err MESSAGE` per attempt (START_US on CLOCK_MONOTONIC).
+    /// until SIGTERM), one request each (with --udp: one datagram and its answer); prints
+    /// `SEQ START_US LATENCY_US ok BACKEND` or `... err MESSAGE` per attempt (START_US on
+    /// CLOCK_MONOTONIC).
     Load {
         #[arg(long)]
         to: SocketAddr,
@@ -91,6 +92,9 @@ enum Command {
         /// is a new flow.
         #[arg(long)]
         source_port: Option<u16>,
+        /// UDP datagrams (each from a new socket) instead of TCP connections.
+        #[arg(long)]
+        udp: bool,
     },
     /// (test bed) One keep-alive connection to TO, a request every INTERVAL_MS; prints
     /// `ok SEQ BACKEND` per answer, stops at the first error or after MAX_SECS.
@@ -140,12 +144,14 @@ fn main() -> ExitCode {
             max_secs,
             timeout_ms,
             source_port,
+            udp,
         } => traffic::load(
             to,
             Duration::from_millis(interval_ms),
             Duration::from_secs(max_secs),
             Duration::from_millis(timeout_ms),
             source_port,
+            udp,
         ),
         Command::Keepalive {
             to,

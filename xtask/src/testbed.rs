@@ -747,6 +747,25 @@ impl Testbed {
         Ok(Load(Lines::follow(proc)?))
     }
 
+    /// Like [`Testbed::load`] with UDP: a datagram to `to` from a new socket every
+    /// `interval`, each answered by its backend's name (2 s timeout), for at most `max`.
+    pub fn load_udp(&self, to: SocketAddr, interval: Duration, max: Duration) -> Result<Load> {
+        let args = [
+            "load".to_string(),
+            "--udp".into(),
+            "--to".into(),
+            to.to_string(),
+            "--interval-ms".into(),
+            interval.as_millis().max(1).to_string(),
+            "--max-secs".into(),
+            max.as_secs().max(1).to_string(),
+            "--timeout-ms".into(),
+            "2000".into(),
+        ];
+        let proc = self.spawn_in_piped(&self.client.ns, self.bin("xtask")?, &args)?;
+        Ok(Load(Lines::follow(proc)?))
+    }
+
     /// The last `max_bytes` of every log in the test bed's temp dir, for failure reports.
     pub fn logs(&self, max_bytes: usize) -> String {
         let mut out = String::new();

@@ -1,6 +1,7 @@
 //! The traffic ends of the test bed, run by the `xtask` binary inside a namespace:
-//! `serve` (a backend), `client` (many short connections, one after another), `load` (new
-//! connections at a steady rate, each recorded with its time) and `keepalive` (one long one).
+//! `serve` (a backend, HTTP over TCP and a name over UDP), `client` (many short connections,
+//! one after another), `load` (new connections or UDP exchanges at a steady rate, each
+//! recorded with its time) and `keepalive` (one long connection).
 //!
 //! Every network operation has a timeout, and every loop is bounded in count or time, so
 //! nothing here can hang a test or flood anything.
@@ -8,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc,
@@ -32,10 +33,14 @@ pub const FAIL_PATH: &str = "/fail";
 
 /// Serves HTTP on `[::]:port` (dual-stack: IPv4 clients arrive as v4-mapped addresses),
 /// answering every request, whatever its method, with `name` and a newline: status 200,
-/// or 503 for [`FAIL_PATH`]. Runs until killed.
+/// or 503 for [`FAIL_PATH`]; and UDP on the same port, answering every datagram with `name`.
+/// Runs until killed.
 pub fn serve(name: &str, port: u16) -> Result<()> {
     let server = tiny_http::Server::http(("::", port))
         .map_err(|e| anyhow!("listening on [::]:{port}: {e}"))?;
+    let udp = UdpSocket::bind(("::", port)).with_context(|| format!("binding udp [::]:{port}"))?;
+    let udp_name = name.to_string();
+    std::thread::spawn(move || serve_udp(&udp, &udp_name));
     // The test bed waits for this line before it sends traffic.
     println!("{name} listening on [::]:{port}");
     std::io::stdout().flush()?;
@@ -55,6 +60,55 @@ pub fn serve(name: &str, port: u16) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Answers every datagram on `socket` with `name`, until the process ends. The answer
+/// leaves from the address the datagram was sent to (IPV6_PKTINFO; on this dual-stack
+/// socket IPv4 arrives v4-mapped and the kernel takes a v4-mapped source back): a backend
+/// under direct server return is asked on the VIP, which it holds on loopback, and a
+/// client only takes an answer from the address it asked.
+fn serve_udp(socket: &UdpSocket, name: &str) {
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn6, recvmsg, sendmsg, setsockopt,
+        sockopt::Ipv6RecvPacketInfo,
+    };
+    if let Err(e) = setsockopt(socket, Ipv6RecvPacketInfo, &true) {
+        eprintln!("{name}: IPV6_RECVPKTINFO: {e}");
+        return;
+    }
+    let fd = socket.as_raw_fd();
+    let mut buf = [0u8; 2048];
+    let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
+    loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let (peer, pktinfo) =
+            match recvmsg::<SockaddrIn6>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()) {
+                Ok(msg) => {
+                    let info = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            ControlMessageOwned::Ipv6PacketInfo(info) => Some(info),
+                            _ => None,
+                        })
+                    });
+                    (msg.address, info)
+                }
+                Err(e) => {
+                    eprintln!("{name}: udp receive: {e}");
+                    continue;
+                }
+            };
+        let (Some(peer), Some(mut info)) = (peer, pktinfo) else {
+            eprintln!("{name}: udp datagram without its addresses");
+            continue;
+        };
+        // Any interface: the route to the client decides.
+        info.ipi6_ifindex = 0;
+        let answer = [std::io::IoSlice::new(name.as_bytes())];
+        let cmsgs = [ControlMessage::Ipv6PacketInfo(&info)];
+        if let Err(e) = sendmsg(fd, &answer, &cmsgs, MsgFlags::empty(), Some(&peer)) {
+            eprintln!("{name}: udp answer to {peer}: {e}");
+        }
+    }
 }
 
 /// What `client` prints (as JSON) and the test bed parses.
@@ -101,6 +155,27 @@ pub fn client(to: SocketAddr, count: u32, timeout: Duration, source_port: Option
 
 fn one_request(to: SocketAddr, timeout: Duration) -> Result<String> {
     exchange(connect(to, timeout)?, to)
+}
+
+/// One datagram to `to` from a socket of its own (a new flow, from a port the kernel picks),
+/// and the answering backend's name. A lost datagram or answer is an error after `timeout`.
+fn one_udp_request(to: SocketAddr, timeout: Duration) -> Result<String> {
+    let local: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(local).context("binding a udp socket")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket
+        .connect(to)
+        .with_context(|| format!("connecting udp to {to}"))?;
+    socket.send(b"name?").context("sending the datagram")?;
+    let mut buf = [0u8; 512];
+    let n = socket
+        .recv(&mut buf)
+        .context("waiting for the udp answer")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 fn one_request_from(to: SocketAddr, port: u16, timeout: Duration) -> Result<String> {
@@ -244,6 +319,7 @@ pub fn load(
     duration: Duration,
     timeout: Duration,
     source_port: Option<u16>,
+    udp: bool,
 ) -> Result<()> {
     // SAFETY: plain syscall on this process; failure (not root) just leaves the priority.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
@@ -259,6 +335,7 @@ pub fn load(
         duration,
         timeout,
         source_port,
+        udp,
         &stop,
         |attempt| {
             if result.is_ok() {
@@ -270,13 +347,17 @@ pub fn load(
 }
 
 /// [`load`]'s engine: hands each attempt to `sink` as it completes, stops starting new
-/// ones when `stop` is set, and returns once every attempt it started has completed.
+/// ones when `stop` is set, and returns once every attempt it started has completed. With
+/// `udp`, an attempt is one datagram and its answer instead of a connection (`source_port`
+/// does not apply).
+#[allow(clippy::too_many_arguments)]
 pub fn steady_load(
     to: SocketAddr,
     interval: Duration,
     duration: Duration,
     timeout: Duration,
     source_port: Option<u16>,
+    udp: bool,
     stop: &AtomicBool,
     mut sink: impl FnMut(Attempt),
 ) {
@@ -301,6 +382,7 @@ pub fn steady_load(
         running.push(std::thread::spawn(move || {
             let start_us = monotonic_us();
             let answer = match source_port {
+                _ if udp => one_udp_request(to, timeout),
                 Some(p) => one_request_from(to, p + seq as u16, timeout),
                 None => one_request(to, timeout),
             };
@@ -576,6 +658,7 @@ mod tests {
             Duration::from_millis(200),
             Duration::from_secs(2),
             None,
+            false,
             &stop,
             |a| attempts.push(a),
         );
@@ -596,6 +679,30 @@ mod tests {
             assert_eq!(a.backend(), Some("backend-x"));
             assert_eq!(Attempt::parse(&a.to_string()).as_ref(), Some(a));
         }
+
+        // UDP on the same port: every datagram answered with the name.
+        let mut udp = Vec::new();
+        steady_load(
+            to,
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+            Duration::from_secs(2),
+            None,
+            true,
+            &stop,
+            |a| udp.push(a),
+        );
+        assert_eq!(udp.len(), 10);
+        for a in &udp {
+            assert_eq!(a.backend(), Some("backend-x"), "{a}");
+        }
+        // Asked on another of its addresses (as a backend is asked on the VIP), the server
+        // answers from that address, or the client would not take the answer.
+        let other: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        assert_eq!(
+            one_udp_request(other, Duration::from_secs(2)).unwrap(),
+            "backend-x"
+        );
     }
 
     #[test]

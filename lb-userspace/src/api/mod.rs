@@ -4,13 +4,15 @@
 //!
 //! Locking: the state sits behind one fair (FIFO) lock, taken only for work that does not
 //! wait: neighbour resolution, flow-table walks and configuration writes happen outside
-//! it, so reads never queue behind the network or the disk.
+//! it, so reads never queue behind the network or the disk. Changes also take the
+//! configuration file's lock, for the whole change and its save: one change at a time, so
+//! one whose save fails is undone before the next begins.
 
 pub mod protocol;
 pub mod server;
 pub mod views;
 
-use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
+use std::{collections::HashMap, net::IpAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use tokio::sync::Mutex;
@@ -22,10 +24,13 @@ use crate::{
         flows::FlowCounts,
         netif::{Netif, Unresolved},
     },
-    model::Reach,
+    model::{Reach, Service},
     monitor::status::{AgentInfo, History},
     state::{Plan, State},
 };
+
+/// How often leaving backends are looked at (a walk of the flow table each time).
+const DEPARTURE_TICK: Duration = Duration::from_secs(2);
 
 /// How long a change that adds backends waits for the kernel to resolve their MACs before
 /// answering, so traffic can flow the moment the command returns.
@@ -43,32 +48,25 @@ pub struct Agent {
     pub history: std::sync::Mutex<History>,
 }
 
-/// The configuration file, rewritten after every change, in the order of the changes.
+/// The configuration file, rewritten after every change.
 pub struct ConfigFile {
     pub path: PathBuf,
-    /// The state version last written.
-    written: Mutex<u64>,
+    /// Held for a whole change, its save included.
+    changes: Mutex<()>,
 }
 
 impl ConfigFile {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
-            written: Mutex::new(0),
+            changes: Mutex::new(()),
         }
     }
 
-    /// Writes `config`, the state at `version`, unless a later version is on disk already
-    /// (it includes this one). Off the agent lock, on a blocking thread.
-    pub async fn save(&self, config: Config, version: u64) -> Result<()> {
-        let mut written = self.written.lock().await;
-        if *written >= version {
-            return Ok(());
-        }
+    /// Writes `config`, off the agent lock, on a blocking thread.
+    async fn save(&self, config: Config) -> Result<()> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || config.save(&path)).await??;
-        *written = version;
-        Ok(())
+        tokio::task::spawn_blocking(move || config.save(&path)).await?
     }
 }
 
@@ -77,12 +75,33 @@ impl Agent {
         self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Saves the state after a change, before the change is acknowledged.
-    pub async fn saved(&self, (config, version): (Config, u64)) -> Result<()> {
-        self.config
-            .save(config, version)
-            .await
-            .map_err(|e| anyhow!("applied, but the configuration was not saved: {e:#}"))
+    /// Makes one change (see `State::change`: all of it or nothing) and, with `save`,
+    /// writes the configuration file before answering. A change that cannot be saved is
+    /// undone: what runs is always what a restart would bring back.
+    pub async fn change<T>(
+        &self,
+        save: bool,
+        f: impl FnOnce(&mut State<Datapath>) -> Result<T>,
+    ) -> Result<T> {
+        let _one_at_a_time = self.config.changes.lock().await;
+        let (value, undo, config) = {
+            let mut state = self.state.lock().await;
+            let (value, undo) = state.change(f)?;
+            (value, undo, state.config())
+        };
+        if !save {
+            return Ok(value);
+        }
+        if let Err(e) = self.config.save(config).await {
+            let undone = self.state.lock().await.undo(undo);
+            return Err(match undone {
+                Ok(()) => anyhow!("not applied, the configuration could not be saved: {e:#}"),
+                Err(u) => anyhow!(
+                    "the configuration could not be saved ({e:#}) and undoing the change failed: {u:#}"
+                ),
+            });
+        }
+        Ok(value)
     }
 
     /// What the kernel says of reaching `addrs`, waiting up to `wait` for those it has to
@@ -129,14 +148,60 @@ impl Agent {
             .reach(&new, RESOLVE_WAIT)
             .await
             .context("resolving backends")?;
-        let (plan, saved) = {
-            let mut state = self.state.lock().await;
-            let plan = state.apply(config, &reach)?;
-            (plan, (state.config(), state.version()))
-        };
-        if save {
-            self.saved(saved).await?;
+        self.change(save, |state| state.apply(config, &reach)).await
+    }
+
+    /// Removes the leaving backends (`lb backend del`) whose flows have ended (none in a
+    /// flow-table walk at most `max_age` old), whose time is up, or that are down; returns
+    /// them.
+    pub async fn remove_departed(&self, max_age: Duration) -> Result<Vec<(Service, IpAddr)>> {
+        let now = crate::model::unix_now() as u64;
+        let leaving = self.state.lock().await.leaving(now);
+        if leaving.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(plan)
+        let flows = match leaving.iter().all(|l| l.3) {
+            true => None,
+            false => Some(self.flows.fresh(max_age).await?),
+        };
+        let gone: Vec<_> = leaving
+            .into_iter()
+            .filter(|(_, _, (id, g), due)| {
+                *due || flows.as_ref().is_some_and(|f| f.backend(*id, *g) == 0)
+            })
+            .collect();
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.change(true, |state| {
+            let mut removed = Vec::new();
+            for (service, addr, id, _) in gone {
+                // Unless it was taken back or replaced meanwhile.
+                let same = state
+                    .backend(&service, addr)
+                    .is_ok_and(|b| (b.id, b.generation) == id && b.leaving_until.is_some());
+                if same {
+                    state.del_backend(&service, addr)?;
+                    removed.push((service, addr));
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+/// Removes leaving backends as they may go (see `Agent::remove_departed`), until aborted.
+pub async fn remove_departed(agent: Arc<Agent>) {
+    loop {
+        tokio::time::sleep(DEPARTURE_TICK).await;
+        match agent.remove_departed(DEPARTURE_TICK).await {
+            Ok(removed) => {
+                for (service, addr) in removed {
+                    log::info!("backend {addr} of {service} left");
+                }
+            }
+            Err(e) => log::warn!("removing leaving backends: {e:#}"),
+        }
     }
 }

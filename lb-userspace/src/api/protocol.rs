@@ -19,6 +19,9 @@ use crate::{
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+/// How long `lb backend del` waits at most for a backend's flows to end: a minute, enough
+/// for web requests and short transactions (connection pools: give `--grace`).
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 /// Longest request line the agent reads; anything longer is refused, not buffered. Room
 /// for `lb apply` of a configuration with 100,000 backends.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
@@ -87,6 +90,12 @@ pub enum Request {
         vip: SocketAddr,
         proto: Proto,
         backend: IpAddr,
+        /// Seconds its flows may take to end (`DEFAULT_GRACE` when not given).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_s: Option<u64>,
+        /// Remove it at once: its flows move to the other backends.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        now: bool,
     },
     BackendList {
         vip: Option<SocketAddr>,

@@ -1,6 +1,6 @@
 //! The control socket: one JSON request line in, one JSON response line out. Each change
 //! is made under the state lock without waiting on anything, then saved to the
-//! configuration file outside the lock, then acknowledged.
+//! configuration file outside the lock, then acknowledged (see `Agent::change`).
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration};
 
@@ -75,14 +75,9 @@ pub async fn serve(stream: UnixStream, agent: Arc<Agent>) -> Result<()> {
 pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
     // Changes that need nothing but the lock: made under it, saved after it.
     macro_rules! change {
-        ($state:ident => $body:expr) => {{
-            let saved = {
-                let mut $state = agent.state.lock().await;
-                $body;
-                ($state.config(), $state.version())
-            };
-            agent.saved(saved).await?;
-        }};
+        ($state:ident => $body:expr) => {
+            agent.change(true, |$state| Ok($body)).await?
+        };
     }
     Ok(match request {
         Request::VipAdd(VipSpec {
@@ -148,6 +143,7 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
                     weight: weight.unwrap_or(1),
                     backup: backup.unwrap_or(false),
                     drain: false,
+                    leaving_until: None,
                     check: if check.is_empty() {
                         None
                     } else {
@@ -188,11 +184,10 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             drain,
         } => {
             let service = Service { addr: vip, proto };
-            let id;
-            change!(s => {
+            let id = change!(s => {
                 s.drain_backend(&service, backend, drain)?;
                 let b = s.backend(&service, backend)?;
-                id = (b.id, b.generation);
+                (b.id, b.generation)
             });
             if drain {
                 let flows = agent.flows.fresh(Duration::ZERO).await?.backend(id.0, id.1);
@@ -209,10 +204,44 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             vip,
             proto,
             backend,
+            grace_s: _,
+            now: true,
         } => {
             let service = Service { addr: vip, proto };
             change!(s => s.del_backend(&service, backend)?);
             Response::message(format!("removed backend {backend} from VIP {service}"))
+        }
+        Request::BackendDel {
+            vip,
+            proto,
+            backend,
+            grace_s,
+            now: false,
+        } => {
+            let service = Service { addr: vip, proto };
+            let grace = grace_s.unwrap_or(protocol::DEFAULT_GRACE.as_secs());
+            let until = crate::model::unix_now() as u64 + grace;
+            let id = change!(s => {
+                s.leave_backend(&service, backend, until)?;
+                let b = s.backend(&service, backend)?;
+                (b.id, b.generation)
+            });
+            // One without flows goes at once.
+            if let Err(e) = agent.remove_departed(Duration::ZERO).await {
+                log::warn!("removing leaving backends: {e:#}");
+            }
+            let still = agent.state.lock().await.backend(&service, backend).is_ok();
+            if still {
+                let flows = agent.flows.latest().map_or(0, |f| f.backend(id.0, id.1));
+                Response::message(format!(
+                    "backend {backend} of VIP {service} is leaving: no new flows; removed when \
+                     its {flows} flows end, at the latest in {grace} s"
+                ))
+            } else {
+                Response::message(format!(
+                    "removed backend {backend} from VIP {service} (it had no flows)"
+                ))
+            }
         }
         Request::FirewallAdd { cidr } => {
             change!(s => s.add_rule(cidr)?);

@@ -40,8 +40,11 @@ pub struct BackendView {
     pub vip: SocketAddr,
     pub proto: Proto,
     pub address: std::net::IpAddr,
-    /// `up`, `down`, `draining` or `unresolved`.
+    /// `up`, `down`, `draining`, `unresolved` or `leaving`.
     pub state: String,
+    /// Leaving (`lb backend del`): removed at the latest at this unix time, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving_until: Option<u64>,
     pub weight: u32,
     pub backup: bool,
     /// `primary` or `backup`.
@@ -133,6 +136,7 @@ pub fn backends<D: Dataplane>(
                 proto: v.service.proto,
                 address: b.addr,
                 state: b.state().into(),
+                leaving_until: b.leaving_until,
                 weight: b.weight,
                 backup: b.backup,
                 role: if b.backup { "backup" } else { "primary" }.into(),

@@ -73,6 +73,11 @@ enum Command {
         /// ([ADDR]:PORT for IPv6), or `off`.
         #[arg(long, value_name = "ADDR:PORT|off", default_value = crate::monitor::DEFAULT_LISTEN)]
         metrics: crate::monitor::Listen,
+        /// Entries of the flow table (connections tracked at once; the least recently
+        /// used are evicted when full). Changing it on a restart copies the flows over.
+        #[arg(long, value_name = "N", default_value_t = lb_common::MAX_FLOWS,
+              value_parser = clap::value_parser!(u32).range(1024..=1 << 28))]
+        max_flows: u32,
     },
     /// The overview to read first: agent, interfaces and XDP mode, VIPs with backends up,
     /// drops in the last minute, flow table use.
@@ -180,6 +185,9 @@ struct CheckArgs {
     /// Verify TLS certificates against this CA (PEM); not verified otherwise.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// tls: the name sent (SNI) and verified, for certificates without the IP address.
+    #[arg(long)]
+    tls_name: Option<String>,
     /// The check user for mysql*/pgsql checks: a TOML file (user, password) only root reads.
     #[arg(long)]
     credentials: Option<PathBuf>,
@@ -198,6 +206,7 @@ impl CheckArgs {
             fall: self.fall,
             expect: self.expect,
             tls_ca: self.tls_ca.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            tls_name: self.tls_name,
             credentials: self
                 .credentials
                 .map(|p| std::path::absolute(&p).unwrap_or(p)),
@@ -360,10 +369,22 @@ enum BackendCommand {
     #[command(after_help = "Examples:
   lb backend undrain 10.0.0.10:80 192.168.1.11")]
     Undrain(BackendArg),
-    /// Remove a backend; its flows move to the others.
+    /// Remove a backend gracefully: no new flows at once, removed when its flows end or
+    /// after the grace period (listed as leaving until then).
     #[command(after_help = "Examples:
-  lb backend del 10.0.0.10:80 192.168.1.11")]
-    Del(BackendArg),
+  lb backend del 10.0.0.10:80 192.168.1.11
+  lb backend del 10.0.0.10:3306 192.168.1.21 --grace 600
+  lb backend del 10.0.0.10:80 192.168.1.11 --now    (its flows move to the others)")]
+    Del {
+        #[command(flatten)]
+        target: BackendArg,
+        /// Seconds its flows may take to end [default: 60].
+        #[arg(long, conflicts_with = "now")]
+        grace: Option<u64>,
+        /// Remove it at once; its flows move to the other backends.
+        #[arg(long)]
+        now: bool,
+    },
     /// Backends with their state, health and counters.
     #[command(after_help = "Examples:
   lb backend list
@@ -409,6 +430,7 @@ pub fn run(cli: Cli) -> Result<()> {
             no_pin,
             keep_forwarding,
             metrics,
+            max_flows,
         } => {
             let pin_dir = match (no_pin, pin_dir) {
                 (true, _) => None,
@@ -424,6 +446,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 pin_dir,
                 keep_forwarding,
                 metrics: metrics.0,
+                max_flows,
             }));
         }
         Command::Vip(VipCommand::Add(v)) => (Request::VipAdd(v.spec()?), false),
@@ -492,13 +515,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 false,
             )
         }
-        Command::Backend(BackendCommand::Del(target)) => {
+        Command::Backend(BackendCommand::Del { target, grace, now }) => {
             let (vip, proto, backend) = target.parse()?;
             (
                 Request::BackendDel {
                     vip,
                     proto,
                     backend,
+                    grace_s: grace,
+                    now,
                 },
                 false,
             )
@@ -707,7 +732,7 @@ mod tests {
                 | BackendCommand::Set { target, .. }
                 | BackendCommand::Drain(target)
                 | BackendCommand::Undrain(target)
-                | BackendCommand::Del(target),
+                | BackendCommand::Del { target, .. },
             ) => {
                 target.parse().map_err(e)?;
             }

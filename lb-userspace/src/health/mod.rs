@@ -8,6 +8,7 @@
 
 pub mod credentials;
 pub mod exec;
+pub mod fds;
 pub mod mysql;
 pub mod pgsql;
 
@@ -123,6 +124,10 @@ pub struct CheckSpec {
     /// Verify the backend's TLS certificate against this CA (PEM); unverified otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// The name a `tls` check sends (SNI) and verifies the certificate for; the backend's
+    /// IP address otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
     /// The check user's credentials for `mysql*` and `pgsql` checks (see `credentials`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
@@ -160,6 +165,7 @@ impl Default for CheckSpec {
             fall: defaults::fall(),
             expect: defaults::expect(),
             tls_ca: None,
+            tls_name: None,
             credentials: None,
             max_lag_s: None,
         }
@@ -193,6 +199,9 @@ impl CheckSpec {
         if let Some(ca) = &self.tls_ca {
             tls_config(Some(ca)).with_context(|| format!("TLS CA {}", ca.display()))?;
         }
+        if let Some(name) = &self.tls_name {
+            server_name(name)?;
+        }
         match &self.credentials {
             Some(path) => drop(credentials::Credentials::load(path)?),
             None if matches!(self.check, CheckKind::Mysql(_) | CheckKind::Pgsql) => bail!(
@@ -223,6 +232,8 @@ pub struct CheckPatch {
     pub expect: Option<[u16; 2]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -261,6 +272,9 @@ impl CheckPatch {
         }
         if let Some(v) = &self.tls_ca {
             spec.tls_ca = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_name {
+            spec.tls_name = Some(v.clone());
         }
         if let Some(v) = &self.credentials {
             spec.credentials = Some(v.clone());
@@ -312,6 +326,14 @@ impl Default for Health {
 }
 
 impl Health {
+    /// Counting afresh (a new or changed check), up or down as given.
+    pub fn restarted(up: bool) -> Self {
+        Self {
+            up,
+            ..Self::default()
+        }
+    }
+
     /// Records one result; returns true when the backend changed between up and down.
     pub fn record(&mut self, outcome: Outcome, rise: u32, fall: u32) -> bool {
         let agrees = outcome.ok == self.up;
@@ -373,7 +395,10 @@ pub async fn probe(
                 let config = tls
                     .ok_or_else(|| anyhow!("no TLS client configuration"))?
                     .clone();
-                let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
+                let name = match &spec.tls_name {
+                    Some(name) => server_name(name)?,
+                    None => rustls::pki_types::ServerName::IpAddress(target.ip().into()),
+                };
                 let connector = tokio_rustls::TlsConnector::from(config);
                 let tls_stream = connector
                     .connect(name, stream)
@@ -419,6 +444,12 @@ async fn read_status(stream: &mut TcpStream) -> Result<u16> {
             _ => bail!("not an HTTP response"),
         }
     }
+}
+
+/// `--tls-name`: a DNS name (or an IP address written out).
+fn server_name(name: &str) -> Result<rustls::pki_types::ServerName<'static>> {
+    rustls::pki_types::ServerName::try_from(name.to_string())
+        .map_err(|_| anyhow!("bad TLS name {name:?}: give the DNS name the certificate is for"))
 }
 
 /// TLS client settings: verify against `ca` when given, otherwise accept any certificate
@@ -520,21 +551,26 @@ pub fn spawn_checker(
     tokio::spawn(async move {
         let target = SocketAddr::new(addr, port);
         let interval = Duration::from_millis(spec.interval_ms);
+        // Read once; the CA was readable when the check was configured (`validate`).
+        // Should it have gone since, every result says why.
         let tls = match spec.check {
             CheckKind::Tls => match tls_config(spec.tls_ca.as_ref()) {
-                Ok(c) => Some(c),
+                Ok(c) => Ok(Some(c)),
                 Err(e) => {
                     log::warn!("TLS check of {target}: {e:#}");
-                    None
+                    Err(format!("TLS client configuration: {e:#}"))
                 }
             },
-            _ => None,
+            _ => Ok(None),
         };
         // Spread checks over the interval instead of probing every backend at once.
         tokio::time::sleep(interval.mul_f64(fastrand::f64())).await;
         loop {
             let start = Instant::now();
-            let result = probe(&spec, target, tls.as_ref()).await;
+            let result = match &tls {
+                Ok(tls) => probe(&spec, target, tls.as_ref()).await,
+                Err(e) => Err(anyhow!("{e}")),
+            };
             let latency_us = start.elapsed().as_micros() as u64;
             let outcome = match result {
                 Ok(detail) => Outcome {
@@ -679,5 +715,159 @@ mod tests {
             l.local_addr().unwrap()
         };
         assert!(probe(&tcp, closed, None).await.is_err());
+    }
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("running openssl (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A CA and a certificate it signed for `backend.example` only (no IP address), made
+    /// now with openssl in `dir`: (CA, certificate, key).
+    fn dns_only_certificate(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let ca = [
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=test CA"],
+        ]
+        .concat();
+        openssl(
+            dir,
+            &[&ca[..], &["-keyout", "ca.key", "-out", "ca.pem"]].concat(),
+        );
+        let req = [&["req"][..], &ec, &["-subj", "/CN=backend.example"]].concat();
+        openssl(
+            dir,
+            &[&req[..], &["-keyout", "tls.key", "-out", "tls.csr"]].concat(),
+        );
+        let ext = "subjectAltName=DNS:backend.example\nbasicConstraints=CA:FALSE\n";
+        std::fs::write(dir.join("tls.ext"), ext).unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "tls.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "tls.ext",
+                "-out",
+                "tls.pem",
+            ],
+        );
+        (dir.join("ca.pem"), dir.join("tls.pem"), dir.join("tls.key"))
+    }
+
+    /// A TLS server on loopback with `cert`; sends the SNI of each handshake it completes.
+    async fn tls_server(cert: &Path, key: &Path) -> (SocketAddr, mpsc::Receiver<Option<String>>) {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice())
+            .unwrap()
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                if let Ok(tls) = acceptor.accept(s).await {
+                    let sni = tls.get_ref().1.server_name().map(str::to_string);
+                    let _ = tx.send(sni).await;
+                }
+            }
+        });
+        (addr, rx)
+    }
+
+    /// A certificate with only a DNS name verifies under `tls_name`, which is also the SNI
+    /// sent; without it (the IP address) or under another name it does not.
+    #[tokio::test]
+    async fn tls_checks_verify_the_tls_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = dns_only_certificate(dir.path());
+        let (addr, mut sni) = tls_server(&cert, &key).await;
+        let patch = |name: Option<&str>| CheckPatch {
+            check: Some(CheckKind::Tls),
+            tls_ca: Some(ca.clone()),
+            tls_name: name.map(str::to_string),
+            ..Default::default()
+        };
+        let tls = tls_config(Some(&ca)).unwrap();
+        let by_ip = patch(None).apply(&CheckSpec::default()).unwrap();
+        assert!(probe(&by_ip, addr, Some(&tls)).await.is_err());
+        let by_name = patch(Some("backend.example"))
+            .apply(&CheckSpec::default())
+            .unwrap();
+        let ok = probe(&by_name, addr, Some(&tls)).await;
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(
+            sni.recv().await.unwrap().as_deref(),
+            Some("backend.example")
+        );
+        let other = patch(Some("other.example"))
+            .apply(&CheckSpec::default())
+            .unwrap();
+        assert!(probe(&other, addr, Some(&tls)).await.is_err());
+        assert!(
+            patch(Some("not a name"))
+                .apply(&CheckSpec::default())
+                .is_err()
+        );
+    }
+
+    /// A CA that cannot be read is refused when the check is set, whatever the reason.
+    #[test]
+    fn an_unreadable_tls_ca_is_refused_when_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        for ca in [
+            dir.path().join("missing.pem"),
+            not_pem,
+            dir.path().to_path_buf(),
+        ] {
+            let patch = CheckPatch {
+                check: Some(CheckKind::Tls),
+                tls_ca: Some(ca.clone()),
+                ..Default::default()
+            };
+            let err = patch.apply(&CheckSpec::default()).unwrap_err();
+            assert!(
+                format!("{err:#}").contains(&ca.display().to_string()),
+                "{err:#}"
+            );
+        }
     }
 }

@@ -25,7 +25,7 @@ use lb_common::{
     vip_addr_filter_slot,
 };
 
-use super::batch;
+use super::{batch, layout};
 
 mod affinity;
 pub use affinity::{IdleTimeouts, monotonic_ns};
@@ -60,6 +60,10 @@ pub struct Datapath {
     flows_possible: bool,
     /// Set when the maps and links live in bpffs (see `load_pinned`).
     pin_dir: Option<PathBuf>,
+    /// The maps were found pinned (an earlier agent's), not created by this one.
+    reused_pins: bool,
+    /// An upgrade under way: the new maps, pinned here until attached (`finish_upgrade`).
+    upgrade: Option<PathBuf>,
 }
 
 /// Every map of the program, for pinning.
@@ -116,6 +120,8 @@ impl Datapath {
             links: Vec::new(),
             flows_possible: false,
             pin_dir: None,
+            reused_pins: false,
+            upgrade: None,
         })
     }
 
@@ -128,33 +134,110 @@ impl Datapath {
         Ok(Some(link.info()?.program_id()))
     }
 
+    /// Loads with a flow table of `max_flows` entries (`lb run --max-flows`), unpinned.
+    pub fn load_sized(max_flows: u32) -> Result<Self> {
+        Self::load_with(EbpfLoader::new().map_max_entries(maps::FLOWS, max_flows))
+    }
+
     /// Loads with every map pinned under `pin_dir/maps`: maps already pinned there (by an
     /// agent that stopped or crashed) are reused with their contents, so flows, counters
-    /// and round-robin cursors carry over; missing ones are created and pinned.
-    pub fn load_pinned(pin_dir: &Path) -> Result<Self> {
+    /// and round-robin cursors carry over; missing ones are created and pinned. Pins of
+    /// another shape (an older layout, another `max_flows`) are copied into new maps (see
+    /// `kernel::layout`), which take over when `finish_upgrade` runs after attaching; pins
+    /// this binary cannot read are refused before anything changes.
+    pub fn load_pinned(pin_dir: &Path, max_flows: u32) -> Result<Self> {
         let maps_dir = pin_dir.join("maps");
         ensure_bpffs(&maps_dir)?;
         std::fs::create_dir_all(pin_dir.join("links"))
             .with_context(|| format!("creating {}", pin_dir.display()))?;
-        let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, maps_dir.join(m))).collect();
-        let mut loader = EbpfLoader::new();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+        layout::discard_next(pin_dir)?;
+        let reused_pins = ALL_MAPS.iter().any(|m| maps_dir.join(m).exists());
+        if reused_pins {
+            layout::check_version(pin_dir)?;
         }
-        let mut datapath = Self::load_with(&mut loader)
-            .with_context(|| format!("loading with maps pinned in {}", maps_dir.display()))?;
+        let mut datapath = match Self::load_pinned_at(&maps_dir, max_flows) {
+            Ok(datapath) => datapath,
+            Err(e) if reused_pins && layout::is_incompatible_pin(&e) => {
+                log::info!(
+                    "{}: {e:#}; copying the pinned maps into new ones",
+                    pin_dir.display()
+                );
+                let next = layout::next_dir(pin_dir);
+                ensure_bpffs(&next)?;
+                let datapath = Self::load_pinned_at(&next, max_flows)
+                    .and_then(|dp| {
+                        layout::check_copyable(&maps_dir, &next, &ALL_MAPS)?;
+                        for name in ALL_MAPS {
+                            if maps_dir.join(name).exists() {
+                                let n =
+                                    layout::copy(&maps_dir.join(name), &next.join(name), false)?;
+                                log::debug!("{name}: {n} entries copied");
+                            }
+                        }
+                        Ok(dp)
+                    })
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_dir_all(&next);
+                    })?;
+                Self {
+                    upgrade: Some(next),
+                    ..datapath
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        if datapath.upgrade.is_none() {
+            layout::record(pin_dir)?;
+        }
         datapath.pin_dir = Some(pin_dir.to_path_buf());
+        datapath.reused_pins = reused_pins;
         // Adopted maps may be in use by the previous agent's program.
-        datapath.flows_possible = datapath.adopted_state();
+        datapath.flows_possible = reused_pins;
         // Pins made before the filter existed have VIP addresses but no filter yet.
         datapath.write_vip_addr_filter()?;
         datapath.write_drop_filter(None)?;
         Ok(datapath)
     }
 
-    /// Whether maps came from bpffs with state in them (a restart, not a first start).
+    fn load_pinned_at(dir: &Path, max_flows: u32) -> Result<Self> {
+        let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::FLOWS, max_flows);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        Self::load_with(&mut loader)
+            .with_context(|| format!("loading with maps pinned in {}", dir.display()))
+    }
+
+    /// After an upgrade's new maps are attached (see `load_pinned`): copies the flows the
+    /// old program made meanwhile, puts the new maps where the old ones were pinned and
+    /// records the layout. Nothing to do without an upgrade.
+    pub fn finish_upgrade(&mut self) -> Result<()> {
+        let (Some(next), Some(pin_dir)) = (self.upgrade.take(), self.pin_dir.clone()) else {
+            return Ok(());
+        };
+        let maps_dir = pin_dir.join("maps");
+        let n = layout::copy(&maps_dir.join(maps::FLOWS), &next.join(maps::FLOWS), true)?;
+        log::info!("upgraded the pinned maps; {n} flows made during the upgrade copied");
+        let old = pin_dir.join("maps.old");
+        std::fs::rename(&maps_dir, &old)
+            .with_context(|| format!("moving {}", maps_dir.display()))?;
+        std::fs::rename(&next, &maps_dir).with_context(|| format!("moving {}", next.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        layout::record(&pin_dir)
+    }
+
+    /// Whether maps came from bpffs with state in them (a restart, not a first start):
+    /// any of VIPs, backends, drop rules or VIP addresses, so that state holding only some
+    /// of them (drop rules and no VIP, say) is adopted or cleared all the same.
     pub fn adopted_state(&self) -> bool {
-        self.vips.keys().next().is_some()
+        self.reused_pins
+            && (self.vips.keys().next().is_some()
+                || self.firewall_v4.keys().next().is_some()
+                || self.firewall_v6.keys().next().is_some()
+                || self.vip_addrs.keys().next().is_some()
+                || !self.backend_entries().is_empty())
     }
 
     fn program(&mut self) -> &mut Xdp {
@@ -607,6 +690,58 @@ impl Datapath {
         let fd = self.program().fd()?.as_fd().try_clone_to_owned()?;
         Ok(fd)
     }
+}
+
+/// An exclusive lock (flock) on a pin directory, held for the agent's life: a second agent
+/// on the same directory would adopt and then remove the first one's state.
+pub struct PinLock(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+impl PinLock {
+    /// Locks `dir` (creating it, on bpffs) or fails with one line naming the holder's PID.
+    pub fn take(dir: &Path) -> Result<Self> {
+        use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+        ensure_bpffs(dir)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+            .with_context(|| format!("opening {}", dir.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                bail!("locking {}: {err}", dir.display());
+            }
+            let holder = lock_holder(dir).map_or("unknown".into(), |pid| pid.to_string());
+            bail!(
+                "another agent (PID {holder}) runs on {}: stop it first, or give this one \
+                 another --pin-dir",
+                dir.display()
+            );
+        }
+        Ok(Self(file.into()))
+    }
+}
+
+/// The PID holding a flock on `path`, from /proc/locks (`N: FLOCK ADVISORY WRITE PID
+/// MAJ:MIN:INODE ...`).
+fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    let dev = meta.dev();
+    let want = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&want.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
 }
 
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (as bpftool does), and checks

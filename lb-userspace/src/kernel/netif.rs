@@ -10,7 +10,9 @@ use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{LinkAttribute, LinkXdp},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+    },
     route::{RouteAttribute, RouteType},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
@@ -32,29 +34,44 @@ pub use crate::model::{L2Path, Reach};
 pub enum Unresolved {
     /// The route goes through a gateway: direct server return needs backends on-link.
     NotOnLink(String),
-    /// No usable neighbour entry yet (being resolved, or failed).
-    NoNeighbour { ifindex: u32 },
+    /// No usable route or interface: no route, a blackhole or unreachable route, a local
+    /// address, an interface without an Ethernet address. One backend's problem, said in
+    /// its note; the others are resolved all the same.
+    Unreachable(String),
+    /// No usable neighbour entry: being resolved (`failed` false: none yet, or one being
+    /// probed), or the kernel gave up on it (`failed`: the backend did not answer).
+    NoNeighbour { ifindex: u32, failed: bool },
 }
 
 impl From<std::result::Result<L2Path, Unresolved>> for Reach {
     fn from(r: std::result::Result<L2Path, Unresolved>) -> Self {
+        let unresolved = |note: String| Reach {
+            note: Some(note),
+            ..Default::default()
+        };
         match r {
             Ok(l2) => Reach {
                 l2: Some(l2),
-                note: None,
+                ..Default::default()
             },
-            Err(Unresolved::NotOnLink(why)) => Reach {
-                l2: None,
-                note: Some(format!(
-                    "{why}: direct server return needs backends on a local link"
-                )),
+            Err(Unresolved::NotOnLink(why)) => unresolved(format!(
+                "{why}: direct server return needs backends on a local link"
+            )),
+            Err(Unresolved::Unreachable(why)) => unresolved(why),
+            Err(Unresolved::NoNeighbour {
+                ifindex,
+                failed: false,
+            }) => Reach {
+                note: Some(format!("MAC address being resolved (interface {ifindex})")),
+                resolving_on: Some(ifindex),
+                ..Default::default()
             },
-            Err(Unresolved::NoNeighbour { ifindex }) => Reach {
-                l2: None,
-                note: Some(format!(
-                    "MAC address not resolved yet (interface {ifindex})"
-                )),
-            },
+            Err(Unresolved::NoNeighbour {
+                ifindex,
+                failed: true,
+            }) => unresolved(format!(
+                "MAC address not resolved: no answer to ARP/ND (interface {ifindex})"
+            )),
         }
     }
 }
@@ -81,7 +98,9 @@ impl Netif {
         Ok(Self { handle })
     }
 
-    /// The egress interface for `addr`, if it is directly connected.
+    /// The egress interface for `addr`, if it is directly connected. An address the
+    /// kernel cannot route (no route, blackhole, unreachable, local) is that backend's
+    /// problem (`Unresolved`); an error is netlink failing.
     pub async fn route(&self, addr: IpAddr) -> Result<std::result::Result<u32, Unresolved>> {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
@@ -89,17 +108,34 @@ impl Netif {
             .map_err(|e| anyhow!("{e}"))?
             .build();
         let mut routes = self.handle.route().get(msg).execute();
-        let Some(route) = routes
-            .try_next()
-            .await
-            .with_context(|| format!("no route to {addr}"))?
-        else {
-            bail!("no route to {addr}");
+        let unreachable = |why: String| Ok(Err(Unresolved::Unreachable(why)));
+        let route = match routes.try_next().await {
+            Ok(Some(route)) => route,
+            Ok(None) => return unreachable(format!("no route to {addr}")),
+            // The kernel answers a lookup it cannot route with an error (ENETUNREACH,
+            // EINVAL for a blackhole, EHOSTUNREACH, EACCES for prohibit).
+            Err(rtnetlink::Error::NetlinkError(e)) => {
+                let why = match -e.raw_code() {
+                    libc::EINVAL => "a blackhole route".to_string(),
+                    libc::ENETUNREACH => "no route".to_string(),
+                    libc::EHOSTUNREACH => "an unreachable route".to_string(),
+                    libc::EACCES => "a prohibit route".to_string(),
+                    _ => format!("{e}"),
+                };
+                return unreachable(format!("{addr} cannot be reached: {why}"));
+            }
+            Err(e) => return Err(e).with_context(|| format!("looking up the route to {addr}")),
         };
         match route.header.kind {
             RouteType::Unicast => {}
-            RouteType::Local => bail!("{addr} is an address of this host, not a backend"),
-            kind => bail!("{addr} is not a unicast destination ({kind:?})"),
+            RouteType::Local => {
+                return unreachable(format!("{addr} is an address of this host, not a backend"));
+            }
+            kind => {
+                return unreachable(format!(
+                    "{addr} is not a unicast destination (route type {kind:?})"
+                ));
+            }
         }
         let mut oif = None;
         for attr in &route.attributes {
@@ -113,8 +149,10 @@ impl Netif {
                 _ => {}
             }
         }
-        oif.map(Ok)
-            .ok_or_else(|| anyhow!("route to {addr} has no output interface"))
+        match oif {
+            Some(i) => Ok(Ok(i)),
+            None => unreachable(format!("the route to {addr} has no output interface")),
+        }
     }
 
     /// The MAC address of interface `ifindex`.
@@ -149,9 +187,9 @@ impl Netif {
         }))
     }
 
-    /// The neighbour entry for `addr` on `ifindex`, if the kernel has a usable one: one
-    /// `RTM_GETNEIGH` for that address (Linux 5.0), not a dump of the whole table.
-    pub async fn neighbour(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
+    /// The neighbour entry for `addr` on `ifindex`: one `RTM_GETNEIGH` for that address
+    /// (Linux 5.0), not a dump of the whole table.
+    pub async fn neighbour(&self, ifindex: u32, addr: IpAddr) -> Result<Neighbour> {
         let mut message = NeighbourMessage::default();
         message.header.ifindex = ifindex;
         message.header.family = match addr {
@@ -173,32 +211,60 @@ impl Netif {
         while let Some(answer) = answers.next().await {
             match answer.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(n)) => {
-                    return Ok(usable_neighbour(&n).map(|(_, _, mac)| mac));
+                    return Ok(Neighbour::of(&n).1);
                 }
-                NetlinkPayload::Error(e) if e.code.is_none() => return Ok(None),
-                NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => return Ok(None),
+                NetlinkPayload::Error(e) if e.code.is_none() => return Ok(Neighbour::Absent),
+                NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => {
+                    return Ok(Neighbour::Absent);
+                }
                 NetlinkPayload::Error(e) => bail!("asking for the neighbour {addr}: {e}"),
                 _ => {}
             }
         }
-        Ok(None)
+        Ok(Neighbour::Absent)
     }
 
-    /// Every usable neighbour entry, from one dump of the table.
-    pub async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>> {
+    /// Every neighbour entry, from one dump of the table.
+    pub async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), Neighbour>> {
         let mut out = HashMap::new();
         let mut dump = self.handle.neighbours().get().execute();
         while let Some(n) = dump.try_next().await? {
-            if let Some((ifindex, addr, mac)) = usable_neighbour(&n) {
-                out.insert((ifindex, addr), mac);
+            if let (Some(key), entry) = Neighbour::of(&n) {
+                out.insert(key, entry);
             }
         }
         Ok(out)
     }
 
+    /// Makes the kernel keep the neighbour entry of a backend in use resolved by itself
+    /// (NTF_EXT_MANAGED, Linux 5.16): XDP traffic never confirms an entry, so without
+    /// this it goes stale and may be garbage-collected, and the backend would look
+    /// unresolved while its flows run fine. The entry keeps its MAC while it is re-probed.
+    pub async fn keep_neighbour(&self, ifindex: u32, addr: IpAddr, mac: [u8; 6]) -> Result<()> {
+        let mut request = self
+            .handle
+            .neighbours()
+            .add(ifindex, addr)
+            .link_layer_address(&mac)
+            // Stale with its MAC: usable at once; being managed, it is probed right away.
+            .state(NeighbourState::Stale)
+            .replace();
+        request
+            .message_mut()
+            .attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        request
+            .execute()
+            .await
+            .with_context(|| format!("marking the neighbour entry of {addr} managed"))
+    }
+
     /// Resolves many backends at once: one neighbour dump, one link query per interface
     /// and the route lookups pipelined. What the kernel does not know yet it is asked to
-    /// resolve (see `provoke_resolution`), so a later pass finds it.
+    /// resolve (see `provoke_resolution`), so a later pass finds it; resolved entries not
+    /// managed by the kernel yet are made so (see `keep_neighbour`). One backend's problem
+    /// (no route, an interface without a MAC) is its own answer, never the whole pass's
+    /// failure; an error here is netlink itself failing.
     pub async fn resolve_many(&self, addrs: &[IpAddr]) -> Result<HashMap<IpAddr, Resolved>> {
         use futures::StreamExt as _;
         if addrs.is_empty() {
@@ -216,7 +282,7 @@ impl Netif {
                 .buffer_unordered(ROUTE_LOOKUPS_IN_FLIGHT)
                 .collect()
                 .await;
-        let mut links: HashMap<u32, [u8; 6]> = HashMap::new();
+        let mut links: HashMap<u32, std::result::Result<[u8; 6], String>> = HashMap::new();
         let mut out = HashMap::with_capacity(addrs.len());
         for (addr, route) in routes {
             let ifindex = match route? {
@@ -226,32 +292,105 @@ impl Netif {
                     continue;
                 }
             };
-            let src_mac = match links.get(&ifindex) {
-                Some(mac) => *mac,
-                None => {
-                    let mac = self.link_mac(ifindex).await?;
-                    links.insert(ifindex, mac);
-                    mac
+            if !links.contains_key(&ifindex) {
+                let mac = self.link_mac(ifindex).await.map_err(|e| format!("{e:#}"));
+                links.insert(ifindex, mac);
+            }
+            let src_mac = match &links[&ifindex] {
+                Ok(mac) => *mac,
+                Err(why) => {
+                    let why = format!("{addr} is reached through {why}");
+                    out.insert(addr, Err(Unresolved::Unreachable(why)));
+                    continue;
                 }
             };
-            let dst_mac = match &neighbours {
-                Some(all) => all.get(&(ifindex, addr)).copied(),
+            let neighbour = match &neighbours {
+                Some(all) => all
+                    .get(&(ifindex, addr))
+                    .copied()
+                    .unwrap_or(Neighbour::Absent),
                 None => self.neighbour(ifindex, addr).await?,
             };
-            let reach = match dst_mac {
-                Some(dst_mac) => Ok(L2Path {
-                    ifindex,
-                    src_mac,
-                    dst_mac,
-                }),
-                None => {
+            let reach = match neighbour {
+                Neighbour::Usable { mac, managed } => {
+                    if !managed && let Err(e) = self.keep_neighbour(ifindex, addr, mac).await {
+                        log::debug!("{e:#}");
+                    }
+                    Ok(L2Path {
+                        ifindex,
+                        src_mac,
+                        dst_mac: mac,
+                    })
+                }
+                Neighbour::Absent | Neighbour::Failed => {
                     provoke_resolution(addr);
-                    Err(Unresolved::NoNeighbour { ifindex })
+                    Err(Unresolved::NoNeighbour {
+                        ifindex,
+                        failed: neighbour == Neighbour::Failed,
+                    })
                 }
             };
             out.insert(addr, reach);
         }
         Ok(out)
+    }
+}
+
+/// What the neighbour table holds for one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Neighbour {
+    /// A MAC the data plane can use; `managed`: the kernel keeps it resolved.
+    Usable { mac: [u8; 6], managed: bool },
+    /// The kernel tried and the backend did not answer.
+    Failed,
+    /// No entry, or one still being resolved (no MAC yet).
+    Absent,
+}
+
+impl Neighbour {
+    /// The entry's interface and address, and what it says.
+    fn of(n: &NeighbourMessage) -> (Option<(u32, IpAddr)>, Neighbour) {
+        let mut dst = None;
+        let mut lladdr = None;
+        let mut managed = false;
+        for attr in &n.attributes {
+            match attr {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                    dst = Some(IpAddr::V4(*a))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                    dst = Some(IpAddr::V6(*a))
+                }
+                NeighbourAttribute::LinkLayerAddress(mac) if mac.len() == 6 => {
+                    lladdr = <[u8; 6]>::try_from(mac.as_slice()).ok()
+                }
+                NeighbourAttribute::ExtFlags(f) => managed = f.contains(NeighbourExtFlags::Managed),
+                _ => {}
+            }
+        }
+        let usable = matches!(
+            n.header.state,
+            NeighbourState::Reachable
+                | NeighbourState::Stale
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+        );
+        let entry = match (usable, lladdr) {
+            (true, Some(mac)) => Neighbour::Usable {
+                mac,
+                // Permanent and static entries need no keeping.
+                managed: managed
+                    || matches!(
+                        n.header.state,
+                        NeighbourState::Permanent | NeighbourState::Noarp
+                    ),
+            },
+            _ if n.header.state == NeighbourState::Failed => Neighbour::Failed,
+            _ => Neighbour::Absent,
+        };
+        (dst.map(|d| (n.header.ifindex, d)), entry)
     }
 }
 
@@ -267,37 +406,4 @@ fn provoke_resolution(addr: IpAddr) {
     if let Ok(sock) = std::net::UdpSocket::bind(bind) {
         let _ = sock.send_to(&[], (addr, 9));
     }
-}
-
-/// Interface, address and MAC of a neighbour entry the data plane can use.
-fn usable_neighbour(n: &NeighbourMessage) -> Option<(u32, IpAddr, [u8; 6])> {
-    let usable = matches!(
-        n.header.state,
-        NeighbourState::Reachable
-            | NeighbourState::Stale
-            | NeighbourState::Delay
-            | NeighbourState::Probe
-            | NeighbourState::Permanent
-            | NeighbourState::Noarp
-    );
-    if !usable {
-        return None;
-    }
-    let mut dst = None;
-    let mut lladdr = None;
-    for attr in &n.attributes {
-        match attr {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
-                dst = Some(IpAddr::V4(*a))
-            }
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
-                dst = Some(IpAddr::V6(*a))
-            }
-            NeighbourAttribute::LinkLayerAddress(mac) if mac.len() == 6 => {
-                lladdr = <[u8; 6]>::try_from(mac.as_slice()).ok()
-            }
-            _ => {}
-        }
-    }
-    Some((n.header.ifindex, dst?, lladdr?))
 }

@@ -298,10 +298,10 @@ fn vips(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     }
     let f = out.gauge(
         "lb_vip_backends",
-        "The VIP's backends by state (up, down, draining, unresolved)",
+        "The VIP's backends by state (up, down, draining, unresolved, leaving)",
     );
     for v in vips {
-        for state in ["up", "down", "draining", "unresolved"] {
+        for state in ["up", "down", "draining", "unresolved", "leaving"] {
             let mut l = vip_labels(v);
             l.push(("state", state.into()));
             f.sample(l, v.backends.iter().filter(|b| b.state == state).count());
@@ -372,10 +372,10 @@ fn backends(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     );
     let state = out.gauge(
         "lb_backend_state",
-        "1 for the backend's state (up, down, draining, unresolved), 0 for the others",
+        "1 for the backend's state (up, down, draining, unresolved, leaving), 0 for the others",
     );
     for (v, b) in &all {
-        for st in ["up", "down", "draining", "unresolved"] {
+        for st in ["up", "down", "draining", "unresolved", "leaving"] {
             let mut l = backend_labels(v, b);
             l.push(("state", st.into()));
             state.sample(l, b.state == st);

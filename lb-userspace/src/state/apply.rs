@@ -143,10 +143,14 @@ impl<D: Dataplane> State<D> {
     /// tables cannot hold the result. Rings are built once per VIP touched, at the end.
     pub fn apply(&mut self, config: &Config, reach: &HashMap<IpAddr, Reach>) -> Result<Plan> {
         let plan = self.plan(config)?;
-        let count = |f: fn(&Change) -> bool| plan.changes.iter().filter(|c| f(c)).count();
-        let new_vips = count(|c| matches!(c, Change::AddVip { .. }));
-        let new_backends = count(|c| matches!(c, Change::AddBackend { .. }));
-        let new_rules = count(|c| matches!(c, Change::AddRule { .. }));
+        let count = |f: &dyn Fn(&Change) -> bool| plan.changes.iter().filter(|c| f(c)).count();
+        // Adopted entries have their ids reserved already (`prepare_adoption`).
+        let new_vips = count(&|c| matches!(c, Change::AddVip { vip } if !self.adopted_vip(vip)));
+        let new_backends = count(
+            &|c| matches!(c, Change::AddBackend { vip, backend } if !self.adopted_backend(vip, *backend)),
+        );
+        let new_rules =
+            count(&|c| matches!(c, Change::AddRule { cidr } if !self.adopted_rule(cidr)));
         // Removed ids are quarantined before reuse: only ids free now count.
         if new_vips > self.vip_ids.available() {
             bail!(

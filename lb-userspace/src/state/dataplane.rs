@@ -94,6 +94,11 @@ pub struct Fake {
     /// Ring slots written so far (incremental writes keep this small).
     pub slot_writes: usize,
     pub counters: AllCounters,
+    /// Map writes (calls that change something) so far.
+    pub writes: usize,
+    /// The write with this number (1-based, counted in `writes`) fails, as a full or
+    /// broken map would.
+    pub fail_at: Option<usize>,
 }
 
 impl Fake {
@@ -106,26 +111,40 @@ impl Fake {
             .map(|slot| self.slab.get(&slot).copied().unwrap_or(u32::MAX))
             .collect()
     }
+
+    /// Counts one write; fails it if it is the one `fail_at` names.
+    fn write(&mut self) -> Result<()> {
+        self.writes += 1;
+        if self.fail_at == Some(self.writes) {
+            anyhow::bail!("write {} failed (test)", self.writes);
+        }
+        Ok(())
+    }
 }
 
 impl Dataplane for Fake {
     fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        self.write()?;
         self.vips.insert(*key, *meta);
         Ok(())
     }
     fn del_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.write()?;
         self.vips.remove(key);
         Ok(())
     }
     fn set_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
+        self.write()?;
         self.vip_addrs.insert(*addr);
         Ok(())
     }
     fn del_vip_addr(&mut self, addr: &VipAddr) -> Result<()> {
+        self.write()?;
         self.vip_addrs.remove(addr);
         Ok(())
     }
     fn set_ring_slots(&mut self, slots: &[u32], ids: &[u32]) -> Result<()> {
+        self.write()?;
         for (s, id) in slots.iter().zip(ids) {
             self.slab.insert(*s, *id);
         }
@@ -133,22 +152,27 @@ impl Dataplane for Fake {
         Ok(())
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.write()?;
         self.backends.insert(id, *backend);
         Ok(())
     }
     fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.write()?;
         self.tx_ports.insert(ifindex);
         Ok(())
     }
     fn set_firewall_rule(&mut self, net: &IpNet, rule_id: u32) -> Result<()> {
+        self.write()?;
         self.rules.insert(*net, rule_id);
         Ok(())
     }
     fn del_firewall_rule(&mut self, net: &IpNet) -> Result<()> {
+        self.write()?;
         self.rules.remove(net);
         Ok(())
     }
     fn reset_counters(&mut self, id: CounterId) -> Result<()> {
+        self.write()?;
         self.resets.push(id);
         Ok(())
     }

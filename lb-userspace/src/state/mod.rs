@@ -8,6 +8,7 @@ mod apply;
 mod dataplane;
 #[cfg(test)]
 mod tests;
+mod undo;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,6 +27,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 pub use apply::{Change, Plan};
 pub use dataplane::{AllCounters, CounterId, Dataplane, Fake, InUse, Pinned};
+pub use undo::Undo;
 
 use crate::{
     config::{BackendConfig, Config, FirewallConfig, VipConfig},
@@ -42,6 +44,7 @@ const INITIAL_RING_CAPACITY: u32 = 64;
 /// ring or backend just before a flip never sees them repurposed.
 const QUARANTINE: Duration = Duration::from_millis(500);
 
+#[derive(Clone)]
 pub struct BackendState {
     pub addr: IpAddr,
     pub id: u32,
@@ -52,21 +55,29 @@ pub struct BackendState {
     pub weight: u32,
     pub backup: bool,
     pub drain: bool,
+    /// Being deleted gracefully (`lb backend del`): takes no new flows, and is removed
+    /// when its flows end or at this unix time (seconds), whichever comes first.
+    pub leaving_until: Option<u64>,
     /// Replaces the VIP's check for this backend.
     pub check: Option<CheckSpec>,
     pub health: Health,
-    checker: Option<JoinHandle<()>>,
 }
 
 impl BackendState {
     /// May take new flows.
     pub fn eligible(&self) -> bool {
-        self.l2.is_some() && self.health.up && !self.drain && self.weight > 0
+        self.l2.is_some()
+            && self.health.up
+            && !self.drain
+            && self.leaving_until.is_none()
+            && self.weight > 0
     }
 
-    /// `unresolved`, `down`, `draining` or `up`, as `lb backend list` says.
+    /// `leaving`, `unresolved`, `down`, `draining` or `up`, as `lb backend list` says.
     pub fn state(&self) -> &'static str {
-        if self.l2.is_none() {
+        if self.leaving_until.is_some() {
+            "leaving"
+        } else if self.l2.is_none() {
             "unresolved"
         } else if !self.health.up {
             "down"
@@ -83,16 +94,24 @@ impl BackendState {
             weight: self.weight,
             backup: self.backup,
             drain: self.drain,
+            leaving_until: self.leaving_until,
             check: self.check.clone(),
         }
     }
 }
 
-impl Drop for BackendState {
+/// A backend's running health checker, with what it checks: restarted when that changes.
+struct Checker {
+    generation: u32,
+    addr: IpAddr,
+    port: u16,
+    spec: CheckSpec,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Checker {
     fn drop(&mut self) {
-        if let Some(c) = self.checker.take() {
-            c.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -123,6 +142,22 @@ impl VipState {
         b.eligible() && b.backup != primaries
     }
 
+    /// A copy to go back to, without what was written to the ring regions (the regions
+    /// may be written after the copy is taken).
+    fn snapshot(&self) -> VipState {
+        VipState {
+            service: self.service,
+            id: self.id,
+            algo: self.algo,
+            check: self.check.clone(),
+            rate: self.rate,
+            persist: self.persist,
+            backends: self.backends.clone(),
+            rings: self.rings,
+            written: Default::default(),
+        }
+    }
+
     fn config(&self) -> VipConfig {
         VipConfig {
             address: self.service.addr,
@@ -138,6 +173,7 @@ impl VipState {
     }
 }
 
+#[derive(Clone)]
 enum Retired {
     Rings(RingRegions),
     Extent(u32, u32),
@@ -147,12 +183,17 @@ enum Retired {
 }
 
 /// What an earlier agent left in pinned maps, looked up while the configuration is applied.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Adoption {
+    /// Entries not claimed yet, their ids reserved.
     vips: HashMap<lb_common::VipKey, VipMeta>,
     backends: HashMap<(u32, IpAddr), (u32, Backend)>,
     rules: HashMap<IpNet, u32>,
     vip_addrs: Vec<VipAddr>,
+    /// Entries whose id another entry held already (damaged maps): removed unless the
+    /// configuration claims them, which then gives them new ids.
+    stray_vips: Vec<lb_common::VipKey>,
+    stray_rules: Vec<IpNet>,
 }
 
 pub struct State<D> {
@@ -169,6 +210,9 @@ pub struct State<D> {
     retired: Vec<(Instant, Retired)>,
     /// Where health checkers send results; None runs no checkers (unit tests).
     reports: Option<mpsc::Sender<health::Report>>,
+    /// By backend id; started and stopped only once a change is made (`change`), so an
+    /// undone change leaves the checkers as they were.
+    checkers: HashMap<u32, Checker>,
     adoption: Adoption,
     /// Bumped by every change, so configuration writes can be put in order.
     version: u64,
@@ -188,6 +232,7 @@ impl<D: Dataplane> State<D> {
             tx_ports: Vec::new(),
             retired: Vec::new(),
             reports,
+            checkers: HashMap::new(),
             adoption: Adoption::default(),
             version: 0,
         }
@@ -256,17 +301,25 @@ impl<D: Dataplane> State<D> {
     // ---- adopting pinned state -------------------------------------------------------
 
     /// Takes in what a previous agent left in the pinned maps. Ids and generations found
-    /// there are kept for the same VIPs and backends, so pinned flows stay valid; the rings
-    /// the data plane reads now are fenced off until every VIP has flipped to a new one.
+    /// there are kept for the same VIPs, backends and drop rules, so pinned flows stay
+    /// valid: they are reserved here, before the configuration allocates anything, so an
+    /// entry new to it cannot take an adopted one's id whatever the order. The rings the
+    /// data plane reads now are fenced off until every VIP has flipped to a new one.
     pub fn prepare_adoption(&mut self, pinned: Pinned) {
         for (id, b) in pinned.backends {
             self.backend_ids.seed(id, b.generation);
-            if b.flags & BACKEND_F_IN_USE != 0 {
+            if b.flags & BACKEND_F_IN_USE != 0 && self.backend_ids.adopt(id, b.generation) {
                 let addr = model::addr_from_map(b.addr, b.family);
                 self.adoption.backends.insert((b.vip_id, addr), (id, b));
             }
         }
-        self.adoption.rules = pinned.rules.into_iter().collect();
+        for (net, id) in pinned.rules {
+            if self.rule_ids.adopt(id, 1) {
+                self.adoption.rules.insert(net, id);
+            } else {
+                self.adoption.stray_rules.push(net);
+            }
+        }
         for (key, meta) in pinned.vips {
             if meta.ring_len > 0 && self.slab.reserve(meta.ring_off, meta.ring_len) {
                 self.retired.push((
@@ -274,30 +327,62 @@ impl<D: Dataplane> State<D> {
                     Retired::Extent(meta.ring_off, meta.ring_len),
                 ));
             }
-            self.adoption.vips.insert(key, meta);
+            if self.vip_ids.adopt(meta.vip_id, 1) {
+                self.adoption.vips.insert(key, meta);
+            } else {
+                self.adoption.stray_vips.push(key);
+            }
         }
         self.adoption.vip_addrs = pinned.vip_addrs;
     }
 
-    /// After the configuration is applied: whatever pinned state it did not claim goes.
+    /// Whether `service` has an adopted id waiting for it (no free id needed).
+    fn adopted_vip(&self, service: &Service) -> bool {
+        self.adoption.vips.contains_key(&service.key())
+    }
+
+    /// Whether backend `addr` of `service` has an adopted id waiting for it.
+    fn adopted_backend(&self, service: &Service, addr: IpAddr) -> bool {
+        let vip_id = match self.adoption.vips.get(&service.key()) {
+            Some(meta) => meta.vip_id,
+            None => match self.vip_index(service) {
+                Ok(vi) => self.vips[vi].id,
+                Err(_) => return false,
+            },
+        };
+        self.adoption.backends.contains_key(&(vip_id, addr))
+    }
+
+    /// Whether drop rule `net` has an adopted id waiting for it.
+    fn adopted_rule(&self, net: &IpNet) -> bool {
+        self.adoption.rules.contains_key(net)
+    }
+
+    /// After the configuration is applied: whatever pinned state it did not claim goes,
+    /// and the ids reserved for it are quarantined like any removed entry's.
     pub fn finish_adoption(&mut self) -> Result<()> {
         let adoption = std::mem::take(&mut self.adoption);
-        for key in adoption.vips.keys() {
+        let now = Instant::now();
+        for (key, meta) in &adoption.vips {
+            self.dp.del_vip(key)?;
+            self.retired.push((now, Retired::VipId(meta.vip_id)));
+        }
+        for key in &adoption.stray_vips {
             if !self.vips.iter().any(|v| v.service.key() == *key) {
                 self.dp.del_vip(key)?;
             }
         }
-        for net in adoption.rules.keys() {
+        for (net, id) in &adoption.rules {
             self.dp.del_firewall_rule(net)?;
+            self.retired.push((now, Retired::RuleId(*id)));
+        }
+        for net in &adoption.stray_rules {
+            if !self.rules.iter().any(|(n, _)| n == net) {
+                self.dp.del_firewall_rule(net)?;
+            }
         }
         for (id, b) in adoption.backends.values() {
-            self.dp.set_backend(
-                *id,
-                &Backend {
-                    generation: b.generation,
-                    ..Default::default()
-                },
-            )?;
+            self.clear_backend(*id, b.generation)?;
         }
         for addr in &adoption.vip_addrs {
             if !self.vip_addr_refs.contains_key(addr) {
@@ -428,6 +513,7 @@ impl<D: Dataplane> State<D> {
             weight: weight.unwrap_or(b.weight),
             backup: backup.unwrap_or(b.backup),
             drain: b.drain,
+            leaving_until: b.leaving_until,
             check,
         };
         self.update_backend(vi, bi, &config)?;
@@ -442,6 +528,33 @@ impl<D: Dataplane> State<D> {
         };
         self.update_backend(vi, bi, &config)?;
         self.rebuild_ring(vi)
+    }
+
+    /// Deletes a backend gracefully: no new flows from now on; `remove_departed` removes
+    /// it when its flows end or at `until` (unix seconds).
+    pub fn leave_backend(&mut self, service: &Service, addr: IpAddr, until: u64) -> Result<()> {
+        let (vi, bi) = self.backend_index(service, addr)?;
+        let config = BackendConfig {
+            leaving_until: Some(until),
+            ..self.vips[vi].backends[bi].config()
+        };
+        self.update_backend(vi, bi, &config)?;
+        self.rebuild_ring(vi)
+    }
+
+    /// The backends leaving (see `leave_backend`): VIP, address, id and generation, and
+    /// whether they are due to go whatever their flows (the time is up, or they are down
+    /// or unresolved, so their flows move anyway).
+    pub fn leaving(&self, now: u64) -> Vec<(Service, IpAddr, (u32, u32), bool)> {
+        self.vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(move |b| (v, b)))
+            .filter_map(|(v, b)| {
+                let until = b.leaving_until?;
+                let due = until <= now || !b.health.up || b.l2.is_none();
+                Some((v.service, b.addr, (b.id, b.generation), due))
+            })
+            .collect()
     }
 
     pub fn del_backend(&mut self, service: &Service, addr: IpAddr) -> Result<()> {
@@ -464,10 +577,11 @@ impl<D: Dataplane> State<D> {
         check: CheckSpec,
         rate: RateLimit,
     ) -> Result<usize> {
-        let adopted = self.adoption.vips.get(&service.key()).copied();
+        // Adopted ids were reserved by `prepare_adoption`.
+        let adopted = self.adoption.vips.remove(&service.key());
         let id = match adopted {
-            Some(meta) if self.vip_ids.adopt(meta.vip_id, 1) => meta.vip_id,
-            _ => {
+            Some(meta) => meta.vip_id,
+            None => {
                 let (id, _) = self
                     .vip_ids
                     .take()
@@ -477,7 +591,10 @@ impl<D: Dataplane> State<D> {
             }
         };
         let Some(rings) = RingRegions::alloc(&mut self.slab, ring_capacity(algo, 0)) else {
-            self.vip_ids.give_back(id);
+            match adopted {
+                Some(meta) => drop(self.adoption.vips.insert(service.key(), meta)),
+                None => self.vip_ids.give_back(id),
+            }
             bail!("ring slab full: remove unused VIPs first");
         };
         let addr_key = service.addr_key();
@@ -524,8 +641,8 @@ impl<D: Dataplane> State<D> {
         }
         if check_changed {
             for bi in 0..self.vips[vi].backends.len() {
-                if self.vips[vi].backends[bi].check.is_none() {
-                    self.restart_checker(vi, bi)?;
+                if self.vips[vi].backends[bi].check.is_none() && self.restart_health(vi, bi) {
+                    self.write_backend(vi, bi)?;
                 }
             }
         }
@@ -560,11 +677,22 @@ impl<D: Dataplane> State<D> {
         let addr = config.address;
         // An adopted backend that had lost KEEP_FLOWS was down when the previous agent
         // stopped (only failed health checks clear the flag).
+        let mut reach = reach;
         let (id, generation, was_down) = match self.adoption.backends.remove(&(vip_id, addr)) {
-            Some((id, b)) if self.backend_ids.adopt(id, b.generation) => {
+            Some((id, b)) => {
+                // Its MAC being re-resolved (the neighbour entry aged out while no agent
+                // ran): its flows keep going to the MAC the data plane has.
+                let pinned = (b.flags & BACKEND_F_RESOLVED != 0).then_some(L2Path {
+                    ifindex: b.ifindex,
+                    src_mac: b.src_mac,
+                    dst_mac: b.mac,
+                });
+                if reach.l2.is_none() && model::keep_last_mac(pinned, &reach).is_some() {
+                    reach.l2 = pinned;
+                }
                 (id, b.generation, b.flags & BACKEND_F_KEEP_FLOWS == 0)
             }
-            _ => {
+            None => {
                 let taken = self.backend_ids.take();
                 let (id, generation) =
                     taken.ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
@@ -581,20 +709,15 @@ impl<D: Dataplane> State<D> {
             weight: config.weight,
             backup: config.backup,
             drain: config.drain,
+            leaving_until: config.leaving_until,
             check: config.check.clone(),
-            health: Health::default(),
-            checker: None,
+            health: Health::restarted(!was_down),
         });
         self.version += 1;
         let bi = self.vips[vi].backends.len() - 1;
-        self.restart_checker(vi, bi)?;
         // A restart keeps a backend that was down out of rotation until `rise` good checks
-        // (unless it has no check any more, which would leave it down for good), instead of
-        // sending new flows to a dead backend until `fall` checks find out again.
-        let b = &mut self.vips[vi].backends[bi];
-        if was_down && b.checker.is_some() {
-            b.health.up = false;
-        }
+        // instead of sending new flows to a dead backend until `fall` checks find out again.
+        self.restart_health(vi, bi);
         self.write_backend(vi, bi)
     }
 
@@ -608,11 +731,12 @@ impl<D: Dataplane> State<D> {
         b.weight = config.weight;
         b.backup = config.backup;
         b.drain = config.drain;
+        b.leaving_until = config.leaving_until;
         let check_changed = b.check != config.check;
         b.check = config.check.clone();
         self.version += 1;
         if check_changed {
-            self.restart_checker(vi, bi)?;
+            self.restart_health(vi, bi);
         }
         self.write_backend(vi, bi)
     }
@@ -674,42 +798,65 @@ impl<D: Dataplane> State<D> {
         Ok(())
     }
 
-    fn restart_checker(&mut self, vi: usize, bi: usize) -> Result<()> {
+    /// Health counted afresh under a changed check: up or down as before (a down backend
+    /// needs `rise` good checks of the new one), except that with no check at all it is up,
+    /// as nothing would ever bring it back. True when it came up.
+    fn restart_health(&mut self, vi: usize, bi: usize) -> bool {
         let vip = &self.vips[vi];
-        let spec = vip.check_of(&vip.backends[bi]).clone();
-        let port = vip.service.addr.port();
-        let reports = self.reports.clone();
+        let unchecked = vip.check_of(&vip.backends[bi]).check == CheckKind::None;
         let b = &mut self.vips[vi].backends[bi];
-        if let Some(c) = b.checker.take() {
-            c.abort();
-        }
         let was_up = b.health.up;
-        b.health = Health::default();
-        if spec.check != CheckKind::None
-            && let Some(reports) = reports
-        {
-            b.checker = Some(health::spawn_checker(
-                b.id,
-                b.generation,
-                b.addr,
-                port,
-                spec,
-                reports,
-            ));
+        b.health = Health::restarted(was_up || unchecked);
+        !was_up && b.health.up
+    }
+
+    /// Starts the checkers a change asked for and stops those it made obsolete: a backend
+    /// checks what `check_of` says, tagged with its id and generation.
+    fn sync_checkers(&mut self) {
+        let Some(reports) = &self.reports else {
+            return;
+        };
+        let mut wanted = HashSet::new();
+        for vip in &self.vips {
+            let port = vip.service.addr.port();
+            for b in &vip.backends {
+                let spec = vip.check_of(b);
+                if spec.check == CheckKind::None {
+                    continue;
+                }
+                wanted.insert(b.id);
+                let current = self.checkers.get(&b.id).is_some_and(|c| {
+                    c.generation == b.generation
+                        && c.addr == b.addr
+                        && c.port == port
+                        && c.spec == *spec
+                });
+                if !current {
+                    let task = health::spawn_checker(
+                        b.id,
+                        b.generation,
+                        b.addr,
+                        port,
+                        spec.clone(),
+                        reports.clone(),
+                    );
+                    let checker = Checker {
+                        generation: b.generation,
+                        addr: b.addr,
+                        port,
+                        spec: spec.clone(),
+                        task,
+                    };
+                    self.checkers.insert(b.id, checker);
+                }
+            }
         }
-        if !was_up {
-            self.write_backend(vi, bi)?;
-        }
-        Ok(())
+        self.checkers.retain(|id, _| wanted.contains(id));
     }
 
     /// Stops every health checker (the agent is stopping).
     pub fn stop_checkers(&mut self) {
-        for b in self.vips.iter_mut().flat_map(|v| &mut v.backends) {
-            if let Some(c) = b.checker.take() {
-                c.abort();
-            }
-        }
+        self.checkers.clear();
     }
 
     /// Applies a health check result; a backend that changes between up and down is
@@ -817,13 +964,14 @@ impl<D: Dataplane> State<D> {
 
     // ---- what the kernel says of reaching backends -------------------------------------
 
-    /// Backend addresses to ask the kernel about: all of them, or those not resolved yet.
+    /// Backend addresses to ask the kernel about: all of them, or those not resolved yet
+    /// (or being re-resolved: those have a note).
     pub fn reach_targets(&self, all: bool) -> Vec<IpAddr> {
         let mut seen = HashSet::new();
         self.vips
             .iter()
             .flat_map(|v| &v.backends)
-            .filter(|b| all || b.l2.is_none())
+            .filter(|b| all || b.l2.is_none() || b.note.is_some())
             .map(|b| b.addr)
             .filter(|a| seen.insert(*a))
             .collect()
@@ -839,18 +987,25 @@ impl<D: Dataplane> State<D> {
                 let Some(r) = reach.get(&b.addr) else {
                     continue;
                 };
+                let l2 = model::keep_last_mac(b.l2, r);
                 b.note = r.note.clone();
-                if r.l2 == b.l2 {
+                if l2.is_some() && r.l2.is_none() {
+                    b.note = r
+                        .note
+                        .as_ref()
+                        .map(|n| format!("{n}; forwarding to the last known MAC"));
+                }
+                if l2 == b.l2 {
                     continue;
                 }
-                let old = std::mem::replace(&mut b.l2, r.l2);
-                let what = if r.l2.is_some() {
+                let old = std::mem::replace(&mut b.l2, l2);
+                let what = if l2.is_some() {
                     "resolved"
                 } else {
                     "lost its neighbour entry"
                 };
                 log::info!("backend {}: {what}", b.addr);
-                changed_ring |= r.l2.is_some() != old.is_some();
+                changed_ring |= l2.is_some() != old.is_some();
                 self.write_backend(vi, bi)?;
             }
             if changed_ring {
@@ -887,8 +1042,8 @@ impl<D: Dataplane> State<D> {
             bail!("{net} is already in the drop list (`lb firewall list` shows the rules)");
         }
         let id = match self.adoption.rules.remove(&net) {
-            Some(id) if self.rule_ids.adopt(id, 1) => id,
-            _ => {
+            Some(id) => id,
+            None => {
                 let (id, _) = self
                     .rule_ids
                     .take()
