@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point: installs what is missing, then runs `cargo xtask <command>`.
 #   ./x.sh demo    build, start the namespace test bed, balance traffic, clean up
+#   ./x.sh demo --stack   the same with nginx (HTTPS) and MariaDB, and a primary failover
 #   ./x.sh test    every test (unit, data-plane fixtures, end to end); needs root
 #   ./x.sh package the Debian package, target/package/lb_VERSION_ARCH.deb (release build)
 #   ./x.sh bench   benchmarks in release mode (BENCHMARKS.md); --quick for a short run
@@ -13,6 +14,8 @@ BPF_LINKER_VERSION=0.13.0   # built against LLVM 22, rustc 1.98's LLVM
 APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 openssl curl iputils-ping
   # database checks' tests: the real servers
   mariadb-server postgresql
+  # the classic stack's web servers (HTTPS with persistence)
+  nginx
   # packaging and the service tests: strip, lintian, a booted systemd in a container,
   # the real Prometheus
   binutils lintian systemd-container debootstrap prometheus

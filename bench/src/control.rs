@@ -140,6 +140,8 @@ fn vip_add(socket: &Path, vip: SocketAddr) -> Result<()> {
             burst: None,
             max_new_flows: None,
             new_flow_burst: None,
+            persist: None,
+            persist_prefix6: None,
         }),
     )?)
 }
@@ -361,6 +363,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
                     burst: None,
                     max_new_flows: None,
                     new_flow_burst: None,
+                    persist: None,
+                    persist_prefix6: None,
                 }),
             )?)?;
             report.maglev.push(Timing {
@@ -509,6 +513,8 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
         burst: 0,
         max_new_flows: 0,
         new_flow_burst: 0,
+        persist: 0,
+        persist_prefix6: 64,
         backends: backends
             .map(|i| BackendConfig {
                 address: fake_backend(i),

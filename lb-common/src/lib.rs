@@ -24,8 +24,8 @@ pub const MAX_FLOWS: u32 = 1 << 20;
 /// `kernel::layout` the step; sizes alone are checked without it. 0: no record, the layout
 /// up to commit 4fe7cc3 (the same as 1). 2: bit 31 of a flow's generation marks a flow in
 /// its handshake (older flows never have it set, so they read as established), and
-/// `VipMeta` grew two fields at its end (the new-flow ceiling; zero means none, so an
-/// older VIP entry copied with zeros appended means what it meant).
+/// `VipMeta` grew fields at its end (the new-flow ceiling and source affinity; zero means
+/// none, so an older VIP entry copied with zeros appended means what it meant).
 pub const LAYOUT_VERSION: u32 = 2;
 
 /// Egress interfaces the devmap can hold.
@@ -161,12 +161,52 @@ pub struct VipMeta {
     /// new_flow_interval_ns + 1`; 0 means no ceiling.
     pub new_flow_interval_ns: u64,
     pub new_flow_burst_ns: u64,
+    // Fields are appended (zero means off), so older pinned entries copy with zeros
+    // appended (`LAYOUT_VERSION`).
+    // -- source affinity (see `PersistValue`) --
+    /// How long a client stays with its backend after its last new flow, in ns; 0 = no
+    /// affinity.
+    pub persist_ns: u64,
+    /// The bits of an IPv6 source that make one client (its /64 by default), network
+    /// order; an IPv4 client is its whole address.
+    pub persist_mask6: Addr,
 }
 
 /// New flows take ring entries by hash of the 5-tuple (Maglev) instead of in turn.
 pub const VIP_F_HASH: u32 = 1;
+/// Least connections: the ring holds (backend id, weight) pairs, one per backend, and a
+/// new flow goes to the one with the fewest active flows per weight (`BACKEND_ACTIVE`).
+pub const VIP_F_LEASTCONN: u32 = 1 << 1;
+/// Most backends a least-connections VIP compares for a new flow (a bounded loop).
+pub const MAX_LEASTCONN_BACKENDS: u32 = 64;
+/// Sources whose backend affinity is remembered at once, over all VIPs.
+pub const MAX_PERSIST_SOURCES: u32 = 1 << 18;
+/// Flows of least-connections VIPs counted as active at once.
+pub const MAX_ACTIVE_FLOWS: u32 = 1 << 18;
 
-/// Whose new flows a rate limit counts: one source address at one VIP.
+/// The backend a client source (`RateKey`, its address masked to one client) was last sent
+/// to at a VIP with affinity, and when it last opened a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PersistValue {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    pub last_seen_ns: u64,
+}
+
+/// A flow of a least-connections VIP that counts as active on its backend: from its first
+/// packet until the client's FIN or RST (the data plane removes it and decrements the
+/// backend's count) or until it is idle for long (the agent's walk removes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct ActiveFlow {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Whose new flows a rate limit counts, and whose backend affinity is remembered: one
+/// source address (for affinity, an IPv6 source masked to its prefix) at one VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct RateKey {
@@ -253,6 +293,8 @@ pub const BACKEND_F_RESOLVED: u32 = 1 << 1;
 /// Established flows may stay (set while the backend is up, also while it drains or has
 /// weight 0; cleared when its health checks fail, so its flows move on their next packet).
 pub const BACKEND_F_KEEP_FLOWS: u32 = 1 << 2;
+/// Serves a least-connections VIP: its flows' client FIN/RST and last packet are noted.
+pub const BACKEND_F_LEASTCONN: u32 = 1 << 3;
 
 /// Packet and byte counters, kept per CPU and summed by the agent.
 #[repr(C)]
@@ -358,8 +400,11 @@ reasons! {
     /// MTU discovery works end to end.
     IcmpErrorForwarded = "icmp_error_forwarded", Forward;
     /// New flows to this VIP from all sources together come faster than its ceiling
-    /// (`--max-new-flows`) allows. Last, so the counters of older reasons keep their index.
+    /// (`--max-new-flows`) allows. New reasons go last, so older counters keep their index.
     DropVipRateLimited = "drop_vip_rate_limited", Drop;
+    /// A TCP SYN to a VIP with no backend in rotation, answered with a RST (XDP_TX) so the
+    /// client fails at once instead of waiting for its connect timeout.
+    ResetNoBackend = "reset_no_backend", Reply;
 }
 
 // Checked at compile time: the counters are indexed by discriminant, so `ALL` must hold
@@ -414,9 +459,13 @@ pub mod maps {
     pub const FIREWALL_STATS: &str = "FIREWALL_STATS";
     pub const RATE_LIMITS: &str = "RATE_LIMITS";
     pub const VIP_NEW_FLOW_TAT: &str = "VIP_NEW_FLOW_TAT";
+    pub const PERSIST: &str = "PERSIST";
+    pub const PERSIST_STATS: &str = "PERSIST_STATS";
+    pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
+    pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 21] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -434,6 +483,10 @@ pub mod maps {
         FIREWALL_STATS,
         RATE_LIMITS,
         VIP_NEW_FLOW_TAT,
+        PERSIST,
+        PERSIST_STATS,
+        ACTIVE_FLOWS,
+        BACKEND_ACTIVE,
     ];
 }
 
@@ -476,6 +529,8 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for RateKey {}
+    unsafe impl aya::Pod for PersistValue {}
+    unsafe impl aya::Pod for ActiveFlow {}
 }
 
 #[cfg(test)]
@@ -596,6 +651,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<Backend>(), 48);
         // Pinned flow tables outlive the agent: the flow value's size never changes.
         assert_eq!(core::mem::size_of::<FlowValue>(), 8);
-        assert_eq!(core::mem::size_of::<VipMeta>(), 48);
+        assert_eq!(core::mem::size_of::<VipMeta>(), 72);
     }
 }

@@ -70,7 +70,7 @@ fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
 
 /// Back out of the interface it came in on: swap the MACs.
 #[inline(always)]
-fn swap_macs(ctx: &XdpContext) -> Option<()> {
+pub(crate) fn swap_macs(ctx: &XdpContext) -> Option<()> {
     let d0: u32 = load(ctx, 0)?;
     let d1: u16 = load(ctx, 4)?;
     let s0: u32 = load(ctx, 6)?;

@@ -7,6 +7,8 @@
 //!   (VIP) it is for, the per-source limit of new flows and the VIP's ceiling on them;
 //! - `transmit`: MAC rewrite, then XDP_TX or XDP_REDIRECT;
 //! - `icmp`: echo requests answered, errors about a flow sent on to its backend;
+//! - `persist`, `leastconn`: source affinity and least connections, for new flows;
+//! - `refuse`: a SYN to a VIP with no backend answered with a RST;
 //! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access.
 //!
 //! Every packet is counted under exactly one reason (`lb_common::Reason`). Anything not
@@ -19,14 +21,17 @@
 mod count;
 mod frame;
 mod icmp;
+mod leastconn;
 mod maps;
 mod parse;
+mod persist;
 mod policy;
+mod refuse;
 mod select;
 mod transmit;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{Backend, Reason};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
+use lb_common::{BACKEND_F_LEASTCONN, Backend, Reason};
 
 use crate::{
     maps::{BACKEND_STATS, REASON_STATS, VIP_STATS},
@@ -65,6 +70,10 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         && balanceable
         && let Some((backend_id, backend)) = select::established(&pkt.flow, pkt.syn)
     {
+        if backend.flags & BACKEND_F_LEASTCONN != 0 {
+            // SAFETY: a helper without arguments.
+            leastconn::seen(ctx, &pkt, unsafe { bpf_ktime_get_ns() });
+        }
         return forward(ctx, &pkt, backend.vip_id, backend_id, backend);
     }
     if !maybe_vip {
@@ -84,7 +93,10 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
         return Err(Reason::DropClosedPort);
     };
-    let (backend_id, backend) = select::new_flow(&pkt.flow, &vip, pkt.syn)?;
+    let (backend_id, backend) = match select::new_flow(&pkt.flow, &vip, pkt.syn) {
+        Err(Reason::DropNoBackend) if pkt.syn => return refuse::reset(ctx, &pkt),
+        picked => picked?,
+    };
     forward(ctx, &pkt, vip.vip_id, backend_id, backend)
 }
 

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counters, DROP_FILTER_WORDS, FlowKey, FlowValue, MAX_BACKENDS, MAX_FIREWALL_RULES,
-    MAX_FLOWS, MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT, RING_SLAB_LEN, RateKey,
+    ActiveFlow, Backend, Counters, DROP_FILTER_WORDS, FlowKey, FlowValue, MAX_ACTIVE_FLOWS,
+    MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS, MAX_PERSIST_SOURCES, MAX_RATE_SOURCES,
+    MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT, RING_SLAB_LEN, RateKey,
     VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
 
@@ -52,3 +53,16 @@ pub static RATE_LIMITS: LruHashMap<RateKey, u64> =
 /// `policy::vip_ceiling`); shared by every CPU, updated with compare-and-exchange.
 #[map]
 pub static VIP_NEW_FLOW_TAT: Array<u64> = Array::with_max_entries(MAX_VIPS, 0);
+// Source affinity and least connections.
+#[map]
+pub static PERSIST: LruHashMap<RateKey, PersistValue> =
+    LruHashMap::with_max_entries(MAX_PERSIST_SOURCES, 0);
+/// Per VIP: new flows that followed a client's affinity.
+#[map]
+pub static PERSIST_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static ACTIVE_FLOWS: LruHashMap<FlowKey, ActiveFlow> =
+    LruHashMap::with_max_entries(MAX_ACTIVE_FLOWS, 0);
+/// Per backend: active flows (least connections), shared by all CPUs (atomic adds).
+#[map]
+pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);

@@ -3,15 +3,16 @@
 
 use core::arch::asm;
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, Backend, FLOW_F_HANDSHAKE, FlowKey, FlowValue, Reason,
-    VIP_F_HASH, VipMeta, flow_hash,
+    VIP_F_HASH, VIP_F_LEASTCONN, VipMeta, flow_hash,
 };
 
 use crate::{
-    count,
+    count, leastconn,
     maps::{BACKEND_STATS, BACKENDS, FLOWS, RING_SLAB, RR_CURSOR, VIP_STATS},
-    policy,
+    persist, policy,
 };
 
 /// The backend a flow is pinned to, if it still keeps flows (it is in use and healthy,
@@ -63,7 +64,7 @@ pub fn new_flow(
 ) -> Result<(u32, &'static Backend), Reason> {
     policy::rate_limit(flow, vip)?;
     policy::vip_ceiling(vip)?;
-    let backend_id = pick_from_ring(flow, vip)?;
+    let backend_id = pick_for_new_flow(flow, vip)?;
     let backend = BACKENDS.get(backend_id).ok_or(Reason::DropNoBackend)?;
     if backend.flags & BACKEND_F_IN_USE == 0 {
         return Err(Reason::DropNoBackend);
@@ -80,21 +81,62 @@ pub fn new_flow(
     Ok((backend_id, backend))
 }
 
+/// The backend of a new flow: the client's remembered one on a VIP with affinity (even a
+/// draining one, and even while the ring is empty), else one from the ring; the choice is
+/// remembered, and on a least-connections VIP counted as active.
+#[inline(always)]
+pub fn pick_for_new_flow(flow: &FlowKey, vip: &VipMeta) -> Result<u32, Reason> {
+    let persists = vip.persist_ns != 0;
+    let leastconn = vip.flags & VIP_F_LEASTCONN != 0;
+    if !persists && !leastconn {
+        return pick_from_ring(flow, vip);
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let backend_id = if persists {
+        let client = persist::client(flow, vip);
+        let backend_id = match persist::remembered(&client, vip, now) {
+            Some(id) => {
+                persist::count_followed(vip.vip_id);
+                id
+            }
+            None => pick_from_ring(flow, vip)?,
+        };
+        persist::remember(&client, backend_id, now);
+        backend_id
+    } else {
+        pick_from_ring(flow, vip)?
+    };
+    if leastconn {
+        leastconn::opened(flow, backend_id, now);
+    }
+    Ok(backend_id)
+}
+
 /// Round robin takes ring entries in turn (one shared cursor per VIP, so the order holds
-/// across CPUs); hash mode takes the entry the flow hashes to (Maglev).
+/// across CPUs); hash mode takes the entry the flow hashes to (Maglev), or with affinity the
+/// entry its source hashes to; least connections compares the ring's backends.
 #[inline(always)]
 pub fn pick_from_ring(flow: &FlowKey, vip: &VipMeta) -> Result<u32, Reason> {
     if vip.ring_len == 0 {
         return Err(Reason::DropNoBackend);
     }
     let slot = if vip.flags & VIP_F_HASH != 0 {
-        flow_hash(flow) % vip.ring_len
+        let hash = if vip.persist_ns != 0 {
+            persist::source_hash(flow, vip)
+        } else {
+            flow_hash(flow)
+        };
+        hash % vip.ring_len
     } else {
         let cursor = RR_CURSOR
             .get_ptr_mut(vip.vip_id)
             .ok_or(Reason::DropNoBackend)?;
         // SAFETY: an array element, valid for the map's lifetime; the add is atomic.
         let turn = unsafe { fetch_add(cursor, 1) };
+        if vip.flags & VIP_F_LEASTCONN != 0 {
+            return leastconn::pick(vip, turn);
+        }
         (turn % vip.ring_len as u64) as u32
     };
     RING_SLAB
@@ -111,7 +153,7 @@ pub fn pick_from_ring(flow: &FlowKey, vip: &VipMeta) -> Result<u32, Reason> {
 /// # Safety
 /// `ptr` must point to a u64 in map memory.
 #[inline(always)]
-unsafe fn fetch_add(ptr: *mut u64, value: u64) -> u64 {
+pub(crate) unsafe fn fetch_add(ptr: *mut u64, value: u64) -> u64 {
     let mut old = value;
     unsafe {
         asm!(

@@ -5,11 +5,13 @@
 //! [[vip]]
 //! address = "10.99.1.1:80"
 //! proto = "tcp"
-//! algo = "rr"                # or "maglev"
+//! algo = "rr"                # or "maglev", "leastconn"
 //! rate_limit = 100           # new flows per second per source; 0 (default) = no limit
 //! burst = 200                # default: one second's worth
 //! max_new_flows = 5000       # new flows per second from all sources together; 0 = none
 //! new_flow_burst = 10000     # default (or 0): one second's worth
+//! persist = 300              # source affinity, seconds; 0 (default) = none
+//! persist_prefix6 = 64       # an IPv6 client is its source's /64 (default)
 //!
 //! [vip.check]                # optional; fields default to HAProxy's
 //! check = "http:/health"     # none | tcp | http:/PATH | tls | mysql[-primary|-replica] | pgsql | exec:/PATH
@@ -43,7 +45,7 @@ use toml::Spanned;
 
 use crate::{
     health::CheckSpec,
-    model::{self, Algo, Proto, RateLimit, Service},
+    model::{self, Algo, Persist, Proto, RateLimit, Service},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +90,15 @@ pub struct VipConfig {
     pub max_new_flows: u32,
     #[serde(default, skip_serializing_if = "is_default")]
     pub new_flow_burst: u32,
+    /// Source affinity in seconds (see `model::Persist`); 0 = none.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub persist: u32,
+    /// The IPv6 prefix that makes one client for `persist`.
+    #[serde(
+        default = "default_prefix6",
+        skip_serializing_if = "is_default_prefix6"
+    )]
+    pub persist_prefix6: u8,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
 }
@@ -113,7 +124,22 @@ pub struct BackendConfig {
     pub check: Option<CheckSpec>,
 }
 
+fn default_prefix6() -> u8 {
+    Persist::DEFAULT_PREFIX6
+}
+
+fn is_default_prefix6(p: &u8) -> bool {
+    *p == Persist::DEFAULT_PREFIX6
+}
+
 impl VipConfig {
+    pub fn persist(&self) -> Persist {
+        Persist {
+            seconds: self.persist,
+            prefix6: self.persist_prefix6,
+        }
+    }
+
     pub fn rate(&self) -> RateLimit {
         RateLimit {
             rate_limit: self.rate_limit,
@@ -254,6 +280,9 @@ impl Config {
             vc.rate()
                 .validate()
                 .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
+            vc.persist()
+                .validate()
+                .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
             let mut seen = Vec::new();
             for (b, bc) in vc.backends.iter().enumerate() {
                 let at = |e: anyhow::Error| (At::Backend(v, b), anyhow!("VIP {service}: {e:#}"));
@@ -333,7 +362,7 @@ mod tests {
         (
             addr,
             prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)],
-            prop_oneof![Just(Algo::Rr), Just(Algo::Maglev)],
+            prop_oneof![Just(Algo::Rr), Just(Algo::Maglev), Just(Algo::Leastconn)],
             (0u32..3, 0u32..3),
             (0u32..3, 0u32..3),
             proptest::collection::vec(backend, 0..4),
@@ -355,6 +384,8 @@ mod tests {
                     burst,
                     max_new_flows,
                     new_flow_burst,
+                    persist: 0,
+                    persist_prefix6: Persist::DEFAULT_PREFIX6,
                     backends,
                 },
             )

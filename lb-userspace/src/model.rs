@@ -63,6 +63,9 @@ pub enum Algo {
     /// Weighted Maglev consistent hashing of the 5-tuple: balancers with the same backends
     /// agree on every flow without sharing state.
     Maglev,
+    /// Least connections: the backend with the fewest active flows per weight (long
+    /// sessions such as database connections).
+    Leastconn,
 }
 
 impl fmt::Display for Algo {
@@ -70,6 +73,7 @@ impl fmt::Display for Algo {
         f.write_str(match self {
             Algo::Rr => "rr",
             Algo::Maglev => "maglev",
+            Algo::Leastconn => "leastconn",
         })
     }
 }
@@ -210,6 +214,63 @@ impl RatePatch {
                 ..rate
             },
         }
+    }
+}
+
+/// Source affinity (`--persist`): a client's new flows go to the backend of its earlier
+/// ones, while that backend keeps flows and for `seconds` after the client's last new flow;
+/// 0 means none. An IPv6 client is its source's `/prefix6`, an IPv4 one its address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Persist {
+    pub seconds: u32,
+    pub prefix6: u8,
+}
+
+impl Default for Persist {
+    fn default() -> Self {
+        Self {
+            seconds: 0,
+            prefix6: Self::DEFAULT_PREFIX6,
+        }
+    }
+}
+
+impl Persist {
+    pub const DEFAULT_PREFIX6: u8 = 64;
+    /// A day: longer than any session kept in a server's memory.
+    pub const MAX_SECONDS: u32 = 86_400;
+
+    /// This with what `lb vip add/set` gives changed.
+    pub fn patched(self, seconds: Option<u32>, prefix6: Option<u8>) -> Self {
+        Self {
+            seconds: seconds.unwrap_or(self.seconds),
+            prefix6: prefix6.unwrap_or(self.prefix6),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.seconds > Self::MAX_SECONDS {
+            bail!(
+                "persist {} s out of range 0..{}",
+                self.seconds,
+                Self::MAX_SECONDS
+            );
+        }
+        if self.prefix6 == 0 || self.prefix6 > 128 {
+            bail!("IPv6 persist prefix /{} out of range 1..128", self.prefix6);
+        }
+        Ok(())
+    }
+
+    /// The data plane's form (see `lb_common::VipMeta`): nanoseconds and the IPv6 mask as
+    /// network-order words.
+    pub fn meta(&self) -> (u64, [u32; 4]) {
+        let bits = u128::MAX
+            .checked_shl(128 - self.prefix6 as u32)
+            .unwrap_or(0);
+        let b = bits.to_be_bytes();
+        let mask = [0, 4, 8, 12].map(|i| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]));
+        (self.seconds as u64 * 1_000_000_000, mask)
     }
 }
 
@@ -646,6 +707,33 @@ mod tests {
         assert!(Service::new(any, Proto::Tcp).is_err());
         let zero = parse_vip_addr("10.0.0.1:0").unwrap();
         assert!(Service::new(zero, Proto::Tcp).is_err());
+    }
+
+    #[test]
+    fn persistence_becomes_nanoseconds_and_a_network_order_mask() {
+        let p = Persist {
+            seconds: 300,
+            prefix6: 64,
+        };
+        let (ns, mask) = p.meta();
+        assert_eq!(ns, 300_000_000_000);
+        let bytes: Vec<u8> = mask.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, [[0xff; 8], [0; 8]].concat());
+        let (_, mask) = Persist { prefix6: 52, ..p }.meta();
+        let bytes: Vec<u8> = mask.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes[..8], [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xf0, 0]);
+        let (_, mask) = Persist { prefix6: 128, ..p }.meta();
+        assert_eq!(mask, [u32::MAX; 4]);
+        assert!(Persist { prefix6: 0, ..p }.validate().is_err());
+        assert!(Persist { prefix6: 129, ..p }.validate().is_err());
+        assert!(
+            Persist {
+                seconds: Persist::MAX_SECONDS + 1,
+                ..p
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]

@@ -143,6 +143,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
+    tasks.push(tokio::spawn(reconcile_active(agent.clone())));
     tasks.push(tokio::spawn(crate::api::remove_departed(agent.clone())));
     tasks.extend(crate::fleet::announce::start(agent.clone()));
 
@@ -216,6 +217,35 @@ async fn reapply(agent: &Agent, path: &Path) {
     })
     .await
 }
+
+/// Least connections: every few seconds, forgets the active flows that went idle or whose
+/// backend went, and recounts every least-connections backend (see
+/// `Datapath::reconcile_active`).
+async fn reconcile_active(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(ACTIVE_RECONCILE_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut state = agent.state.lock().await;
+        let backends: Vec<(u32, u32)> = state
+            .vips()
+            .iter()
+            .filter(|v| v.algo == crate::model::Algo::Leastconn)
+            .flat_map(|v| &v.backends)
+            .map(|b| (b.id, b.generation))
+            .collect();
+        if backends.is_empty() {
+            continue;
+        }
+        let dp = state.dataplane_mut();
+        if let Err(e) = dp.reconcile_active(&backends, Default::default()) {
+            log::warn!("least connections: recounting active flows: {e:#}");
+        }
+    }
+}
+
+/// How often `reconcile_active` runs.
+const ACTIVE_RECONCILE_TICK: Duration = Duration::from_secs(5);
 
 /// Keeps backends' L2 paths current: unresolved ones every tick, all of them every
 /// `FULL_REFRESH_TICKS`; asks the kernel outside the lock and applies what changed under

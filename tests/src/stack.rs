@@ -464,3 +464,193 @@ pub fn client_sql(bed: &Testbed, to: SocketAddr, sql: &str) -> Result<String> {
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+// ---- the web tier: nginx serving HTTPS -------------------------------------------------------
+
+pub const HTTPS_PORT: u16 = 443;
+/// The site's name: in its certificate, and resolved to the VIP by the clients.
+pub const SITE: &str = "shop.test";
+
+/// A CA and the site's certificate it signed, made at test time with `openssl`.
+pub struct Tls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes a CA and a certificate for `SITE` (also valid for `vip`) under `dir`.
+pub fn make_tls(dir: &Path, vip: std::net::IpAddr) -> Result<Tls> {
+    let p = |name: &str| dir.join(name);
+    let openssl = |args: &[&str]| {
+        run_ok(Command::new("openssl").args(args)).context("openssl (./x.sh installs it)")
+    };
+    let s = |path: PathBuf| path.display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=lb test CA",
+        "-keyout",
+        &s(p("ca.key")),
+        "-out",
+        &s(p("ca.pem")),
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        &format!("/CN={SITE}"),
+        "-keyout",
+        &s(p("site.key")),
+        "-out",
+        &s(p("site.csr")),
+    ])?;
+    fs::write(
+        p("site.ext"),
+        format!("subjectAltName = DNS:{SITE}, IP:{vip}\nextendedKeyUsage = serverAuth\n"),
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(p("site.csr")),
+        "-CA",
+        &s(p("ca.pem")),
+        "-CAkey",
+        &s(p("ca.key")),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &s(p("site.ext")),
+        "-out",
+        &s(p("site.pem")),
+    ])?;
+    Ok(Tls {
+        ca: p("ca.pem"),
+        cert: p("site.pem"),
+        key: p("site.key"),
+    })
+}
+
+/// Starts nginx on `host` serving HTTPS on port 443 with `tls`, answering every request
+/// with `backend NAME` (so a client sees which server answered), and waits until it
+/// listens.
+pub fn start_nginx(bed: &Testbed, host: &Host, name: &str, tls: &Tls) -> Result<Proc> {
+    let dir = bed.dir().join(format!("nginx-{name}"));
+    fs::create_dir_all(&dir)?;
+    let conf = dir.join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/error.log info;\nevents {{ worker_connections 256; }}\n\
+             http {{\n  access_log {dir}/access.log;\n  client_body_temp_path {dir};\n\
+             proxy_temp_path {dir};\n  fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n\
+             scgi_temp_path {dir};\n  server {{\n    listen {HTTPS_PORT} ssl;\n\
+             listen [::]:{HTTPS_PORT} ssl;\n    server_name {SITE};\n\
+             ssl_certificate {cert};\n    ssl_certificate_key {key};\n\
+             location / {{ default_type text/plain; return 200 \"backend {name}\\n\"; }}\n  }}\n}}\n",
+            dir = dir.display(),
+            cert = tls.cert.display(),
+            key = tls.key.display(),
+        ),
+    )?;
+    let conf = conf.display().to_string();
+    let mut proc = bed.spawn_in(
+        &host.ns,
+        "nginx",
+        [
+            "-p",
+            &dir.display().to_string(),
+            "-c",
+            &conf,
+            "-e",
+            "stderr",
+        ],
+    )?;
+    wait_until(START_TIMEOUT, || {
+        if let Some(status) = proc.try_wait() {
+            bail!("nginx exited with {status}:\n{}", proc.log());
+        }
+        let listening = bed.run_in(&host.ns, "ss", ["-Hltn", &format!("sport = :{HTTPS_PORT}")]);
+        Ok(listening.is_ok_and(|o| !o.stdout.is_empty()))
+    })
+    .with_context(|| format!("waiting for nginx {name} to listen"))?;
+    Ok(proc)
+}
+
+/// One HTTPS request from the client's namespace to `SITE` resolved to `vip`, verifying
+/// the certificate against `ca` (curl's `--cacert`, `--resolve`), from the client's address
+/// `from` (one of its addresses); a new connection each time. The body, or the error.
+pub fn https_get(
+    bed: &Testbed,
+    vip: SocketAddr,
+    ca: &Path,
+    from: std::net::IpAddr,
+) -> Result<String> {
+    let out = bed.run_in(
+        &bed.client.ns,
+        "curl",
+        [
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "5",
+            "--cacert",
+            &ca.display().to_string(),
+            "--resolve",
+            &format!("{SITE}:{}:{}", vip.port(), vip.ip()),
+            "--interface",
+            &from.to_string(),
+            &format!("https://{SITE}:{}/", vip.port()),
+        ],
+    )?;
+    if !out.status.success() {
+        bail!(
+            "curl https://{SITE}/ via {vip} from {from}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A long-lived application session through `to` from the client's namespace (the
+/// `mariadb` client running `SELECT SLEEP(secs)`); killing the returned process closes the
+/// connection from the client's side (its kernel sends the FIN).
+pub fn client_session(bed: &Testbed, to: SocketAddr, secs: u32) -> Result<Proc> {
+    bed.spawn_in(
+        &bed.client.ns,
+        "mariadb",
+        [
+            "--no-defaults".to_string(),
+            "-h".into(),
+            to.ip().to_string(),
+            "-P".into(),
+            to.port().to_string(),
+            format!("-u{APP_USER}"),
+            format!("-p{APP_PASSWORD}"),
+            "-e".into(),
+            format!("SELECT SLEEP({secs})"),
+        ],
+    )
+}
+
+impl Mariadb {
+    /// The application's sessions open on this server now.
+    pub fn app_sessions(&self) -> Result<u32> {
+        let n = self.sql(&format!(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = '{APP_USER}'"
+        ))?;
+        n.trim()
+            .parse()
+            .with_context(|| format!("session count {n:?}"))
+    }
+}

@@ -1796,6 +1796,15 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
                 prop_assert!(addressed == Some(vec![4]) || icmp_to_vip, "{:?}", addressed);
             }
             Reason::DropNoBackend => prop_assert_eq!(addressed, Some(vec![])),
+            Reason::ResetNoBackend => {
+                // A SYN to a VIP with an empty ring, refused in place: a RST to the sender.
+                prop_assert_eq!(addressed, Some(vec![]));
+                prop_assert_eq!(
+                    &out[0..6],
+                    &frame[6..12],
+                    "the RST goes to the sender's MAC"
+                );
+            }
             Reason::DropRateLimited | Reason::DropVipRateLimited => {
                 let (dst, _, l4) = destination(&frame).unwrap();
                 let dport = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);

@@ -836,7 +836,7 @@ fn http_check_marks_backends_down_and_up() {
             .collect::<Vec<_>>()
     );
     assert!(down <= fall_bound_us() + 100_000, "{:.0} ms", ms(down));
-    // No backend can take a new connection now: it is dropped, and counted so.
+    // No backend can take a new connection now: it is refused with a RST, and counted so.
     let tally = s
         .bed
         .requests_from(vip4(), 1, 20_010)
@@ -844,7 +844,7 @@ fn http_check_marks_backends_down_and_up() {
     assert_eq!(tally.errors.len(), 1, "{tally:?}");
     let stats: Value = serde_json::from_str(&s.lb(&["stats", "--json"])).expect("stats JSON");
     assert!(
-        number(&stats["reasons"]["drop_no_backend"], "packets") > 0,
+        number(&stats["reasons"]["reset_no_backend"], "packets") > 0,
         "{stats:#}"
     );
 

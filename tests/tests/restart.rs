@@ -47,7 +47,13 @@ const PREVIOUS_LAYOUT: &[u8] = include_bytes!("../fixtures/lb-ebpf-4fe7cc3.o");
 /// bytes: the fields since are appended) and REASON_STATS (one reason fewer). The previous
 /// program gets maps of its own shapes for these; the map added since is not pinned.
 const CHANGED_SINCE_PREVIOUS: [&str; 2] = [lb_common::maps::VIPS, lb_common::maps::REASON_STATS];
-const ADDED_SINCE_PREVIOUS: [&str; 1] = [lb_common::maps::VIP_NEW_FLOW_TAT];
+const ADDED_SINCE_PREVIOUS: [&str; 5] = [
+    lb_common::maps::VIP_NEW_FLOW_TAT,
+    lb_common::maps::PERSIST,
+    lb_common::maps::PERSIST_STATS,
+    lb_common::maps::ACTIVE_FLOWS,
+    lb_common::maps::BACKEND_ACTIVE,
+];
 const PREVIOUS_VIP_META_LEN: usize = 32;
 
 /// What an agent of commit 4fe7cc3 leaves in `pins` after `kill -9`: its program forwarding

@@ -312,7 +312,8 @@ fn write_vip_follows_the_primary_through_a_failover() {
     assert_eq!(seen, ["1\tbefore", "2\tbefore"]);
 
     // The primary dies: the write VIP has no backend left in rotation, and a client's
-    // connection is dropped and counted, not sent to the read-only replica.
+    // connection is refused at once (a RST from the balancer, counted), not sent to the
+    // read-only replica and not left to time out.
     primary.kill();
     let killed = Instant::now();
     roles([
@@ -327,7 +328,7 @@ fn write_vip_follows_the_primary_through_a_failover() {
     let stats: serde_json::Value =
         serde_json::from_str(&lb(&["stats", "--json"])).expect("stats JSON");
     assert!(
-        number(&stats["reasons"]["drop_no_backend"], "packets") > 0,
+        number(&stats["reasons"]["reset_no_backend"], "packets") > 0,
         "{stats:#}"
     );
     // Reads go on from the replica.
@@ -433,6 +434,193 @@ fn exec_check_run_by_the_agent_follows_the_script() {
     assert_eq!(detail, format!("exit 1: flagged {b1}"));
     std::fs::remove_file(&flag).unwrap();
     states([(&b1, "up"), (&b2, "up")]);
+}
+
+/// The web tier of the classic stack: two nginx servers with the site's certificate (from
+/// a CA made for the test) behind a VIP on 443 with source affinity. TLS passes through the
+/// balancer and verifies end to end; one client's 20 connections all reach one server,
+/// another client's reach the other; a client of a server that fails moves; without
+/// affinity the same client spreads.
+#[test]
+fn https_through_the_vip_verifies_and_sticks_to_one_backend_per_client() {
+    let _serial = serial();
+    let bed = bed(2);
+    let vip = SocketAddr::new(VIP4.into(), HTTPS_PORT);
+    let tls = ok(make_tls(bed.dir(), vip.ip()));
+    let mut web: Vec<_> = bed
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, host)| ok(start_nginx(&bed, host, &(i + 1).to_string(), &tls)))
+        .collect();
+    // A second client address on the client's segment.
+    let (a, b) = (
+        std::net::IpAddr::from(bed.client.ipv4),
+        std::net::IpAddr::from(std::net::Ipv4Addr::new(10, 99, 0, 3)),
+    );
+    ok(bed.ip(
+        &bed.client.ns,
+        &["addr", "add", &format!("{b}/24"), "dev", &bed.client.ifname],
+    ));
+    let (config, socket) = (bed.dir().join("lb.toml"), bed.dir().join("lb.sock"));
+    let _agent = ok(bed.start_agent(&config, &socket));
+    let lb = |args: &[&str]| lb_at(&bed, &socket, args);
+    let v = vip.to_string();
+    lb(&[
+        "vip",
+        "add",
+        &v,
+        "--check",
+        "tls",
+        "--interval",
+        "300",
+        "--rise",
+        "1",
+        "--fall",
+        "2",
+        "--persist",
+        "300",
+    ]);
+    let addrs: Vec<String> = bed.backends.iter().map(|h| h.ipv4.to_string()).collect();
+    for addr in &addrs {
+        lb(&["backend", "add", &v, addr]);
+    }
+    wait_backends(&bed, &socket, "both web servers up", |list| {
+        list.len() == 2 && list.iter().all(|b| field(b, "state") == "up")
+    });
+
+    let get = |from| ok(https_get(&bed, vip, &tls.ca, from));
+    let twenty = |from| -> Vec<String> { (0..20).map(|_| get(from)).collect() };
+    let from_a = twenty(a);
+    assert!(from_a[0].starts_with("backend "), "{from_a:?}");
+    assert!(
+        from_a.iter().all(|r| *r == from_a[0]),
+        "client A spread: {from_a:?}"
+    );
+    let from_b = twenty(b);
+    assert!(
+        from_b.iter().all(|r| *r == from_b[0]),
+        "client B spread: {from_b:?}"
+    );
+    assert_ne!(from_a[0], from_b[0], "both clients on one backend");
+    let vips: serde_json::Value =
+        serde_json::from_str(&lb(&["vip", "list", "--json"])).expect("vip list JSON");
+    assert_eq!(vips[0]["persist"], 300, "{vips:#}");
+    assert_eq!(vips[0]["persisted_flows"], 38, "{vips:#}");
+
+    // Client A's server fails: A moves to the other one, and stays there.
+    let a_server: usize = from_a[0]["backend ".len()..].parse().unwrap();
+    web[a_server - 1].kill();
+    let failed = &addrs[a_server - 1];
+    wait_backends(&bed, &socket, "A's server down", |list| {
+        state(list, &v, failed) == "down"
+    });
+    let moved = (0..5).map(|_| get(a)).collect::<Vec<_>>();
+    assert!(
+        moved.iter().all(|r| *r == from_b[0]),
+        "after the failure: {moved:?}"
+    );
+
+    // Without affinity the same client is balanced connection by connection.
+    lb(&["vip", "set", &v, "--persist", "0"]);
+    web[a_server - 1] = ok(start_nginx(
+        &bed,
+        &bed.backends[a_server - 1],
+        &a_server.to_string(),
+        &tls,
+    ));
+    wait_backends(&bed, &socket, "both web servers up again", |list| {
+        list.iter().all(|b| field(b, "state") == "up")
+    });
+    let mut spread: Vec<String> = (0..4).map(|_| get(a)).collect();
+    spread.sort();
+    spread.dedup();
+    assert_eq!(spread.len(), 2, "round robin without affinity: {spread:?}");
+}
+
+/// Least connections with real long-lived MariaDB sessions through a read VIP: a server
+/// holding sessions gets no new one until the other has caught up, and sessions the
+/// clients close free their places.
+#[test]
+fn leastconn_sends_new_sessions_to_the_server_with_fewest() {
+    let _serial = serial();
+    let bed = bed(2);
+    let (first, second) = ok(mariadb_pair(&bed, true));
+    let second = second.expect("a second server");
+    let creds = ok(credentials_file(
+        &bed,
+        "creds",
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        0o600,
+    ));
+    let (config, socket) = (bed.dir().join("lb.toml"), bed.dir().join("lb.sock"));
+    let _agent = ok(bed.start_agent(&config, &socket));
+    let lb = |args: &[&str]| lb_at(&bed, &socket, args);
+    let read = SocketAddr::new(VIP4.into(), MYSQL_PORT);
+    let (r, creds) = (read.to_string(), creds.display().to_string());
+    lb(&[
+        "vip",
+        "add",
+        &r,
+        "--algo",
+        "leastconn",
+        "--check",
+        "mysql",
+        "--credentials",
+        &creds,
+        "--interval",
+        "300",
+        "--rise",
+        "1",
+    ]);
+    let (a1, a2) = (first.host.ipv4.to_string(), second.host.ipv4.to_string());
+    lb(&["backend", "add", &r, &a1]);
+    wait_backends(&bed, &socket, "server 1 up", |l| state(l, &r, &a1) == "up");
+    let sessions = |want: (u32, u32)| {
+        ok(xtask::testbed::wait_until(CHANGE, || {
+            Ok((first.app_sessions()?, second.app_sessions()?) == want)
+        }));
+    };
+    // Server 1 alone takes 6 long sessions.
+    let mut on_first: Vec<_> = (0..6)
+        .map(|_| ok(client_session(&bed, read, 300)))
+        .collect();
+    sessions((6, 0));
+    // Server 2 joins: the next 6 all go to it, none to the server holding 6.
+    lb(&["backend", "add", &r, &a2]);
+    wait_backends(&bed, &socket, "server 2 up", |l| state(l, &r, &a2) == "up");
+    let mut rest: Vec<_> = (0..6)
+        .map(|_| ok(client_session(&bed, read, 300)))
+        .collect();
+    sessions((6, 6));
+    let list = backend_list_at(&bed, &socket);
+    for b in &list {
+        assert_eq!(number(b, "active"), 6, "{b}");
+    }
+    // Three of server 1's clients leave (their kernel sends the FIN): the balancer counts
+    // 3 there, and the next three sessions all go to server 1, none to server 2.
+    for mut p in on_first.drain(..3) {
+        p.kill();
+    }
+    let active = |want: [u64; 2]| {
+        wait_backends(&bed, &socket, &format!("active {want:?}"), |l| {
+            [&a1, &a2].iter().zip(want).all(|(addr, n)| {
+                l.iter()
+                    .any(|b| field(b, "address") == **addr && number(b, "active") == n)
+            })
+        })
+    };
+    active([3, 6]);
+    rest.extend((0..3).map(|_| ok(client_session(&bed, read, 300))));
+    active([6, 6]);
+    // The closed sessions may still sleep on server 1 (it notices a gone client late).
+    ok(xtask::testbed::wait_until(CHANGE, || {
+        Ok(first.app_sessions()? >= 6)
+    }));
+    assert_eq!(ok(second.app_sessions()), 6);
+    drop(rest);
 }
 
 /// Root-only credential files for the check user: its real password, and a wrong one.

@@ -47,7 +47,7 @@ fn status_shows_agent_vips_drops_and_flows() {
             .any(|b| field(b, "address") == b3 && field(b, "state") == "down")
     });
 
-    // Answered connections (all to backend 1), and SYNs to a VIP with no backend: dropped.
+    // Answered connections (all to backend 1), and SYNs to a VIP with no backend: refused.
     let tally = s.requests(vip4(), 10);
     assert_split(&tally, &[(1, 10)]);
     let empty = SocketAddr::new(VIP4.into(), 8081);
@@ -60,12 +60,12 @@ fn status_shows_agent_vips_drops_and_flows() {
     let status = loop {
         let status: Value = serde_json::from_str(&s.lb(&["status", "--json"]))
             .unwrap_or_else(|e| panic!("lb status --json: {e}"));
-        if status["drops"]["by_reason"]["drop_no_backend"].as_u64() >= Some(2) {
+        if status["drops"]["by_reason"]["reset_no_backend"].as_u64() >= Some(2) {
             break status;
         }
         assert!(
             Instant::now() < deadline,
-            "no drop_no_backend drops in `lb status` after 10 s: {status:#}"
+            "no reset_no_backend refusals in `lb status` after 10 s: {status:#}"
         );
         std::thread::sleep(Duration::from_millis(250));
     };
@@ -138,7 +138,7 @@ fn status_shows_agent_vips_drops_and_flows() {
         format!("{vip} tcp rr 1/3 {b2} draining, {b3} down")
     );
     assert_eq!(line(&empty.to_string()), format!("{empty} tcp rr 0/0 -"));
-    assert!(line("drops").contains("drop_no_backend"), "{text}");
+    assert!(line("drops").contains("reset_no_backend"), "{text}");
     assert!(line("flow table").starts_with("flow table "), "{text}");
     assert_eq!(line("fleet"), "fleet standalone");
 }

@@ -39,6 +39,10 @@ enum Command {
         /// connections, then one dies under load without a failed request.
         #[arg(long)]
         fleet: bool,
+        /// The classic stack instead: nginx over HTTPS with source affinity, a MariaDB
+        /// primary and replica behind write and read VIPs, and a primary failover.
+        #[arg(long)]
+        stack: bool,
     },
     /// Bring the test bed up with backends, agent, VIPs (v4 and v6) and two backends each,
     /// keep it for HOLD_SECS (or until Ctrl-C) to look around, then tear it down.
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
         Command::Test { args } => cmd::test::run(&args),
         Command::Bench { args } => cmd::bench::run(&args),
         Command::Demo { fleet: true, .. } => cmd::demo_fleet::run(),
+        Command::Demo { stack: true, .. } => cmd::demo::stack(),
         Command::Demo { requests, .. } => cmd::demo::run(requests),
         Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
         Command::Package => cmd::package::run(),

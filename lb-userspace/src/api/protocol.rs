@@ -47,6 +47,12 @@ pub struct VipSpec {
     pub max_new_flows: Option<u32>,
     #[serde(default)]
     pub new_flow_burst: Option<u32>,
+    /// Source affinity in seconds; 0 removes it.
+    #[serde(default)]
+    pub persist: Option<u32>,
+    /// The IPv6 prefix that makes one client for `persist`.
+    #[serde(default)]
+    pub persist_prefix6: Option<u8>,
 }
 
 /// A backend as `lb backend add` and `lb backend set` give it, the same way.

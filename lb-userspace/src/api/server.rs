@@ -18,7 +18,7 @@ use super::{
 use crate::{
     config::{BackendConfig, Config},
     health::CheckSpec,
-    model::{RateLimit, RatePatch, Service},
+    model::{Persist, RateLimit, RatePatch, Service},
 };
 
 /// Flow counts in `lb stats` may be this old (`--watch` asks every second); lists and
@@ -89,6 +89,8 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             burst,
             max_new_flows,
             new_flow_burst,
+            persist,
+            persist_prefix6,
         }) => {
             let service = Service::new(vip, proto)?;
             let check = check.apply(&CheckSpec::default())?;
@@ -99,7 +101,12 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
                 new_flow_burst,
             }
             .apply(&RateLimit::default());
-            change!(s => s.add_vip(service, algo.unwrap_or_default(), check, rate)?);
+            let persist = Persist::default().patched(persist, persist_prefix6);
+            persist.validate()?;
+            change!(s => {
+                s.add_vip(service, algo.unwrap_or_default(), check, rate)?;
+                s.set_persist(&service, persist)?
+            });
             Response::message(format!("added VIP {service}"))
         }
         Request::VipSet(VipSpec {
@@ -111,6 +118,8 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             burst,
             max_new_flows,
             new_flow_burst,
+            persist,
+            persist_prefix6,
         }) => {
             let service = Service { addr: vip, proto };
             let rate = RatePatch {
@@ -119,7 +128,13 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
                 max_new_flows,
                 new_flow_burst,
             };
-            change!(s => s.set_vip(&service, algo, &check, &rate)?);
+            change!(s => {
+                let old = s.vip(&service)?.persist;
+                let persist = old.patched(persist, persist_prefix6);
+                persist.validate()?;
+                s.set_vip(&service, algo, &check, &rate)?;
+                s.set_persist(&service, persist)?
+            });
             Response::message(format!("updated VIP {service}"))
         }
         Request::VipDel { vip, proto } => {

@@ -28,6 +28,11 @@ pub struct VipView {
     pub max_new_flows: u32,
     #[serde(default)]
     pub new_flow_burst: u32,
+    /// Source affinity in seconds (0: none), and new flows that followed it.
+    #[serde(default)]
+    pub persist: u32,
+    #[serde(default)]
+    pub persisted_flows: u64,
     pub backends: usize,
     pub active_backends: usize,
     pub packets: u64,
@@ -63,6 +68,9 @@ pub struct BackendView {
     pub new_flows: u64,
     /// Flows pinned to it (from the latest flow-table walk).
     pub flows: u64,
+    /// Active flows as least connections counts them (0 unless the VIP is `leastconn`).
+    #[serde(default)]
+    pub active: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -102,6 +110,8 @@ pub fn vips<D: Dataplane>(state: &State<D>, counters: &AllCounters) -> Vec<VipVi
                 burst: v.rate.burst,
                 max_new_flows: v.rate.max_new_flows,
                 new_flow_burst: v.rate.new_flow_burst,
+                persist: v.persist.seconds,
+                persisted_flows: counters.persisted(v.id),
                 backends: v.backends.len(),
                 active_backends: v.backends.iter().filter(|b| b.eligible()).count(),
                 packets: c.packets,
@@ -149,6 +159,11 @@ pub fn backends<D: Dataplane>(
                 bytes: c.bytes,
                 new_flows: c.new_flows,
                 flows: flows.map_or(0, |f| f.backend(b.id, b.generation)),
+                active: if v.algo == Algo::Leastconn {
+                    counters.active(b.id)
+                } else {
+                    0
+                },
             });
         }
     }
@@ -339,7 +354,10 @@ pub fn status(
             Reason::ALL
                 .iter()
                 .zip(&w.packets)
-                .filter(|(r, n)| r.outcome() == Outcome::Drop && **n > 0)
+                // A refused SYN is no drop, but it is traffic turned away all the same.
+                .filter(|(r, n)| {
+                    (r.outcome() == Outcome::Drop || **r == Reason::ResetNoBackend) && **n > 0
+                })
                 .map(|(r, n)| (r.name().to_string(), *n))
                 .collect()
         })
@@ -381,6 +399,7 @@ mod tests {
 
     fn backend(addr: &str, state: &'static str) -> BackendSnapshot {
         BackendSnapshot {
+            active: 0,
             addr: addr.parse().unwrap(),
             id: 1,
             generation: 1,
@@ -413,6 +432,7 @@ mod tests {
             time: 1100.0,
             vips: vec![
                 VipSnapshot {
+                    persisted: 0,
                     addr: "10.99.1.1:80".parse().unwrap(),
                     proto: Proto::Tcp,
                     algo: Algo::Maglev,
@@ -426,6 +446,7 @@ mod tests {
                     ],
                 },
                 VipSnapshot {
+                    persisted: 0,
                     addr: "[fd00::1]:53".parse().unwrap(),
                     proto: Proto::Udp,
                     algo: Algo::Rr,

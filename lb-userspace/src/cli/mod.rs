@@ -229,7 +229,8 @@ impl CheckArgs {
 struct VipSettings {
     #[command(flatten)]
     vip: VipArg,
-    /// rr: weighted round robin; maglev: consistent hashing for balancer fleets.
+    /// rr: weighted round robin; maglev: consistent hashing for balancer fleets; leastconn:
+    /// fewest active connections per weight (long sessions, databases).
     #[arg(long, value_enum)]
     algo: Option<Algo>,
     #[command(flatten)]
@@ -247,6 +248,13 @@ struct VipSettings {
     /// New flows the VIP takes at once above its ceiling (default: one second's worth).
     #[arg(long, requires = "max_new_flows")]
     new_flow_burst: Option<u32>,
+    /// Source affinity: a client's connections go to one backend while it is up and for
+    /// SECONDS after the client's last new connection; 0 removes it.
+    #[arg(long, value_name = "SECONDS")]
+    persist: Option<u32>,
+    /// With --persist: an IPv6 client is its source's /LEN (default 64).
+    #[arg(long, value_name = "LEN")]
+    persist_prefix6: Option<u8>,
 }
 
 impl VipSettings {
@@ -262,6 +270,8 @@ impl VipSettings {
             burst: self.burst,
             max_new_flows: self.max_new_flows,
             new_flow_burst: self.new_flow_burst,
+            persist: self.persist,
+            persist_prefix6: self.persist_prefix6,
         })
     }
 }

@@ -47,6 +47,12 @@ pub fn vips(vips: &[VipView]) -> String {
             vec![
                 v.vip.to_string(),
                 v.proto.to_string(),
+                v.algo.to_string(),
+                if v.persist == 0 {
+                    "-".into()
+                } else {
+                    format!("{}s", v.persist)
+                },
                 v.backends.to_string(),
                 v.active_backends.to_string(),
                 v.packets.to_string(),
@@ -60,6 +66,8 @@ pub fn vips(vips: &[VipView]) -> String {
         &[
             "VIP",
             "PROTO",
+            "ALGO",
+            "PERSIST",
             "BACKENDS",
             "ACTIVE",
             "PACKETS",
@@ -89,6 +97,7 @@ pub fn backends(list: &[BackendView]) -> String {
                 b.bytes.to_string(),
                 b.new_flows.to_string(),
                 b.flows.to_string(),
+                b.active.to_string(),
                 opt(&b.note),
             ]
         })
@@ -108,6 +117,7 @@ pub fn backends(list: &[BackendView]) -> String {
             "BYTES",
             "NEW FLOWS",
             "FLOWS",
+            "LC_ACTIVE",
             "NOTE",
         ],
         rows,

@@ -27,6 +27,9 @@ use lb_common::{
 
 use super::{batch, layout};
 
+mod affinity;
+pub use affinity::{IdleTimeouts, monotonic_ns};
+
 pub use crate::state::{CounterId, Pinned};
 
 /// The XDP program with its maps, loaded into the kernel (attached or not).
@@ -47,6 +50,10 @@ pub struct Datapath {
     firewall_v6: LpmTrie<MapData, [u8; 16], u32>,
     firewall_stats: PerCpuArray<MapData, Counters>,
     drop_filter: Array<MapData, u64>,
+    // Source affinity and least connections (see `affinity`).
+    persist_stats: PerCpuArray<MapData, u64>,
+    active_flows: HashMap<MapData, FlowKey, lb_common::ActiveFlow>,
+    backend_active: Array<MapData, u64>,
     links: Vec<XdpLinkId>,
     /// Whether the flow table may hold flows: not before the program first runs on maps
     /// this agent created, so rules applied at start skip the walk of an empty table.
@@ -106,6 +113,9 @@ impl Datapath {
             firewall_v6: take(&mut ebpf, maps::FIREWALL_V6)?,
             firewall_stats: take(&mut ebpf, maps::FIREWALL_STATS)?,
             drop_filter: take(&mut ebpf, maps::DROP_FILTER)?,
+            persist_stats: take(&mut ebpf, maps::PERSIST_STATS)?,
+            active_flows: take(&mut ebpf, maps::ACTIVE_FLOWS)?,
+            backend_active: take(&mut ebpf, maps::BACKEND_ACTIVE)?,
             ebpf,
             links: Vec::new(),
             flows_possible: false,
@@ -831,6 +841,8 @@ impl crate::state::Dataplane for Datapath {
             backends: Self::sum_all(&self.backend_stats, in_use.backends)?,
             rules: Self::sum_all(&self.firewall_stats, in_use.rules)?,
             reasons: self.reason_counters()?,
+            persisted: self.persisted_flows(in_use.vips)?,
+            active: self.active_flows(in_use.backends)?,
         })
     }
 }

@@ -276,6 +276,13 @@ fn vips(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
         out.counter("lb_vip_new_flows", "Flows the VIP balanced to a backend"),
         &|v| v.counters.new_flows,
     );
+    each(
+        out.counter(
+            "lb_vip_persisted_flows",
+            "New flows that went to their client's backend by source affinity (--persist)",
+        ),
+        &|v| v.persisted,
+    );
     if let Some(flows) = s.flows {
         let f = out.gauge(
             "lb_vip_active_flows",
@@ -341,6 +348,13 @@ fn backends(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     each(
         out.counter("lb_backend_new_flows", "New flows balanced to the backend"),
         &|b| Some(b.counters.new_flows.into()),
+    );
+    each(
+        out.gauge(
+            "lb_backend_leastconn_active",
+            "Active flows as least connections counts them: first packet to the client's FIN/RST or an idle timeout (0 unless the VIP is leastconn)",
+        ),
+        &|b| Some(b.active.into()),
     );
     if let Some(flows) = s.flows {
         each(
@@ -523,6 +537,7 @@ mod tests {
 
     fn scrape_text(flows: bool) -> (String, Vec<String>) {
         let b = |addr: &str, id, state, backup, n| BackendSnapshot {
+            active: 0,
             addr: addr.parse().unwrap(),
             id,
             generation: 1,
@@ -549,6 +564,7 @@ mod tests {
             time: 1.0,
             vips: vec![
                 VipSnapshot {
+                    persisted: 0,
                     addr: "10.99.1.1:80".parse().unwrap(),
                     proto: Proto::Tcp,
                     algo: Algo::Rr,
@@ -565,6 +581,7 @@ mod tests {
                     ],
                 },
                 VipSnapshot {
+                    persisted: 0,
                     addr: "[fd00:99:1::1]:53".parse().unwrap(),
                     proto: Proto::Udp,
                     algo: Algo::Maglev,

@@ -95,6 +95,8 @@ pub struct BackendSnapshot {
     pub last_check: Option<LastCheck>,
     pub note: Option<String>,
     pub counters: Count,
+    /// Active flows as least connections counts them (0 unless the VIP is `leastconn`).
+    pub active: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -104,6 +106,8 @@ pub struct VipSnapshot {
     pub algo: Algo,
     pub check: String,
     pub counters: Count,
+    /// New flows that followed their client's affinity (`--persist`).
+    pub persisted: u64,
     pub backends: Vec<BackendSnapshot>,
 }
 
@@ -167,6 +171,7 @@ pub fn snapshot<D: Dataplane>(state: &State<D>) -> anyhow::Result<Snapshot> {
             algo: v.algo,
             check: v.check.check.to_string(),
             counters: counters.vip(v.id).into(),
+            persisted: counters.persisted(v.id),
             backends: v
                 .backends
                 .iter()
@@ -188,6 +193,11 @@ pub fn snapshot<D: Dataplane>(state: &State<D>) -> anyhow::Result<Snapshot> {
                     }),
                     note: b.note.clone(),
                     counters: counters.backend(b.id).into(),
+                    active: if v.algo == Algo::Leastconn {
+                        counters.active(b.id)
+                    } else {
+                        0
+                    },
                 })
                 .collect(),
         })
@@ -215,17 +225,14 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// `forward`, `pass` or `drop`: what the data plane did with packets of this reason.
+/// `forward`, `reply`, `pass` or `drop`: what the data plane did with packets of this
+/// reason.
 pub fn action(reason: Reason) -> &'static str {
-    let name = reason.name();
-    if name.starts_with("pass") {
-        "pass"
-    } else if reason == Reason::IcmpEchoReply {
-        "reply"
-    } else if name.starts_with("drop") {
-        "drop"
-    } else {
-        "forward"
+    match reason.outcome() {
+        lb_common::Outcome::Forward => "forward",
+        lb_common::Outcome::Reply => "reply",
+        lb_common::Outcome::Pass => "pass",
+        lb_common::Outcome::Drop => "drop",
     }
 }
 
@@ -582,6 +589,7 @@ mod tests {
 
     fn backend(addr: &str, packets: u64) -> BackendSnapshot {
         BackendSnapshot {
+            active: 0,
             addr: addr.parse().unwrap(),
             id: 1,
             generation: 1,
@@ -611,6 +619,7 @@ mod tests {
         Arc::new(Snapshot {
             time,
             vips: vec![VipSnapshot {
+                persisted: 0,
                 addr: "10.99.1.1:80".parse().unwrap(),
                 proto: Proto::Tcp,
                 algo: Algo::Rr,

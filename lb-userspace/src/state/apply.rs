@@ -110,7 +110,12 @@ impl<D: Dataplane> State<D> {
             let running = self.vips.iter().find(|v| v.service == service);
             match running {
                 None => changes.push(Change::AddVip { vip: service }),
-                Some(v) if v.algo != vc.algo || v.check != vc.check || v.rate != vc.rate() => {
+                Some(v)
+                    if v.algo != vc.algo
+                        || v.check != vc.check
+                        || v.rate != vc.rate()
+                        || v.persist != vc.persist() =>
+                {
                     changes.push(Change::SetVip { vip: service })
                 }
                 Some(_) => {}
@@ -188,13 +193,15 @@ impl<D: Dataplane> State<D> {
                 Change::AddRule { cidr } => self.add_rule(*cidr)?,
                 Change::AddVip { vip } => {
                     let vc = vip_config(vip);
-                    self.insert_vip(*vip, vc.algo, vc.check.clone(), vc.rate())?;
+                    let vi = self.insert_vip(*vip, vc.algo, vc.check.clone(), vc.rate())?;
+                    self.vips[vi].persist = vc.persist();
                     touched.push(*vip);
                 }
                 Change::SetVip { vip } => {
                     let vc = vip_config(vip);
                     let vi = self.vip_index(vip)?;
                     self.update_vip(vi, vc.algo, vc.check.clone(), vc.rate())?;
+                    self.vips[vi].persist = vc.persist();
                     touched.push(*vip);
                 }
                 Change::AddBackend { vip, backend } => {

@@ -22,6 +22,10 @@ pub struct AllCounters {
     pub backends: Vec<Counters>,
     pub rules: Vec<Counters>,
     pub reasons: Vec<Counters>,
+    /// Per VIP id: new flows that followed their client's affinity.
+    pub persisted: Vec<u64>,
+    /// Per backend id: active flows (least connections).
+    pub active: Vec<u64>,
 }
 
 impl AllCounters {
@@ -33,6 +37,12 @@ impl AllCounters {
     }
     pub fn rule(&self, id: u32) -> Counters {
         self.rules.get(id as usize).copied().unwrap_or_default()
+    }
+    pub fn persisted(&self, vip_id: u32) -> u64 {
+        self.persisted.get(vip_id as usize).copied().unwrap_or(0)
+    }
+    pub fn active(&self, backend_id: u32) -> u64 {
+        self.active.get(backend_id as usize).copied().unwrap_or(0)
     }
 }
 

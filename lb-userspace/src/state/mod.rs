@@ -19,8 +19,9 @@ use std::{
 use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
 use lb_common::{
-    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_RESOLVED, Backend, MAX_BACKENDS,
-    MAX_FIREWALL_RULES, MAX_VIPS, RING_SLAB_LEN, VIP_F_HASH, VipAddr, VipMeta,
+    BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_LEASTCONN, BACKEND_F_RESOLVED, Backend,
+    MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_LEASTCONN_BACKENDS, MAX_VIPS, RING_SLAB_LEN, VIP_F_HASH,
+    VIP_F_LEASTCONN, VipAddr, VipMeta,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -32,8 +33,8 @@ use crate::{
     config::{BackendConfig, Config, FirewallConfig, VipConfig},
     health::{self, CheckKind, CheckPatch, CheckSpec, Health},
     model::{
-        self, Algo, IdPool, L2Path, RateLimit, RatePatch, Reach, RingMember, RingRegions, Service,
-        SlabAllocator,
+        self, Algo, IdPool, L2Path, Persist, RateLimit, RatePatch, Reach, RingMember, RingRegions,
+        Service, SlabAllocator,
     },
 };
 
@@ -120,6 +121,7 @@ pub struct VipState {
     pub algo: Algo,
     pub check: CheckSpec,
     pub rate: RateLimit,
+    pub persist: Persist,
     pub backends: Vec<BackendState>,
     rings: RingRegions,
     /// What was last written into each of the two regions (empty: not known), so a
@@ -149,6 +151,7 @@ impl VipState {
             algo: self.algo,
             check: self.check.clone(),
             rate: self.rate,
+            persist: self.persist,
             backends: self.backends.clone(),
             rings: self.rings,
             written: Default::default(),
@@ -165,6 +168,8 @@ impl VipState {
             burst: self.rate.burst,
             max_new_flows: self.rate.max_new_flows,
             new_flow_burst: self.rate.new_flow_burst,
+            persist: self.persist.seconds,
+            persist_prefix6: self.persist.prefix6,
             backends: self.backends.iter().map(BackendState::config).collect(),
         }
     }
@@ -433,6 +438,18 @@ impl<D: Dataplane> State<D> {
         self.rebuild_ring(vi)
     }
 
+    /// Sets a VIP's source affinity (`lb vip add/set --persist`).
+    pub fn set_persist(&mut self, service: &Service, persist: Persist) -> Result<()> {
+        persist.validate()?;
+        let vi = self.vip_index(service)?;
+        if self.vips[vi].persist != persist {
+            self.vips[vi].persist = persist;
+            self.version += 1;
+            self.rebuild_ring(vi)?;
+        }
+        Ok(())
+    }
+
     pub fn del_vip(&mut self, service: &Service) -> Result<()> {
         let vi = self.vip_index(service)?;
         self.remove_vip(vi)
@@ -592,6 +609,7 @@ impl<D: Dataplane> State<D> {
             algo,
             check,
             rate,
+            persist: Persist::default(),
             backends: Vec::new(),
             rings,
             written: Default::default(),
@@ -611,10 +629,16 @@ impl<D: Dataplane> State<D> {
     ) -> Result<()> {
         let vip = &mut self.vips[vi];
         let check_changed = check != vip.check;
+        let leastconn_changed = (algo == Algo::Leastconn) != (vip.algo == Algo::Leastconn);
         vip.check = check;
         vip.rate = rate;
         vip.algo = algo;
         self.version += 1;
+        if leastconn_changed {
+            for bi in 0..self.vips[vi].backends.len() {
+                self.write_backend(vi, bi)?;
+            }
+        }
         if check_changed {
             for bi in 0..self.vips[vi].backends.len() {
                 if self.vips[vi].backends[bi].check.is_none() && self.restart_health(vi, bi) {
@@ -746,6 +770,9 @@ impl<D: Dataplane> State<D> {
             flags: BACKEND_F_IN_USE,
             ..Default::default()
         };
+        if self.vips[vi].algo == Algo::Leastconn {
+            entry.flags |= BACKEND_F_LEASTCONN;
+        }
         if b.health.up {
             entry.flags |= BACKEND_F_KEEP_FLOWS;
         }
@@ -892,6 +919,7 @@ impl<D: Dataplane> State<D> {
                 model::maglev_ring(&eligible, model::MAGLEV_TABLE_SIZE),
                 VIP_F_HASH,
             ),
+            Algo::Leastconn => (leastconn_ring(&eligible), VIP_F_LEASTCONN),
         };
         let len = ring.len() as u32;
         let mut rings = vip.rings;
@@ -917,11 +945,14 @@ impl<D: Dataplane> State<D> {
         self.dp.set_ring_slots(&slots, &ids)?;
         let (rate_interval_ns, rate_burst_ns) = vip.rate.gcra_ns();
         let (new_flow_interval_ns, new_flow_burst_ns) = vip.rate.ceiling_gcra_ns();
+        let (persist_ns, persist_mask6) = vip.persist.meta();
         let meta = VipMeta {
             vip_id: vip.id,
             ring_off: off,
             ring_len: len,
             flags,
+            persist_ns,
+            persist_mask6,
             rate_interval_ns,
             rate_burst_ns,
             new_flow_interval_ns,
@@ -1063,6 +1094,14 @@ impl<D: Dataplane> State<D> {
 fn ring_capacity(algo: Algo, len: u32) -> u32 {
     match algo {
         Algo::Maglev => model::MAGLEV_TABLE_SIZE,
-        Algo::Rr => len.max(INITIAL_RING_CAPACITY).next_power_of_two(),
+        Algo::Rr | Algo::Leastconn => len.max(INITIAL_RING_CAPACITY).next_power_of_two(),
     }
+}
+
+/// A least-connections ring: (backend id, weight) pairs, one per backend that can take new
+/// flows, at most `MAX_LEASTCONN_BACKENDS` of them (the data plane compares no more).
+fn leastconn_ring(members: &[RingMember]) -> Vec<u32> {
+    let members = members.iter().filter(|m| m.weight > 0);
+    let kept = members.take(MAX_LEASTCONN_BACKENDS as usize);
+    kept.flat_map(|m| [m.id, m.weight]).collect()
 }

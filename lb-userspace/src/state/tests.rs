@@ -51,6 +51,8 @@ fn vip(port: u16, algo: Algo, backends: impl IntoIterator<Item = u32>) -> VipCon
         burst: 0,
         max_new_flows: 0,
         new_flow_burst: 0,
+        persist: 0,
+        persist_prefix6: 64,
         backends: backends.into_iter().map(backend).collect(),
     }
 }
@@ -338,6 +340,85 @@ fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
     assert_eq!(ring_addrs(&new, &svc), vec![addr(2)]);
 }
 
+/// A least-connections VIP's ring is (id, weight) pairs of the backends in rotation, its
+/// backends are flagged for the data plane to watch their flows' FIN/RST, and switching
+/// the algorithm back clears the flag.
+#[test]
+fn least_connections_writes_id_weight_pairs_and_flags_its_backends() {
+    let mut s = state();
+    let svc = service(3306);
+    s.add_vip(
+        svc,
+        Algo::Leastconn,
+        CheckSpec::default(),
+        RateLimit::default(),
+    )
+    .unwrap();
+    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
+    let heavy = BackendConfig {
+        weight: 3,
+        ..backend(2)
+    };
+    s.add_backend(&svc, &heavy, reached(2)).unwrap();
+    let ids: Vec<u32> = [1, 2].map(|i| s.backend(&svc, addr(i)).unwrap().id).into();
+    assert_eq!(s.dataplane().ring(&svc.key()), vec![ids[0], 1, ids[1], 3]);
+    assert_eq!(
+        s.dataplane().vips[&svc.key()].flags,
+        lb_common::VIP_F_LEASTCONN
+    );
+    let flagged = |s: &State<Fake>| {
+        ids.iter()
+            .all(|id| s.dataplane().backends[id].flags & lb_common::BACKEND_F_LEASTCONN != 0)
+    };
+    assert!(flagged(&s));
+    s.drain_backend(&svc, addr(1), true).unwrap();
+    assert_eq!(s.dataplane().ring(&svc.key()), vec![ids[1], 3]);
+    s.set_vip(
+        &svc,
+        Some(Algo::Rr),
+        &CheckPatch::default(),
+        &RatePatch::default(),
+    )
+    .unwrap();
+    assert!(
+        ids.iter()
+            .all(|id| { s.dataplane().backends[id].flags & lb_common::BACKEND_F_LEASTCONN == 0 })
+    );
+}
+
+/// Source affinity reaches the VIP's map entry (nanoseconds, the IPv6 mask), is saved in
+/// the configuration, and a configuration that changes only it is a change of the VIP.
+#[test]
+fn persistence_is_written_saved_and_applied() {
+    let mut s = state();
+    let svc = service(443);
+    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
+        .unwrap();
+    let p = Persist {
+        seconds: 300,
+        prefix6: 48,
+    };
+    s.set_persist(&svc, p).unwrap();
+    let meta = s.dataplane().vips[&svc.key()];
+    assert_eq!((meta.persist_ns, meta.persist_mask6), p.meta());
+    let mut config = s.config();
+    assert_eq!(config.vips[0].persist, 300);
+    assert_eq!(config.vips[0].persist_prefix6, 48);
+    config.vips[0].persist = 0;
+    let plan = s.apply(&config, &HashMap::new()).unwrap();
+    assert_eq!(plan.changes, vec![Change::SetVip { vip: svc }]);
+    assert_eq!(s.dataplane().vips[&svc.key()].persist_ns, 0);
+    assert!(
+        s.set_persist(
+            &svc,
+            Persist {
+                seconds: 1,
+                prefix6: 0
+            }
+        )
+        .is_err()
+    );
+}
 fn report(s: &State<Fake>, svc: &Service, i: u32, ok: bool) -> Report {
     let b = s.backend(svc, addr(i)).unwrap();
     Report {
@@ -380,7 +461,8 @@ fn a_changed_check_keeps_a_down_backend_down_until_rise() {
         interval_ms: Some(3000),
         ..Default::default()
     };
-    s.set_vip(&svc, None, &slower, None, None).unwrap();
+    s.set_vip(&svc, None, &slower, &RatePatch::default())
+        .unwrap();
     assert!(down(&s), "a VIP check change brought a down backend back");
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1)]);
     let own = CheckPatch {
@@ -495,7 +577,15 @@ fn a_change_that_fails_at_any_map_write_changes_nothing() {
                 interval_ms: Some(100),
                 ..Default::default()
             };
-            s.set_vip(&service(80), Some(Algo::Maglev), &check, Some(5), None)
+            s.set_vip(
+                &service(80),
+                Some(Algo::Maglev),
+                &check,
+                &RatePatch {
+                    rate_limit: Some(5),
+                    ..Default::default()
+                },
+            )
         }),
         ("vip del", |s| s.del_vip(&service(81))),
         ("backend add", |s| {

@@ -43,6 +43,15 @@ pub fn run(requests: u32) -> Result<()> {
     Ok(())
 }
 
+/// `demo --stack`: the classic stack on the real servers (`tests/src/bin/demo_stack.rs`,
+/// which shares the stack tests' helpers for nginx and MariaDB).
+pub fn stack() -> Result<()> {
+    testbed::check_environment().context("the demo builds a namespace test bed")?;
+    step("building the agent and the test bed helpers");
+    super::cargo(&["build", "-p", "lb-userspace", "-p", "xtask"])?;
+    super::cargo(&["run", "-q", "-p", "lb-tests", "--bin", "demo_stack"])
+}
+
 fn show(bed: &Testbed, vip: SocketAddr, requests: u32) -> Result<()> {
     step("starting the backends");
     let _backends = bed.start_backends()?;
