@@ -368,8 +368,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
 
         // ---- the config file at start ----
         let cfg = Config {
-            firewall: Default::default(),
             vips: vec![one_vip_config(vip, 0..count)],
+            ..Default::default()
         };
         let path = dir.join(format!("start-{count}.toml"));
         cfg.save(&path)?;

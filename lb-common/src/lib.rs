@@ -367,9 +367,12 @@ pub mod maps {
     pub const FIREWALL_V6: &str = "FIREWALL_V6";
     pub const FIREWALL_STATS: &str = "FIREWALL_STATS";
     pub const RATE_LIMITS: &str = "RATE_LIMITS";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const FLOW_SHARE: &str = "FLOW_SHARE";
+    pub const FLOW_SHARE_DROPS: &str = "FLOW_SHARE_DROPS";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 19] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -386,8 +389,30 @@ pub mod maps {
         FIREWALL_V6,
         FIREWALL_STATS,
         RATE_LIMITS,
+        FLOW_EVENTS,
+        FLOW_SHARE,
+        FLOW_SHARE_DROPS,
     ];
 }
+
+// ---- Flow sharing between balancers (lb-userspace/src/flowsync) ----
+
+/// A flow the data plane has just pinned, on its way to the agent, which shares it with the
+/// peer balancers (so a flow that the router moves to a peer keeps its backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowEvent {
+    pub flow: FlowKey,
+    pub backend_id: u32,
+    pub backend_generation: u32,
+}
+
+/// Bytes of the ring buffer that carries `FlowEvent`s (a power of two of pages): 2 MiB,
+/// 32,768 events of 56 bytes with the kernel's 8-byte record header.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 21;
+/// `FLOW_SHARE[0]`: non-zero while the agent shares flows; zero, new flows cost one array
+/// read more and nothing is written.
+pub const FLOW_SHARE_ON: u32 = 0;
 
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
@@ -428,6 +453,7 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for RateKey {}
+    unsafe impl aya::Pod for FlowEvent {}
 }
 
 #[cfg(test)]

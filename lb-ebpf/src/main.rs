@@ -7,6 +7,7 @@
 //!   (VIP) it is for, the per-source limit of new flows;
 //! - `transmit`: MAC rewrite, then XDP_TX or XDP_REDIRECT;
 //! - `icmp`: echo requests answered, errors about a flow sent on to its backend;
+//! - `share`: new flows' pins for the agent to share with peer balancers;
 //! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access.
 //!
 //! Every packet is counted under exactly one reason (`lb_common::Reason`). Anything not
@@ -23,6 +24,7 @@ mod maps;
 mod parse;
 mod policy;
 mod select;
+mod share;
 mod transmit;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};

@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    Backend, Counters, DROP_FILTER_WORDS, FlowKey, FlowValue, MAX_BACKENDS, MAX_FIREWALL_RULES,
-    MAX_FLOWS, MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT, RING_SLAB_LEN, RateKey,
-    VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
+    Backend, Counters, DROP_FILTER_WORDS, FLOW_EVENTS_BYTES, FlowKey, FlowValue, MAX_BACKENDS,
+    MAX_FIREWALL_RULES, MAX_FLOWS, MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, REASON_COUNT,
+    RING_SLAB_LEN, RateKey, VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
 
 #[map]
@@ -48,3 +48,12 @@ pub static FIREWALL_STATS: PerCpuArray<Counters> =
 #[map]
 pub static RATE_LIMITS: LruHashMap<RateKey, u64> =
     LruHashMap::with_max_entries(MAX_RATE_SOURCES, 0);
+
+// Flow sharing (share.rs): new flows' pins for the agent, whether to write them, and how
+// many a full ring lost.
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+#[map]
+pub static FLOW_SHARE: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static FLOW_SHARE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

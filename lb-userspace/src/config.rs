@@ -23,6 +23,11 @@
 //!
 //! [firewall]
 //! drop = ["203.0.113.0/24", "2001:db8:bad::/48"]
+//!
+//! [flow_sync]                # sharing flow pins with peer balancers (crate::flowsync)
+//! listen = "10.0.0.2:7946"
+//! peers = ["10.0.0.3:7946"]
+//! key_file = "/etc/lb/fleet.key"
 //! ```
 //!
 //! Every error names the line: syntax and type errors from the TOML parser's span, meaning
@@ -51,6 +56,9 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub firewall: FirewallConfig,
+    /// Sharing flow pins with peer balancers (`crate::flowsync`); read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_sync: Option<crate::flowsync::FlowSyncConfig>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +137,7 @@ enum At {
     Vip(usize),
     Backend(usize, usize),
     Firewall(usize),
+    FlowSync,
 }
 
 /// Where each entry stands in the text; everything else is ignored.
@@ -138,6 +147,8 @@ struct SpanIndex {
     vips: Vec<VipSpans>,
     #[serde(default)]
     firewall: FirewallSpans,
+    #[serde(default)]
+    flow_sync: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +217,7 @@ impl Config {
                     .and_then(|v| v.backends.get(b))
                     .map(|b| b.address.span()),
                 At::Firewall(i) => spans.firewall.drop.get(i).map(|d| d.span()),
+                At::FlowSync => spans.flow_sync.as_ref().map(|f| f.span()),
             };
             return Err(match span {
                 Some(span) => anyhow!("line {}: {error:#}", line_of(span.start)),
@@ -246,6 +258,9 @@ impl Config {
                 return Err((At::Firewall(i), anyhow!("drop rule {net} is listed twice")));
             }
             model::check_cidr(net).map_err(|e| (At::Firewall(i), e))?;
+        }
+        if let Some(f) = &self.flow_sync {
+            f.validate().map_err(|e| (At::FlowSync, e))?;
         }
         Ok(())
     }
@@ -343,6 +358,7 @@ mod tests {
             .prop_map(|(vips, drop)| Config {
                 vips,
                 firewall: FirewallConfig { drop },
+                ..Default::default()
             })
     }
 

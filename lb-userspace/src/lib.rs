@@ -7,12 +7,14 @@
 //! - [`api`]: the control protocol, the socket server and the views it answers with.
 //! - [`health`]: health checks. [`monitor`]: metrics, the status page and its HTTP server.
 //! - [`cli`]: the `lb` command line, its tables and `stats --watch`.
+//! - [`flowsync`]: sharing flow pins with peer balancers.
 //! - [`config`] the configuration file, [`model`] the domain's small types, [`run`] the
 //!   agent's run loop.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod flowsync;
 pub mod health;
 pub mod kernel;
 pub mod manual;

@@ -93,6 +93,7 @@ pub async fn run(opts: Options) -> Result<()> {
         .apply(&config, false, false)
         .await
         .map_err(|e| anyhow!("{}: {e:#}", opts.config.display()))?;
+    let flow_sync = crate::flowsync::start(agent.clone(), config.flow_sync.as_ref()).await?;
     {
         let mut state = agent.state.lock().await;
         state.finish_adoption()?;
@@ -132,6 +133,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
+    tasks.extend(flow_sync);
 
     // The watchdog pings only while the agent's lock can be taken: a stuck agent is restarted.
     let watchdog = crate::service::spawn_watchdog({

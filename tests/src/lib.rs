@@ -1,3 +1,4 @@
 pub mod e2e;
 pub mod fixtures;
+pub mod flowsync;
 pub mod stack;

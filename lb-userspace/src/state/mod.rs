@@ -168,6 +168,8 @@ pub struct State<D> {
     adoption: Adoption,
     /// Bumped by every change, so configuration writes can be put in order.
     version: u64,
+    /// The `[flow_sync]` section, kept so the configuration file is written back with it.
+    pub flow_sync: Option<crate::flowsync::FlowSyncConfig>,
 }
 
 impl<D: Dataplane> State<D> {
@@ -186,6 +188,7 @@ impl<D: Dataplane> State<D> {
             reports,
             adoption: Adoption::default(),
             version: 0,
+            flow_sync: None,
         }
     }
 
@@ -897,6 +900,7 @@ impl<D: Dataplane> State<D> {
             firewall: FirewallConfig {
                 drop: self.rules.iter().map(|(net, _)| *net).collect(),
             },
+            flow_sync: self.flow_sync.clone(),
         }
     }
 }
