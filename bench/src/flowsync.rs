@@ -245,8 +245,8 @@ fn fleet() -> Result<Fleet> {
         .enable_all()
         .build()?;
     let key = Key::new(b"the benchmark fleet's shared key")?;
-    let sock_a = UdpSocket::bind("127.0.0.1:0")?;
-    let sock_b = UdpSocket::bind("127.0.0.1:0")?;
+    let sock_a = sync::bind("127.0.0.1:0".parse()?)?;
+    let sock_b = sync::bind("127.0.0.1:0".parse()?)?;
     let (addr_a, addr_b) = (sock_a.local_addr()?, sock_b.local_addr()?);
     let (stats_a, stats_b) = (Arc::new(Stats::default()), Arc::new(Stats::default()));
     for (fx, sock, local, peer, dir, stats) in [
@@ -259,7 +259,6 @@ fn fleet() -> Result<Fleet> {
             drops: fx.dp.flow_share_drops()?,
         };
         fx.dp.set_flow_sharing(true)?;
-        sock.set_nonblocking(true)?;
         let key = key.clone();
         let stats = stats.clone();
         runtime.spawn(async move {
@@ -286,7 +285,9 @@ fn fleet() -> Result<Fleet> {
 fn throughput(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Throughput> {
     let prog = fleet.a.dp.program_fd()?;
     let installed0 = fleet.stats_b.installed.load(Relaxed);
-    let drops0 = fleet.stats_a.ring_drops.load(Relaxed);
+    let drops = fleet.a.dp.flow_share_drops()?;
+    let lost = || -> Result<u64> { Ok(drops.get(&0, 0)?.iter().sum()) };
+    let drops0 = lost()?;
     let started = Instant::now();
     for _ in 0..n {
         let (frame, _) = flows.next();
@@ -296,28 +297,39 @@ fn throughput(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Through
         }
     }
     let made = started.elapsed();
-    // Until B has every pin, or nothing more came for a second.
-    let (mut last, mut last_change) = (installed0, Instant::now());
+    // Until A has read its ring dry and B has taken every datagram A sent (or nothing moved
+    // for 5 s): the last install ends the run.
+    let progress = |f: &Fleet| {
+        (
+            f.stats_a.events.load(Relaxed),
+            f.stats_a.sent.load(Relaxed),
+            f.stats_b.received.load(Relaxed),
+            f.stats_b.installed.load(Relaxed),
+        )
+    };
+    let (mut last, mut last_change) = (progress(fleet), Instant::now());
     loop {
-        let now = fleet.stats_b.installed.load(Relaxed);
+        let now = progress(fleet);
         if now != last {
             (last, last_change) = (now, Instant::now());
         }
-        if now - installed0 >= u64::from(n) || last_change.elapsed() > Duration::from_secs(1) {
+        let (_, sent, received, installed) = now;
+        let caught_up = received >= sent && installed == received;
+        if (caught_up && last_change.elapsed() > Duration::from_millis(300))
+            || last_change.elapsed() > Duration::from_secs(5)
+        {
             break;
         }
         std::thread::sleep(Duration::from_micros(200));
     }
     let done = last_change.max(started + made) - started;
-    // The ring drop counter is read by the loop once a second.
-    std::thread::sleep(Duration::from_millis(1100));
     let installed = fleet.stats_b.installed.load(Relaxed) - installed0;
     Ok(Throughput {
         made_per_s: f64::from(n) / made.as_secs_f64(),
         shared_per_s: installed as f64 / done.as_secs_f64(),
         made: n.into(),
         installed,
-        ring_drops: fleet.stats_a.ring_drops.load(Relaxed) - drops0,
+        ring_drops: lost()? - drops0,
         datagrams_rejected: fleet.stats_b.rejected.iter().map(|r| r.load(Relaxed)).sum(),
     })
 }
@@ -346,8 +358,12 @@ fn delay(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Delay> {
         let started = Instant::now();
         bpf::test_run(prog.as_fd(), frame, None, 1)?;
         while fleet.b.dp.flow(&key).is_none() {
-            if started.elapsed() > Duration::from_secs(1) {
-                bail!("B had no pin for {client} a second after A made it");
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!(
+                    "B had no pin for {client} 5 s after A made it; A: {:?}; B: {:?}",
+                    fleet.stats_a.view(),
+                    fleet.stats_b.view()
+                );
             }
         }
         samples.push(started.elapsed().as_secs_f64() * 1e6);

@@ -189,9 +189,8 @@ pub async fn start(
         return Ok(None);
     };
     let key = load_key(&config.key_file)?;
-    let socket = std::net::UdpSocket::bind(config.listen)
+    let socket = sync::bind(config.listen)
         .with_context(|| format!("flow_sync: listening on {}", config.listen))?;
-    socket.set_nonblocking(true)?;
     let link = sync::Link {
         socket: tokio::net::UdpSocket::from_std(socket)?,
         local: config.listen,

@@ -121,6 +121,41 @@ pub struct Link {
     pub key: Key,
 }
 
+/// Socket buffers of the sharing socket: a burst of new flows (a few thousand datagrams)
+/// waits in the kernel instead of being lost while the loop installs.
+const SOCKET_BUFFER: libc::c_int = 8 << 20;
+
+/// The sharing socket, bound to `addr`, non-blocking, with large buffers (forced past
+/// `net.core.rmem_max` where the process may, as the agent with CAP_NET_ADMIN can).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use std::os::fd::AsRawFd as _;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let size: libc::c_int = SOCKET_BUFFER;
+        let set = |opt| {
+            // SAFETY: a valid socket and a pointer to a c_int of the size given.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&raw const size).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            // Without the capability: as large as rmem_max/wmem_max allow.
+            set(plain);
+        }
+    }
+    Ok(socket)
+}
+
 /// A directory is refreshed on a miss at most this often, and unconditionally this often.
 const REFRESH_ON_MISS: Duration = Duration::from_millis(20);
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
