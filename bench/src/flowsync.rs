@@ -288,6 +288,7 @@ fn throughput(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Through
     let drops = fleet.a.dp.flow_share_drops()?;
     let lost = || -> Result<u64> { Ok(drops.get(&0, 0)?.iter().sum()) };
     let drops0 = lost()?;
+    let events0 = fleet.stats_a.events.load(Relaxed);
     let started = Instant::now();
     for _ in 0..n {
         let (frame, _) = flows.next();
@@ -297,8 +298,9 @@ fn throughput(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Through
         }
     }
     let made = started.elapsed();
-    // Until A has read its ring dry and B has taken every datagram A sent (or nothing moved
-    // for 5 s): the last install ends the run.
+    // Until A has read its ring dry (every new flow read or lost to the full ring) and B
+    // has taken every datagram A sent (or nothing moved for 5 s): the last install ends
+    // the run.
     let progress = |f: &Fleet| {
         (
             f.stats_a.events.load(Relaxed),
@@ -313,9 +315,9 @@ fn throughput(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Through
         if now != last {
             (last, last_change) = (now, Instant::now());
         }
-        let (_, sent, received, installed) = now;
-        let caught_up = received >= sent && installed == received;
-        if (caught_up && last_change.elapsed() > Duration::from_millis(300))
+        let (events, sent, received, installed) = now;
+        let ring_dry = events - events0 + lost()? - drops0 >= u64::from(n);
+        if (ring_dry && received >= sent && installed == received)
             || last_change.elapsed() > Duration::from_secs(5)
         {
             break;
