@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod control;
 pub mod dataplane;
 pub mod e2e;
+pub mod flowsync;
 pub mod netns;
 pub mod report;
 pub mod stats;

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
-use lb_bench::{control, dataplane, e2e, report};
+use lb_bench::{control, dataplane, e2e, flowsync, report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
@@ -17,6 +17,8 @@ enum Part {
     E2e,
     /// Applying backends, Maglev tables, change-to-data-plane latency.
     Control,
+    /// Flow sharing between balancers: new-flow cost, flows shared per second, delay.
+    Flowsync,
 }
 
 #[derive(Parser)]
@@ -113,6 +115,23 @@ fn run(cli: Cli) -> Result<()> {
         let r = control::run(&opts, &mut progress)?;
         md.push_str(&format!("\n## Control plane\n\n{}", report::control(&r)));
         json.insert("control".into(), serde_json::to_value(&r)?);
+    }
+
+    if wants(Part::Flowsync) {
+        let opts = if cli.quick {
+            flowsync::Options::quick()
+        } else {
+            flowsync::Options::full()
+        };
+        let r = flowsync::run(&opts, &mut progress)?;
+        md.push_str(&format!(
+            "\n## Flow sharing ({} calls x {} rounds; {} new flows a round)\n\n{}",
+            opts.calls,
+            opts.rounds,
+            opts.flows,
+            flowsync::markdown(&r)
+        ));
+        json.insert("flowsync".into(), serde_json::to_value(&r)?);
     }
 
     println!("{md}");

@@ -463,9 +463,12 @@ pub mod maps {
     pub const PERSIST_STATS: &str = "PERSIST_STATS";
     pub const ACTIVE_FLOWS: &str = "ACTIVE_FLOWS";
     pub const BACKEND_ACTIVE: &str = "BACKEND_ACTIVE";
+    pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+    pub const FLOW_SHARE: &str = "FLOW_SHARE";
+    pub const FLOW_SHARE_DROPS: &str = "FLOW_SHARE_DROPS";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 24] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -487,8 +490,30 @@ pub mod maps {
         PERSIST_STATS,
         ACTIVE_FLOWS,
         BACKEND_ACTIVE,
+        FLOW_EVENTS,
+        FLOW_SHARE,
+        FLOW_SHARE_DROPS,
     ];
 }
+
+// ---- Flow sharing between balancers (lb-userspace/src/flowsync) ----
+
+/// A flow the data plane has just pinned, on its way to the agent, which shares it with the
+/// peer balancers (so a flow that the router moves to a peer keeps its backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowEvent {
+    pub flow: FlowKey,
+    pub backend_id: u32,
+    pub backend_generation: u32,
+}
+
+/// Bytes of the ring buffer that carries `FlowEvent`s (a power of two of pages): 2 MiB,
+/// 32,768 events of 56 bytes with the kernel's 8-byte record header.
+pub const FLOW_EVENTS_BYTES: u32 = 1 << 21;
+/// `FLOW_SHARE[0]`: non-zero while the agent shares flows; zero, new flows cost one array
+/// read more and nothing is written.
+pub const FLOW_SHARE_ON: u32 = 0;
 
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
@@ -531,6 +556,7 @@ mod user {
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for PersistValue {}
     unsafe impl aya::Pod for ActiveFlow {}
+    unsafe impl aya::Pod for FlowEvent {}
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! - `icmp`: echo requests answered, errors about a flow sent on to its backend;
 //! - `persist`, `leastconn`: source affinity and least connections, for new flows;
 //! - `refuse`: a SYN to a VIP with no backend answered with a RST;
+//! - `share`: new flows' pins for the agent to share with peer balancers;
 //! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access.
 //!
 //! Every packet is counted under exactly one reason (`lb_common::Reason`). Anything not
@@ -28,6 +29,7 @@ mod persist;
 mod policy;
 mod refuse;
 mod select;
+mod share;
 mod transmit;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};

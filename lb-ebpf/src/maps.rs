@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
-    ActiveFlow, Backend, Counters, DROP_FILTER_WORDS, FlowKey, FlowValue, MAX_ACTIVE_FLOWS,
-    MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS, MAX_PERSIST_SOURCES, MAX_RATE_SOURCES,
-    MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT, RING_SLAB_LEN, RateKey,
+    ActiveFlow, Backend, Counters, DROP_FILTER_WORDS, FLOW_EVENTS_BYTES, FlowKey, FlowValue,
+    MAX_ACTIVE_FLOWS, MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS, MAX_PERSIST_SOURCES,
+    MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT, RING_SLAB_LEN, RateKey,
     VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
 
@@ -66,3 +66,12 @@ pub static ACTIVE_FLOWS: LruHashMap<FlowKey, ActiveFlow> =
 /// Per backend: active flows (least connections), shared by all CPUs (atomic adds).
 #[map]
 pub static BACKEND_ACTIVE: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+// Flow sharing (share.rs): new flows' pins for the agent, whether to write them, and how
+// many a full ring lost.
+#[map]
+pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+#[map]
+pub static FLOW_SHARE: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static FLOW_SHARE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

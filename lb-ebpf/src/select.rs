@@ -76,6 +76,7 @@ pub fn new_flow(
     };
     // A full table evicts the least recently used flow; insert cannot fail otherwise.
     let _ = FLOWS.insert(flow, &pinned, 0);
+    crate::share::flow_pinned(flow, &pinned);
     count::new_flow(&VIP_STATS, vip.vip_id);
     count::new_flow(&BACKEND_STATS, backend_id);
     Ok((backend_id, backend))

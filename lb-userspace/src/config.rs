@@ -27,6 +27,11 @@
 //!
 //! [firewall]
 //! drop = ["203.0.113.0/24", "2001:db8:bad::/48"]
+//!
+//! [flow_sync]                # sharing flow pins with peer balancers (crate::flowsync)
+//! listen = "10.0.0.2:7946"
+//! peers = ["10.0.0.3:7946"]
+//! key_file = "/etc/lb/fleet.key"
 //! ```
 //!
 //! Every error names the line: syntax and type errors from the TOML parser's span, meaning
@@ -58,6 +63,9 @@ pub struct Config {
     /// Announcing VIP addresses to routers; kept by `Fleet`, not by the state.
     #[serde(default, skip_serializing_if = "is_default")]
     pub fleet: crate::fleet::FleetConfig,
+    /// Sharing flow pins with peer balancers (`crate::flowsync`); read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_sync: Option<crate::flowsync::FlowSyncConfig>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +184,7 @@ enum At {
     Backend(usize, usize),
     Firewall(usize),
     Fleet,
+    FlowSync,
 }
 
 /// Where each entry stands in the text; everything else is ignored.
@@ -186,6 +195,8 @@ struct SpanIndex {
     #[serde(default)]
     firewall: FirewallSpans,
     fleet: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    flow_sync: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -255,6 +266,7 @@ impl Config {
                     .map(|b| b.address.span()),
                 At::Firewall(i) => spans.firewall.drop.get(i).map(|d| d.span()),
                 At::Fleet => spans.fleet.as_ref().map(|f| f.span()),
+                At::FlowSync => spans.flow_sync.as_ref().map(|f| f.span()),
             };
             return Err(match span {
                 Some(span) => anyhow!("line {}: {error:#}", line_of(span.start)),
@@ -300,6 +312,9 @@ impl Config {
             model::check_cidr(net).map_err(|e| (At::Firewall(i), e))?;
         }
         self.fleet.validate().map_err(|e| (At::Fleet, e))?;
+        if let Some(f) = &self.flow_sync {
+            f.validate().map_err(|e| (At::FlowSync, e))?;
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 //! - [`health`]: health checks. [`monitor`]: metrics, the status page and its HTTP server.
 //! - [`cli`]: the `lb` command line, its tables and `stats --watch`.
 //! - [`fleet`]: announcing VIP addresses to routers (BGP + ECMP), leave and join.
+//! - [`flowsync`]: sharing flow pins with peer balancers.
 //! - [`config`] the configuration file, [`model`] the domain's small types, [`run`] the
 //!   agent's run loop.
 
@@ -15,6 +16,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod fleet;
+pub mod flowsync;
 pub mod health;
 pub mod kernel;
 pub mod manual;

@@ -102,6 +102,7 @@ pub async fn run(opts: Options) -> Result<()> {
         .apply(&config, false, false)
         .await
         .map_err(|e| anyhow!("{}: {e:#}", opts.config.display()))?;
+    let flow_sync = crate::flowsync::start(agent.clone(), config.flow_sync.as_ref()).await?;
     {
         let mut state = agent.state.lock().await;
         state.finish_adoption()?;
@@ -146,6 +147,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.push(tokio::spawn(reconcile_active(agent.clone())));
     tasks.push(tokio::spawn(crate::api::remove_departed(agent.clone())));
     tasks.extend(crate::fleet::announce::start(agent.clone()));
+    tasks.extend(flow_sync);
 
     // The watchdog pings only while the agent's lock can be taken: a stuck agent is restarted.
     let watchdog = crate::service::spawn_watchdog({

@@ -1,4 +1,5 @@
 pub mod e2e;
 pub mod fixtures;
 pub mod fleet;
+pub mod flowsync;
 pub mod stack;

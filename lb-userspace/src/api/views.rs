@@ -93,6 +93,9 @@ pub struct StatsView {
     /// By reason name.
     pub reasons: BTreeMap<String, ReasonView>,
     pub firewall: Vec<RuleView>,
+    /// Flow sharing with peer balancers, while it is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_sync: Option<crate::flowsync::StatsView>,
 }
 
 pub fn vips<D: Dataplane>(state: &State<D>, counters: &AllCounters) -> Vec<VipView> {
@@ -206,6 +209,7 @@ pub fn stats<D: Dataplane>(
         backends: backends(state, None, counters, flows),
         reasons,
         firewall: rules(state, counters),
+        flow_sync: crate::flowsync::agent_stats().map(|s| s.view()),
     }
 }
 

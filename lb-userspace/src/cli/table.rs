@@ -133,6 +133,10 @@ pub fn stats(stats: &StatsView) -> String {
         out += &firewall(&stats.firewall);
         out += "\n";
     }
+    if let Some(sync) = &stats.flow_sync {
+        out += &sync.summary();
+        out += "\n\n";
+    }
     // In the data plane's order, not the map's.
     let rows = lb_common::Reason::ALL
         .iter()

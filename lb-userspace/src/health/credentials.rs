@@ -37,26 +37,7 @@ impl Credentials {
     /// probe, so a changed password takes effect without restarting the agent.
     pub fn load(path: &Path) -> Result<Credentials> {
         let shown = path.display();
-        let mut file = fs::File::open(path).with_context(|| format!("credentials {shown}"))?;
-        // The opened file's own metadata: no window between checking and reading.
-        let meta = file
-            .metadata()
-            .with_context(|| format!("credentials {shown}"))?;
-        let mode = meta.mode() & 0o777;
-        if meta.uid() != 0 {
-            bail!(
-                "credentials {shown}: owned by uid {}, not root (chown root and chmod 600 it)",
-                meta.uid()
-            );
-        }
-        if mode & 0o077 != 0 {
-            bail!(
-                "credentials {shown}: mode {mode:03o} lets group or others read it (chmod 600 it)"
-            );
-        }
-        let mut text = String::new();
-        file.read_to_string(&mut text)
-            .with_context(|| format!("credentials {shown}"))?;
+        let text = read_root_only(path, "credentials")?;
         let creds: Credentials = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
@@ -72,6 +53,29 @@ impl Credentials {
         }
         Ok(creds)
     }
+}
+
+/// Reads a secret (`what`, for errors: the check user's credentials, the fleet key),
+/// refusing a file that anyone but root could read.
+pub fn read_root_only(path: &Path, what: &str) -> Result<String> {
+    let shown = path.display();
+    let mut file = fs::File::open(path).with_context(|| format!("{what} {shown}"))?;
+    // The opened file's own metadata: no window between checking and reading.
+    let meta = file.metadata().with_context(|| format!("{what} {shown}"))?;
+    let mode = meta.mode() & 0o777;
+    if meta.uid() != 0 {
+        bail!(
+            "{what} {shown}: owned by uid {}, not root (chown root and chmod 600 it)",
+            meta.uid()
+        );
+    }
+    if mode & 0o077 != 0 {
+        bail!("{what} {shown}: mode {mode:03o} lets group or others read it (chmod 600 it)");
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .with_context(|| format!("{what} {shown}"))?;
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -690,6 +690,40 @@ impl Datapath {
         let fd = self.program().fd()?.as_fd().try_clone_to_owned()?;
         Ok(fd)
     }
+
+    // ---- flow sharing (crate::flowsync) ----
+
+    /// The ring buffer of new flows' pins; it can be taken once.
+    pub fn take_flow_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        take(&mut self.ebpf, maps::FLOW_EVENTS)
+    }
+
+    /// Whether the data plane writes new flows' pins into the ring buffer.
+    pub fn set_flow_sharing(&mut self, on: bool) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(maps::FLOW_SHARE)
+            .ok_or_else(|| anyhow!("map {} missing from the program", maps::FLOW_SHARE))?;
+        Array::<_, u32>::try_from(map)?
+            .set(lb_common::FLOW_SHARE_ON, &u32::from(on), 0)
+            .context("writing FLOW_SHARE")
+    }
+
+    /// A handle (its own file descriptor) on the per-CPU count of new flows' pins lost to
+    /// a full ring buffer, for the flow-sharing task.
+    pub fn flow_share_drops(&self) -> Result<PerCpuArray<MapData, u64>> {
+        let map = self
+            .ebpf
+            .map(maps::FLOW_SHARE_DROPS)
+            .ok_or_else(|| anyhow!("map {} missing from the program", maps::FLOW_SHARE_DROPS))?;
+        let aya::maps::Map::PerCpuArray(data) = map else {
+            bail!("map {} is not a per-CPU array", maps::FLOW_SHARE_DROPS);
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned()?;
+        Ok(PerCpuArray::try_from(aya::maps::Map::from_map_data(
+            MapData::from_fd(fd)?,
+        )?)?)
+    }
 }
 
 /// An exclusive lock (flock) on a pin directory, held for the agent's life: a second agent

@@ -144,8 +144,11 @@ fn info(path: &Path) -> Result<MapInfo> {
 /// made meanwhile). Entries `new` has no room for (a smaller array) are left out. Returns
 /// how many were copied.
 pub fn copy(old: &Path, new: &Path, only_missing: bool) -> Result<usize> {
-    let (from, to) = (open(old)?, open(new)?);
     let i = info(old)?;
+    if matches!(i.map_type(), Ok(MapType::RingBuf)) {
+        return Ok(0); // events in flight, not state: the agent reads what the new one gets
+    }
+    let (from, to) = (open(old)?, open(new)?);
     let to_value_size = info(new)?.value_size() as usize;
     let per_cpu = matches!(
         i.map_type(),

@@ -50,7 +50,9 @@ pub struct Scrape<'a> {
 pub type Collect = fn(&Scrape<'_>, &mut Families) -> Result<()>;
 
 /// Every metric family, in exposition order.
-pub const COLLECTORS: &[Collect] = &[agent, vips, backends, datapath, flow_table, firewall, fleet];
+pub const COLLECTORS: &[Collect] = &[
+    agent, vips, backends, datapath, flow_table, firewall, fleet, flow_sync,
+];
 
 pub type Labels = Vec<(&'static str, String)>;
 
@@ -522,6 +524,68 @@ fn flow_table(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
         )
         .unit(Unit::Seconds)
         .sample(Labels::new(), flows.took.as_secs_f64());
+    }
+    Ok(())
+}
+
+/// Flow sharing with peer balancers (`crate::flowsync`); zero while it is off.
+fn flow_sync(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
+    use crate::flowsync::{directory::Skip, sync::Rejected};
+    use std::sync::atomic::Ordering::Relaxed;
+    let zero = crate::flowsync::Stats::default();
+    let s = crate::flowsync::agent_stats().map_or(&zero, |s| &**s);
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
+    out.gauge("lb_flowsync_peers", "Peer balancers flows are shared with")
+        .sample(Labels::new(), n(&s.peers));
+    out.counter(
+        "lb_flowsync_events",
+        "New flows read from the data plane's ring buffer to be shared",
+    )
+    .sample(Labels::new(), n(&s.events));
+    out.counter(
+        "lb_flowsync_ring_drops",
+        "New flows not shared: the ring buffer was full",
+    )
+    .sample(Labels::new(), n(&s.ring_drops));
+    out.counter(
+        "lb_flowsync_pins_sent",
+        "Flow pins sent to peers (one per peer)",
+    )
+    .sample(Labels::new(), n(&s.sent));
+    out.counter(
+        "lb_flowsync_send_errors",
+        "Datagrams to peers that could not be sent",
+    )
+    .sample(Labels::new(), n(&s.send_errors));
+    out.counter(
+        "lb_flowsync_pins_received",
+        "Flow pins in peers' accepted batches",
+    )
+    .sample(Labels::new(), n(&s.received));
+    out.counter(
+        "lb_flowsync_pins_installed",
+        "Peers' flow pins installed in the flow table",
+    )
+    .sample(Labels::new(), n(&s.installed));
+    let skipped = out.counter(
+        "lb_flowsync_pins_skipped",
+        "Peers' flow pins not installed, by reason",
+    );
+    for why in Skip::ALL {
+        skipped.sample(
+            labels([("reason", why.name().to_string())]),
+            n(&s.skipped[why as usize]),
+        );
+    }
+    let rejected = out.counter(
+        "lb_flowsync_messages_rejected",
+        "Datagrams refused whole (unknown peer, malformed, bad MAC, replayed, stale)",
+    );
+    for why in Rejected::ALL {
+        rejected.sample(
+            labels([("reason", why.name().to_string())]),
+            n(&s.rejected[why as usize]),
+        );
     }
     Ok(())
 }

@@ -218,6 +218,8 @@ pub struct State<D> {
     adoption: Adoption,
     /// Bumped by every change, so configuration writes can be put in order.
     version: u64,
+    /// The `[flow_sync]` section, kept so the configuration file is written back with it.
+    pub flow_sync: Option<crate::flowsync::FlowSyncConfig>,
 }
 
 impl<D: Dataplane> State<D> {
@@ -237,6 +239,7 @@ impl<D: Dataplane> State<D> {
             checkers: HashMap::new(),
             adoption: Adoption::default(),
             version: 0,
+            flow_sync: None,
         }
     }
 
@@ -1085,6 +1088,7 @@ impl<D: Dataplane> State<D> {
             firewall: FirewallConfig {
                 drop: self.rules.iter().map(|(net, _)| *net).collect(),
             },
+            flow_sync: self.flow_sync.clone(),
             ..Default::default()
         }
     }
