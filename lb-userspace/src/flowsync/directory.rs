@@ -68,10 +68,11 @@ impl Directory {
     }
 
     /// The pin a local event means to peers; None if its backend id is not (or no longer)
-    /// the one this directory knows.
+    /// the one this directory knows. A flow opened by a SYN carries the handshake bit
+    /// beside its generation (`lb_common::FLOW_F_HANDSHAKE`): compared without it.
     pub fn outgoing(&self, event: &FlowEvent) -> Option<Pin> {
         let (generation, addr) = self.by_id.get(&event.backend_id)?;
-        (*generation == event.backend_generation).then_some(Pin {
+        (*generation == event.backend_generation & lb_common::GENERATION_MASK).then_some(Pin {
             flow: event.flow,
             backend: *addr,
         })
@@ -180,6 +181,12 @@ mod tests {
         };
         let pin = sender.outgoing(&event).unwrap();
         assert_eq!(pin.backend, b2);
+        // A flow still in its handshake (opened by a SYN) is the same pin.
+        let syn = FlowEvent {
+            backend_generation: 1 | lb_common::FLOW_F_HANDSHAKE,
+            ..event
+        };
+        assert_eq!(sender.outgoing(&syn), Some(pin));
         let value = receiver.incoming(&pin).unwrap();
         assert_eq!((value.backend_id, value.backend_generation), (5, 3));
 
