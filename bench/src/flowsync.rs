@@ -298,13 +298,15 @@ fn throughput(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Through
         }
     }
     let made = started.elapsed();
-    // Until A has read its ring dry (every new flow read or lost to the full ring) and B
-    // has taken every datagram A sent (or nothing moved for 5 s): the last install ends
-    // the run.
+    // Until A has read its ring dry (every new flow read or lost to the full ring), sent
+    // (or given up on) every event it read, and B has taken every datagram A sent (or
+    // nothing moved for 5 s): the last install ends the run. A counts an event when it
+    // reads it and a pin once sent, so `sent` lags `events` while A is sending.
     let progress = |f: &Fleet| {
         (
             f.stats_a.events.load(Relaxed),
             f.stats_a.sent.load(Relaxed),
+            f.stats_a.unsent.load(Relaxed),
             f.stats_b.received.load(Relaxed),
             f.stats_b.installed.load(Relaxed),
         )
@@ -315,9 +317,9 @@ fn throughput(fleet: &mut Fleet, flows: &mut NewFlows, n: u32) -> Result<Through
         if now != last {
             (last, last_change) = (now, Instant::now());
         }
-        let (events, sent, received, installed) = now;
+        let (events, sent, unsent, received, installed) = now;
         let ring_dry = events - events0 + lost()? - drops0 >= u64::from(n);
-        if (ring_dry && received >= sent && installed == received)
+        if (ring_dry && sent + unsent >= events && received >= sent && installed == received)
             || last_change.elapsed() > Duration::from_secs(5)
         {
             break;
