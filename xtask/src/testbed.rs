@@ -729,6 +729,26 @@ impl Testbed {
         max: Duration,
         first_port: Option<u16>,
     ) -> Result<Load> {
+        let mut extra = Vec::new();
+        if let Some(p) = first_port {
+            extra.extend(["--source-port".into(), p.to_string()]);
+        }
+        self.start_load(to, interval, max, extra)
+    }
+
+    /// Like [`Testbed::load`] with UDP: a datagram to `to` from a new socket every
+    /// `interval`, each answered by its backend's name (2 s timeout), for at most `max`.
+    pub fn load_udp(&self, to: SocketAddr, interval: Duration, max: Duration) -> Result<Load> {
+        self.start_load(to, interval, max, vec!["--udp".into()])
+    }
+
+    fn start_load(
+        &self,
+        to: SocketAddr,
+        interval: Duration,
+        max: Duration,
+        extra: Vec<String>,
+    ) -> Result<Load> {
         let mut args = vec![
             "load".to_string(),
             "--to".into(),
@@ -740,28 +760,7 @@ impl Testbed {
             "--timeout-ms".into(),
             "2000".into(),
         ];
-        if let Some(p) = first_port {
-            args.extend(["--source-port".into(), p.to_string()]);
-        }
-        let proc = self.spawn_in_piped(&self.client.ns, self.bin("xtask")?, &args)?;
-        Ok(Load(Lines::follow(proc)?))
-    }
-
-    /// Like [`Testbed::load`] with UDP: a datagram to `to` from a new socket every
-    /// `interval`, each answered by its backend's name (2 s timeout), for at most `max`.
-    pub fn load_udp(&self, to: SocketAddr, interval: Duration, max: Duration) -> Result<Load> {
-        let args = [
-            "load".to_string(),
-            "--udp".into(),
-            "--to".into(),
-            to.to_string(),
-            "--interval-ms".into(),
-            interval.as_millis().max(1).to_string(),
-            "--max-secs".into(),
-            max.as_secs().max(1).to_string(),
-            "--timeout-ms".into(),
-            "2000".into(),
-        ];
+        args.extend(extra);
         let proc = self.spawn_in_piped(&self.client.ns, self.bin("xtask")?, &args)?;
         Ok(Load(Lines::follow(proc)?))
     }
