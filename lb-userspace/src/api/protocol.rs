@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     health::CheckPatch,
-    model::{Algo, Proto},
+    model::{Algo, Persist, Proto, RatePatch},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -53,6 +53,25 @@ pub struct VipSpec {
     /// The IPv6 prefix that makes one client for `persist`.
     #[serde(default)]
     pub persist_prefix6: Option<u8>,
+}
+
+impl VipSpec {
+    /// The rate limits this spec changes, over whatever the VIP has (add: the defaults).
+    pub fn rate(&self) -> RatePatch {
+        RatePatch {
+            rate_limit: self.rate_limit,
+            burst: self.burst,
+            max_new_flows: self.max_new_flows,
+            new_flow_burst: self.new_flow_burst,
+        }
+    }
+
+    /// Source affinity as this spec leaves `old`, checked.
+    pub fn persist(&self, old: Persist) -> anyhow::Result<Persist> {
+        let persist = old.patched(self.persist, self.persist_prefix6);
+        persist.validate()?;
+        Ok(persist)
+    }
 }
 
 /// A backend as `lb backend add` and `lb backend set` give it, the same way.

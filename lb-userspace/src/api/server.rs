@@ -12,13 +12,13 @@ use tokio::{
 
 use super::{
     Agent, RESOLVE_WAIT,
-    protocol::{self, BackendSpec, Request, Response, VipSpec},
+    protocol::{self, BackendSpec, Request, Response},
     views,
 };
 use crate::{
     config::{BackendConfig, Config},
     health::CheckSpec,
-    model::{Persist, RateLimit, RatePatch, Service},
+    model::{Persist, RateLimit, Service},
 };
 
 /// Flow counts in `lb stats` may be this old (`--watch` asks every second); lists and
@@ -80,59 +80,26 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
         };
     }
     Ok(match request {
-        Request::VipAdd(VipSpec {
-            vip,
-            proto,
-            algo,
-            check,
-            rate_limit,
-            burst,
-            max_new_flows,
-            new_flow_burst,
-            persist,
-            persist_prefix6,
-        }) => {
-            let service = Service::new(vip, proto)?;
-            let check = check.apply(&CheckSpec::default())?;
-            let rate = RatePatch {
-                rate_limit,
-                burst,
-                max_new_flows,
-                new_flow_burst,
-            }
-            .apply(&RateLimit::default());
-            let persist = Persist::default().patched(persist, persist_prefix6);
-            persist.validate()?;
+        Request::VipAdd(spec) => {
+            let service = Service::new(spec.vip, spec.proto)?;
+            let check = spec.check.apply(&CheckSpec::default())?;
+            let rate = spec.rate().apply(&RateLimit::default());
+            let persist = spec.persist(Persist::default())?;
+            let algo = spec.algo.unwrap_or_default();
             change!(s => {
-                s.add_vip(service, algo.unwrap_or_default(), check, rate)?;
+                s.add_vip(service, algo, check, rate)?;
                 s.set_persist(&service, persist)?
             });
             Response::message(format!("added VIP {service}"))
         }
-        Request::VipSet(VipSpec {
-            vip,
-            proto,
-            algo,
-            check,
-            rate_limit,
-            burst,
-            max_new_flows,
-            new_flow_burst,
-            persist,
-            persist_prefix6,
-        }) => {
-            let service = Service { addr: vip, proto };
-            let rate = RatePatch {
-                rate_limit,
-                burst,
-                max_new_flows,
-                new_flow_burst,
+        Request::VipSet(spec) => {
+            let service = Service {
+                addr: spec.vip,
+                proto: spec.proto,
             };
             change!(s => {
-                let old = s.vip(&service)?.persist;
-                let persist = old.patched(persist, persist_prefix6);
-                persist.validate()?;
-                s.set_vip(&service, algo, &check, &rate)?;
+                let persist = spec.persist(s.vip(&service)?.persist)?;
+                s.set_vip(&service, spec.algo, &spec.check, &spec.rate())?;
                 s.set_persist(&service, persist)?
             });
             Response::message(format!("updated VIP {service}"))
