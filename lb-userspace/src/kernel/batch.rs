@@ -75,37 +75,17 @@ pub fn lookup<K: Pod + Default, V: Pod + Default>(
 ) -> std::io::Result<()> {
     let mut keys = vec![K::default(); chunk];
     let mut values = vec![V::default(); chunk * values_per_key];
-    let (mut token, mut next) = (0u32, 0u32);
-    for round in 0..max_rounds {
-        let mut attr = BatchAttr {
-            in_batch: if round == 0 {
-                0
-            } else {
-                &token as *const u32 as u64
-            },
-            out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // SAFETY: the kernel writes at most `count` keys and `count * values_per_key`
-        // values into buffers of that many, and a u32 into `next`; all outlive the call.
-        let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
-        let done = match result {
-            Ok(()) => false,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) => return Err(e),
-        };
-        let n = (attr.count as usize).min(chunk);
-        each(&keys[..n], &values[..n * values_per_key]);
-        if done {
-            return Ok(());
-        }
-        token = next;
-    }
-    Ok(())
+    lookup_rounds(
+        fd,
+        &mut keys,
+        &mut values,
+        chunk,
+        max_rounds,
+        &mut |k, v, n| {
+            each(&k[..n], &v[..n * values_per_key]);
+            Ok(())
+        },
+    )
 }
 
 /// Like [`lookup`] for a map whose key and value sizes are known only at run time (copying
@@ -121,6 +101,28 @@ pub fn lookup_raw(
 ) -> std::io::Result<()> {
     let mut keys = vec![0u8; chunk * key_size];
     let mut values = vec![0u8; chunk * value_len];
+    lookup_rounds(
+        fd,
+        &mut keys,
+        &mut values,
+        chunk,
+        max_rounds,
+        &mut |k, v, n| each(&k[..n * key_size], &v[..n * value_len]),
+    )
+}
+
+/// The batch walk both lookups share: at most `max_rounds` BPF_MAP_LOOKUP_BATCH calls of
+/// `chunk` entries into `keys` and `values` (room for `chunk` keys and their values, in
+/// elements of any Pod type), calling `batch(keys, values, n)` after each with the number
+/// of entries the kernel wrote.
+fn lookup_rounds<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &mut [K],
+    values: &mut [V],
+    chunk: usize,
+    max_rounds: usize,
+    batch: &mut dyn FnMut(&[K], &[V], usize) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let (mut token, mut next) = (0u32, 0u32);
     for round in 0..max_rounds {
         let mut attr = BatchAttr {
@@ -136,16 +138,16 @@ pub fn lookup_raw(
             map_fd: fd.as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: the kernel writes at most `count` keys of `key_size` and values of
-        // `value_len` bytes into buffers of that many, and a u32 into `next`.
+        // SAFETY: the kernel writes at most `count` keys and values of the map's sizes
+        // into buffers the callers size for that many, and a u32 into `next`; all are
+        // borrowed mutably here across the call.
         let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let done = match result {
             Ok(()) => false,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => return Err(e),
         };
-        let n = (attr.count as usize).min(chunk);
-        each(&keys[..n * key_size], &values[..n * value_len])?;
+        batch(keys, values, (attr.count as usize).min(chunk))?;
         if done {
             return Ok(());
         }
