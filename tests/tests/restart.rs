@@ -114,8 +114,9 @@ fn become_previous_layout(pins: &Path) {
     }
 }
 
-/// `lb run` on the test bed's balancer with `extra` arguments, expected to fail at once.
-fn run_fails(s: &Setup, socket: &str, extra: &[&str]) -> String {
+/// `lb run` on the test bed's balancer with config file `config`, socket `socket` (in the
+/// test bed's directory) and `extra` arguments, expected to fail at once with one line.
+fn run_fails(s: &Setup, config: &Path, socket: &str, extra: &[&str]) -> String {
     let mut cmd = s.bed.command_in(&s.bed.lb.ns, s.bed.bin("lb").unwrap());
     cmd.args([
         "run",
@@ -125,7 +126,7 @@ fn run_fails(s: &Setup, socket: &str, extra: &[&str]) -> String {
         "off",
         "--config",
     ])
-    .arg(&s.config)
+    .arg(config)
     .arg("--socket")
     .arg(s.bed.dir().join(socket))
     .args(extra);
@@ -194,20 +195,7 @@ fn a_second_agent_on_the_same_pins_is_refused() {
     let _serial = serial();
     let s = Setup::new(1);
     s.configure(vip4(), &[1]);
-    let mut cmd = s.bed.command_in(&s.bed.lb.ns, s.bed.bin("lb").unwrap());
-    cmd.args([
-        "run",
-        "--iface",
-        &s.bed.lb.ifname,
-        "--metrics",
-        "off",
-        "--config",
-    ])
-    .arg(s.bed.dir().join("second.toml"))
-    .arg("--socket")
-    .arg(s.bed.dir().join("second.sock"));
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(20)).unwrap();
-    let line = one_line_error("a second lb run", &out);
+    let line = run_fails(&s, &s.bed.dir().join("second.toml"), "second.sock", &[]);
     let pid = s.agent.proc.pid().to_string();
     assert!(
         line.contains(&format!("PID {pid}")),
@@ -364,7 +352,7 @@ fn an_upgrade_from_the_previous_layout_keeps_connections() {
     wait_more(5);
 
     std::fs::create_dir(pins.join("layout-v99")).unwrap();
-    let line = run_fails(&s, "refused.sock", &[]);
+    let line = run_fails(&s, &s.config, "refused.sock", &[]);
     assert!(line.contains("layout version 99"), "{line}");
     wait_more(5);
     std::fs::remove_dir(pins.join("layout-v99")).unwrap();
