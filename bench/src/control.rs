@@ -132,16 +132,8 @@ fn vip_add(socket: &Path, vip: SocketAddr) -> Result<()> {
     ok(control::call(
         socket,
         &Request::VipAdd(VipSpec {
-            vip,
-            proto: Proto::Tcp,
             algo: Some(Algo::Rr),
-            check: CheckPatch::default(),
-            rate_limit: None,
-            burst: None,
-            max_new_flows: None,
-            new_flow_burst: None,
-            persist: None,
-            persist_prefix6: None,
+            ..VipSpec::new(vip, Proto::Tcp)
         }),
     )?)
 }
@@ -355,16 +347,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
             ok(control::call(
                 &socket,
                 &Request::VipSet(VipSpec {
-                    vip,
-                    proto: Proto::Tcp,
                     algo: Some(Algo::Maglev),
-                    check: CheckPatch::default(),
-                    rate_limit: None,
-                    burst: None,
-                    max_new_flows: None,
-                    new_flow_burst: None,
-                    persist: None,
-                    persist_prefix6: None,
+                    ..VipSpec::new(vip, Proto::Tcp)
                 }),
             )?)?;
             report.maglev.push(Timing {
@@ -508,6 +492,7 @@ fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig 
         address: vip,
         proto: Proto::Tcp,
         algo: Algo::Rr,
+        mode: Default::default(),
         check: CheckSpec::default(),
         rate_limit: 0,
         burst: 0,

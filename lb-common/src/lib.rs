@@ -296,6 +296,14 @@ pub const BACKEND_F_KEEP_FLOWS: u32 = 1 << 2;
 /// Serves a least-connections VIP: its flows' client FIN/RST and last packet are noted.
 pub const BACKEND_F_LEASTCONN: u32 = 1 << 3;
 
+/// Forwarding mode bits, set from the backend's VIP (the established path reads no VIP).
+/// Full NAT: destination to the backend, source to the balancer's SNAT address and port.
+pub const BACKEND_F_NAT: u32 = 1 << 4;
+/// Encapsulated in an outer IP header to the backend (IPIP / IPv6-in-IPv6).
+pub const BACKEND_F_TUNNEL: u32 = 1 << 5;
+/// With `BACKEND_F_TUNNEL`: the inner packet goes in GUE (UDP) instead of bare IP-in-IP.
+pub const BACKEND_F_GUE: u32 = 1 << 6;
+
 /// Packet and byte counters, kept per CPU and summed by the agent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

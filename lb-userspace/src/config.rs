@@ -6,6 +6,7 @@
 //! address = "10.99.1.1:80"
 //! proto = "tcp"
 //! algo = "rr"                # or "maglev", "leastconn"
+//! mode = "dsr"               # or "nat", "tunnel", "gue" (how packets reach backends)
 //! rate_limit = 100           # new flows per second per source; 0 (default) = no limit
 //! burst = 200                # default: one second's worth
 //! max_new_flows = 5000       # new flows per second from all sources together; 0 = none
@@ -50,7 +51,7 @@ use toml::Spanned;
 
 use crate::{
     health::CheckSpec,
-    model::{self, Algo, Persist, Proto, RateLimit, Service},
+    model::{self, Algo, Mode, Persist, Proto, RateLimit, Service},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +85,8 @@ pub struct VipConfig {
     pub proto: Proto,
     #[serde(default)]
     pub algo: Algo,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: Mode,
     #[serde(default, skip_serializing_if = "is_default")]
     pub check: CheckSpec,
     /// New flows per second per source address; 0 = no limit (see `model::RateLimit`).
@@ -295,6 +298,9 @@ impl Config {
             vc.persist()
                 .validate()
                 .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
+            vc.mode
+                .validate()
+                .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
             let mut seen = Vec::new();
             for (b, bc) in vc.backends.iter().enumerate() {
                 let at = |e: anyhow::Error| (At::Backend(v, b), anyhow!("VIP {service}: {e:#}"));
@@ -394,6 +400,7 @@ mod tests {
                     address,
                     proto,
                     algo,
+                    mode: Mode::default(),
                     check: CheckSpec::default(),
                     rate_limit,
                     burst,

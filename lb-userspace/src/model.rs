@@ -78,6 +78,62 @@ impl fmt::Display for Algo {
     }
 }
 
+/// How a VIP's packets reach its backends and how the answers come back.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Direct server return at L2 (the default): only the MACs change; backends sit on the
+    /// balancer's segment, hold the VIP on loopback and answer clients directly.
+    #[default]
+    Dsr,
+    /// Full NAT: backends see connections from the balancer's SNAT address and answer it;
+    /// the balancer translates both ways. Backends need no change at all.
+    Nat,
+    /// IP-in-IP tunnel to routed backends, which decapsulate (`lb decap`) and answer
+    /// clients directly.
+    Tunnel,
+    /// As `tunnel`, wrapped in GUE (UDP), so backend NICs spread flows by outer port.
+    Gue,
+}
+
+impl Mode {
+    /// Whether backends may sit behind a router (reached through a gateway's MAC).
+    pub fn routed_backends(self) -> bool {
+        self != Mode::Dsr
+    }
+
+    /// The backend entry flags that tell the data plane how to send to the backend.
+    pub fn backend_flags(self) -> u32 {
+        match self {
+            Mode::Dsr => 0,
+            Mode::Nat => lb_common::BACKEND_F_NAT,
+            Mode::Tunnel => lb_common::BACKEND_F_TUNNEL,
+            Mode::Gue => lb_common::BACKEND_F_TUNNEL | lb_common::BACKEND_F_GUE,
+        }
+    }
+
+    /// Refuses modes this build cannot forward yet.
+    pub fn validate(self) -> Result<()> {
+        match self {
+            Mode::Dsr => Ok(()),
+            other => bail!("mode {other} is not built yet: only dsr forwards today"),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Dsr => "dsr",
+            Mode::Nat => "nat",
+            Mode::Tunnel => "tunnel",
+            Mode::Gue => "gue",
+        })
+    }
+}
+
 /// Largest weight a backend can have (HAProxy allows 256; a little headroom is harmless).
 pub const MAX_WEIGHT: u32 = 1000;
 
@@ -681,6 +737,19 @@ mod tests {
     use lb_common::FAMILY_V4;
 
     use super::*;
+
+    /// Each mode tells the data plane something different, and only DSR needs backends
+    /// on-link.
+    #[test]
+    fn modes_have_distinct_backend_flags() {
+        let modes = [Mode::Dsr, Mode::Nat, Mode::Tunnel, Mode::Gue];
+        for (i, a) in modes.iter().enumerate() {
+            for b in &modes[i + 1..] {
+                assert_ne!(a.backend_flags(), b.backend_flags(), "{a} and {b}");
+            }
+            assert_eq!(a.routed_backends(), *a != Mode::Dsr, "{a}");
+        }
+    }
 
     #[test]
     fn vip_parsing_accepts_both_families_and_rejects_junk() {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     health::CheckPatch,
-    model::{Algo, Persist, Proto, RatePatch},
+    model::{Algo, Mode, Persist, Proto, RatePatch},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -35,6 +35,8 @@ pub struct VipSpec {
     pub proto: Proto,
     #[serde(default)]
     pub algo: Option<Algo>,
+    #[serde(default)]
+    pub mode: Option<Mode>,
     #[serde(default)]
     pub check: CheckPatch,
     /// New flows per second per source; 0 removes the limit.
@@ -56,6 +58,24 @@ pub struct VipSpec {
 }
 
 impl VipSpec {
+    /// A spec that gives nothing but the service: add takes every default, set changes
+    /// nothing.
+    pub fn new(vip: SocketAddr, proto: Proto) -> Self {
+        Self {
+            vip,
+            proto,
+            algo: None,
+            mode: None,
+            check: CheckPatch::default(),
+            rate_limit: None,
+            burst: None,
+            max_new_flows: None,
+            new_flow_burst: None,
+            persist: None,
+            persist_prefix6: None,
+        }
+    }
+
     /// The rate limits this spec changes, over whatever the VIP has (add: the defaults).
     pub fn rate(&self) -> RatePatch {
         RatePatch {

@@ -86,9 +86,12 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             let rate = spec.rate().apply(&RateLimit::default());
             let persist = spec.persist(Persist::default())?;
             let algo = spec.algo.unwrap_or_default();
+            let mode = spec.mode.unwrap_or_default();
+            mode.validate()?;
             change!(s => {
                 s.add_vip(service, algo, check, rate)?;
-                s.set_persist(&service, persist)?
+                s.set_persist(&service, persist)?;
+                s.set_mode(&service, mode)?
             });
             Response::message(format!("added VIP {service}"))
         }
@@ -100,7 +103,10 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             change!(s => {
                 let persist = spec.persist(s.vip(&service)?.persist)?;
                 s.set_vip(&service, spec.algo, &spec.check, &spec.rate())?;
-                s.set_persist(&service, persist)?
+                s.set_persist(&service, persist)?;
+                if let Some(mode) = spec.mode {
+                    s.set_mode(&service, mode)?
+                }
             });
             Response::message(format!("updated VIP {service}"))
         }

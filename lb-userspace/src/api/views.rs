@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     health::CheckKind,
     kernel::flows::FlowScan,
-    model::{Algo, Proto, Service},
+    model::{Algo, Mode, Proto, Service},
     monitor::status::{AgentInfo, ReasonWindow, Snapshot},
     state::{AllCounters, Dataplane, State},
 };
@@ -20,6 +20,9 @@ pub struct VipView {
     pub vip: SocketAddr,
     pub proto: Proto,
     pub algo: Algo,
+    /// How packets reach the backends.
+    #[serde(default)]
+    pub mode: Mode,
     pub check: CheckKind,
     pub rate_limit: u32,
     pub burst: u32,
@@ -108,6 +111,7 @@ pub fn vips<D: Dataplane>(state: &State<D>, counters: &AllCounters) -> Vec<VipVi
                 vip: v.service.addr,
                 proto: v.service.proto,
                 algo: v.algo,
+                mode: v.mode,
                 check: v.check.check.clone(),
                 rate_limit: v.rate.rate_limit,
                 burst: v.rate.burst,

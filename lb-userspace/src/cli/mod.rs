@@ -15,7 +15,7 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use crate::{
     api::protocol::{self as control, BackendSpec, Request, Response, VipSpec},
     health::{self, CheckKind, CheckPatch},
-    model::{self, Algo, Proto},
+    model::{self, Algo, Mode, Proto},
     state::Plan,
 };
 
@@ -233,6 +233,11 @@ struct VipSettings {
     /// fewest active connections per weight (long sessions, databases).
     #[arg(long, value_enum)]
     algo: Option<Algo>,
+    /// How packets reach the backends: dsr (direct server return, backends on this
+    /// segment), nat (full NAT, backends untouched), tunnel or gue (IP-in-IP or GUE to
+    /// routed backends running `lb decap`).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
     #[command(flatten)]
     check: CheckArgs,
     /// Most new flows per second one source may open (SYN/UDP floods); 0 removes the limit.
@@ -265,6 +270,7 @@ impl VipSettings {
             vip: model::parse_vip_addr(&self.vip.vip)?,
             proto: self.vip.proto,
             algo: self.algo,
+            mode: self.mode,
             check: self.check.patch(),
             rate_limit: self.rate_limit,
             burst: self.burst,

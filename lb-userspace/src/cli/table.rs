@@ -48,6 +48,7 @@ pub fn vips(vips: &[VipView]) -> String {
                 v.vip.to_string(),
                 v.proto.to_string(),
                 v.algo.to_string(),
+                v.mode.to_string(),
                 if v.persist == 0 {
                     "-".into()
                 } else {
@@ -67,6 +68,7 @@ pub fn vips(vips: &[VipView]) -> String {
             "VIP",
             "PROTO",
             "ALGO",
+            "MODE",
             "PERSIST",
             "BACKENDS",
             "ACTIVE",

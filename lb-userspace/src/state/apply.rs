@@ -112,6 +112,7 @@ impl<D: Dataplane> State<D> {
                 None => changes.push(Change::AddVip { vip: service }),
                 Some(v)
                     if v.algo != vc.algo
+                        || v.mode != vc.mode
                         || v.check != vc.check
                         || v.rate != vc.rate()
                         || v.persist != vc.persist() =>
@@ -195,6 +196,7 @@ impl<D: Dataplane> State<D> {
                     let vc = vip_config(vip);
                     let vi = self.insert_vip(*vip, vc.algo, vc.check.clone(), vc.rate())?;
                     self.vips[vi].persist = vc.persist();
+                    self.vips[vi].mode = vc.mode;
                     touched.push(*vip);
                 }
                 Change::SetVip { vip } => {
@@ -202,6 +204,7 @@ impl<D: Dataplane> State<D> {
                     let vi = self.vip_index(vip)?;
                     self.update_vip(vi, vc.algo, vc.check.clone(), vc.rate())?;
                     self.vips[vi].persist = vc.persist();
+                    self.set_mode(vip, vc.mode)?;
                     touched.push(*vip);
                 }
                 Change::AddBackend { vip, backend } => {

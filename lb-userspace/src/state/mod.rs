@@ -33,8 +33,8 @@ use crate::{
     config::{BackendConfig, Config, FirewallConfig, VipConfig},
     health::{self, CheckKind, CheckPatch, CheckSpec, Health},
     model::{
-        self, Algo, IdPool, L2Path, Persist, RateLimit, RatePatch, Reach, RingMember, RingRegions,
-        Service, SlabAllocator,
+        self, Algo, IdPool, L2Path, Mode, Persist, RateLimit, RatePatch, Reach, RingMember,
+        RingRegions, Service, SlabAllocator,
     },
 };
 
@@ -119,6 +119,7 @@ pub struct VipState {
     pub service: Service,
     pub id: u32,
     pub algo: Algo,
+    pub mode: Mode,
     pub check: CheckSpec,
     pub rate: RateLimit,
     pub persist: Persist,
@@ -149,6 +150,7 @@ impl VipState {
             service: self.service,
             id: self.id,
             algo: self.algo,
+            mode: self.mode,
             check: self.check.clone(),
             rate: self.rate,
             persist: self.persist,
@@ -163,6 +165,7 @@ impl VipState {
             address: self.service.addr,
             proto: self.service.proto,
             algo: self.algo,
+            mode: self.mode,
             check: self.check.clone(),
             rate_limit: self.rate.rate_limit,
             burst: self.rate.burst,
@@ -453,6 +456,21 @@ impl<D: Dataplane> State<D> {
         Ok(())
     }
 
+    /// Sets how a VIP's packets reach its backends (`lb vip add/set --mode`): every
+    /// backend entry carries the mode, so the established path needs no VIP lookup.
+    pub fn set_mode(&mut self, service: &Service, mode: Mode) -> Result<()> {
+        mode.validate()?;
+        let vi = self.vip_index(service)?;
+        if self.vips[vi].mode != mode {
+            self.vips[vi].mode = mode;
+            self.version += 1;
+            for bi in 0..self.vips[vi].backends.len() {
+                self.write_backend(vi, bi)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn del_vip(&mut self, service: &Service) -> Result<()> {
         let vi = self.vip_index(service)?;
         self.remove_vip(vi)
@@ -610,6 +628,7 @@ impl<D: Dataplane> State<D> {
             service,
             id,
             algo,
+            mode: Mode::default(),
             check,
             rate,
             persist: Persist::default(),
@@ -776,6 +795,7 @@ impl<D: Dataplane> State<D> {
         if self.vips[vi].algo == Algo::Leastconn {
             entry.flags |= BACKEND_F_LEASTCONN;
         }
+        entry.flags |= self.vips[vi].mode.backend_flags();
         if b.health.up {
             entry.flags |= BACKEND_F_KEEP_FLOWS;
         }

@@ -46,6 +46,7 @@ fn vip(port: u16, algo: Algo, backends: impl IntoIterator<Item = u32>) -> VipCon
         address: service(port).addr,
         proto: Proto::Tcp,
         algo,
+        mode: Default::default(),
         check: CheckSpec::default(),
         rate_limit: 0,
         burst: 0,
