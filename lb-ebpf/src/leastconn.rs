@@ -9,8 +9,10 @@
 //! agent) is the one that uncounts it, so nothing is counted twice.
 //!
 //! The ring of such a VIP holds (backend id, weight) pairs, one per backend in rotation;
-//! the pick reads at most `MAX_LEASTCONN_BACKENDS` counters, starting at a rotating
-//! position so that ties go round robin.
+//! the pick reads at most `MAX_LEASTCONN_BACKENDS` counters (a loop the verifier can
+//! bound), a window starting at a rotating position: ties go round robin, and a VIP with
+//! more backends than the window compares a different window for each new flow, so every
+//! backend takes its share.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{ActiveFlow, FlowKey, MAX_LEASTCONN_BACKENDS, PROTO_TCP, Reason, VipMeta};
@@ -30,15 +32,16 @@ const RENEW_NS: u64 = 1_000_000_000;
 /// starts, so equal backends take turns.
 #[inline(always)]
 pub fn pick(vip: &VipMeta, turn: u64) -> Result<u32, Reason> {
-    let n = (vip.ring_len / 2).min(MAX_LEASTCONN_BACKENDS);
+    let n = vip.ring_len / 2;
     if n == 0 {
         return Err(Reason::DropNoBackend);
     }
     let start = (turn % n as u64) as u32;
+    let window = n.min(MAX_LEASTCONN_BACKENDS);
     let (mut best, mut best_active, mut best_weight) = (u32::MAX, 0u64, 0u64);
     let mut i = 0;
     while i < MAX_LEASTCONN_BACKENDS {
-        if i >= n {
+        if i >= window {
             break;
         }
         let mut j = start + i;

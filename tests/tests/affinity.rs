@@ -362,6 +362,39 @@ fn a_backend_holding_50_connections_gets_no_new_one_until_the_others_catch_up() 
     assert_eq!(active(&fx), vec![51, 51, 51]);
 }
 
+/// A VIP with more backends than one pick compares (`MAX_LEASTCONN_BACKENDS`): the window
+/// of compared backends rotates over the whole ring, so every backend takes flows; equal
+/// ones take turns, one new flow each.
+#[test]
+fn least_connections_reaches_every_backend_of_a_ring_longer_than_one_pick_compares() {
+    let count = lb_common::MAX_LEASTCONN_BACKENDS + 36;
+    let mut fx = Fixture::new();
+    for id in 1..=count {
+        fx.backend(
+            id,
+            ip(&format!("10.1.{}.{}", id / 200, id % 200 + 1)),
+            TEST_RUN_IFINDEX,
+        );
+        fx.update_backend(id, |b| b.flags |= BACKEND_F_LEASTCONN);
+    }
+    let pairs: Vec<(u32, u32)> = (1..=count).map(|id| (id, 1)).collect();
+    fx.vip_with_meta(vip4(3306), PROTO_TCP, &lc_ring(&pairs), lc_meta());
+    let mut got = vec![0u32; count as usize + 1];
+    for i in 0..count as u16 {
+        let frame = Pkt::tcp(at("192.0.2.1", 10_000 + i), vip4(3306))
+            .flags(TCP_SYN)
+            .build();
+        let (action, out) = fx.dp.test_run(&frame).unwrap();
+        assert_eq!(action, XDP_TX);
+        got[backend_of(&out) as usize] += 1;
+    }
+    let missed: Vec<usize> = (1..=count as usize).filter(|&id| got[id] != 1).collect();
+    assert!(
+        missed.is_empty(),
+        "backends without exactly one new flow: {missed:?}"
+    );
+}
+
 #[test]
 fn least_connections_is_relative_to_weight() {
     let mut fx = leastconn_backends();

@@ -20,8 +20,8 @@ use anyhow::{Result, anyhow, bail};
 use ipnet::IpNet;
 use lb_common::{
     BACKEND_F_IN_USE, BACKEND_F_KEEP_FLOWS, BACKEND_F_LEASTCONN, BACKEND_F_RESOLVED, Backend,
-    MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_LEASTCONN_BACKENDS, MAX_VIPS, RING_SLAB_LEN, VIP_F_HASH,
-    VIP_F_LEASTCONN, VipAddr, VipMeta,
+    MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_VIPS, RING_SLAB_LEN, VIP_F_HASH, VIP_F_LEASTCONN,
+    VipAddr, VipMeta,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -1123,9 +1123,8 @@ fn ring_capacity(algo: Algo, len: u32) -> u32 {
 }
 
 /// A least-connections ring: (backend id, weight) pairs, one per backend that can take new
-/// flows, at most `MAX_LEASTCONN_BACKENDS` of them (the data plane compares no more).
+/// flows, all of them (the data plane compares a rotating window of them per new flow).
 fn leastconn_ring(members: &[RingMember]) -> Vec<u32> {
     let members = members.iter().filter(|m| m.weight > 0);
-    let kept = members.take(MAX_LEASTCONN_BACKENDS as usize);
-    kept.flat_map(|m| [m.id, m.weight]).collect()
+    members.flat_map(|m| [m.id, m.weight]).collect()
 }
