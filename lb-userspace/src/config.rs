@@ -8,7 +8,7 @@
 //! algo = "rr"                # or "maglev", "leastconn"
 //! mode = "dsr"               # or "nat", "tunnel", "gue" (how packets reach backends)
 //! rate_limit = 100           # new flows per second per source; 0 (default) = no limit
-//! burst = 200                # default: one second's worth
+//! burst = 200                # default (or 0): one second's worth
 //! max_new_flows = 5000       # new flows per second from all sources together; 0 = none
 //! new_flow_burst = 10000     # default (or 0): one second's worth
 //! persist = 300              # source affinity, seconds; 0 (default) = none
@@ -154,9 +154,12 @@ impl VipConfig {
     pub fn rate(&self) -> RateLimit {
         RateLimit {
             rate_limit: self.rate_limit,
-            burst: self.burst,
-            max_new_flows: self.max_new_flows,
             // Absent (0): one second's worth, as on the command line.
+            burst: match self.burst {
+                0 => self.rate_limit,
+                b => b,
+            },
+            max_new_flows: self.max_new_flows,
             new_flow_burst: match self.new_flow_burst {
                 0 => self.max_new_flows,
                 b => b,
@@ -551,14 +554,26 @@ drop = ["192.0.2.0/24", "2001:db8::/32"]
             err.starts_with("line 4:") && err.contains("host bits"),
             "{err}"
         );
-        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nrate_limit = 10\nburst = 0\n";
-        assert!(Config::parse(text).is_err());
         let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nnew_flow_burst = 10\n";
         let err = Config::parse(text).unwrap_err().to_string();
         assert!(
             err.starts_with("line 2:") && err.contains("max new flows"),
             "{err}"
         );
+    }
+
+    /// A rate without a burst gets one second's worth, as on the command line (the file's
+    /// own example says so).
+    #[test]
+    fn a_rate_limit_without_a_burst_allows_one_seconds_worth() {
+        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nrate_limit = 10\nmax_new_flows = 50\n";
+        let config = Config::parse(text).unwrap_or_else(|e| panic!("{e:#}"));
+        let rate = config.vips[0].rate();
+        assert_eq!((rate.rate_limit, rate.burst), (10, 10));
+        assert_eq!((rate.max_new_flows, rate.new_flow_burst), (50, 50));
+        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nburst = 10\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.starts_with("line 2:"), "{err}");
     }
 
     #[test]
