@@ -6,6 +6,7 @@
 //! client 10.98.0.2 ── 10.98.0.1 router 10.99.0.254 ──┐ bridge 10.99.0.0/24
 //!                                  lb 10.99.0.2 ─────┤  (BGP + BFD to the router)
 //!                                  lb2 10.99.0.3 ────┤
+//!                                  lb3 10.99.0.4 ────┤  (the tests run three, the demo two)
 //!                  backends 10.99.0.11, .12 ─────────┘  (answer the client via the router)
 //! ```
 
@@ -58,6 +59,24 @@ pub fn agent_config(n: usize, backends: &[Host]) -> String {
          [[vip]]\naddress = \"{}\"\n{backend_lines}",
         vip_a(),
         vip_b()
+    )
+}
+
+/// The port balancers share flows on (`[flow_sync]`).
+pub const SYNC_PORT: u16 = 7946;
+
+/// A `[flow_sync]` section for balancer `me` sharing with `peers`, under the key in
+/// `key_file`.
+pub fn flow_sync_config(me: &Host, peers: &[&Host], key_file: &Path) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("\"{}:{SYNC_PORT}\"", p.ipv4))
+        .collect();
+    format!(
+        "\n[flow_sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{}]\nkey_file = \"{}\"\n",
+        me.ipv4,
+        peers.join(", "),
+        key_file.display()
     )
 }
 
@@ -144,10 +163,15 @@ pub fn balancer_conf(host: &Host) -> String {
     conf
 }
 
-/// The shipped router config: its two balancers are the test bed's.
+/// The shipped router config: its three balancers are the test bed's (lb, lb2, lb3).
 pub fn router_conf() -> String {
     let conf = ROUTER_CONF.replace("log syslog all;", "log stderr all;");
-    assert!(conf.contains("neighbor 10.99.0.2 as") && conf.contains("neighbor 10.99.0.3 as"));
+    for lb in ["10.99.0.2", "10.99.0.3", "10.99.0.4"] {
+        assert!(
+            conf.contains(&format!("neighbor {lb} as")),
+            "packaging/bird/router.conf has no neighbor {lb}"
+        );
+    }
     conf
 }
 

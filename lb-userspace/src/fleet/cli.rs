@@ -103,8 +103,8 @@ pub fn run(socket: &Path, command: FleetCommand) -> Result<()> {
 /// `lb fleet status` for people.
 pub fn render(v: &FleetView) -> String {
     let mut out = format!("fleet       {}\n", v.summary());
-    if v.route_table == 0 {
-        out += "(set route_table in the [fleet] section of the configuration to announce VIPs)\n";
+    if v.route_table == 0 && v.track.is_none() {
+        out += "(set route_table (BGP) or track_file (VRRP) in the [fleet] section of the configuration)\n";
         return out;
     }
     out += "\n";
