@@ -57,6 +57,7 @@ impl FleetBed {
     /// each sharing its flows with the other two; waits until the router has every next
     /// hop for both.
     pub fn start() -> FleetBed {
+        let begun = Instant::now();
         let mut bed = ok(Testbed::new(Config { backends: 2 }));
         for _ in 1..BALANCERS {
             ok(bed.add_balancer());
@@ -81,6 +82,8 @@ impl FleetBed {
         let hosts: Vec<Host> = std::iter::once(fleet.bed.lb.clone())
             .chain(fleet.bed.extra_balancers.iter().cloned())
             .collect();
+        // One after the other, from this thread: the test bed's processes die with the
+        // thread that started them.
         for (n, host) in hosts.iter().enumerate() {
             let peers: Vec<&Host> = hosts.iter().filter(|h| h.ns != host.ns).collect();
             let sharing = flow_sync_config(host, &peers, &key);
@@ -92,8 +95,9 @@ impl FleetBed {
         fleet.wait_next_hops(vip_b().ip(), BALANCERS);
         println!(
             "fleet bed: the router had all {BALANCERS} next hops for both VIPs {:.0} ms after \
-             the last balancer's BIRD started",
-            last_bird.elapsed().as_secs_f64() * 1000.0
+             the last balancer's BIRD started ({:.1} s to build the bed)",
+            last_bird.elapsed().as_secs_f64() * 1000.0,
+            begun.elapsed().as_secs_f64()
         );
         fleet
     }

@@ -178,3 +178,48 @@ fn a_master_that_cannot_serve_hands_the_vip_to_the_backup() {
     );
     assert_eq!(pair.track_value(0), "1");
 }
+
+/// `lb fleet leave` on the master under steady load: its track file says 0, the backup
+/// takes the VIP over, the command returns once no VIP packet reaches the master, and not
+/// one connection fails; `lb fleet join` gives the VIP back to it.
+#[test]
+fn fleet_leave_hands_the_vip_to_the_backup_without_a_failed_request() {
+    let _serial = serial();
+    let pair = VrrpPair::start();
+    let load = pair
+        .bed
+        .load(vip(), LOAD_EVERY, LOAD_MAX, Some(29_000))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let out = pair.lb(0, &["fleet", "leave"]);
+    println!(
+        "lb fleet leave on the master returned after {:.0} ms",
+        ms(started.elapsed())
+    );
+    assert!(out.contains("safe to stop the agent"), "{out}");
+    assert!(pair.holds_vip(1) && !pair.holds_vip(0), "{}", pair.logs());
+    assert_eq!(pair.track_value(0), "0");
+
+    pair.lb(0, &["fleet", "join"]);
+    let back = pair.wait_master(0, TAKEOVER_LIMIT);
+    println!(
+        "lb fleet join: lb1 held the VIP again after {:.0} ms",
+        ms(back)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let failed: Vec<String> = attempts
+        .iter()
+        .filter(|a| a.is_err())
+        .map(|a| a.to_string())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}\n{}",
+        failed.len(),
+        attempts.len(),
+        pair.logs()
+    );
+    assert!(pair.new_flows(1) > 0, "lb2 carried no new connection");
+}
