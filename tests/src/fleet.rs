@@ -277,3 +277,15 @@ pub fn disruption(attempts: &[xtask::traffic::Attempt], since_us: u64) -> String
         ),
     }
 }
+
+/// Makes `host` a dead box whose link stays up: its switch port forwards nothing either
+/// way from now on. Unlike its link going down, this keeps the switch's entry for its MAC
+/// address: a flushed entry would flood the frames still sent to it to every port, and the
+/// other balancers' programs would forward them, hiding what the routers (or VRRP) do.
+pub fn freeze(bed: &Testbed, host: &Host) {
+    ok(bed.run_in_ok(
+        &bed.switch,
+        "bridge",
+        ["link", "set", "dev", &host.switch_port, "state", "0"],
+    ));
+}

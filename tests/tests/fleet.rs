@@ -59,7 +59,8 @@ fn every_balancer_announces_and_carries_new_flows() {
     );
 }
 
-/// A balancer's link goes down: the router's route loses that next hop (BFD), and
+/// A balancer dies (its switch port stops forwarding: a dead box, seen from the network;
+/// see `freeze`): the router's route loses that next hop (BFD), and
 /// long-lived connections that went through it carry on through the other balancers, on
 /// the same backend, without an error: on the Maglev VIP (every balancer builds the same
 /// table) and on the round-robin VIP (lb1 shared its pins).
@@ -122,21 +123,17 @@ fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     std::thread::sleep(Duration::from_millis(500));
     let down_at = monotonic_us();
-    let lb1 = fleet.balancers[0].host.ns.clone();
-    fleet
-        .bed
-        .ip(&lb1, &["link", "set", "eth0", "down"])
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    freeze(&fleet.bed, &fleet.balancers[0].host);
     let converged = fleet.wait_next_hops(vip_a().ip(), BALANCERS - 1);
     assert_eq!(fleet.next_hops(vip_a().ip()), fleet.others(0));
     println!(
-        "link down on lb1: the router's route lost its next hop after {:.0} ms",
+        "lb1 dead: the router's route lost its next hop after {:.0} ms",
         ms(converged)
     );
     // Every connection answers again after the switch.
     std::thread::sleep(Duration::from_secs(2));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    println!("link down: {}", disruption(&attempts, down_at));
+    println!("lb1 dead: {}", disruption(&attempts, down_at));
     assert!(
         attempts.iter().rev().take(25).all(|a| !a.is_err()),
         "new connections still fail 1.5 s after the router dropped lb1"
@@ -155,7 +152,7 @@ fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
                     "request {seq} of {how} moved to another backend"
                 ),
                 Answer::Err { seq, message } => panic!(
-                    "request {seq} of {how} failed after the link went down ({:.0} ms ago): \
+                    "request {seq} of {how} failed after lb1 died ({:.0} ms ago): \
                      {message}\n{}",
                     (monotonic_us() - down_at) as f64 / 1000.0,
                     fleet.logs()

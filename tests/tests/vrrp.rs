@@ -11,7 +11,11 @@
 
 use std::time::Duration;
 
-use lb_tests::{e2e::serial, fleet::disruption, vrrp::*};
+use lb_tests::{
+    e2e::serial,
+    fleet::{disruption, freeze},
+    vrrp::*,
+};
 use xtask::{testbed::monotonic_us, traffic::Answer};
 
 /// A new connection this often under steady load, from source ports nothing else used.
@@ -66,17 +70,7 @@ fn the_backup_takes_over_when_the_master_dies_and_connections_survive() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     std::thread::sleep(Duration::from_millis(500));
     let down_at = monotonic_us();
-    // A disabled bridge port forwards nothing either way and, unlike a link going down,
-    // keeps the switch's entry for lb1's MAC address (a flushed entry would flood lb1's
-    // frames to lb2, whose program would forward them before any takeover).
-    let port = pair.members[0].host.switch_port.clone();
-    pair.bed
-        .run_in_ok(
-            &pair.bed.switch,
-            "bridge",
-            ["link", "set", "dev", &port, "state", "0"],
-        )
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    freeze(&pair.bed, &pair.members[0].host);
     let took = pair.wait_master(1, TAKEOVER_LIMIT);
     println!(
         "master frozen: the backup held the VIP after {:.0} ms",
