@@ -21,8 +21,8 @@ APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 ope
   binutils lintian systemd-container debootstrap prometheus
   # the fleet's tests: BGP with the real BIRD 2
   bird2
-  # the fleet's VRRP pair: the real keepalived
-  keepalived)
+  # the fleet's VRRP pair: the real keepalived; FRR on one balancer of the BGP fleet
+  keepalived frr)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

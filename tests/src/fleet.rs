@@ -1,6 +1,7 @@
 //! A fleet test bed (`tests/fleet.rs`): the namespace test bed of `xtask::testbed` with three
-//! balancers, each running `lb` (sharing flows with the other two) and BIRD 2 with the
-//! shipped `packaging/bird/balancer.conf`,
+//! balancers, each running `lb` (sharing flows with the other two) and a routing daemon:
+//! BIRD 2 with the shipped `packaging/bird/balancer.conf` on lb1 and lb2, FRR with the
+//! shipped `packaging/frr/frr.conf` on lb3 (the same contract, the other daemon),
 //! and a router namespace running BIRD with the shipped `packaging/bird/router.conf` and
 //! kernel ECMP hashing the 5-tuple; the client reaches the VIPs through the router only
 //! (the pieces and a picture: `xtask::fleet`).
@@ -17,7 +18,8 @@ use serde_json::Value;
 pub use xtask::fleet::{ROUTE_TABLE, VIP4B, vip_a, vip_b};
 use xtask::{
     fleet::{
-        NetnsGuard, agent_config, balancer_conf, bird, build_router, flow_sync_config, router_conf,
+        NetnsGuard, agent_config, balancer_conf, bird, build_router, flow_sync_config, frr,
+        router_conf,
     },
     testbed::{Agent, Config, Host, Proc, Testbed},
 };
@@ -26,11 +28,14 @@ use crate::{e2e::lb_at, flowsync::write_key};
 
 /// Balancers in the bed.
 pub const BALANCERS: usize = 3;
+/// The balancer (0-based) running FRR instead of BIRD: lb3.
+pub const FRR_BALANCER: usize = 2;
 
 /// One balancer: its host, agent and BIRD.
 pub struct Balancer {
     pub agent: Option<Agent>,
-    pub bird: Proc,
+    /// BIRD, or FRR's zebra, bfdd and bgpd.
+    pub daemon: Vec<Proc>,
     pub host: Host,
     pub config: PathBuf,
     pub socket: PathBuf,
@@ -95,7 +100,7 @@ impl FleetBed {
         fleet.wait_next_hops(vip_b().ip(), BALANCERS);
         println!(
             "fleet bed: the router had all {BALANCERS} next hops for both VIPs {:.0} ms after \
-             the last balancer's BIRD started ({:.1} s to build the bed)",
+             the last balancer's routing daemon started ({:.1} s to build the bed)",
             last_bird.elapsed().as_secs_f64() * 1000.0,
             begun.elapsed().as_secs_f64()
         );
@@ -122,12 +127,17 @@ impl FleetBed {
         ok(std::fs::write(&config, text).map_err(Into::into));
         let socket = bed.dir().join(format!("lb{}.sock", n + 1));
         let agent = ok(bed.start_agent_on(&host, &config, &socket, &[]));
-        let conf = bed.dir().join(format!("bird-lb{}.conf", n + 1));
-        ok(std::fs::write(&conf, balancer_conf(&host)).map_err(Into::into));
-        let bird = ok(bird(bed, &host.ns, &conf, &format!("lb{}", n + 1)));
+        let name = format!("lb{}", n + 1);
+        let daemon = if n == FRR_BALANCER {
+            ok(frr(bed, &host.ns, &host, &name))
+        } else {
+            let conf = bed.dir().join(format!("bird-{name}.conf"));
+            ok(std::fs::write(&conf, balancer_conf(&host)).map_err(Into::into));
+            vec![ok(bird(bed, &host.ns, &conf, &name))]
+        };
         Balancer {
             agent: Some(agent),
-            bird,
+            daemon,
             host,
             config,
             socket,
@@ -228,7 +238,12 @@ impl FleetBed {
     pub fn logs(&self) -> String {
         let mut out = format!("router BIRD:\n{}\n", tail(&self.router_bird.log()));
         for (i, b) in self.balancers.iter().enumerate() {
-            out += &format!("lb{} BIRD:\n{}\n", i + 1, tail(&b.bird.log()));
+            for d in &b.daemon {
+                // "nsenter --net=NS PROGRAM ARGS"
+                let program = d.label().split_whitespace().nth(2).unwrap_or("daemon");
+                let name = program.rsplit('/').next().unwrap_or(program);
+                out += &format!("lb{} {name}:\n{}\n", i + 1, tail(&d.log()));
+            }
             if let Some(a) = &b.agent {
                 out += &format!("lb{} agent:\n{}\n", i + 1, tail(&a.proc.log()));
             }

@@ -1,14 +1,15 @@
 //! End to end, a fleet of three balancers behind a router (`lb_tests::fleet`): each runs
-//! `lb` with `[fleet] route_table = 100` and `[flow_sync]` to the other two, and BIRD 2 with
-//! the shipped balancer config; the
-//! router runs BIRD with the shipped router config and kernel ECMP. Real BGP, BFD and
-//! TCP connections from the client through the router.
+//! `lb` with `[fleet] route_table = 100` and `[flow_sync]` to the other two, and a routing
+//! daemon with its shipped config: BIRD 2 on lb1 and lb2, FRR on lb3; the router runs BIRD
+//! with the shipped router config and kernel ECMP. Real BGP, BFD and TCP connections from
+//! the client through the router.
 //!
 //! Convergence times are measured and printed (`-- --nocapture`), never asserted: each
 //! wait has a generous bound, and BENCHMARKS.md ("Fleet") reports the figures.
 //!
-//! Needs root, `ip`, `nsenter`, `ethtool`, `bird` (Debian's bird2, installed by ./x.sh),
-//! and the binaries `target/<profile>/{lb,xtask}` (`cargo xtask test` builds them).
+//! Needs root, `ip`, `nsenter`, `ethtool`, `bird` and FRR (Debian's bird2 and frr,
+//! installed by ./x.sh), and the binaries `target/<profile>/{lb,xtask}` (`cargo xtask
+//! test` builds them).
 
 use std::time::Duration;
 
@@ -179,15 +180,17 @@ struct Conn {
     via_lb1: bool,
 }
 
-/// Every backend of VIP B goes down on lb1's health checks: lb1 withdraws VIP B's address
-/// and only that one; it announces it again when they come back.
+/// Every backend of VIP B goes down on lb3's health checks: lb3 withdraws VIP B's address
+/// and only that one; it announces it again when they come back. lb3 runs FRR, so this is
+/// also FRR following the agent's table both ways.
 #[test]
 fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
     let _serial = serial();
     let fleet = FleetBed::start();
+    let n = FRR_BALANCER;
     let b = vip_b().to_string();
     fleet.lb(
-        0,
+        n,
         &[
             "vip",
             "set",
@@ -202,22 +205,26 @@ fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
     );
     let took = fleet.wait_next_hops(vip_b().ip(), BALANCERS - 1);
     println!(
-        "VIP B down on lb1's checks: withdrawn from the router after {:.0} ms",
+        "VIP B down on lb3's checks: withdrawn from the router (FRR) after {:.0} ms",
         ms(took)
     );
-    assert_eq!(fleet.next_hops(vip_b().ip()), fleet.others(0));
+    assert_eq!(fleet.next_hops(vip_b().ip()), fleet.others(n));
     assert_eq!(
         fleet.next_hops(vip_a().ip()),
         fleet.all(),
         "VIP A stays announced by every balancer"
     );
-    let (announced, why) = fleet.announced(0, vip_b().ip());
-    assert!(!announced, "lb1 still says it announces VIP B");
+    let (announced, why) = fleet.announced(n, vip_b().ip());
+    assert!(!announced, "lb3 still says it announces VIP B");
     assert_eq!(why.as_deref(), Some("no backend in rotation (0 of 2 up)"));
-    assert!(!fleet.table_routes(0).contains(VIP4B));
+    assert!(!fleet.table_routes(n).contains(VIP4B));
 
-    fleet.lb(0, &["vip", "set", &b, "--check", "none"]);
-    fleet.wait_next_hops(vip_b().ip(), BALANCERS);
+    fleet.lb(n, &["vip", "set", &b, "--check", "none"]);
+    let back = fleet.wait_next_hops(vip_b().ip(), BALANCERS);
+    println!(
+        "VIP B back on lb3's checks: announced again (FRR) after {:.0} ms",
+        ms(back)
+    );
 }
 
 /// `kill -9` of lb1's agent under steady load: nothing is withdrawn (the route stays in

@@ -16,7 +16,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::testbed::{HTTP_PORT, Host, Proc, Testbed, VIP4, run_ok};
 
@@ -30,6 +30,9 @@ pub const VIP4B: &str = "10.99.1.2";
 
 const BALANCER_CONF: &str = include_str!("../../packaging/bird/balancer.conf");
 const ROUTER_CONF: &str = include_str!("../../packaging/bird/router.conf");
+const FRR_CONF: &str = include_str!("../../packaging/frr/frr.conf");
+/// Where Debian's frr package puts the daemons.
+const FRR_DAEMONS: &str = "/usr/lib/frr";
 
 /// VIP A: 10.99.1.1:80 (Maglev in the fleet configs).
 pub fn vip_a() -> SocketAddr {
@@ -173,6 +176,77 @@ pub fn router_conf() -> String {
         );
     }
     conf
+}
+
+/// The shipped FRR config for `host`.
+pub fn frr_conf(host: &Host) -> String {
+    let conf = FRR_CONF.replace(
+        "bgp router-id 10.99.0.2",
+        &format!("bgp router-id {}", host.ipv4),
+    );
+    assert!(conf.contains(&format!("ip import-table {ROUTE_TABLE}\n")));
+    assert!(conf.contains(&format!("neighbor {ROUTER_LAN} remote-as")));
+    assert!(conf.contains(&format!(" peer {ROUTER_LAN}\n")));
+    conf
+}
+
+/// FRR in the foreground in `ns`: zebra, bfdd and bgpd, each reading the shipped config
+/// for `host`, with the config, sockets and pid files in a directory of their own under
+/// the test bed's (FRR's daemons drop root for the `frr` user, which must reach it).
+pub fn frr(bed: &Testbed, ns: &str, host: &Host, name: &str) -> Result<Vec<Proc>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !Path::new(FRR_DAEMONS).join("bgpd").is_file() {
+        bail!("FRR is not installed: run ./x.sh setup, or apt install frr");
+    }
+    let dir = bed.dir().join(format!("frr-{name}"));
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", path.display()))
+    };
+    // Others may pass through the test bed's directory, not list it.
+    mode(bed.dir(), 0o711)?;
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    mode(&dir, 0o777)?;
+    let conf = dir.join("frr.conf");
+    std::fs::write(&conf, frr_conf(host)).with_context(|| format!("writing {}", conf.display()))?;
+    mode(&conf, 0o644)?;
+    let path = |file: &str| dir.join(file).to_string_lossy().into_owned();
+    let zserv = dir.join("zserv.api");
+    let mut procs = Vec::new();
+    for daemon in ["zebra", "bfdd", "bgpd"] {
+        let mut args = vec![
+            "-f".to_string(),
+            path("frr.conf"),
+            "-i".into(),
+            path(&format!("{daemon}.pid")),
+            "-z".into(),
+            path("zserv.api"),
+            "--vty_socket".into(),
+            path(""),
+            "-u".into(),
+            "frr".into(),
+            "-g".into(),
+            "frr".into(),
+            "--log".into(),
+            "stdout".into(),
+        ];
+        if daemon == "bfdd" {
+            args.extend(["--bfdctl".into(), path("bfdd.sock")]);
+        }
+        let mut proc = bed.spawn_in(ns, Path::new(FRR_DAEMONS).join(daemon), &args)?;
+        if daemon == "zebra" {
+            // bfdd and bgpd connect to zebra's socket at start.
+            crate::testbed::wait_until(std::time::Duration::from_secs(10), || {
+                if let Some(status) = proc.try_wait() {
+                    bail!("zebra exited with {status}:\n{}", proc.log());
+                }
+                Ok(zserv.exists())
+            })
+            .context("waiting for zebra's socket")?;
+        }
+        procs.push(proc);
+    }
+    Ok(procs)
 }
 
 /// BIRD in the foreground in `ns`, its control socket beside its config.
