@@ -195,47 +195,50 @@ async fn run(agent: Arc<Agent>, table: u32, mut track: Option<track::TrackFile>)
                 Err(e) => log::warn!("fleet: {e:#}"),
             }
         }
-        let Some(routes) = &routes else {
-            let written = track.as_ref().and_then(|t| t.written());
-            agent.fleet.record(vips, decision, BTreeSet::new(), written);
-            tokio::select! {
-                _ = tokio::time::sleep(TICK) => {}
-                _ = agent.fleet.wake.notified() => {}
-            }
-            continue;
-        };
-        let want: BTreeSet<IpAddr> = decision
-            .iter()
-            .filter(|(_, why)| why.is_none())
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in want.difference(&present.clone()) {
-            match routes.announce(*addr).await {
-                Ok(()) => {
-                    log::info!("fleet: announcing {addr}");
-                    present.insert(*addr);
-                }
-                Err(e) => log::warn!("fleet: {e:#}"),
-            }
-        }
-        for addr in present.clone().difference(&want) {
-            match routes.withdraw(*addr).await {
-                Ok(()) => {
-                    let why = decision
-                        .get(addr)
-                        .and_then(|w| w.clone())
-                        .unwrap_or_else(|| "no VIP on it".into());
-                    log::info!("fleet: withdrawing {addr}: {why}");
-                    present.remove(addr);
-                }
-                Err(e) => log::warn!("fleet: {e:#}"),
-            }
+        if let Some(routes) = &routes {
+            sync_routes(routes, &decision, &mut present).await;
         }
         let written = track.as_ref().and_then(|t| t.written());
         agent.fleet.record(vips, decision, present.clone(), written);
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = agent.fleet.wake.notified() => {}
+        }
+    }
+}
+
+/// Adds and removes host routes until the table holds the addresses `decision` serves;
+/// `present` is what it holds.
+async fn sync_routes(
+    routes: &RouteTable,
+    decision: &std::collections::BTreeMap<IpAddr, super::WhyNot>,
+    present: &mut BTreeSet<IpAddr>,
+) {
+    let want: BTreeSet<IpAddr> = decision
+        .iter()
+        .filter(|(_, why)| why.is_none())
+        .map(|(a, _)| *a)
+        .collect();
+    for addr in want.difference(&present.clone()) {
+        match routes.announce(*addr).await {
+            Ok(()) => {
+                log::info!("fleet: announcing {addr}");
+                present.insert(*addr);
+            }
+            Err(e) => log::warn!("fleet: {e:#}"),
+        }
+    }
+    for addr in present.clone().difference(&want) {
+        match routes.withdraw(*addr).await {
+            Ok(()) => {
+                let why = decision
+                    .get(addr)
+                    .and_then(|w| w.clone())
+                    .unwrap_or_else(|| "no VIP on it".into());
+                log::info!("fleet: withdrawing {addr}: {why}");
+                present.remove(addr);
+            }
+            Err(e) => log::warn!("fleet: {e:#}"),
         }
     }
 }
