@@ -175,11 +175,12 @@ fn a_master_that_cannot_serve_hands_the_vip_to_the_backup() {
 
 /// `lb fleet leave` on the master under steady load: its track file says 0, the backup
 /// takes the VIP over, the command returns once no VIP packet reaches the master, and not
-/// one connection fails; `lb fleet join` gives the VIP back to it.
+/// one connection fails; `lb fleet join` gives the VIP back to it. A clean stop of the
+/// agent then hands the VIP over too (the agent writes 0 as it stops).
 #[test]
 fn fleet_leave_hands_the_vip_to_the_backup_without_a_failed_request() {
     let _serial = serial();
-    let pair = VrrpPair::start();
+    let mut pair = VrrpPair::start();
     let load = pair
         .bed
         .load(vip(), LOAD_EVERY, LOAD_MAX, Some(29_000))
@@ -216,4 +217,11 @@ fn fleet_leave_hands_the_vip_to_the_backup_without_a_failed_request() {
         pair.logs()
     );
     assert!(pair.new_flows(1) > 0, "lb2 carried no new connection");
+
+    let mut agent = pair.members[0].agent.take().expect("lb1's agent");
+    agent
+        .stop(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(pair.track_value(0), "0", "lb1's agent stopped cleanly");
+    pair.wait_master(1, TAKEOVER_LIMIT);
 }
