@@ -3,3 +3,4 @@ pub mod fixtures;
 pub mod fleet;
 pub mod flowsync;
 pub mod stack;
+pub mod vrrp;
