@@ -30,6 +30,23 @@ pub const LAYOUT_VERSION: u32 = 2;
 
 /// Egress interfaces the devmap can hold.
 pub const MAX_TX_PORTS: u32 = 64;
+
+/// Slots of `RX_IFACES`: an interface sits at `ifindex % MAX_RX_IFACES`.
+pub const MAX_RX_IFACES: u32 = 64;
+
+/// An interface the program is attached to and its own MAC: only frames addressed to it
+/// (or to a VRRP virtual MAC) are balanced. A switch floods frames for a MAC it has
+/// forgotten (a balancer that died) to every port, and a balancer that forwarded what was
+/// not sent to it would hand backends a second copy of the other balancer's packets. A slot
+/// holding another interface (two attached interfaces whose indexes share a slot) or none
+/// checks nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RxIface {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
 /// Drop-list rules (CIDRs) over both families; a rule id indexes the hit counters.
 pub const MAX_FIREWALL_RULES: u32 = 16_384;
 /// Sources whose new-flow rate is tracked at once; the least recently seen are forgotten.
@@ -417,6 +434,10 @@ reasons! {
     /// A TCP SYN to a VIP with no backend in rotation, answered with a RST (XDP_TX) so the
     /// client fails at once instead of waiting for its connect timeout.
     ResetNoBackend = "reset_no_backend", Reply;
+    /// To a VIP address (or one the VIP address filter cannot tell from one), but the frame
+    /// was addressed at L2 to another host (flooded by a switch that forgot where a dead
+    /// balancer was): handed to the host, which ignores it.
+    PassNotOurMac = "pass_not_our_mac", Pass;
 }
 
 // Checked at compile time: the counters are indexed by discriminant, so `ALL` must hold
@@ -478,9 +499,10 @@ pub mod maps {
     pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
     pub const FLOW_SHARE: &str = "FLOW_SHARE";
     pub const FLOW_SHARE_DROPS: &str = "FLOW_SHARE_DROPS";
+    pub const RX_IFACES: &str = "RX_IFACES";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -505,6 +527,7 @@ pub mod maps {
         FLOW_EVENTS,
         FLOW_SHARE,
         FLOW_SHARE_DROPS,
+        RX_IFACES,
     ];
 }
 
@@ -569,6 +592,7 @@ mod user {
     unsafe impl aya::Pod for PersistValue {}
     unsafe impl aya::Pod for ActiveFlow {}
     unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for RxIface {}
 }
 
 #[cfg(test)]

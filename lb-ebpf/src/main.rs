@@ -3,8 +3,9 @@
 //! - `parse`: Ethernet (one optional 802.1Q tag), IPv4/IPv6, TCP/UDP ports and flags;
 //! - `select`: the flow's pinned backend (first: an established flow needs nothing else,
 //!   nor does a SYN retransmitted during the handshake), or a new one from the VIP's ring;
-//! - `policy`: the drop list, whether the destination is a VIP address, which service
-//!   (VIP) it is for, the per-source limit of new flows and the VIP's ceiling on them;
+//! - `policy`: the drop list, whether the frame was sent to this balancer at L2, whether
+//!   the destination is a VIP address, which service (VIP) it is for, the per-source limit
+//!   of new flows and the VIP's ceiling on them;
 //! - `transmit`: MAC rewrite, then XDP_TX or XDP_REDIRECT;
 //! - `icmp`: echo requests answered, errors about a flow sent on to its backend;
 //! - `persist`, `leastconn`: source affinity and least connections, for new flows;
@@ -67,6 +68,9 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     // Ports and flags; what is wrong with them matters only for a VIP address (below).
     let transport = parse::transport(ctx, &mut pkt);
     let maybe_vip = policy::maybe_vip_address(&pkt.flow);
+    if maybe_vip && !policy::addressed_to_us(ctx) {
+        return Err(Reason::PassNotOurMac);
+    }
     let balanceable = transport.is_ok() && parse::has_ports(&pkt);
     if maybe_vip
         && balanceable

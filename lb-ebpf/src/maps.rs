@@ -9,8 +9,8 @@ use aya_ebpf::{
 use lb_common::{
     ActiveFlow, Backend, Counters, DROP_FILTER_WORDS, FLOW_EVENTS_BYTES, FlowKey, FlowValue,
     MAX_ACTIVE_FLOWS, MAX_BACKENDS, MAX_FIREWALL_RULES, MAX_FLOWS, MAX_PERSIST_SOURCES,
-    MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT, RING_SLAB_LEN, RateKey,
-    VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
+    MAX_RATE_SOURCES, MAX_RX_IFACES, MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT,
+    RING_SLAB_LEN, RateKey, RxIface, VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
 
 #[map]
@@ -75,3 +75,7 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 pub static FLOW_SHARE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static FLOW_SHARE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The attached interfaces' own MACs (`lb_common::RxIface`).
+#[map]
+pub static RX_IFACES: Array<RxIface> = Array::with_max_entries(MAX_RX_IFACES, 0);

@@ -3,17 +3,18 @@
 
 use core::arch::asm;
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
-    FAMILY_V4, FlowKey, RateKey, Reason, VipAddr, VipKey, VipMeta, drop_filter_slot,
+    FAMILY_V4, FlowKey, MAX_RX_IFACES, RateKey, Reason, VipAddr, VipKey, VipMeta, drop_filter_slot,
     vip_addr_filter_slot,
 };
 
 use crate::{
     count,
+    frame::load,
     maps::{
-        DROP_FILTER, FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, VIP_ADDR_FILTER,
-        VIP_ADDRS, VIP_NEW_FLOW_TAT, VIPS,
+        DROP_FILTER, FIREWALL_STATS, FIREWALL_V4, FIREWALL_V6, RATE_LIMITS, RX_IFACES,
+        VIP_ADDR_FILTER, VIP_ADDRS, VIP_NEW_FLOW_TAT, VIPS,
     },
 };
 
@@ -39,6 +40,29 @@ pub fn firewall(flow: &FlowKey, frame_len: u64) -> Result<(), Reason> {
         }
         None => Ok(()),
     }
+}
+
+/// Whether the frame was sent to this balancer at L2: to the ingress interface's own MAC
+/// (`lb_common::RxIface`) or to a VRRP virtual MAC (00:00:5e:00:01:xx IPv4, :02:xx IPv6).
+/// An interface the agent has not described is taken on trust.
+#[inline(always)]
+pub fn addressed_to_us(ctx: &XdpContext) -> bool {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let Some(iface) = RX_IFACES.get(ifindex % MAX_RX_IFACES) else {
+        return true;
+    };
+    if iface.ifindex != ifindex {
+        return true;
+    }
+    let (Some(head), Some(tail)) = (load::<u32>(ctx, 0), load::<u16>(ctx, 4)) else {
+        return false;
+    };
+    let [m0, m1, m2, m3, m4, m5] = iface.mac;
+    if head == u32::from_ne_bytes([m0, m1, m2, m3]) && tail == u16::from_ne_bytes([m4, m5]) {
+        return true;
+    }
+    let [v4, _] = tail.to_ne_bytes();
+    head == u32::from_ne_bytes([0x00, 0x00, 0x5e, 0x00]) && (v4 == 0x01 || v4 == 0x02)
 }
 
 /// Whether the source may be in a drop rule: one array read. A clear bit means certainly

@@ -103,12 +103,21 @@ pub async fn run(opts: Options) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{}: {e:#}", opts.config.display()))?;
     let flow_sync = crate::flowsync::start(agent.clone(), config.flow_sync.as_ref()).await?;
+    // Each interface's own MAC, so the program balances only frames sent to this host.
+    let mut rx_macs = Vec::new();
+    for iface in &opts.ifaces {
+        let index = kernel::netif::index(iface)?;
+        rx_macs.push((index, agent.netif.link_mac(index).await?));
+    }
     {
         let mut state = agent.state.lock().await;
         state.finish_adoption()?;
         // Attach only once the maps hold the configuration: a pinned attachment is
         // switched to this program atomically, a new one starts forwarding with complete
         // state.
+        for (index, mac) in rx_macs {
+            state.dataplane_mut().set_rx_iface(index, mac)?;
+        }
         for iface in &opts.ifaces {
             state.dataplane_mut().attach(iface, opts.generic)?;
             state.add_tx_port(kernel::netif::index(iface)?)?;

@@ -631,8 +631,11 @@ impl Fixture {
         )
     }
 
-    /// A fixture around a program loaded by the caller (e.g. with smaller maps).
-    pub fn with_datapath(dp: Datapath) -> Self {
+    /// A fixture around a program loaded by the caller (e.g. with smaller maps). Input
+    /// frames are sent to `LB_MAC`, the test-run ingress's own MAC.
+    pub fn with_datapath(mut dp: Datapath) -> Self {
+        dp.set_rx_iface(TEST_RUN_IFINDEX, LB_MAC)
+            .expect("writing the test-run ingress's MAC");
         Self {
             dp,
             backends: BTreeMap::new(),

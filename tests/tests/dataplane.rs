@@ -122,6 +122,56 @@ fn forwards_tcp_and_udp_over_ipv4_and_ipv6_rewriting_only_the_macs() {
     }
 }
 
+/// A switch floods frames for a MAC it forgot (a balancer that died) to every port: a
+/// frame to a VIP sent to another host's MAC is the host's to ignore, never forwarded; one
+/// sent to a VRRP virtual MAC is ours.
+#[test]
+fn only_frames_sent_to_this_balancers_mac_are_balanced() {
+    let mut fx = four_vips();
+    let mut foreign = Pkt::tcp(client4(40000), vip4(80));
+    foreign.dst_mac = [0x02, 0x1b, 0x00, 0x00, 0x00, 0x02];
+    let mut vrrp4 = Pkt::tcp(client4(40001), vip4(80));
+    vrrp4.dst_mac = [0x00, 0x00, 0x5e, 0x00, 0x01, 0x33];
+    let mut vrrp6 = Pkt::tcp(client6(40001), vip6(443));
+    vrrp6.dst_mac = [0x00, 0x00, 0x5e, 0x00, 0x02, 0x33];
+    let mut not_vrrp = Pkt::tcp(client4(40002), vip4(80));
+    not_vrrp.dst_mac = [0x00, 0x00, 0x5e, 0x00, 0x03, 0x33];
+    fx.run_all(&[
+        Case::new(
+            "to another host's MAC",
+            foreign.build(),
+            Expect::Pass(Reason::PassNotOurMac),
+        ),
+        Case::new(
+            "to a VRRP MAC (IPv4)",
+            vrrp4.build(),
+            Expect::tx(0, 1, true),
+        ),
+        Case::new(
+            "to a VRRP MAC (IPv6)",
+            vrrp6.build(),
+            Expect::tx(2, 3, true),
+        ),
+        Case::new(
+            "to a multicast MAC that is no VRRP router's",
+            not_vrrp.build(),
+            Expect::Pass(Reason::PassNotOurMac),
+        ),
+        Case::new(
+            "to this balancer's MAC",
+            Pkt::tcp(client4(40003), vip4(80)).build(),
+            Expect::tx(0, 1, true),
+        ),
+    ]);
+    // An interface the agent did not describe is taken on trust.
+    fx.dp.set_rx_iface(TEST_RUN_IFINDEX + 64, LB_MAC).unwrap();
+    fx.run(&Case::new(
+        "slot shared with another interface",
+        foreign.build(),
+        Expect::tx(0, 1, true),
+    ));
+}
+
 #[test]
 fn frames_padded_to_the_ethernet_minimum_are_forwarded_with_their_padding() {
     let mut fx = four_vips();
@@ -1520,6 +1570,13 @@ fn seed_frames() -> Vec<Vec<u8>> {
             .build(),
         Pkt::tcp(client4(40000), vip4(7000)).flags(TCP_SYN).build(),
         Pkt::tcp(client4(40000), vip4(9999)).build(),
+        // A SYN to the VIP with no backend (refused), and a frame sent to another MAC.
+        Pkt::tcp(client4(40003), vip4(9000)).flags(TCP_SYN).build(),
+        Pkt {
+            dst_mac: [0x02, 0x1b, 0, 0, 0, 0x02],
+            ..Pkt::tcp(client4(40004), vip4(80))
+        }
+        .build(),
         Pkt::tcp(sa("198.51.100.7:4000"), vip4(80)).build(),
         icmp_error(ip("192.0.2.254"), client4(40000), vip4(80), PROTO_TCP),
         icmp_error(ip("2001:db8::fe"), client6(40000), vip6(53), PROTO_UDP),
@@ -1619,6 +1676,14 @@ fn addressed_vip(frame: &[u8], vips: &[(SocketAddr, u8, &[u32])]) -> Option<Vec<
 /// Whether a frame is addressed to any VIP's address, whatever the port.
 fn addressed_vip_address(frame: &[u8], vips: &[(SocketAddr, u8, &[u32])]) -> bool {
     destination(frame).is_some_and(|(dst, _, _)| vips.iter().any(|(vip, _, _)| vip.ip() == dst))
+}
+
+/// Whether the VIP address filter cannot tell a frame's destination from a VIP address:
+/// the same filter bit as one (`lb_common::vip_addr_filter_slot`).
+fn maybe_vip_address(frame: &[u8], vips: &[(SocketAddr, u8, &[u32])]) -> bool {
+    let slot = |ip| lb_common::vip_addr_filter_slot(&lb_common::addr_to_map(ip).0);
+    destination(frame)
+        .is_some_and(|(dst, _, _)| vips.iter().any(|(vip, _, _)| slot(vip.ip()) == slot(dst)))
 }
 
 /// Where a frame comes from: the source address of an untagged or 802.1Q IP frame.
@@ -1789,6 +1854,13 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
                 prop_assert!(icmp_to_vip, "echo reply for no VIP address");
             }
             Reason::PassNotIp | Reason::PassNotVip => {}
+            Reason::PassNotOurMac => {
+                prop_assert!(frame[0..6] != LB_MAC, "sent to this balancer's MAC");
+                prop_assert!(
+                    maybe_vip_address(&frame, &vips),
+                    "not for a VIP address, nor one the VIP address filter mistakes for one"
+                );
+            }
             Reason::PassNoNeigh => {
                 prop_assert!(addressed == Some(vec![5]) || icmp_to_vip, "{:?}", addressed);
             }

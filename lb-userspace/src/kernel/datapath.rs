@@ -20,9 +20,9 @@ use aya::{
 };
 use ipnet::IpNet;
 use lb_common::{
-    Backend, Counters, DROP_FILTER_WORDS, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, PROGRAM_NAME,
-    REASON_COUNT, VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta, drop_filter_mark, maps,
-    vip_addr_filter_slot,
+    Backend, Counters, DROP_FILTER_WORDS, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, MAX_RX_IFACES,
+    PROGRAM_NAME, REASON_COUNT, RxIface, VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
+    drop_filter_mark, maps, vip_addr_filter_slot,
 };
 
 use super::{batch, layout};
@@ -415,6 +415,36 @@ impl Datapath {
     }
 
     /// Makes `ifindex` a redirect target; idempotent.
+    /// Tells the program interface `ifindex`'s own MAC (see `lb_common::RxIface`). Two
+    /// interfaces whose indexes share a slot both go unchecked, which is said.
+    pub fn set_rx_iface(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(maps::RX_IFACES)
+            .ok_or_else(|| anyhow!("map {} missing from the object", maps::RX_IFACES))?;
+        let mut slots: Array<&mut MapData, RxIface> = Array::try_from(map)?;
+        let slot = ifindex % MAX_RX_IFACES;
+        let held = slots.get(&slot, 0)?;
+        let entry = if held.ifindex == 0 || held.ifindex == ifindex {
+            RxIface {
+                ifindex,
+                mac,
+                _pad: [0; 2],
+            }
+        } else {
+            log::warn!(
+                "interfaces {} and {ifindex} share a slot of {}: frames arriving on either \
+                 are balanced whatever MAC they were sent to",
+                held.ifindex,
+                maps::RX_IFACES
+            );
+            RxIface::default()
+        };
+        slots
+            .set(slot, &entry, 0)
+            .with_context(|| format!("writing interface {ifindex}'s MAC"))
+    }
+
     pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
         self.tx_ports
             .insert(ifindex, ifindex, None, 0)
