@@ -12,6 +12,7 @@ use lb_common::{
     MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT, RING_SLAB_LEN, RateKey,
     VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
+use lb_common::{DECAP_REASON_COUNT, MAX_DECAP_VIPS, TunnelConfig};
 
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
@@ -75,3 +76,16 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 pub static FLOW_SHARE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static FLOW_SHARE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+// Tunnel and gue modes (tunnel.rs): the balancer's end of its tunnels.
+#[map]
+pub static TUNNEL: Array<TunnelConfig> = Array::with_max_entries(1, 0);
+
+// The decapsulation program (decap.rs, `lb decap`): its VIPs, GUE port and counters.
+#[map]
+pub static DECAP_VIPS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_DECAP_VIPS, 0);
+#[map]
+pub static DECAP_GUE_PORT: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static DECAP_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DECAP_REASON_COUNT, 0);

@@ -1825,6 +1825,10 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
             | Reason::DropIcmpNoFlow => {
                 prop_assert!(to_vip_address, "{:?} for no VIP address", reason);
             }
+            // No backend here is a tunnel's (tests/tests/dataplane_tunnel.rs has those).
+            Reason::TunnelTooBig | Reason::DropTunnelNoSource | Reason::DropTunnelNoRoom => {
+                prop_assert!(false, "{:?} without a tunnel backend", reason);
+            }
         }
         Ok(())
     });
