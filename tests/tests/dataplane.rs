@@ -1884,8 +1884,15 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
         .map(|r| (r.name(), count(*r).packets))
         .collect();
     println!("{} runs in {took:.1?}: {by_reason:?}", runs.get());
-    // The mix must actually reach every outcome, or the property says little of it.
-    for r in Reason::ALL {
+    // The mix must actually reach every outcome, or the property says little of it. It has
+    // no tunnel backend: tests/tests/dataplane_tunnel.rs covers those reasons (running out
+    // of headroom cannot happen under test-run at all).
+    let tunnel = [
+        Reason::TunnelTooBig,
+        Reason::DropTunnelNoSource,
+        Reason::DropTunnelNoRoom,
+    ];
+    for r in Reason::ALL.into_iter().filter(|r| !tunnel.contains(r)) {
         assert!(count(r).packets > 0, "no run ended as {}", r.name());
     }
 }
