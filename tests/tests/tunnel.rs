@@ -12,6 +12,8 @@ use lb_tests::e2e::*;
 use xtask::testbed::{self, Config, HTTP_PORT, Host, Proc, Testbed, VIP4, VIP6, wait_until};
 
 const GUE_PORT: u16 = 6080;
+/// A dsr VIP's port on the same balancer, served by the on-link backend.
+const DSR_PORT: u16 = 8080;
 const UPLOAD_PORT: u16 = 9000;
 const DOWNLOAD_PORT: u16 = 9001;
 /// The long transfers, each way.
@@ -94,8 +96,14 @@ fn start_servers(bed: &Testbed, i: usize, b: &Host, data: &Path) -> Vec<Proc> {
     vec![serve, upload, download, decap]
 }
 
-fn config(backends: &[Host]) -> String {
-    let mut text = String::new();
+fn config(backends: &[Host], on_link: &Host) -> String {
+    // A dsr VIP beside the tunnels: its on-link backend serves, the routed one cannot (dsr
+    // rewrites MACs only) and must say so.
+    let mut text = format!(
+        "[[vip]]\naddress = \"{VIP4}:{DSR_PORT}\"\n[vip.check]\ncheck = \"none\"\n\
+         [[vip.backend]]\naddress = \"{}\"\n[[vip.backend]]\naddress = \"{}\"\n",
+        on_link.ipv4, backends[0].ipv4
+    );
     let vips = [
         (
             SocketAddr::new(VIP4.into(), HTTP_PORT),
@@ -154,7 +162,7 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
             "{tool} not found: install it (./x.sh installs the test dependencies)"
         );
     }
-    let mut bed = or_panic(Testbed::new(Config { backends: 0 }));
+    let mut bed = or_panic(Testbed::new(Config { backends: 1 }));
     let backends = or_panic(bed.add_routed_backends(2));
     let data = bed.dir().join("data");
     or_panic(bed.run_in_ok(
@@ -176,20 +184,45 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
         .enumerate()
         .flat_map(|(i, b)| start_servers(&bed, i + 1, b, &data))
         .collect();
+    let on_link = bed.backends[0].clone();
+    let mut dsr_server = or_panic(bed.spawn_in(
+        &on_link.ns,
+        or_panic(bed.bin("xtask")),
+        ["serve", "--name", &name(3), "--port", &DSR_PORT.to_string()],
+    ));
+    or_panic(wait_until(Duration::from_secs(10), || {
+        anyhow::ensure!(dsr_server.try_wait().is_none(), "{}", dsr_server.log());
+        Ok(dsr_server.log().contains("listening"))
+    }));
     let config_path = bed.dir().join("lb.toml");
-    std::fs::write(&config_path, config(&backends)).unwrap();
+    std::fs::write(&config_path, config(&backends, &on_link)).unwrap();
     let socket = bed.dir().join("lb.sock");
     let _agent = or_panic(bed.start_agent(&config_path, &socket));
-    // Routed backends resolve to r1's MAC and come up.
-    wait_backends(&bed, &socket, "every routed backend up", |list| {
-        list.len() == 12 && list.iter().all(|b| field(b, "state") == "up")
+    // Routed backends resolve to r1's MAC and come up, except for the dsr VIP.
+    let dsr_vip = SocketAddr::new(VIP4.into(), DSR_PORT);
+    let refused = |b: &serde_json::Value| {
+        field(b, "vip") == dsr_vip.to_string()
+            && field(b, "address") == backends[0].ipv4.to_string()
+    };
+    wait_backends(&bed, &socket, "every usable backend up", |list| {
+        list.len() == 14
+            && list
+                .iter()
+                .all(|b| field(b, "state") == if refused(b) { "unresolved" } else { "up" })
     });
+    let list = backend_list_at(&bed, &socket);
+    let note = field(list.iter().find(|b| refused(b)).unwrap(), "note");
+    assert!(note.contains("routed via 10.99.0.254"), "{note}");
 
     // 200 connections split evenly, over IP-in-IP (IPv4) and GUE (IPv6).
     for vip in [vip4(), vip6()] {
         let tally = or_panic(bed.requests(vip, 200));
         assert_split(&tally, &[(1, 100), (2, 100)]);
     }
+
+    // The dsr VIP on the same balancer goes on working beside them.
+    let tally = or_panic(bed.requests(dsr_vip, 20));
+    assert_split(&tally, &[(3, 20)]);
 
     // UDP request/response over GUE: every datagram answered by a backend.
     let load = or_panic(bed.load_udp(
