@@ -43,7 +43,10 @@ const ERROR_V6: usize = 40 + 8;
 
 /// Wraps the packet in `pkt` in its outer header(s) to `backend`; the MACs are the
 /// caller's. `Err(TunnelTooBig)`: the frame was turned into the ICMP error to send back.
-#[inline(always)]
+/// A function of its own in the object (a BPF-to-BPF call), not inlined: it has two
+/// callers (forwarding, and ICMP errors sent on to a backend), and inlined twice it would
+/// double the program's size for one mode.
+#[inline(never)]
 pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Result<(), Reason> {
     let config = TUNNEL.get(0).ok_or(Reason::DropTunnelNoSource)?;
     let v4 = pkt.flow.family == FAMILY_V4;
