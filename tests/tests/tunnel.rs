@@ -34,7 +34,8 @@ fn xdp_bytes(bed: &Testbed, socket: &Path) -> u64 {
     reasons.values().map(|r| r["bytes"].as_u64().unwrap()).sum()
 }
 
-/// `xtask serve` (HTTP and UDP on port 80) and the transfer servers on routed backend `i`.
+/// `xtask serve` (HTTP and UDP on port 80), the transfer servers and `lb decap` (last) on
+/// routed backend `i`.
 fn start_servers(bed: &Testbed, i: usize, b: &Host, data: &Path) -> Vec<Proc> {
     let name = name(i);
     let mut serve = or_panic(bed.spawn_in(
@@ -179,7 +180,7 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
         ],
     ));
     let want = client_sha(&bed, &format!("sha256sum {}", data.display()));
-    let _servers: Vec<Proc> = backends
+    let mut servers: Vec<Proc> = backends
         .iter()
         .enumerate()
         .flat_map(|(i, b)| start_servers(&bed, i + 1, b, &data))
@@ -282,4 +283,26 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
         through_lb > 0,
         "the client's acknowledgements go through the balancer"
     );
+
+    // Stopped, each `lb decap` says what it stripped: both backends took their share.
+    for decap in servers.iter_mut().skip(3).step_by(4) {
+        or_panic(decap.signal(libc::SIGTERM));
+        let status = decap.wait_timeout(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "lb decap did not stop cleanly ({status:?}):\n{}",
+            decap.log()
+        );
+        let log = decap.log();
+        let stripped: u64 = log
+            .split("stopped; decapsulated ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no final counters from lb decap:\n{log}"));
+        assert!(
+            stripped > 1000,
+            "lb decap stripped {stripped} packets:\n{log}"
+        );
+    }
 }
