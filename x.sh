@@ -12,6 +12,8 @@ cd "$(dirname "$0")"
 TOOLCHAIN=1.98.0            # aya 0.16 needs >= 1.98; pinned in rust-toolchain.toml too
 BPF_LINKER_VERSION=0.13.0   # built against LLVM 22, rustc 1.98's LLVM
 APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 openssl curl iputils-ping
+  # tunnel mode's end-to-end test: long transfers through routed backends
+  socat
   # database checks' tests: the real servers
   mariadb-server postgresql
   # the classic stack's web servers (HTTPS with persistence)

@@ -600,6 +600,8 @@ fn phases(
         each(&fx, &mut cases)?;
     }
 
+    tunnel::phase(baselines, progress, each)?;
+
     // Phase 2: a full flow table.
     if opts.table_flows > 0 {
         let mut fx = configured_fixture();
@@ -831,4 +833,83 @@ pub fn spin(case: &str, config: &str, secs: f64) -> Result<u64> {
         bail!("no case {case:?} with configuration {config:?}");
     }
     Ok(runs)
+}
+
+// ---- tunnel and gue beside dsr -------------------------------------------------------------
+
+pub use tunnel::{CASE_DSR, CASE_GUE, CASE_TUNNEL, CONFIG_TUNNEL};
+
+/// What wrapping a packet in an outer header costs: one established flow each to a dsr, a
+/// tunnel and a gue VIP (one backend each), IPv4 and IPv6, beside the baselines of the same
+/// phase. These rewrite the frame (it grows), so no case is re-run on its own output.
+mod tunnel {
+    use lb::{model::Mode, tunnel::TunnelSettings};
+
+    use super::*;
+
+    pub const CASE_DSR: &str = "established TCP flow, dsr";
+    pub const CASE_TUNNEL: &str = "established TCP flow, tunnel (IP-in-IP)";
+    pub const CASE_GUE: &str = "established TCP flow, gue";
+    pub const CONFIG_TUNNEL: &str = "modes, IPv4";
+    pub const CONFIG_TUNNEL6: &str = "modes, IPv6";
+
+    pub fn phase(
+        baselines: &Baselines,
+        progress: &mut dyn FnMut(&str),
+        each: &mut dyn FnMut(&Fixture, &mut Vec<Case<'_>>) -> Result<()>,
+    ) -> Result<()> {
+        progress("data plane: tunnel and gue beside dsr");
+        let mut fx = Fixture::new();
+        fx.dp.set_tunnel(
+            &TunnelSettings {
+                source_v4: Some(Ipv4Addr::new(10, 0, 0, 2)),
+                source_v6: Some("fd00::2".parse()?),
+                gue_port: None,
+            }
+            .entry(&[]),
+        )?;
+        let modes = [
+            (CASE_DSR, Mode::Dsr),
+            (CASE_TUNNEL, Mode::Tunnel),
+            (CASE_GUE, Mode::Gue),
+        ];
+        let mut flows = Vec::new();
+        for (i, (name, mode)) in modes.iter().enumerate() {
+            let i = i as u32;
+            for (config, v6) in [(CONFIG_TUNNEL, false), (CONFIG_TUNNEL6, true)] {
+                let id = 1 + i * 2 + u32::from(v6);
+                let (backend, vip, base): (IpAddr, IpAddr, IpAddr) = if v6 {
+                    ("fd01::1".parse()?, "fd00::10".parse()?, est6())
+                } else {
+                    ("10.1.0.1".parse()?, "10.0.0.10".parse()?, est4())
+                };
+                fx.backend(id, backend, TEST_RUN_IFINDEX);
+                fx.update_backend(id, |b| b.flags |= mode.backend_flags());
+                let vip = SocketAddr::new(vip, 80 + i as u16);
+                fx.vip(vip, PROTO_TCP, id, 16 * id, &[id]);
+                flows.push((*name, config, id, Template::new(base, vip, PROTO_TCP)));
+            }
+        }
+        let prog = fx.dp.program_fd()?;
+        let mut cases = baseline_cases(baselines, CONFIG_TUNNEL);
+        for (name, config, id, t) in flows {
+            let mut frame = Vec::new();
+            t.write(0, &mut frame);
+            bpf::expect_action(prog.as_fd(), &frame, XDP_TX, "the first packet of a flow")?;
+            cases.push(Case {
+                name,
+                config,
+                prog: prog.as_fd(),
+                frames: Frames::Fixed(frame),
+                expect: XDP_TX,
+                vip_id: Some(id),
+                check: FlowCheck::NoneNew,
+                rounds: Vec::new(),
+                repeatable: false,
+                amortized: Vec::new(),
+                surprises: 0,
+            });
+        }
+        each(&fx, &mut cases)
+    }
 }

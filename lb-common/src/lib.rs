@@ -438,6 +438,16 @@ reasons! {
     /// was addressed at L2 to another host (flooded by a switch that forgot where a dead
     /// balancer was): handed to the host, which ignores it.
     PassNotOurMac = "pass_not_our_mac", Pass;
+    // -- tunnel and gue modes (lb-ebpf/src/tunnel.rs) --
+    /// A packet for a tunnel backend that would exceed the egress MTU once encapsulated,
+    /// answered with ICMP "fragmentation needed" / ICMPv6 "packet too big" (XDP_TX) giving
+    /// the MTU that fits, so the client's path MTU discovery shrinks its packets.
+    TunnelTooBig = "tunnel_too_big", Reply;
+    /// No outer source address for the packet's family (`[tunnel] source_v4/source_v6`
+    /// unset and none found on the interface): it cannot be encapsulated.
+    DropTunnelNoSource = "drop_tunnel_no_source", Drop;
+    /// The driver gave no room for the outer header (`bpf_xdp_adjust_head` failed).
+    DropTunnelNoRoom = "drop_tunnel_no_room", Drop;
 }
 
 // Checked at compile time: the counters are indexed by discriminant, so `ALL` must hold
@@ -463,11 +473,13 @@ pub mod xdp {
 }
 
 impl Outcome {
-    /// The XDP action of a packet stopped with this outcome before it was forwarded or
-    /// answered: passes go to the host's stack, everything else is dropped.
+    /// The XDP action of a packet stopped with this outcome on its way to a backend:
+    /// passes go to the host's stack, answers (the frame turned into the answer, e.g.
+    /// `TunnelTooBig`) back out, everything else is dropped.
     pub const fn stop_action(self) -> u32 {
         match self {
             Outcome::Pass => xdp::PASS,
+            Outcome::Reply => xdp::TX,
             _ => xdp::DROP,
         }
     }
@@ -500,9 +512,14 @@ pub mod maps {
     pub const FLOW_SHARE: &str = "FLOW_SHARE";
     pub const FLOW_SHARE_DROPS: &str = "FLOW_SHARE_DROPS";
     pub const RX_IFACES: &str = "RX_IFACES";
+    pub const TUNNEL: &str = "TUNNEL";
+    // The decapsulation program's (`lb decap`): never pinned, never in `ALL`.
+    pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const DECAP_GUE_PORT: &str = "DECAP_GUE_PORT";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -528,6 +545,7 @@ pub mod maps {
         FLOW_SHARE,
         FLOW_SHARE_DROPS,
         RX_IFACES,
+        TUNNEL,
     ];
 }
 
@@ -552,6 +570,72 @@ pub const FLOW_SHARE_ON: u32 = 0;
 
 /// The XDP program's name in the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
+
+// ---- Tunnel and gue modes (lb-ebpf/src/tunnel.rs), decapsulation (lb-ebpf/src/decap.rs) ----
+
+/// The balancer's end of its tunnels (`TUNNEL[0]`, written by the agent at start).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TunnelConfig {
+    /// Outer source address of IPv4 tunnels, network order; 0: none.
+    pub src_v4: u32,
+    /// Outer source address of IPv6 tunnels, as a flow key holds it; all zero: none.
+    pub src_v6: Addr,
+    /// GUE's UDP destination port, network order.
+    pub gue_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// The GUE port when none is configured (the one Katran's examples use).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// Outer header bytes: IPv4, IPv6, and GUE's UDP header on top.
+pub const TUNNEL_V4_OVERHEAD: u32 = 20;
+pub const TUNNEL_V6_OVERHEAD: u32 = 40;
+pub const GUE_OVERHEAD: u32 = 8;
+/// GUE's outer source ports: the top quarter of the port space, picked by flow hash so a
+/// backend NIC's receive hashing spreads flows over its queues.
+pub const GUE_SPORT_BASE: u16 = 0xc000;
+pub const GUE_SPORT_MASK: u16 = 0x3fff;
+
+/// The decapsulation program's name in the object file (`lb decap`).
+pub const DECAP_PROGRAM_NAME: &str = "lb_decap";
+/// VIP addresses `lb decap` strips tunnels for (`DECAP_VIPS` keys, value unused). Its GUE
+/// port is `DECAP_GUE_PORT[0]`, network order in the low 16 bits; 0: GUE not stripped.
+pub const MAX_DECAP_VIPS: u32 = 1024;
+
+/// What `lb decap` did with a packet; the index into `DECAP_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapReason {
+    /// Tunnelled to one of its VIPs: outer header stripped, passed up.
+    Decapsulated,
+    /// Not a tunnel packet (nor GUE on the configured port): passed untouched.
+    PassNotTunnel,
+    /// A tunnel packet whose inner destination is none of its VIPs: passed untouched.
+    PassNotVip,
+    /// A tunnel packet too short or odd to be decapsulated: passed untouched.
+    PassMalformed,
+}
+
+impl DecapReason {
+    pub const ALL: [DecapReason; 4] = [
+        DecapReason::Decapsulated,
+        DecapReason::PassNotTunnel,
+        DecapReason::PassNotVip,
+        DecapReason::PassMalformed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapReason::Decapsulated => "decapsulated",
+            DecapReason::PassNotTunnel => "pass_not_tunnel",
+            DecapReason::PassNotVip => "pass_not_vip",
+            DecapReason::PassMalformed => "pass_malformed",
+        }
+    }
+}
+
+pub const DECAP_REASON_COUNT: u32 = DecapReason::ALL.len() as u32;
 
 /// Hash of a flow's 5-tuple, the same in the data plane and in the agent (Maglev tests and
 /// tools predict where a flow lands). A murmur3-style mix: cheap, no tables, no loops the
@@ -593,6 +677,7 @@ mod user {
     unsafe impl aya::Pod for ActiveFlow {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for RxIface {}
+    unsafe impl aya::Pod for TunnelConfig {}
 }
 
 #[cfg(test)]
@@ -714,5 +799,9 @@ mod tests {
         // Pinned flow tables outlive the agent: the flow value's size never changes.
         assert_eq!(core::mem::size_of::<FlowValue>(), 8);
         assert_eq!(core::mem::size_of::<VipMeta>(), 72);
+        assert_eq!(core::mem::size_of::<TunnelConfig>(), 24);
+        for (i, r) in DecapReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.name());
+        }
     }
 }

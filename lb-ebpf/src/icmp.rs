@@ -204,6 +204,6 @@ fn error_to_backend(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Rea
         }
         None => return Err(Reason::DropIcmpNoFlow),
     };
-    let action = transmit::forward(ctx, backend)?;
+    let action = transmit::forward(ctx, pkt, backend)?;
     Ok((action, Reason::IcmpErrorForwarded))
 }

@@ -7,11 +7,15 @@
 //!   the destination is a VIP address, which service (VIP) it is for, the per-source limit
 //!   of new flows and the VIP's ceiling on them;
 //! - `transmit`: MAC rewrite, then XDP_TX or XDP_REDIRECT;
+//! - `tunnel`: the outer header of tunnel and gue modes, and ICMP "too big" answers;
 //! - `icmp`: echo requests answered, errors about a flow sent on to its backend;
 //! - `persist`, `leastconn`: source affinity and least connections, for new flows;
 //! - `refuse`: a SYN to a VIP with no backend answered with a RST;
 //! - `share`: new flows' pins for the agent to share with peer balancers;
 //! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access.
+//!
+//! A second program, `decap::lb_decap` (`lb decap`), runs on backends: it strips the
+//! tunnels `tunnel` makes.
 //!
 //! Every packet is counted under exactly one reason (`lb_common::Reason`). Anything not
 //! addressed to a VIP and not from a dropped source leaves untouched with XDP_PASS.
@@ -21,6 +25,7 @@
 #![feature(asm_experimental_arch)]
 
 mod count;
+mod decap;
 mod frame;
 mod icmp;
 mod leastconn;
@@ -32,6 +37,7 @@ mod refuse;
 mod select;
 mod share;
 mod transmit;
+mod tunnel;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
 use lb_common::{BACKEND_F_LEASTCONN, Backend, Reason};
@@ -115,7 +121,7 @@ fn forward(
     backend_id: u32,
     backend: &Backend,
 ) -> Result<(u32, Reason), Reason> {
-    let action = transmit::forward(ctx, backend)?;
+    let action = transmit::forward(ctx, pkt, backend)?;
     count::packet(&VIP_STATS, vip_id, pkt.len);
     count::packet(&BACKEND_STATS, backend_id, pkt.len);
     Ok((action, Reason::Forwarded))

@@ -12,6 +12,7 @@ use lb_common::{
     MAX_RATE_SOURCES, MAX_RX_IFACES, MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT,
     RING_SLAB_LEN, RateKey, RxIface, VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
+use lb_common::{DECAP_REASON_COUNT, MAX_DECAP_VIPS, TunnelConfig};
 
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
@@ -79,3 +80,15 @@ pub static FLOW_SHARE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1,
 /// The attached interfaces' own MACs (`lb_common::RxIface`).
 #[map]
 pub static RX_IFACES: Array<RxIface> = Array::with_max_entries(MAX_RX_IFACES, 0);
+// Tunnel and gue modes (tunnel.rs): the balancer's end of its tunnels.
+#[map]
+pub static TUNNEL: Array<TunnelConfig> = Array::with_max_entries(1, 0);
+
+// The decapsulation program (decap.rs, `lb decap`): its VIPs, GUE port and counters.
+#[map]
+pub static DECAP_VIPS: HashMap<VipAddr, u32> = HashMap::with_max_entries(MAX_DECAP_VIPS, 0);
+#[map]
+pub static DECAP_GUE_PORT: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+pub static DECAP_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DECAP_REASON_COUNT, 0);

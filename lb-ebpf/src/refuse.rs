@@ -101,14 +101,14 @@ pub fn reset(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Reason> {
 /// Adds a word of raw (network-order) bytes to a ones' complement sum of 16-bit halves; the
 /// byte order of the halves does not matter as long as the result is stored the same way.
 #[inline(always)]
-fn add_word(sum: u32, word: u32) -> u32 {
+pub(crate) fn add_word(sum: u32, word: u32) -> u32 {
     let s = sum as u64 + (word & 0xffff) as u64 + (word >> 16) as u64;
     ((s & 0xffff_ffff) + (s >> 32)) as u32
 }
 
 /// The checksum of a sum: folded to 16 bits and inverted.
 #[inline(always)]
-fn fold(sum: u32) -> u16 {
+pub(crate) fn fold(sum: u32) -> u16 {
     let mut s = (sum & 0xffff) + (sum >> 16);
     s = (s & 0xffff) + (s >> 16);
     !(s as u16)

@@ -1,17 +1,21 @@
 //! Transmit: direct server return at L2. Only the MACs change, so no checksum needs
 //! touching; the frame leaves by XDP_TX when the backend is behind the interface it came
-//! in on, else by XDP_REDIRECT through the devmap.
+//! in on, else by XDP_REDIRECT through the devmap. A tunnel backend's packet gets its outer
+//! header first (`tunnel`); the MACs are then the next hop's.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{BACKEND_F_RESOLVED, Backend, Reason, xdp};
+use lb_common::{BACKEND_F_RESOLVED, BACKEND_F_TUNNEL, Backend, Reason, xdp};
 
-use crate::{frame::store, maps::TX_PORTS};
+use crate::{frame::store, maps::TX_PORTS, parse::Packet, tunnel};
 
 /// Sends the frame to `backend`, or hands it to the host while its MAC is unknown.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Result<u32, Reason> {
     if backend.flags & BACKEND_F_RESOLVED == 0 {
         return Err(Reason::PassNoNeigh);
+    }
+    if backend.flags & BACKEND_F_TUNNEL != 0 {
+        tunnel::encapsulate(ctx, pkt, backend)?;
     }
     rewrite_macs(ctx, backend)?;
     if backend.ifindex as usize == ctx.ingress_ifindex() {

@@ -33,6 +33,11 @@
 //! listen = "10.0.0.2:7946"
 //! peers = ["10.0.0.3:7946"]
 //! key_file = "/etc/lb/fleet.key"
+//!
+//! [tunnel]                   # tunnel and gue VIPs (crate::tunnel); read at start
+//! source_v4 = "10.0.0.2"     # outer source; default: the first interface's address
+//! source_v6 = "fd00::2"
+//! gue_port = 6080            # gue's UDP port (default 6080)
 //! ```
 //!
 //! Every error names the line: syntax and type errors from the TOML parser's span, meaning
@@ -67,6 +72,9 @@ pub struct Config {
     /// Sharing flow pins with peer balancers (`crate::flowsync`); read at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_sync: Option<crate::flowsync::FlowSyncConfig>,
+    /// The balancer's end of tunnel and gue VIPs' tunnels; kept by the agent, read at start.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tunnel: crate::tunnel::TunnelSettings,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +199,7 @@ enum At {
     Firewall(usize),
     Fleet,
     FlowSync,
+    Tunnel,
 }
 
 /// Where each entry stands in the text; everything else is ignored.
@@ -203,6 +212,8 @@ struct SpanIndex {
     fleet: Option<Spanned<toml::Value>>,
     #[serde(default)]
     flow_sync: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    tunnel: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +284,7 @@ impl Config {
                 At::Firewall(i) => spans.firewall.drop.get(i).map(|d| d.span()),
                 At::Fleet => spans.fleet.as_ref().map(|f| f.span()),
                 At::FlowSync => spans.flow_sync.as_ref().map(|f| f.span()),
+                At::Tunnel => spans.tunnel.as_ref().map(|t| t.span()),
             };
             return Err(match span {
                 Some(span) => anyhow!("line {}: {error:#}", line_of(span.start)),
@@ -324,6 +336,7 @@ impl Config {
         if let Some(f) = &self.flow_sync {
             f.validate().map_err(|e| (At::FlowSync, e))?;
         }
+        self.tunnel.validate().map_err(|e| (At::Tunnel, e))?;
         Ok(())
     }
 

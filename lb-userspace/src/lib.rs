@@ -9,12 +9,15 @@
 //! - [`cli`]: the `lb` command line, its tables and `stats --watch`.
 //! - [`fleet`]: announcing VIP addresses to routers (BGP + ECMP), leave and join.
 //! - [`flowsync`]: sharing flow pins with peer balancers.
+//! - [`tunnel`]: the balancer's end of tunnel and gue VIPs; [`decap`]: `lb decap`, the
+//!   backends' end.
 //! - [`config`] the configuration file, [`model`] the domain's small types, [`run`] the
 //!   agent's run loop.
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod decap;
 pub mod fleet;
 pub mod flowsync;
 pub mod health;
@@ -25,6 +28,7 @@ pub mod monitor;
 pub mod run;
 pub mod service;
 pub mod state;
+pub mod tunnel;
 
 // The paths tools and tests know.
 pub use api::protocol as control;

@@ -117,8 +117,8 @@ impl Mode {
     /// Refuses modes this build cannot forward yet.
     pub fn validate(self) -> Result<()> {
         match self {
-            Mode::Dsr => Ok(()),
-            other => bail!("mode {other} is not built yet: only dsr forwards today"),
+            Mode::Dsr | Mode::Tunnel | Mode::Gue => Ok(()),
+            other => bail!("mode {other} is not built yet: dsr, tunnel and gue forward today"),
         }
     }
 }

@@ -95,6 +95,7 @@ pub async fn run(opts: Options) -> Result<()> {
         },
         history: Default::default(),
         fleet: crate::fleet::Fleet::new(config.fleet.clone()),
+        tunnel: config.tunnel.clone(),
     });
     // The same path as `lb apply`: the difference from an empty (or adopted) state.
     let started = std::time::Instant::now();
@@ -109,8 +110,14 @@ pub async fn run(opts: Options) -> Result<()> {
         let index = kernel::netif::index(iface)?;
         rx_macs.push((index, agent.netif.link_mac(index).await?));
     }
+    // The outer source of tunnels: configured, else the first interface's address.
+    let first_iface = kernel::netif::index(&opts.ifaces[0])?;
+    let tunnel = config
+        .tunnel
+        .entry(&agent.netif.addresses(first_iface).await?);
     {
         let mut state = agent.state.lock().await;
+        state.dataplane_mut().set_tunnel(&tunnel)?;
         state.finish_adoption()?;
         // Attach only once the maps hold the configuration: a pinned attachment is
         // switched to this program atomically, a new one starts forwarding with complete

@@ -1897,6 +1897,10 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
             | Reason::DropIcmpNoFlow => {
                 prop_assert!(to_vip_address, "{:?} for no VIP address", reason);
             }
+            // No backend here is a tunnel's (tests/tests/dataplane_tunnel.rs has those).
+            Reason::TunnelTooBig | Reason::DropTunnelNoSource | Reason::DropTunnelNoRoom => {
+                prop_assert!(false, "{:?} without a tunnel backend", reason);
+            }
         }
         Ok(())
     });
@@ -1952,8 +1956,15 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
         .map(|r| (r.name(), count(*r).packets))
         .collect();
     println!("{} runs in {took:.1?}: {by_reason:?}", runs.get());
-    // The mix must actually reach every outcome, or the property says little of it.
-    for r in Reason::ALL {
+    // The mix must actually reach every outcome, or the property says little of it. It has
+    // no tunnel backend: tests/tests/dataplane_tunnel.rs covers those reasons (running out
+    // of headroom cannot happen under test-run at all).
+    let tunnel = [
+        Reason::TunnelTooBig,
+        Reason::DropTunnelNoSource,
+        Reason::DropTunnelNoRoom,
+    ];
+    for r in Reason::ALL.into_iter().filter(|r| !tunnel.contains(r)) {
         assert!(count(r).packets > 0, "no run ended as {}", r.name());
     }
 }

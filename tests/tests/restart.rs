@@ -47,7 +47,7 @@ const PREVIOUS_LAYOUT: &[u8] = include_bytes!("../fixtures/lb-ebpf-4fe7cc3.o");
 /// bytes: the fields since are appended) and REASON_STATS (one reason fewer). The previous
 /// program gets maps of its own shapes for these; the map added since is not pinned.
 const CHANGED_SINCE_PREVIOUS: [&str; 2] = [lb_common::maps::VIPS, lb_common::maps::REASON_STATS];
-const ADDED_SINCE_PREVIOUS: [&str; 9] = [
+const ADDED_SINCE_PREVIOUS: [&str; 10] = [
     lb_common::maps::VIP_NEW_FLOW_TAT,
     lb_common::maps::PERSIST,
     lb_common::maps::PERSIST_STATS,
@@ -57,6 +57,7 @@ const ADDED_SINCE_PREVIOUS: [&str; 9] = [
     lb_common::maps::FLOW_SHARE,
     lb_common::maps::FLOW_SHARE_DROPS,
     lb_common::maps::RX_IFACES,
+    lb_common::maps::TUNNEL,
 ];
 const PREVIOUS_VIP_META_LEN: usize = 32;
 

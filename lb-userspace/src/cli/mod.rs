@@ -79,6 +79,31 @@ enum Command {
               value_parser = clap::value_parser!(u32).range(1024..=1 << 28))]
         max_flows: u32,
     },
+    /// On a backend of tunnel or gue VIPs: strip the balancer's outer header (IP-in-IP,
+    /// IPv6-in-IPv6, GUE) from packets to these VIPs and pass them up; the VIPs must be on
+    /// loopback. Runs in the foreground; SIGINT/SIGTERM detach it.
+    #[command(after_help = "Examples:
+  lb decap --iface eth0 --vip 10.0.0.10 --vip fd00::10
+  lb decap --iface eth0 --vip 10.0.0.10 --gue-port          (GUE on 6080 too)
+  lb decap --iface eth0 --vip 10.0.0.10 --interval 60       (counters every minute)")]
+    Decap {
+        /// The interface tunnelled packets arrive on.
+        #[arg(long)]
+        iface: String,
+        /// A VIP address this backend serves (repeat for more).
+        #[arg(long = "vip", value_name = "ADDR", required = true)]
+        vips: Vec<std::net::IpAddr>,
+        /// Strip GUE on this UDP port too (without a value: the balancer's default).
+        #[arg(long, value_name = "PORT", num_args = 0..=1,
+              default_missing_value = "6080")]
+        gue_port: Option<u16>,
+        /// Use generic (SKB) XDP, for drivers without native XDP.
+        #[arg(long)]
+        generic: bool,
+        /// Print the counters every SECONDS (0: only when stopped).
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        interval: u64,
+    },
     /// The overview to read first: agent, interfaces and XDP mode, VIPs with backends up,
     /// drops in the last minute, flow table use.
     #[command(after_help = "Examples:
@@ -476,6 +501,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 max_flows,
             }));
         }
+        Command::Decap {
+            iface,
+            vips,
+            gue_port,
+            generic,
+            interval,
+        } => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            return runtime.block_on(crate::decap::run(crate::decap::Options {
+                iface,
+                vips,
+                gue_port,
+                generic,
+                interval: (interval > 0).then(|| std::time::Duration::from_secs(interval)),
+            }));
+        }
         Command::Vip(VipCommand::Add(v)) => (Request::VipAdd(v.spec()?), false),
         Command::Vip(VipCommand::Set(v)) => (Request::VipSet(v.spec()?), false),
         Command::Vip(VipCommand::Del(v)) => (
@@ -701,8 +742,8 @@ mod tests {
         let mut seen = 0;
         check(&mut cli, "lb", &mut seen);
         // lb, run, status, apply, stats, completions, man, vip (5), backend (7), firewall (4),
-        // fleet (4)
-        assert_eq!(seen, 27);
+        // fleet (4), decap
+        assert_eq!(seen, 28);
     }
 
     /// The examples are real command lines: each parses.

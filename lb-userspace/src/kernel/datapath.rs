@@ -728,6 +728,18 @@ impl Datapath {
         take(&mut self.ebpf, maps::FLOW_EVENTS)
     }
 
+    /// The balancer's end of its tunnels (tunnel and gue modes): outer source addresses
+    /// and the GUE port.
+    pub fn set_tunnel(&mut self, config: &lb_common::TunnelConfig) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(maps::TUNNEL)
+            .ok_or_else(|| anyhow!("map {} missing from the program", maps::TUNNEL))?;
+        Array::<_, lb_common::TunnelConfig>::try_from(map)?
+            .set(0, config, 0)
+            .context("writing TUNNEL")
+    }
+
     /// Whether the data plane writes new flows' pins into the ring buffer.
     pub fn set_flow_sharing(&mut self, on: bool) -> Result<()> {
         let map = self

@@ -9,6 +9,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
+    address::AddressAttribute,
     link::{LinkAttribute, LinkXdp},
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
@@ -181,6 +182,25 @@ impl Netif {
                 _ => None,
             })
             .ok_or_else(|| anyhow!("interface {ifindex} has no Ethernet address"))
+    }
+
+    /// The addresses of interface `ifindex`, in the kernel's order.
+    pub async fn addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        let mut dump = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = dump.try_next().await? {
+            for attr in msg.attributes {
+                if let AddressAttribute::Address(a) = attr {
+                    out.push(a);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The id of the XDP program attached to `ifindex`, if any.
