@@ -12,6 +12,7 @@ use lb_common::{
     MAX_RATE_SOURCES, MAX_TX_PORTS, MAX_VIPS, PersistValue, REASON_COUNT, RING_SLAB_LEN, RateKey,
     VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
+use lb_common::{MAX_NAT_FLOWS, NAT_STATS_LEN, NatEntry, NatSnat};
 
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
@@ -75,3 +76,19 @@ pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 pub static FLOW_SHARE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static FLOW_SHARE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+// Full NAT (nat.rs): the SNAT address and ports per family, the translations (plain hash
+// maps: the kernel never evicts one half of a pair; the agent expires both), counters.
+#[map]
+pub static NAT_SNAT: Array<NatSnat> = Array::with_max_entries(2, 0);
+#[map]
+pub static NAT_FWD: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(MAX_NAT_FLOWS, BPF_F_NO_PREALLOC);
+#[map]
+pub static NAT_REV: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(MAX_NAT_FLOWS, BPF_F_NO_PREALLOC);
+#[map]
+pub static NAT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NAT_STATS_LEN, 0);
+/// Where a new translation's entry is built (too big for the stack); not pinned.
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<NatEntry> = PerCpuArray::with_max_entries(1, 0);

@@ -1825,6 +1825,16 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
             | Reason::DropIcmpNoFlow => {
                 prop_assert!(to_vip_address, "{:?} for no VIP address", reason);
             }
+            // No VIP here is in NAT mode and no SNAT address is set.
+            Reason::NatReply
+            | Reason::NatIcmpReply
+            | Reason::PassNatNoNeigh
+            | Reason::DropNatNoRoute
+            | Reason::DropNatPortsExhausted
+            | Reason::DropNatTableFull
+            | Reason::DropNatNoSnat => {
+                prop_assert!(false, "{:?} without a NAT VIP", reason);
+            }
         }
         Ok(())
     });
