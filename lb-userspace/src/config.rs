@@ -29,6 +29,11 @@
 //! [firewall]
 //! drop = ["203.0.113.0/24", "2001:db8:bad::/48"]
 //!
+//! [nat]                      # full NAT (crate::nat): SNAT addresses and ports
+//! snat_v4 = "10.0.0.2"       # default: the egress address toward a NAT backend
+//! port_first = 1024          # default 1024-32767
+//! port_last = 32767
+//!
 //! [flow_sync]                # sharing flow pins with peer balancers (crate::flowsync)
 //! listen = "10.0.0.2:7946"
 //! peers = ["10.0.0.3:7946"]
@@ -67,6 +72,9 @@ pub struct Config {
     /// Sharing flow pins with peer balancers (`crate::flowsync`); read at start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_sync: Option<crate::flowsync::FlowSyncConfig>,
+    /// Full NAT's SNAT addresses and ports (`crate::nat`); read at start.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub nat: crate::nat::NatConfig,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +199,7 @@ enum At {
     Firewall(usize),
     Fleet,
     FlowSync,
+    Nat,
 }
 
 /// Where each entry stands in the text; everything else is ignored.
@@ -203,6 +212,7 @@ struct SpanIndex {
     fleet: Option<Spanned<toml::Value>>,
     #[serde(default)]
     flow_sync: Option<Spanned<toml::Value>>,
+    nat: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +283,7 @@ impl Config {
                 At::Firewall(i) => spans.firewall.drop.get(i).map(|d| d.span()),
                 At::Fleet => spans.fleet.as_ref().map(|f| f.span()),
                 At::FlowSync => spans.flow_sync.as_ref().map(|f| f.span()),
+                At::Nat => spans.nat.as_ref().map(|f| f.span()),
             };
             return Err(match span {
                 Some(span) => anyhow!("line {}: {error:#}", line_of(span.start)),
@@ -324,6 +335,7 @@ impl Config {
         if let Some(f) = &self.flow_sync {
             f.validate().map_err(|e| (At::FlowSync, e))?;
         }
+        self.nat.validate().map_err(|e| (At::Nat, e))?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 //! - [`cli`]: the `lb` command line, its tables and `stats --watch`.
 //! - [`fleet`]: announcing VIP addresses to routers (BGP + ECMP), leave and join.
 //! - [`flowsync`]: sharing flow pins with peer balancers.
+//! - [`nat`]: full NAT's SNAT addresses and the sweeper of its translations.
 //! - [`config`] the configuration file, [`model`] the domain's small types, [`run`] the
 //!   agent's run loop.
 
@@ -22,6 +23,7 @@ pub mod kernel;
 pub mod manual;
 pub mod model;
 pub mod monitor;
+pub mod nat;
 pub mod run;
 pub mod service;
 pub mod state;

@@ -117,8 +117,8 @@ impl Mode {
     /// Refuses modes this build cannot forward yet.
     pub fn validate(self) -> Result<()> {
         match self {
-            Mode::Dsr => Ok(()),
-            other => bail!("mode {other} is not built yet: only dsr forwards today"),
+            Mode::Dsr | Mode::Nat => Ok(()),
+            other => bail!("mode {other} is not built yet: only dsr and nat forward today"),
         }
     }
 }

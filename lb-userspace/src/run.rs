@@ -95,6 +95,7 @@ pub async fn run(opts: Options) -> Result<()> {
         },
         history: Default::default(),
         fleet: crate::fleet::Fleet::new(config.fleet.clone()),
+        nat: config.nat.clone(),
     });
     // The same path as `lb apply`: the difference from an empty (or adopted) state.
     let started = std::time::Instant::now();
@@ -103,6 +104,8 @@ pub async fn run(opts: Options) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{}: {e:#}", opts.config.display()))?;
     let flow_sync = crate::flowsync::start(agent.clone(), config.flow_sync.as_ref()).await?;
+    // Before attaching: a NAT VIP's first flows find their SNAT address.
+    crate::nat::refresh_snat(&agent).await?;
     {
         let mut state = agent.state.lock().await;
         state.finish_adoption()?;
@@ -145,6 +148,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
     tasks.push(tokio::spawn(reconcile_active(agent.clone())));
+    tasks.push(tokio::spawn(crate::nat::run(agent.clone())));
     tasks.push(tokio::spawn(crate::api::remove_departed(agent.clone())));
     tasks.extend(crate::fleet::announce::start(agent.clone()));
     tasks.extend(flow_sync);

@@ -24,6 +24,17 @@ use proptest::{
     test_runner::{Config, TestCaseError, TestRunner},
 };
 
+/// The reasons only full NAT counts under.
+const NAT_REASONS: [Reason; 7] = [
+    Reason::NatReply,
+    Reason::NatIcmpReply,
+    Reason::PassNatNoNeigh,
+    Reason::DropNatNoRoute,
+    Reason::DropNatPortsExhausted,
+    Reason::DropNatTableFull,
+    Reason::DropNatNoSnat,
+];
+
 fn pinned(backend_id: u32, backend_generation: u32) -> Option<FlowValue> {
     Some(FlowValue {
         backend_id,
@@ -1826,15 +1837,16 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
                 prop_assert!(to_vip_address, "{:?} for no VIP address", reason);
             }
             // No VIP here is in NAT mode and no SNAT address is set.
+            r if NAT_REASONS.contains(&r) => {
+                prop_assert!(false, "{:?} without a NAT VIP", reason);
+            }
             Reason::NatReply
             | Reason::NatIcmpReply
             | Reason::PassNatNoNeigh
             | Reason::DropNatNoRoute
             | Reason::DropNatPortsExhausted
             | Reason::DropNatTableFull
-            | Reason::DropNatNoSnat => {
-                prop_assert!(false, "{:?} without a NAT VIP", reason);
-            }
+            | Reason::DropNatNoSnat => unreachable!("matched above"),
         }
         Ok(())
     });
@@ -1890,8 +1902,10 @@ fn random_and_mutated_frames_pass_untouched_drop_or_forward_with_only_the_macs_c
         .map(|r| (r.name(), count(*r).packets))
         .collect();
     println!("{} runs in {took:.1?}: {by_reason:?}", runs.get());
-    // The mix must actually reach every outcome, or the property says little of it.
-    for r in Reason::ALL {
+    // The mix must actually reach every outcome, or the property says little of it; the
+    // NAT reasons need a NAT VIP and SNAT address, which this fixture does not have (their
+    // cases are in nat_dataplane.rs).
+    for r in Reason::ALL.into_iter().filter(|r| !NAT_REASONS.contains(r)) {
         assert!(count(r).packets > 0, "no run ended as {}", r.name());
     }
 }

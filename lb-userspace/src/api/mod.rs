@@ -48,6 +48,8 @@ pub struct Agent {
     pub history: std::sync::Mutex<History>,
     /// Announcing VIP addresses to routers, leave and join (`crate::fleet`).
     pub fleet: crate::fleet::Fleet,
+    /// `[nat]` as read at start (`crate::nat`), written back with every change.
+    pub nat: crate::nat::NatConfig,
 }
 
 /// The configuration file, rewritten after every change.
@@ -79,6 +81,7 @@ impl Agent {
         let _one_at_a_time = self.config.changes.lock().await;
         let mut config = self.state.lock().await.config();
         config.fleet = self.fleet.config();
+        config.nat = self.nat.clone();
         self.config
             .save(config)
             .await
@@ -103,6 +106,7 @@ impl Agent {
             let (value, undo) = state.change(f)?;
             let mut config = state.config();
             config.fleet = self.fleet.config();
+            config.nat = self.nat.clone();
             (value, undo, config)
         };
         if !save {
