@@ -231,6 +231,13 @@ impl Datapath {
         let maps_dir = pin_dir.join("maps");
         let n = layout::copy(&maps_dir.join(maps::FLOWS), &next.join(maps::FLOWS), true)?;
         log::info!("upgraded the pinned maps; {n} flows made during the upgrade copied");
+        // NAT translations made meanwhile too, the reverse halves first (as the data plane
+        // writes them); maps new in this layout have no pins to copy from.
+        for name in [maps::NAT_REV, maps::NAT_FWD] {
+            if maps_dir.join(name).exists() {
+                layout::copy(&maps_dir.join(name), &next.join(name), true)?;
+            }
+        }
         let old = pin_dir.join("maps-old");
         std::fs::rename(&maps_dir, &old)
             .with_context(|| format!("moving {}", maps_dir.display()))?;

@@ -89,13 +89,61 @@ impl NatConfig {
     }
 }
 
-/// What the sweeper saw last, for `lb stats` and the metrics.
+/// What the sweeper saw last and the data plane's allocation counters as of then, for
+/// `lb stats` and the metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Translations in the tables at the last sweep.
     pub entries: AtomicU64,
     pub expired: AtomicU64,
     pub orphans: AtomicU64,
+    pub allocated: AtomicU64,
+    pub collisions: AtomicU64,
+    pub exhausted: AtomicU64,
+}
+
+/// `nat` in `lb stats --json`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsView {
+    /// Translations (flows) in the tables at the last sweep.
+    pub entries: u64,
+    /// Translations made, each with its SNAT port.
+    pub allocated: u64,
+    /// Ports found taken while allocating.
+    pub collisions: u64,
+    /// New flows that found no free port (also `drop_nat_ports_exhausted`).
+    pub exhausted: u64,
+    /// Translations removed idle, and lone halves removed.
+    pub expired: u64,
+    pub orphans: u64,
+}
+
+impl Stats {
+    pub fn view(&self) -> StatsView {
+        StatsView {
+            entries: self.entries.load(Relaxed),
+            allocated: self.allocated.load(Relaxed),
+            collisions: self.collisions.load(Relaxed),
+            exhausted: self.exhausted.load(Relaxed),
+            expired: self.expired.load(Relaxed),
+            orphans: self.orphans.load(Relaxed),
+        }
+    }
+}
+
+impl StatsView {
+    /// One line for `lb stats`.
+    pub fn summary(&self) -> String {
+        format!(
+            "NAT: {} translations; {} allocated, {} port collisions, {} exhausted; {} expired, {} orphans removed",
+            self.entries,
+            self.allocated,
+            self.collisions,
+            self.exhausted,
+            self.expired,
+            self.orphans
+        )
+    }
 }
 
 static AGENT_STATS: OnceLock<Arc<Stats>> = OnceLock::new();
@@ -197,6 +245,14 @@ pub async fn run(agent: Arc<Agent>) {
         tick.tick().await;
         if let Err(e) = refresh_snat(&agent).await {
             log::warn!("NAT: SNAT address: {e:#}");
+        }
+        match agent.state.lock().await.dataplane().nat_counters() {
+            Ok(c) => {
+                stats.allocated.store(c.allocated, Relaxed);
+                stats.collisions.store(c.collisions, Relaxed);
+                stats.exhausted.store(c.exhausted, Relaxed);
+            }
+            Err(e) => log::warn!("NAT: reading counters: {e:#}"),
         }
         let swept =
             tokio::task::block_in_place(|| sweep::sweep(&mut tables, monotonic_ns(), &timeouts));
