@@ -7,13 +7,10 @@
 //! incremental updates, and compared byte for byte.
 //!
 //! The reply path asks the kernel's FIB for the client's next hop, so each test runs in a
-//! namespace of its own (`with_veth_in_netns`) with routes and neighbours to the clients:
-//! the clients sit behind a router (`ROUTER_MAC`) on the veth, whose MAC is `LB_VETH_MAC`.
+//! namespace of its own (`with_veth_in_netns`) with routes and neighbours to the clients
+//! (`lb_tests::nat::client_routes`).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    process::Command,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, Ipv6Header, PacketBuilder,
@@ -26,51 +23,20 @@ use lb::{
 use lb_common::{
     BACKEND_F_NAT, FAMILY_V4, FAMILY_V6, NatSnat, PROTO_TCP, PROTO_UDP, Reason, flow_hash,
 };
-use lb_tests::fixtures::*;
+use lb_tests::{
+    fixtures::*,
+    nat::{LB_VETH_MAC, ROUTER_MAC, client_routes},
+};
 
-const ROUTER_MAC: [u8; 6] = [0x02, 0x70, 0x00, 0x00, 0x00, 0x01];
-const LB_VETH_MAC: [u8; 6] = [0x02, 0xee, 0x00, 0x00, 0x00, 0x10];
 const SNAT4: &str = "10.1.0.254";
 const SNAT6: &str = "fd01::fe";
 const PORT_FIRST: u16 = 1024;
 const PORT_LAST: u16 = 32767;
 
-fn sh(cmd: &str) {
-    let status = Command::new("sh").args(["-c", cmd]).status().unwrap();
-    assert!(status.success(), "{cmd}: {status}");
-}
-
-/// Routes to the clients through a router on the veth, forwarding on (the FIB lookup of
-/// XDP requires it on the interface a packet came in on, loopback for test runs).
-fn routes(veth: u32) {
-    let _ = veth;
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    sh(&format!(
-        "ip link set lo up && ip link set lbt0 address {} && ip link set lbt0 up && \
-         ip link set lbt1 up && \
-         echo 1 > /proc/sys/net/ipv4/conf/all/forwarding && \
-         echo 1 > /proc/sys/net/ipv6/conf/all/forwarding && \
-         ip addr add 10.9.0.1/24 dev lbt0 && \
-         ip -6 addr add fd09::1/64 dev lbt0 nodad && \
-         ip neigh add 10.9.0.254 lladdr {r} dev lbt0 nud permanent && \
-         ip -6 neigh add fd09::fe lladdr {r} dev lbt0 nud permanent && \
-         ip route add 192.0.2.0/24 via 10.9.0.254 && \
-         ip -6 route add 2001:db8::/64 via fd09::fe && \
-         ip route add 198.51.100.0/24 via 10.9.0.253",
-        mac(LB_VETH_MAC),
-        r = mac(ROUTER_MAC),
-    ));
-}
-
 /// Backends 1 (10.1.0.1) and 2 (fd01::2) of NAT VIPs VIP4:80/tcp (id 0), VIP4:53/udp
 /// (id 1), VIP6:443/tcp (id 2), VIP6:53/udp (id 3); SNAT addresses set for both families.
 fn nat_vips(veth: u32, ports: (u16, u16)) -> Fixture {
-    routes(veth);
+    client_routes();
     let mut fx = Fixture::with_datapath(Datapath::load().expect("loading the program (root)"));
     fx.dp.add_tx_port(veth).unwrap();
     fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
