@@ -529,11 +529,11 @@ fn flow_table(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
 }
 
 /// Flow sharing with peer balancers (`crate::flowsync`); zero while it is off.
-/// Full NAT (`crate::nat`), once the agent has swept its translations.
+/// Full NAT (`crate::nat`): zeros until the agent's first sweep.
 fn nat(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
-    let Some(s) = crate::nat::agent_stats().map(|s| s.view()) else {
-        return Ok(());
-    };
+    let s = crate::nat::agent_stats()
+        .map(|s| s.view())
+        .unwrap_or_default();
     out.gauge(
         "lb_nat_translations",
         "NAT translations (flows) in the tables",
