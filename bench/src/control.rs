@@ -804,6 +804,7 @@ fn health_at_scale(report: &mut Report) -> Result<()> {
                     ifindex: 1,
                     src_mac: [2, 0, 0, 0, 0, 1],
                     dst_mac: [2, 0, 0, 0, 0, 2],
+                    via: None,
                 };
                 let r = Reach {
                     l2: Some(l2),

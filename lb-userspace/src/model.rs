@@ -447,6 +447,10 @@ pub struct L2Path {
     pub ifindex: u32,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
+    /// The router the backend is reached through (`dst_mac` is the router's), or `None`
+    /// for a backend on the link itself. Only modes that take routed backends use such a
+    /// path (`Mode::routed_backends`).
+    pub via: Option<IpAddr>,
 }
 
 /// What the kernel said of reaching a backend: its L2 path, or a note saying why it cannot
@@ -460,6 +464,29 @@ pub struct Reach {
     /// forwarding to the last known MAC meanwhile, rather than handing its flows to the
     /// host.
     pub resolving_on: Option<u32>,
+}
+
+impl Reach {
+    /// What the kernel's answer means for a backend of a VIP in `mode`: a routed path
+    /// where the mode takes one; for direct server return, which rewrites MACs only, a
+    /// backend behind a router cannot be reached and says why.
+    pub fn for_mode(&self, mode: Mode) -> Reach {
+        match self.l2 {
+            Some(L2Path { via: Some(gw), .. }) if !mode.routed_backends() => Reach {
+                note: Some(routed_note(gw)),
+                ..Default::default()
+            },
+            _ => self.clone(),
+        }
+    }
+}
+
+/// Why a routed backend cannot serve a VIP in dsr mode, and what to do about it.
+pub fn routed_note(gw: IpAddr) -> String {
+    format!(
+        "routed via {gw}: direct server return needs backends on a local link \
+         (modes tunnel, gue and nat take routed backends)"
+    )
 }
 
 /// The path to use for a backend that had `last` when the kernel says `now`: the new one,

@@ -461,6 +461,7 @@ mod tests {
                         ifindex: 2,
                         src_mac: [2, 0, 0, 0, 0, 1],
                         dst_mac: [2, 0, 0, 0, 1, last],
+                        via: None,
                     }),
                     note: None,
                     resolving_on: None,

@@ -13,7 +13,7 @@ use netlink_packet_route::{
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
-    route::{RouteAttribute, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteType},
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -32,8 +32,6 @@ pub use crate::model::{L2Path, Reach};
 /// Why a backend cannot be reached at L2 (yet).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Unresolved {
-    /// The route goes through a gateway: direct server return needs backends on-link.
-    NotOnLink(String),
     /// No usable route or interface: no route, a blackhole or unreachable route, a local
     /// address, an interface without an Ethernet address. One backend's problem, said in
     /// its note; the others are resolved all the same.
@@ -54,9 +52,6 @@ impl From<std::result::Result<L2Path, Unresolved>> for Reach {
                 l2: Some(l2),
                 ..Default::default()
             },
-            Err(Unresolved::NotOnLink(why)) => unresolved(format!(
-                "{why}: direct server return needs backends on a local link"
-            )),
             Err(Unresolved::Unreachable(why)) => unresolved(why),
             Err(Unresolved::NoNeighbour {
                 ifindex,
@@ -73,6 +68,21 @@ impl From<std::result::Result<L2Path, Unresolved>> for Reach {
                 "MAC address not resolved: no answer to ARP/ND (interface {ifindex})"
             )),
         }
+    }
+}
+
+/// The kernel's route to a backend: its egress interface and, for a routed backend, the
+/// gateway (the next hop whose MAC frames go to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub ifindex: u32,
+    pub via: Option<IpAddr>,
+}
+
+impl Route {
+    /// The address whose neighbour entry gives the next hop's MAC.
+    pub fn next_hop(&self, addr: IpAddr) -> IpAddr {
+        self.via.unwrap_or(addr)
     }
 }
 
@@ -98,10 +108,11 @@ impl Netif {
         Ok(Self { handle })
     }
 
-    /// The egress interface for `addr`, if it is directly connected. An address the
-    /// kernel cannot route (no route, blackhole, unreachable, local) is that backend's
-    /// problem (`Unresolved`); an error is netlink failing.
-    pub async fn route(&self, addr: IpAddr) -> Result<std::result::Result<u32, Unresolved>> {
+    /// The egress interface for `addr` and the gateway it is routed through, if any (whose
+    /// neighbour entry then gives the next hop's MAC). An address the kernel cannot route
+    /// (no route, blackhole, unreachable, local) is that backend's problem (`Unresolved`);
+    /// an error is netlink failing.
+    pub async fn route(&self, addr: IpAddr) -> Result<std::result::Result<Route, Unresolved>> {
         let prefix = if addr.is_ipv4() { 32 } else { 128 };
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(addr, prefix)
@@ -138,19 +149,20 @@ impl Netif {
             }
         }
         let mut oif = None;
+        let mut via = None;
         for attr in &route.attributes {
             match attr {
                 RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::Gateway(gw) => {
-                    return Ok(Err(Unresolved::NotOnLink(format!(
-                        "{addr} is routed via {gw:?}"
-                    ))));
+                RouteAttribute::Gateway(RouteAddress::Inet(gw)) => via = Some(IpAddr::V4(*gw)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => via = Some(IpAddr::V6(*gw)),
+                RouteAttribute::Gateway(other) => {
+                    return unreachable(format!("{addr} is routed via {other:?}, not an IP"));
                 }
                 _ => {}
             }
         }
         match oif {
-            Some(i) => Ok(Ok(i)),
+            Some(ifindex) => Ok(Ok(Route { ifindex, via })),
             None => unreachable(format!("the route to {addr} has no output interface")),
         }
     }
@@ -276,7 +288,7 @@ impl Netif {
         } else {
             None
         };
-        let routes: Vec<(IpAddr, Result<std::result::Result<u32, Unresolved>>)> =
+        let routes: Vec<(IpAddr, Result<std::result::Result<Route, Unresolved>>)> =
             futures::stream::iter(addrs.iter().copied())
                 .map(|addr| async move { (addr, self.route(addr).await) })
                 .buffer_unordered(ROUTE_LOOKUPS_IN_FLIGHT)
@@ -285,13 +297,14 @@ impl Netif {
         let mut links: HashMap<u32, std::result::Result<[u8; 6], String>> = HashMap::new();
         let mut out = HashMap::with_capacity(addrs.len());
         for (addr, route) in routes {
-            let ifindex = match route? {
-                Ok(i) => i,
+            let route = match route? {
+                Ok(r) => r,
                 Err(why) => {
                     out.insert(addr, Err(why));
                     continue;
                 }
             };
+            let (ifindex, next_hop) = (route.ifindex, route.next_hop(addr));
             if !links.contains_key(&ifindex) {
                 let mac = self.link_mac(ifindex).await.map_err(|e| format!("{e:#}"));
                 links.insert(ifindex, mac);
@@ -306,23 +319,26 @@ impl Netif {
             };
             let neighbour = match &neighbours {
                 Some(all) => all
-                    .get(&(ifindex, addr))
+                    .get(&(ifindex, next_hop))
                     .copied()
                     .unwrap_or(Neighbour::Absent),
-                None => self.neighbour(ifindex, addr).await?,
+                None => self.neighbour(ifindex, next_hop).await?,
             };
             let reach = match neighbour {
                 Neighbour::Usable { mac, managed } => {
-                    if !managed && let Err(e) = self.keep_neighbour(ifindex, addr, mac).await {
+                    if !managed && let Err(e) = self.keep_neighbour(ifindex, next_hop, mac).await {
                         log::debug!("{e:#}");
                     }
                     Ok(L2Path {
                         ifindex,
                         src_mac,
                         dst_mac: mac,
+                        via: route.via,
                     })
                 }
                 Neighbour::Absent | Neighbour::Failed => {
+                    // Sent to the backend, the datagram makes the kernel resolve the next
+                    // hop, whichever it is (a link-local gateway has no usable address here).
                     provoke_resolution(addr);
                     Err(Unresolved::NoNeighbour {
                         ifindex,

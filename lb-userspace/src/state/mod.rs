@@ -464,8 +464,29 @@ impl<D: Dataplane> State<D> {
         if self.vips[vi].mode != mode {
             self.vips[vi].mode = mode;
             self.version += 1;
+            let mut changed_ring = false;
             for bi in 0..self.vips[vi].backends.len() {
+                // A routed path is no path in a mode that rewrites MACs only; a routed
+                // backend refused so far is resolved again by the next pass
+                // (`reach_targets`), now that its VIP takes it.
+                let b = &mut self.vips[vi].backends[bi];
+                if let Some(l2) = b.l2
+                    && l2.via.is_some()
+                {
+                    let r = Reach {
+                        l2: Some(l2),
+                        ..Default::default()
+                    }
+                    .for_mode(mode);
+                    if r.l2.is_none() {
+                        (b.l2, b.note) = (None, r.note);
+                        changed_ring = true;
+                    }
+                }
                 self.write_backend(vi, bi)?;
+            }
+            if changed_ring {
+                self.rebuild_ring(vi)?;
             }
         }
         Ok(())
@@ -699,7 +720,7 @@ impl<D: Dataplane> State<D> {
         let addr = config.address;
         // An adopted backend that had lost KEEP_FLOWS was down when the previous agent
         // stopped (only failed health checks clear the flag).
-        let mut reach = reach;
+        let mut reach = reach.for_mode(self.vips[vi].mode);
         let (id, generation, was_down) = match self.adoption.backends.remove(&(vip_id, addr)) {
             Some((id, b)) => {
                 // Its MAC being re-resolved (the neighbour entry aged out while no agent
@@ -708,6 +729,8 @@ impl<D: Dataplane> State<D> {
                     ifindex: b.ifindex,
                     src_mac: b.src_mac,
                     dst_mac: b.mac,
+                    // Whether through a router or not, the MAC is what frames go to.
+                    via: None,
                 });
                 if reach.l2.is_none() && model::keep_last_mac(pinned, &reach).is_some() {
                     reach.l2 = pinned;
@@ -1008,11 +1031,13 @@ impl<D: Dataplane> State<D> {
     pub fn apply_reach(&mut self, reach: &HashMap<IpAddr, Reach>) -> Result<()> {
         for vi in 0..self.vips.len() {
             let mut changed_ring = false;
+            let mode = self.vips[vi].mode;
             for bi in 0..self.vips[vi].backends.len() {
                 let b = &mut self.vips[vi].backends[bi];
                 let Some(r) = reach.get(&b.addr) else {
                     continue;
                 };
+                let r = &r.for_mode(mode);
                 let l2 = model::keep_last_mac(b.l2, r);
                 b.note = r.note.clone();
                 if l2.is_some() && r.l2.is_none() {

@@ -25,6 +25,7 @@ fn reached(i: u32) -> Reach {
             ifindex: 2,
             src_mac: [2, 0, 0, 0, 0, 1],
             dst_mac: [2, 0, 0, 0, (i >> 8) as u8, i as u8],
+            via: None,
         }),
         ..Default::default()
     }
@@ -869,4 +870,60 @@ fn an_adopted_backend_being_re_resolved_keeps_the_pinned_mac() {
     let b = new.backend(&service(80), addr(1)).unwrap();
     assert_eq!(b.l2, reached(1).l2);
     assert_eq!(b.state(), "up");
+}
+
+/// A backend behind a router: its path's MAC is the gateway's.
+fn routed(i: u32) -> Reach {
+    let mut r = reached(i);
+    if let Some(l2) = &mut r.l2 {
+        l2.dst_mac = [2, 0, 0, 0, 0xfe, 1];
+        l2.via = Some(IpAddr::from([10, 9, 0, 1]));
+    }
+    r
+}
+
+#[test]
+fn a_routed_backend_serves_only_a_vip_whose_mode_takes_routed_backends() {
+    let mut s = state();
+    let (dsr, routed_vip) = (service(80), service(81));
+    for svc in [dsr, routed_vip] {
+        s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
+            .unwrap();
+    }
+    let vi = s.vip_index(&routed_vip).unwrap();
+    s.vips[vi].mode = Mode::Tunnel;
+    for svc in [dsr, routed_vip] {
+        s.add_backend(&svc, &backend(1), routed(1)).unwrap();
+    }
+
+    // dsr rewrites MACs only: the gateway's MAC would deliver to the router, not the backend.
+    let b = s.backend(&dsr, addr(1)).unwrap();
+    assert_eq!((b.state(), b.l2), ("unresolved", None));
+    assert!(
+        b.note.as_deref().unwrap().contains("routed via 10.9.0.1"),
+        "{:?}",
+        b.note
+    );
+    assert_eq!(s.dataplane().backends[&b.id].flags & BACKEND_F_RESOLVED, 0);
+    assert!(ring_addrs(&s, &dsr).is_empty());
+    // A later pass says the same: still refused.
+    s.apply_reach(&HashMap::from([(addr(1), routed(1))]))
+        .unwrap();
+    assert_eq!(s.backend(&dsr, addr(1)).unwrap().l2, None);
+
+    // The tunnel VIP takes it, with the gateway's MAC as the next hop.
+    let b = s.backend(&routed_vip, addr(1)).unwrap();
+    assert_eq!((b.state(), b.note.as_deref()), ("up", None));
+    let entry = s.dataplane().backends[&b.id];
+    assert_ne!(entry.flags & BACKEND_F_RESOLVED, 0);
+    assert_eq!(entry.mac, [2, 0, 0, 0, 0xfe, 1]);
+    assert_eq!(ring_addrs(&s, &routed_vip), vec![addr(1)]);
+
+    // Back to dsr: the routed path is dropped, and the backend leaves the ring.
+    s.set_mode(&routed_vip, Mode::Dsr).unwrap();
+    let b = s.backend(&routed_vip, addr(1)).unwrap();
+    assert_eq!(b.state(), "unresolved");
+    assert_eq!(s.dataplane().backends[&b.id].flags & BACKEND_F_RESOLVED, 0);
+    assert!(ring_addrs(&s, &routed_vip).is_empty());
+    assert_eq!(s.reach_targets(false), vec![addr(1)]);
 }
