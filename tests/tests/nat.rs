@@ -1,8 +1,9 @@
 //! Full NAT end to end: backends that know nothing of the balancer (no VIP on loopback,
 //! the kernel's default ARP sysctls, no route change) behind VIPs in `nat` mode, in the
 //! namespace test bed. One bed for the whole test (it is the slow part): new connections
-//! split evenly, IPv6, UDP, TLS through to nginx, a 100 MB transfer arriving intact, and a
-//! connection that outlives an agent restart (the translations are pinned and adopted).
+//! split evenly, IPv6, UDP, TLS through to nginx, a 100 MB transfer arriving intact from a
+//! backend on a routed subnet, and a connection that outlives an agent restart (the
+//! translations are pinned and adopted).
 //!
 //! Needs root and what `./x.sh` installs (nginx, openssl, curl); fails and says what is
 //! missing, never skips.
@@ -45,6 +46,26 @@ fn unprepare_backends(s: &Setup) {
             .run_in_ok(&s.bed.lb.ns, "sysctl", ["-qw", &format!("{key}=1")])
             .unwrap();
     }
+}
+
+/// Backend 1 gets an address on another subnet (10.98.0.11), which the balancer reaches
+/// through backend 3 acting as a router: a backend one router away. Returns the address.
+fn route_backend_1_via_3(s: &Setup) -> String {
+    let (b1, b3) = (&s.bed.backends[0], &s.bed.backends[2]);
+    let ip = |ns: &str, args: &[&str]| s.bed.ip(ns, args).unwrap_or_else(|e| panic!("{e:#}"));
+    ip(&b1.ns, &["addr", "add", "10.98.0.11/32", "dev", "lo"]);
+    s.bed
+        .run_in_ok(&b3.ns, "sysctl", ["-qw", "net.ipv4.conf.all.forwarding=1"])
+        .unwrap();
+    ip(
+        &b3.ns,
+        &["route", "add", "10.98.0.11/32", "via", &b1.ipv4.to_string()],
+    );
+    ip(
+        &s.bed.lb.ns,
+        &["route", "add", "10.98.0.0/24", "via", &b3.ipv4.to_string()],
+    );
+    "10.98.0.11".into()
 }
 
 fn nat_vip(s: &Setup, vip: SocketAddr, proto: &str, backends: &[usize]) {
@@ -114,8 +135,9 @@ fn sha256(path: &std::path::Path) -> String {
 #[test]
 fn untouched_backends_serve_through_nat() {
     let _serial = serial();
-    let mut s = Setup::new(2);
+    let mut s = Setup::new(3);
     unprepare_backends(&s);
+    let routed = route_backend_1_via_3(&s);
     let vip4 = vip4();
     let vip6 = vip6();
     let tls4 = SocketAddr::new(VIP4.into(), stack::HTTPS_PORT);
@@ -124,7 +146,17 @@ fn untouched_backends_serve_through_nat() {
     nat_vip(&s, vip4, "udp", &[1, 2]);
     nat_vip(&s, vip6, "tcp", &[1, 2]);
     nat_vip(&s, tls4, "tcp", &[1, 2]);
-    nat_vip(&s, files4, "tcp", &[1]);
+    // The file server's backend is backend 1's address on a subnet behind a router.
+    s.lb(&[
+        "vip",
+        "add",
+        &files4.to_string(),
+        "--proto",
+        "tcp",
+        "--mode",
+        "nat",
+    ]);
+    s.lb(&["backend", "add", &files4.to_string(), &routed]);
 
     // TLS: nginx on both backends, the certificate checked by the client.
     let tls = stack::make_tls(s.bed.dir(), VIP4.into()).unwrap();
@@ -166,8 +198,10 @@ fn untouched_backends_serve_through_nat() {
     // UDP: every datagram answered, by both backends in turn.
     let load = s
         .bed
-        .load_udp(vip4, Duration::from_millis(50), Duration::from_secs(1))
+        .load_udp(vip4, Duration::from_millis(50), Duration::from_secs(10))
         .unwrap();
+    xtask::testbed::wait_until(Duration::from_secs(10), || Ok(load.attempts().len() >= 10))
+        .unwrap_or_else(|e| panic!("{e:#}: {}", load.proc().log()));
     let attempts = load.finish().unwrap();
     assert!(attempts.len() >= 10, "{attempts:?}");
     assert!(attempts.iter().all(|a| !a.is_err()), "{attempts:?}");
@@ -189,7 +223,7 @@ fn untouched_backends_serve_through_nat() {
         assert!(bodies.iter().any(|b| b == name), "{bodies:?}");
     }
 
-    // 100 MB through one translation, intact.
+    // 100 MB through one translation, intact, to a backend on a routed subnet.
     let got = s.bed.dir().join("got");
     let out = s
         .bed
