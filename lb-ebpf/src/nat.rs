@@ -36,7 +36,7 @@ use crate::{
     csum::{self, Delta},
     frame::{load, store},
     maps::{NAT_FWD, NAT_REV, NAT_SCRATCH, NAT_SNAT, NAT_STATS, TX_PORTS},
-    parse::{self, Packet, TCP_FIN, TCP_RST},
+    parse::{self, Packet, TCP_FIN, TCP_RST, TCP_SYN},
     transmit,
 };
 
@@ -122,7 +122,13 @@ fn reply_ports(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
     // SAFETY: as in `forward`.
     let to = unsafe {
         let entry = &mut *entry;
-        touch(entry, bpf_ktime_get_ns(), closing_flags(ctx, pkt), false);
+        // A SYN-ACK answers a new connection (on ports a closed one used, perhaps).
+        touch(
+            entry,
+            bpf_ktime_get_ns(),
+            closing_flags(ctx, pkt),
+            is_syn(ctx, pkt),
+        );
         entry.to
     };
     rewrite(ctx, pkt, &to)
@@ -187,6 +193,12 @@ fn stat(slot: u32) {
         // SAFETY: a per-CPU array element is this CPU's alone while the program runs.
         unsafe { *n += 1 };
     }
+}
+
+/// Whether a TCP segment carries SYN (a SYN-ACK, from a backend).
+#[inline(always)]
+fn is_syn(ctx: &XdpContext, pkt: &Packet) -> bool {
+    pkt.flow.proto == PROTO_TCP && load::<u8>(ctx, pkt.l4 + 13).is_some_and(|f| f & TCP_SYN != 0)
 }
 
 /// `NAT_F_*` for a TCP segment's FIN and RST.

@@ -657,3 +657,74 @@ fn icmp_errors_are_translated_both_ways() {
         );
     });
 }
+
+/// A new connection reusing a closed one's ports (its SYN, the backend's SYN-ACK) starts
+/// with no FIN noted either way, so it gets an open connection's idle time, not a closed
+/// one's.
+#[test]
+fn a_new_connection_on_closed_ports_starts_afresh() {
+    with_veth_in_netns(|veth| {
+        let mut fx = nat_vips(veth, DEFAULT_PORTS);
+        let (client, vip) = (client4(47000), vip4(80));
+        let port = first_port(client, vip, PROTO_TCP, DEFAULT_PORTS);
+        let backend = SocketAddr::new(ip("10.1.0.1"), 80);
+        let snat = SocketAddr::new(ip(SNAT4), port);
+        let to_vip = |flags| Pkt::tcp(client, vip).flags(flags).payload(&[]).build();
+        let to_snat = |flags| Pkt::tcp(backend, snat).flags(flags).payload(&[]).build();
+        check(
+            &mut fx,
+            "syn",
+            &to_vip(TCP_SYN),
+            XDP_TX,
+            None,
+            Reason::Forwarded,
+        );
+        check(
+            &mut fx,
+            "client fin",
+            &to_vip(TCP_FIN | TCP_ACK),
+            XDP_TX,
+            None,
+            Reason::Forwarded,
+        );
+        let fin = to_snat(TCP_FIN | TCP_ACK);
+        check(
+            &mut fx,
+            "backend fin",
+            &fin,
+            XDP_REDIRECT,
+            None,
+            Reason::NatReply,
+        );
+        let flags = |fx: &Fixture| {
+            let f = fx
+                .dp
+                .nat_forward(&flow_key(client, vip, PROTO_TCP))
+                .unwrap();
+            let r = fx
+                .dp
+                .nat_reverse(&flow_key(backend, snat, PROTO_TCP))
+                .unwrap();
+            (f.flags, r.flags)
+        };
+        assert_ne!(flags(&fx), (0, 0), "the close is noted");
+        check(
+            &mut fx,
+            "new syn",
+            &to_vip(TCP_SYN),
+            XDP_TX,
+            None,
+            Reason::Forwarded,
+        );
+        let syn_ack = to_snat(TCP_SYN | TCP_ACK);
+        check(
+            &mut fx,
+            "new syn-ack",
+            &syn_ack,
+            XDP_REDIRECT,
+            None,
+            Reason::NatReply,
+        );
+        assert_eq!(flags(&fx), (0, 0), "a new connection on the same ports");
+    });
+}
