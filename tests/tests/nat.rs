@@ -16,38 +16,6 @@ use xtask::{
     traffic::Answer,
 };
 
-/// Undoes the test bed's preparation of backends for direct server return: after this
-/// they are plain servers.
-fn unprepare_backends(s: &Setup) {
-    for b in &s.bed.backends {
-        let ip = |args: &[&str]| s.bed.ip(&b.ns, args).unwrap_or_else(|e| panic!("{e:#}"));
-        ip(&["addr", "del", &format!("{VIP4}/32"), "dev", "lo"]);
-        ip(&["-6", "addr", "del", &format!("{VIP6}/128"), "dev", "lo"]);
-        for scope in ["all", b.ifname.as_str()] {
-            for (key, value) in [("arp_ignore", "0"), ("arp_announce", "0")] {
-                let kv = format!("net.ipv4.conf.{scope}.{key}={value}");
-                s.bed.run_in_ok(&b.ns, "sysctl", ["-qw", &kv]).unwrap();
-            }
-        }
-        // The test bed's veths hand whole TCP segments of up to 64 KB to the balancer's
-        // XDP program, which takes frames; a real NIC sends frames. (Not a backend
-        // preparation: the client's end is set the same way.)
-        s.bed
-            .run_in_ok(&b.ns, "ethtool", ["-K", &b.ifname, "tx", "off"])
-            .unwrap();
-    }
-    // NAT replies are routed to the client by the kernel's FIB, which XDP may only ask on
-    // an interface that forwards.
-    for key in [
-        "net.ipv4.conf.all.forwarding",
-        "net.ipv6.conf.all.forwarding",
-    ] {
-        s.bed
-            .run_in_ok(&s.bed.lb.ns, "sysctl", ["-qw", &format!("{key}=1")])
-            .unwrap();
-    }
-}
-
 /// Backend 1 gets an address on another subnet (10.98.0.11), which the balancer reaches
 /// through backend 3 acting as a router: a backend one router away. Returns the address.
 fn route_backend_1_via_3(s: &Setup) -> String {
@@ -136,7 +104,10 @@ fn sha256(path: &std::path::Path) -> String {
 fn untouched_backends_serve_through_nat() {
     let _serial = serial();
     let mut s = Setup::new(3);
-    unprepare_backends(&s);
+    // Plain servers: no VIP on loopback, the kernel's default ARP sysctls.
+    s.bed
+        .plain_backends_for_nat()
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let routed = route_backend_1_via_3(&s);
     let vip4 = vip4();
     let vip6 = vip6();
@@ -192,6 +163,12 @@ fn untouched_backends_serve_through_nat() {
     .unwrap_or_else(|e| panic!("{e:#}: {stats}"));
     assert!(
         stats["reasons"]["nat_reply"]["packets"].as_u64().unwrap() >= 220,
+        "{stats}"
+    );
+    // The SNAT address was there from the first flow (set as the VIPs were configured).
+    assert_eq!(
+        stats["reasons"]["drop_nat_no_snat"]["packets"].as_u64(),
+        Some(0),
         "{stats}"
     );
 

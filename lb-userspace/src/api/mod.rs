@@ -109,6 +109,10 @@ impl Agent {
             config.nat = self.nat.clone();
             (value, undo, config)
         };
+        // Before answering: a new NAT VIP's first flows need its SNAT address.
+        if let Err(e) = crate::nat::refresh_snat(self).await {
+            log::warn!("NAT: SNAT address: {e:#}");
+        }
         if !save {
             return Ok(value);
         }

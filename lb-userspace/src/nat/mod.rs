@@ -159,6 +159,8 @@ const TICK: Duration = Duration::from_secs(2);
 /// Writes each family's SNAT address into the data plane: the configured one, else the
 /// source address the kernel picks toward the first NAT backend of the family. A family
 /// with neither keeps none (its new NAT flows are dropped, counted as `drop_nat_no_snat`).
+/// Run at start, after every change (so a new NAT VIP's first flows find it) and every
+/// `TICK` (a route that changed).
 pub async fn refresh_snat(agent: &Agent) -> Result<()> {
     let config = &agent.nat;
     let backends: Vec<IpAddr> = {
@@ -170,6 +172,9 @@ pub async fn refresh_snat(agent: &Agent) -> Result<()> {
             .flat_map(|v| v.backends.iter().map(|b| b.addr))
             .collect()
     };
+    if backends.is_empty() && config.snat_v4.is_none() && config.snat_v6.is_none() {
+        return Ok(()); // no NAT here: nothing to look up
+    }
     for family in [FAMILY_V4, FAMILY_V6] {
         let configured = match family {
             FAMILY_V4 => config.snat_v4.map(IpAddr::from),
