@@ -20,7 +20,9 @@ APT_PACKAGES=(iproute2 ethtool util-linux llvm-22-dev procps chromium hping3 ope
   # the real Prometheus
   binutils lintian systemd-container debootstrap prometheus
   # the fleet's tests: BGP with the real BIRD 2
-  bird2)
+  bird2
+  # the fleet's VRRP pair: the real keepalived; FRR on one balancer of the BGP fleet
+  keepalived frr)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -1,5 +1,7 @@
-//! A fleet test bed (`tests/fleet.rs`): the namespace test bed of `xtask::testbed` with two
-//! balancers, each running `lb` and BIRD 2 with the shipped `packaging/bird/balancer.conf`,
+//! A fleet test bed (`tests/fleet.rs`): the namespace test bed of `xtask::testbed` with three
+//! balancers, each running `lb` (sharing flows with the other two) and a routing daemon:
+//! BIRD 2 with the shipped `packaging/bird/balancer.conf` on lb1 and lb2, FRR with the
+//! shipped `packaging/frr/frr.conf` on lb3 (the same contract, the other daemon),
 //! and a router namespace running BIRD with the shipped `packaging/bird/router.conf` and
 //! kernel ECMP hashing the 5-tuple; the client reaches the VIPs through the router only
 //! (the pieces and a picture: `xtask::fleet`).
@@ -15,16 +17,25 @@ use std::{
 use serde_json::Value;
 pub use xtask::fleet::{ROUTE_TABLE, VIP4B, vip_a, vip_b};
 use xtask::{
-    fleet::{NetnsGuard, agent_config, balancer_conf, bird, build_router, router_conf},
+    fleet::{
+        NetnsGuard, agent_config, balancer_conf, bird, build_router, flow_sync_config, frr,
+        router_conf,
+    },
     testbed::{Agent, Config, Host, Proc, Testbed},
 };
 
-use crate::e2e::lb_at;
+use crate::{e2e::lb_at, flowsync::write_key};
+
+/// Balancers in the bed.
+pub const BALANCERS: usize = 3;
+/// The balancer (0-based) running FRR instead of BIRD: lb3.
+pub const FRR_BALANCER: usize = 2;
 
 /// One balancer: its host, agent and BIRD.
 pub struct Balancer {
     pub agent: Option<Agent>,
-    pub bird: Proc,
+    /// BIRD, or FRR's zebra, bfdd and bgpd.
+    pub daemon: Vec<Proc>,
     pub host: Host,
     pub config: PathBuf,
     pub socket: PathBuf,
@@ -46,12 +57,16 @@ fn ok<T>(r: anyhow::Result<T>) -> T {
 }
 
 impl FleetBed {
-    /// Two balancers announcing VIP A (10.99.1.1:80, Maglev) and VIP B (10.99.1.2:80,
-    /// round robin), both over both backends (added in different orders on the two
-    /// balancers); waits until the router has both next hops for both.
+    /// Three balancers announcing VIP A (10.99.1.1:80, Maglev) and VIP B (10.99.1.2:80,
+    /// round robin), both over both backends (added in different orders on lb1 and lb2),
+    /// each sharing its flows with the other two; waits until the router has every next
+    /// hop for both.
     pub fn start() -> FleetBed {
+        let begun = Instant::now();
         let mut bed = ok(Testbed::new(Config { backends: 2 }));
-        let lb2 = ok(bed.add_balancer());
+        for _ in 1..BALANCERS {
+            ok(bed.add_balancer());
+        }
         let servers = ok(bed.start_backends());
         let router = format!("{}-rt", bed.prefix);
         let router_ns = NetnsGuard(router.clone());
@@ -67,28 +82,62 @@ impl FleetBed {
             _router_ns: router_ns,
             bed,
         };
-        let lb1 = fleet.bed.lb.clone();
-        for (n, host) in [lb1, lb2].into_iter().enumerate() {
-            let b = fleet.start_balancer(n, host);
+        let key = fleet.bed.dir().join("fleet.key");
+        write_key(&key, "a shared key of the test fleet, 32+ bytes long");
+        let hosts: Vec<Host> = std::iter::once(fleet.bed.lb.clone())
+            .chain(fleet.bed.extra_balancers.iter().cloned())
+            .collect();
+        // One after the other, from this thread: the test bed's processes die with the
+        // thread that started them.
+        for (n, host) in hosts.iter().enumerate() {
+            let peers: Vec<&Host> = hosts.iter().filter(|h| h.ns != host.ns).collect();
+            let sharing = flow_sync_config(host, &peers, &key);
+            let b = fleet.start_balancer(n, host.clone(), &sharing);
             fleet.balancers.push(b);
         }
-        fleet.wait_next_hops(vip_a().ip(), 2);
-        fleet.wait_next_hops(vip_b().ip(), 2);
+        let last_bird = Instant::now();
+        fleet.wait_next_hops(vip_a().ip(), BALANCERS);
+        fleet.wait_next_hops(vip_b().ip(), BALANCERS);
+        println!(
+            "fleet bed: the router had all {BALANCERS} next hops for both VIPs {:.0} ms after \
+             the last balancer's routing daemon started ({:.1} s to build the bed)",
+            last_bird.elapsed().as_secs_f64() * 1000.0,
+            begun.elapsed().as_secs_f64()
+        );
         fleet
     }
 
-    fn start_balancer(&self, n: usize, host: Host) -> Balancer {
+    /// The addresses of every balancer but `n`.
+    pub fn others(&self, n: usize) -> Vec<IpAddr> {
+        (0..self.balancers.len())
+            .filter(|&i| i != n)
+            .map(|i| self.addr(i))
+            .collect()
+    }
+
+    /// The addresses of every balancer.
+    pub fn all(&self) -> Vec<IpAddr> {
+        (0..self.balancers.len()).map(|i| self.addr(i)).collect()
+    }
+
+    fn start_balancer(&self, n: usize, host: Host, sharing: &str) -> Balancer {
         let bed = &self.bed;
         let config = bed.dir().join(format!("lb{}.toml", n + 1));
-        ok(std::fs::write(&config, agent_config(n, &bed.backends)).map_err(Into::into));
+        let text = agent_config(n, &bed.backends) + sharing;
+        ok(std::fs::write(&config, text).map_err(Into::into));
         let socket = bed.dir().join(format!("lb{}.sock", n + 1));
         let agent = ok(bed.start_agent_on(&host, &config, &socket, &[]));
-        let conf = bed.dir().join(format!("bird-lb{}.conf", n + 1));
-        ok(std::fs::write(&conf, balancer_conf(&host)).map_err(Into::into));
-        let bird = ok(bird(bed, &host.ns, &conf, &format!("lb{}", n + 1)));
+        let name = format!("lb{}", n + 1);
+        let daemon = if n == FRR_BALANCER {
+            ok(frr(bed, &host.ns, &host, &name))
+        } else {
+            let conf = bed.dir().join(format!("bird-{name}.conf"));
+            ok(std::fs::write(&conf, balancer_conf(&host)).map_err(Into::into));
+            vec![ok(bird(bed, &host.ns, &conf, &name))]
+        };
         Balancer {
             agent: Some(agent),
-            bird,
+            daemon,
             host,
             config,
             socket,
@@ -189,7 +238,12 @@ impl FleetBed {
     pub fn logs(&self) -> String {
         let mut out = format!("router BIRD:\n{}\n", tail(&self.router_bird.log()));
         for (i, b) in self.balancers.iter().enumerate() {
-            out += &format!("lb{} BIRD:\n{}\n", i + 1, tail(&b.bird.log()));
+            for d in &b.daemon {
+                // "nsenter --net=NS PROGRAM ARGS"
+                let program = d.label().split_whitespace().nth(2).unwrap_or("daemon");
+                let name = program.rsplit('/').next().unwrap_or(program);
+                out += &format!("lb{} {name}:\n{}\n", i + 1, tail(&d.log()));
+            }
             if let Some(a) = &b.agent {
                 out += &format!("lb{} agent:\n{}\n", i + 1, tail(&a.proc.log()));
             }
@@ -204,4 +258,49 @@ fn tail(s: &str) -> &str {
         .find(|&i| s.is_char_boundary(i))
         .unwrap_or(s.len());
     &s[start..]
+}
+
+/// A connection slower than this was held up (a SYN retransmitted, 1 s at first).
+pub const HELD_UP: Duration = Duration::from_millis(500);
+
+/// What steady load saw from `since_us` (the monotonic clock of `Attempt::start_us`) on:
+/// how many attempts failed or were held up, and until when, for the test output and
+/// BENCHMARKS.md.
+pub fn disruption(attempts: &[xtask::traffic::Attempt], since_us: u64) -> String {
+    let after: Vec<_> = attempts.iter().filter(|a| a.start_us >= since_us).collect();
+    let failed = after.iter().filter(|a| a.is_err()).count();
+    let hit: Vec<_> = after
+        .iter()
+        .filter(|a| a.is_err() || a.latency_us >= HELD_UP.as_micros() as u64)
+        .collect();
+    let last = hit.iter().map(|a| a.start_us - since_us).max();
+    let slowest = hit.iter().map(|a| a.latency_us).max().unwrap_or(0);
+    match last {
+        None => format!(
+            "{} new connections after it: none failed or took {} ms or more",
+            after.len(),
+            HELD_UP.as_millis()
+        ),
+        Some(last) => format!(
+            "{} new connections after it: {failed} failed, {} took {} ms or more (slowest \
+             {:.0} ms); the last of those started {:.0} ms after it",
+            after.len(),
+            hit.len() - failed,
+            HELD_UP.as_millis(),
+            slowest as f64 / 1000.0,
+            last as f64 / 1000.0
+        ),
+    }
+}
+
+/// Makes `host` a dead box whose link stays up: its switch port forwards nothing either
+/// way from now on. Unlike its link going down, this keeps the switch's entry for its MAC
+/// address: a flushed entry would flood the frames still sent to it to every port, and the
+/// other balancers' programs would forward them, hiding what the routers (or VRRP) do.
+pub fn freeze(bed: &Testbed, host: &Host) {
+    ok(bed.run_in_ok(
+        &bed.switch,
+        "bridge",
+        ["link", "set", "dev", &host.switch_port, "state", "0"],
+    ));
 }

@@ -4,3 +4,4 @@ pub mod fleet;
 pub mod flowsync;
 pub mod nat;
 pub mod stack;
+pub mod vrrp;

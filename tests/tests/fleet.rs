@@ -1,13 +1,15 @@
-//! End to end, a fleet of two balancers behind a router (`lb_tests::fleet`): each runs
-//! `lb` with `[fleet] route_table = 100` and BIRD 2 with the shipped balancer config; the
-//! router runs BIRD with the shipped router config and kernel ECMP. Real BGP, BFD and
-//! TCP connections from the client through the router.
+//! End to end, a fleet of three balancers behind a router (`lb_tests::fleet`): each runs
+//! `lb` with `[fleet] route_table = 100` and `[flow_sync]` to the other two, and a routing
+//! daemon with its shipped config: BIRD 2 on lb1 and lb2, FRR on lb3; the router runs BIRD
+//! with the shipped router config and kernel ECMP. Real BGP, BFD and TCP connections from
+//! the client through the router.
 //!
 //! Convergence times are measured and printed (`-- --nocapture`), never asserted: each
 //! wait has a generous bound, and BENCHMARKS.md ("Fleet") reports the figures.
 //!
-//! Needs root, `ip`, `nsenter`, `ethtool`, `bird` (Debian's bird2, installed by ./x.sh),
-//! and the binaries `target/<profile>/{lb,xtask}` (`cargo xtask test` builds them).
+//! Needs root, `ip`, `nsenter`, `ethtool`, `bird` and FRR (Debian's bird2 and frr,
+//! installed by ./x.sh), and the binaries `target/<profile>/{lb,xtask}` (`cargo xtask
+//! test` builds them).
 
 use std::time::Duration;
 
@@ -23,15 +25,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The router's route to each VIP address has one next hop per balancer, each balancer
-/// says it announces both, and new flows are spread over both balancers.
+/// says it announces both, and new flows are spread over every balancer.
 #[test]
-fn both_balancers_announce_and_carry_new_flows() {
+fn every_balancer_announces_and_carries_new_flows() {
     let _serial = serial();
     let fleet = FleetBed::start();
-    let both = vec![fleet.addr(0), fleet.addr(1)];
     for vip in [vip_a(), vip_b()] {
-        assert_eq!(fleet.next_hops(vip.ip()), both, "next hops of {vip}");
-        for n in 0..2 {
+        assert_eq!(fleet.next_hops(vip.ip()), fleet.all(), "next hops of {vip}");
+        for n in 0..BALANCERS {
             assert_eq!(fleet.announced(n, vip.ip()), (true, None), "lb{}", n + 1);
         }
     }
@@ -45,52 +46,75 @@ fn both_balancers_announce_and_carry_new_flows() {
         .requests_from(vip_a(), 40, 20_000)
         .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(tally.errors.is_empty(), "failed: {:?}", tally.errors);
-    let (one, two) = (fleet.new_flows(0, vip_a()), fleet.new_flows(1, vip_a()));
+    let flows: Vec<u64> = (0..BALANCERS)
+        .map(|n| fleet.new_flows(n, vip_a()))
+        .collect();
     assert_eq!(
-        one + two,
+        flows.iter().sum::<u64>(),
         40,
-        "every connection is one new flow on one balancer"
+        "every connection is one new flow on one balancer: {flows:?}"
     );
     assert!(
-        one > 0 && two > 0,
-        "ECMP spreads flows over both balancers: lb1 {one}, lb2 {two}"
+        flows.iter().all(|&f| f > 0),
+        "ECMP spreads flows over every balancer: {flows:?}"
     );
 }
 
-/// A balancer's link goes down: the router's route loses that next hop (BFD), and
-/// long-lived connections on the Maglev VIP that went through it carry on through the
-/// other balancer, on the same backend, without an error.
+/// A balancer dies (its switch port stops forwarding: a dead box, seen from the network;
+/// see `freeze`): the router's route loses that next hop (BFD), and
+/// long-lived connections that went through it carry on through the other balancers, on
+/// the same backend, without an error: on the Maglev VIP (every balancer builds the same
+/// table) and on the round-robin VIP (lb1 shared its pins).
 #[test]
-fn a_dead_balancer_loses_its_next_hop_and_maglev_connections_continue() {
+fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
     let _serial = serial();
     let fleet = FleetBed::start();
-    // Keep-alive connections until at least one goes through each balancer (ECMP hashes
-    // the ports, which the kernel picks).
+    // Keep-alive connections (ECMP hashes the ports, which the kernel picks) until, on the
+    // Maglev VIP, one went through lb1 and one did not, and on the round-robin VIP two went
+    // through lb1 (lb1's round robin put them on different backends).
     let mut conns = Vec::new();
-    for _ in 0..16 {
-        let before = fleet.new_flows(0, vip_a());
-        let k = fleet
-            .bed
-            .keepalive(vip_a(), Duration::from_millis(50), Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        let first = k
-            .wait_answers(2, Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        let backend = match &first[0] {
-            Answer::Ok { backend, .. } => backend.clone(),
-            Answer::Err { message, .. } => panic!("keep-alive failed at once: {message}"),
-        };
-        let via_lb1 = fleet.new_flows(0, vip_a()) > before;
-        conns.push((k, backend, via_lb1));
-        if conns.iter().any(|c| c.2) && conns.iter().any(|c| !c.2) {
-            break;
+    for (vip, through_lb1, others) in [(vip_a(), 1, 1), (vip_b(), 2, 0)] {
+        let mut opened = Vec::new();
+        for _ in 0..30 {
+            let before = fleet.new_flows(0, vip);
+            let k = fleet
+                .bed
+                .keepalive(vip, Duration::from_millis(50), Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            let first = k
+                .wait_answers(2, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            let backend = match &first[0] {
+                Answer::Ok { backend, .. } => backend.clone(),
+                Answer::Err { message, .. } => panic!("keep-alive failed at once: {message}"),
+            };
+            let via_lb1 = fleet.new_flows(0, vip) > before;
+            // Only what the test needs is kept open.
+            let wanted = if via_lb1 { through_lb1 } else { others };
+            if opened
+                .iter()
+                .filter(|c: &&Conn| c.via_lb1 == via_lb1)
+                .count()
+                < wanted
+            {
+                opened.push(Conn {
+                    vip,
+                    keepalive: k,
+                    backend,
+                    via_lb1,
+                });
+            }
+            if opened.len() == through_lb1 + others {
+                break;
+            }
         }
+        assert_eq!(
+            opened.iter().filter(|c| c.via_lb1).count(),
+            through_lb1,
+            "not enough connections on {vip} went through lb1"
+        );
+        conns.extend(opened);
     }
-    assert!(
-        conns.iter().any(|c| c.2),
-        "no connection of {} went through lb1",
-        conns.len()
-    );
 
     // New connections meanwhile: those sent to lb1 before the router notices fail; how
     // many, and for how long, is measured (BENCHMARKS.md, Fleet), not asserted.
@@ -100,75 +124,73 @@ fn a_dead_balancer_loses_its_next_hop_and_maglev_connections_continue() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     std::thread::sleep(Duration::from_millis(500));
     let down_at = monotonic_us();
-    let lb1 = fleet.balancers[0].host.ns.clone();
-    fleet
-        .bed
-        .ip(&lb1, &["link", "set", "eth0", "down"])
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let converged = fleet.wait_next_hops(vip_a().ip(), 1);
-    assert_eq!(fleet.next_hops(vip_a().ip()), vec![fleet.addr(1)]);
+    freeze(&fleet.bed, &fleet.balancers[0].host);
+    let converged = fleet.wait_next_hops(vip_a().ip(), BALANCERS - 1);
+    assert_eq!(fleet.next_hops(vip_a().ip()), fleet.others(0));
     println!(
-        "link down on lb1: the router's route lost its next hop after {:.0} ms",
+        "lb1 dead: the router's route lost its next hop after {:.0} ms",
         ms(converged)
     );
     // Every connection answers again after the switch.
     std::thread::sleep(Duration::from_secs(2));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<_> = attempts.iter().filter(|a| a.is_err()).collect();
-    let window = failed
-        .iter()
-        .map(|a| a.start_us.saturating_sub(down_at))
-        .max()
-        .unwrap_or(0);
-    println!(
-        "new connections: {} of {} failed, the last started {:.0} ms after the link went down",
-        failed.len(),
-        attempts.len(),
-        window as f64 / 1000.0
-    );
+    println!("lb1 dead: {}", disruption(&attempts, down_at));
     assert!(
         attempts.iter().rev().take(25).all(|a| !a.is_err()),
         "new connections still fail 1.5 s after the router dropped lb1"
     );
-    for (k, backend, via_lb1) in conns {
-        let answers = k.stop();
-        let later: Vec<&Answer> = answers
-            .iter()
-            .filter(|a| matches!(a, Answer::Ok { seq, .. } if *seq > 2))
-            .collect();
+    for c in conns {
+        let answers = c.keepalive.stop();
+        let how = format!(
+            "a connection on {} {} lb1",
+            c.vip,
+            if c.via_lb1 { "through" } else { "not through" }
+        );
         for a in &answers {
             match a {
-                Answer::Ok { backend: b, seq } => assert_eq!(
-                    b,
-                    &backend,
-                    "request {seq} of a connection {} lb1 moved to another backend",
-                    if via_lb1 { "through" } else { "not through" }
+                Answer::Ok { backend, seq } => assert_eq!(
+                    backend, &c.backend,
+                    "request {seq} of {how} moved to another backend"
                 ),
                 Answer::Err { seq, message } => panic!(
-                    "request {seq} of a connection {} lb1 failed after the link went down \
-                     ({:.0} ms ago): {message}",
-                    if via_lb1 { "through" } else { "not through" },
-                    (monotonic_us() - down_at) as f64 / 1000.0
+                    "request {seq} of {how} failed after lb1 died ({:.0} ms ago): \
+                     {message}\n{}",
+                    (monotonic_us() - down_at) as f64 / 1000.0,
+                    fleet.logs()
                 ),
             }
         }
+        let later = answers
+            .iter()
+            .filter(|a| matches!(a, Answer::Ok { seq, .. } if *seq > 2))
+            .count();
         assert!(
-            later.len() >= 10,
-            "a connection stopped answering: {} answers in all",
+            later >= 10,
+            "{how} stopped answering: {} answers in all",
             answers.len()
         );
     }
 }
 
-/// Every backend of VIP B goes down on lb1's health checks: lb1 withdraws VIP B's address
-/// and only that one; it announces it again when they come back.
+/// A long-lived connection of the dead-balancer test.
+struct Conn {
+    vip: std::net::SocketAddr,
+    keepalive: xtask::testbed::KeepAlive,
+    backend: String,
+    via_lb1: bool,
+}
+
+/// Every backend of VIP B goes down on lb3's health checks: lb3 withdraws VIP B's address
+/// and only that one; it announces it again when they come back. lb3 runs FRR, so this is
+/// also FRR following the agent's table both ways.
 #[test]
 fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
     let _serial = serial();
     let fleet = FleetBed::start();
+    let n = FRR_BALANCER;
     let b = vip_b().to_string();
     fleet.lb(
-        0,
+        n,
         &[
             "vip",
             "set",
@@ -181,28 +203,32 @@ fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
             "1",
         ],
     );
-    let took = fleet.wait_next_hops(vip_b().ip(), 1);
+    let took = fleet.wait_next_hops(vip_b().ip(), BALANCERS - 1);
     println!(
-        "VIP B down on lb1's checks: withdrawn from the router after {:.0} ms",
+        "VIP B down on lb3's checks: withdrawn from the router (FRR) after {:.0} ms",
         ms(took)
     );
-    assert_eq!(fleet.next_hops(vip_b().ip()), vec![fleet.addr(1)]);
+    assert_eq!(fleet.next_hops(vip_b().ip()), fleet.others(n));
     assert_eq!(
         fleet.next_hops(vip_a().ip()),
-        vec![fleet.addr(0), fleet.addr(1)],
-        "VIP A stays announced by both"
+        fleet.all(),
+        "VIP A stays announced by every balancer"
     );
-    let (announced, why) = fleet.announced(0, vip_b().ip());
-    assert!(!announced, "lb1 still says it announces VIP B");
+    let (announced, why) = fleet.announced(n, vip_b().ip());
+    assert!(!announced, "lb3 still says it announces VIP B");
     assert_eq!(why.as_deref(), Some("no backend in rotation (0 of 2 up)"));
-    assert!(!fleet.table_routes(0).contains(VIP4B));
+    assert!(!fleet.table_routes(n).contains(VIP4B));
 
-    fleet.lb(0, &["vip", "set", &b, "--check", "none"]);
-    fleet.wait_next_hops(vip_b().ip(), 2);
+    fleet.lb(n, &["vip", "set", &b, "--check", "none"]);
+    let back = fleet.wait_next_hops(vip_b().ip(), BALANCERS);
+    println!(
+        "VIP B back on lb3's checks: announced again (FRR) after {:.0} ms",
+        ms(back)
+    );
 }
 
 /// `kill -9` of lb1's agent under steady load: nothing is withdrawn (the route stays in
-/// its table, the router keeps both next hops), no connection fails, and the restarted
+/// its table, the router keeps every next hop), no connection fails, and the restarted
 /// agent takes the announcement over.
 #[test]
 fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
@@ -219,7 +245,7 @@ fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
     for _ in 0..30 {
         assert_eq!(
             fleet.next_hops(vip_a().ip()),
-            vec![fleet.addr(0), fleet.addr(1)],
+            fleet.all(),
             "the router lost lb1 after its agent was killed"
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -245,10 +271,7 @@ fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
         failed.len(),
         attempts.len()
     );
-    assert_eq!(
-        fleet.next_hops(vip_a().ip()),
-        vec![fleet.addr(0), fleet.addr(1)]
-    );
+    assert_eq!(fleet.next_hops(vip_a().ip()), fleet.all());
 }
 
 /// `lb fleet leave` under steady load withdraws every VIP address and returns once no
@@ -271,7 +294,7 @@ fn graceful_leave_and_join_under_load_fail_no_request() {
     );
     assert!(out.contains("safe to stop the agent"), "{out}");
     for vip in [vip_a(), vip_b()] {
-        assert_eq!(fleet.next_hops(vip.ip()), vec![fleet.addr(1)], "{vip}");
+        assert_eq!(fleet.next_hops(vip.ip()), fleet.others(0), "{vip}");
     }
     // Stopped and started again: still out of the fleet (the leave is in its config).
     fleet
@@ -283,12 +306,12 @@ fn graceful_leave_and_join_under_load_fail_no_request() {
     let status = fleet.fleet_status(0);
     assert_eq!(status["member"], false, "{status}");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(fleet.next_hops(vip_a().ip()), vec![fleet.addr(1)]);
+    assert_eq!(fleet.next_hops(vip_a().ip()), fleet.others(0));
 
     fleet.lb(0, &["fleet", "join"]);
-    let took = fleet.wait_next_hops(vip_a().ip(), 2);
+    let took = fleet.wait_next_hops(vip_a().ip(), BALANCERS);
     println!(
-        "lb fleet join: both next hops again after {:.0} ms",
+        "lb fleet join: every next hop again after {:.0} ms",
         ms(took)
     );
     std::thread::sleep(Duration::from_millis(500));

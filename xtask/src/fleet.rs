@@ -6,6 +6,7 @@
 //! client 10.98.0.2 ── 10.98.0.1 router 10.99.0.254 ──┐ bridge 10.99.0.0/24
 //!                                  lb 10.99.0.2 ─────┤  (BGP + BFD to the router)
 //!                                  lb2 10.99.0.3 ────┤
+//!                                  lb3 10.99.0.4 ────┤  (the tests run three, the demo two)
 //!                  backends 10.99.0.11, .12 ─────────┘  (answer the client via the router)
 //! ```
 
@@ -15,7 +16,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::testbed::{HTTP_PORT, Host, Proc, Testbed, VIP4, run_ok};
 
@@ -29,6 +30,9 @@ pub const VIP4B: &str = "10.99.1.2";
 
 const BALANCER_CONF: &str = include_str!("../../packaging/bird/balancer.conf");
 const ROUTER_CONF: &str = include_str!("../../packaging/bird/router.conf");
+const FRR_CONF: &str = include_str!("../../packaging/frr/frr.conf");
+/// Where Debian's frr package puts the daemons.
+const FRR_DAEMONS: &str = "/usr/lib/frr";
 
 /// VIP A: 10.99.1.1:80 (Maglev in the fleet configs).
 pub fn vip_a() -> SocketAddr {
@@ -58,6 +62,24 @@ pub fn agent_config(n: usize, backends: &[Host]) -> String {
          [[vip]]\naddress = \"{}\"\n{backend_lines}",
         vip_a(),
         vip_b()
+    )
+}
+
+/// The port balancers share flows on (`[flow_sync]`).
+pub const SYNC_PORT: u16 = 7946;
+
+/// A `[flow_sync]` section for balancer `me` sharing with `peers`, under the key in
+/// `key_file`.
+pub fn flow_sync_config(me: &Host, peers: &[&Host], key_file: &Path) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("\"{}:{SYNC_PORT}\"", p.ipv4))
+        .collect();
+    format!(
+        "\n[flow_sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{}]\nkey_file = \"{}\"\n",
+        me.ipv4,
+        peers.join(", "),
+        key_file.display()
     )
 }
 
@@ -144,11 +166,87 @@ pub fn balancer_conf(host: &Host) -> String {
     conf
 }
 
-/// The shipped router config: its two balancers are the test bed's.
+/// The shipped router config: its three balancers are the test bed's (lb, lb2, lb3).
 pub fn router_conf() -> String {
     let conf = ROUTER_CONF.replace("log syslog all;", "log stderr all;");
-    assert!(conf.contains("neighbor 10.99.0.2 as") && conf.contains("neighbor 10.99.0.3 as"));
+    for lb in ["10.99.0.2", "10.99.0.3", "10.99.0.4"] {
+        assert!(
+            conf.contains(&format!("neighbor {lb} as")),
+            "packaging/bird/router.conf has no neighbor {lb}"
+        );
+    }
     conf
+}
+
+/// The shipped FRR config for `host`.
+pub fn frr_conf(host: &Host) -> String {
+    let conf = FRR_CONF.replace(
+        "bgp router-id 10.99.0.2",
+        &format!("bgp router-id {}", host.ipv4),
+    );
+    assert!(conf.contains(&format!("ip import-table {ROUTE_TABLE}\n")));
+    assert!(conf.contains(&format!("neighbor {ROUTER_LAN} remote-as")));
+    assert!(conf.contains(&format!(" peer {ROUTER_LAN}\n")));
+    conf
+}
+
+/// FRR in the foreground in `ns`: zebra, bfdd and bgpd, each reading the shipped config
+/// for `host`, with the config, sockets and pid files in a directory of their own under
+/// the test bed's (FRR's daemons drop root for the `frr` user, which must reach it).
+pub fn frr(bed: &Testbed, ns: &str, host: &Host, name: &str) -> Result<Vec<Proc>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !Path::new(FRR_DAEMONS).join("bgpd").is_file() {
+        bail!("FRR is not installed: run ./x.sh setup, or apt install frr");
+    }
+    let dir = bed.dir().join(format!("frr-{name}"));
+    let mode = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", path.display()))
+    };
+    // Others may pass through the test bed's directory, not list it.
+    mode(bed.dir(), 0o711)?;
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    mode(&dir, 0o777)?;
+    let conf = dir.join("frr.conf");
+    std::fs::write(&conf, frr_conf(host)).with_context(|| format!("writing {}", conf.display()))?;
+    mode(&conf, 0o644)?;
+    let path = |file: &str| dir.join(file).to_string_lossy().into_owned();
+    let zserv = dir.join("zserv.api");
+    let mut procs = Vec::new();
+    for daemon in ["zebra", "bfdd", "bgpd"] {
+        let mut args = vec![
+            "-f".to_string(),
+            path("frr.conf"),
+            "-i".into(),
+            path(&format!("{daemon}.pid")),
+            "-z".into(),
+            path("zserv.api"),
+            "--vty_socket".into(),
+            path(""),
+            "-u".into(),
+            "frr".into(),
+            "-g".into(),
+            "frr".into(),
+            "--log".into(),
+            "stdout".into(),
+        ];
+        if daemon == "bfdd" {
+            args.extend(["--bfdctl".into(), path("bfdd.sock")]);
+        }
+        let mut proc = bed.spawn_in(ns, Path::new(FRR_DAEMONS).join(daemon), &args)?;
+        if daemon == "zebra" {
+            // bfdd and bgpd connect to zebra's socket at start.
+            crate::testbed::wait_until(std::time::Duration::from_secs(10), || {
+                if let Some(status) = proc.try_wait() {
+                    bail!("zebra exited with {status}:\n{}", proc.log());
+                }
+                Ok(zserv.exists())
+            })
+            .context("waiting for zebra's socket")?;
+        }
+        procs.push(proc);
+    }
+    Ok(procs)
 }
 
 /// BIRD in the foreground in `ns`, its control socket beside its config.

@@ -1,7 +1,8 @@
 //! Keeps the fleet routing table equal to [`super::decide`]'s answer: one host route per
 //! announced VIP address (`VIP/32 dev lo`, `VIP/128 dev lo`), which the routing daemon
 //! `learn`s and exports over BGP. The table is the agent's alone: whatever else is in it
-//! is removed.
+//! is removed. With `[fleet] track_file` it also keeps keepalived's track file equal to
+//! [`super::track::serving`] of the same answer.
 
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
 
@@ -14,7 +15,7 @@ use netlink_packet_route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 use tokio::task::JoinHandle;
 
-use super::{VipServing, decide};
+use super::{VipServing, decide, track};
 use crate::api::Agent;
 
 /// How often the announcer looks at the state: the delay between a VIP losing its last
@@ -110,35 +111,51 @@ impl RouteTable {
     }
 }
 
-/// Starts the announcer when the configuration names a route table.
+/// Starts the announcer when the configuration names a route table or a track file.
 pub fn start(agent: Arc<Agent>) -> Option<JoinHandle<()>> {
-    let table = agent.fleet.config().route_table;
-    (table != 0).then(|| tokio::spawn(run(agent, table)))
+    let config = agent.fleet.config();
+    config.active().then(|| {
+        tokio::spawn(run(
+            agent,
+            config.route_table,
+            config.track_file.map(track::TrackFile::new),
+        ))
+    })
 }
 
-async fn run(agent: Arc<Agent>, table: u32) {
-    let routes = match RouteTable::open(table) {
-        Ok(r) => r,
-        Err(e) => {
-            log::error!("fleet: announcing nothing: {e:#}");
-            return;
+async fn run(agent: Arc<Agent>, table: u32, mut track: Option<track::TrackFile>) {
+    let routes = if table == 0 {
+        None
+    } else {
+        match RouteTable::open(table) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                log::error!("fleet: announcing nothing: {e:#}");
+                return;
+            }
         }
     };
     // A previous agent's routes are taken over as they are: kept if still right.
-    let mut present = routes.list().await.unwrap_or_else(|e| {
-        log::warn!("fleet: {e:#}");
-        BTreeSet::new()
-    });
-    log::info!(
-        "fleet: announcing VIP addresses in routing table {table} ({} there already)",
-        present.len()
-    );
+    let mut present = BTreeSet::new();
+    if let Some(routes) = &routes {
+        present = routes.list().await.unwrap_or_else(|e| {
+            log::warn!("fleet: {e:#}");
+            BTreeSet::new()
+        });
+        log::info!(
+            "fleet: announcing VIP addresses in routing table {table} ({} there already)",
+            present.len()
+        );
+    }
     let mut detached = Vec::new();
     for n in 0u32.. {
         if n % ATTACH_CHECK_TICKS == 0 {
             detached = detached_ifaces(&agent).await;
         }
-        if n > 0 && n % RESYNC_TICKS == 0 {
+        if let Some(routes) = &routes
+            && n > 0
+            && n % RESYNC_TICKS == 0
+        {
             match routes.list().await {
                 Ok(p) => present = p,
                 Err(e) => log::warn!("fleet: {e:#}"),
@@ -162,37 +179,66 @@ async fn run(agent: Arc<Agent>, table: u32) {
             agent.fleet.count(p);
         }
         let decision = decide(&vips, agent.fleet.config().left, &detached);
-        let want: BTreeSet<IpAddr> = decision
-            .iter()
-            .filter(|(_, why)| why.is_none())
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in want.difference(&present.clone()) {
-            match routes.announce(*addr).await {
-                Ok(()) => {
-                    log::info!("fleet: announcing {addr}");
-                    present.insert(*addr);
-                }
+        if let Some(track) = &mut track {
+            let serving = track::serving(&decision);
+            match track.set(serving) {
+                Ok(true) => log::info!(
+                    "fleet: VRRP track file says {}",
+                    if serving {
+                        "1: serving every VIP address"
+                    } else {
+                        "0: cannot serve every VIP address"
+                    }
+                ),
+                Ok(false) => {}
+                // Tried again next tick; keepalived keeps the last value meanwhile.
                 Err(e) => log::warn!("fleet: {e:#}"),
             }
         }
-        for addr in present.clone().difference(&want) {
-            match routes.withdraw(*addr).await {
-                Ok(()) => {
-                    let why = decision
-                        .get(addr)
-                        .and_then(|w| w.clone())
-                        .unwrap_or_else(|| "no VIP on it".into());
-                    log::info!("fleet: withdrawing {addr}: {why}");
-                    present.remove(addr);
-                }
-                Err(e) => log::warn!("fleet: {e:#}"),
-            }
+        if let Some(routes) = &routes {
+            sync_routes(routes, &decision, &mut present).await;
         }
-        agent.fleet.record(vips, decision, present.clone());
+        let written = track.as_ref().and_then(|t| t.written());
+        agent.fleet.record(vips, decision, present.clone(), written);
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = agent.fleet.wake.notified() => {}
+        }
+    }
+}
+
+/// Adds and removes host routes until the table holds the addresses `decision` serves;
+/// `present` is what it holds.
+async fn sync_routes(
+    routes: &RouteTable,
+    decision: &std::collections::BTreeMap<IpAddr, super::WhyNot>,
+    present: &mut BTreeSet<IpAddr>,
+) {
+    let want: BTreeSet<IpAddr> = decision
+        .iter()
+        .filter(|(_, why)| why.is_none())
+        .map(|(a, _)| *a)
+        .collect();
+    for addr in want.difference(&present.clone()) {
+        match routes.announce(*addr).await {
+            Ok(()) => {
+                log::info!("fleet: announcing {addr}");
+                present.insert(*addr);
+            }
+            Err(e) => log::warn!("fleet: {e:#}"),
+        }
+    }
+    for addr in present.clone().difference(&want) {
+        match routes.withdraw(*addr).await {
+            Ok(()) => {
+                let why = decision
+                    .get(addr)
+                    .and_then(|w| w.clone())
+                    .unwrap_or_else(|| "no VIP on it".into());
+                log::info!("fleet: withdrawing {addr}: {why}");
+                present.remove(addr);
+            }
+            Err(e) => log::warn!("fleet: {e:#}"),
         }
     }
 }
@@ -212,9 +258,17 @@ async fn detached_ifaces(agent: &Agent) -> Vec<String> {
     out
 }
 
-/// On a clean stop: every route out of the table, so the routers stop sending here.
+/// On a clean stop: every route out of the table, so the routers stop sending here, and
+/// `0` in the track file, so keepalived hands the VIPs to the backup.
 pub async fn withdraw_all(agent: &Agent) {
-    let table = agent.fleet.config().route_table;
+    let config = agent.fleet.config();
+    if let Some(path) = &config.track_file {
+        match track::write(path, false) {
+            Ok(()) => log::info!("fleet: VRRP track file says 0: stopping"),
+            Err(e) => log::error!("fleet: on stop: {e:#}"),
+        }
+    }
+    let table = config.route_table;
     if table == 0 {
         return;
     }

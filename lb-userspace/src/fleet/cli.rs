@@ -13,7 +13,8 @@ use crate::api::protocol::{self as control, Request, Response};
 
 #[derive(Subcommand)]
 pub enum FleetCommand {
-    /// Which VIP addresses this balancer announces to its routers, and why not the others.
+    /// Which VIP addresses this balancer announces to its routers, and why not the others
+    /// (and, in a VRRP pair, what its keepalived track file says).
     #[command(after_help = "Examples:
   lb fleet status
   lb fleet status --json | jq '.addresses[] | select(.announced | not)'")]
@@ -21,9 +22,10 @@ pub enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Withdraw every VIP address (maintenance), keep forwarding what still arrives, and
-    /// wait until no packet reaches a VIP any more; then the agent may be stopped. Kept
-    /// in the configuration file: a restarted agent stays out until `lb fleet join`.
+    /// Withdraw every VIP address (maintenance; in a VRRP pair, write 0 into the track
+    /// file, so the backup takes the VIPs), keep forwarding what still arrives, and wait
+    /// until no packet reaches a VIP any more; then the agent may be stopped. Kept in the
+    /// configuration file: a restarted agent stays out until `lb fleet join`.
     #[command(after_help = "Examples:
   lb fleet leave                 then stop the agent: systemctl stop lb@eth0
   lb fleet leave --no-wait")]
@@ -32,7 +34,8 @@ pub enum FleetCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Announce again the VIP addresses this balancer can serve (undoes `lb fleet leave`).
+    /// Announce again the VIP addresses this balancer can serve; in a VRRP pair the track
+    /// file says 1 again while it can serve them all (undoes `lb fleet leave`).
     #[command(after_help = "Examples:
   lb fleet join")]
     Join,
@@ -103,8 +106,8 @@ pub fn run(socket: &Path, command: FleetCommand) -> Result<()> {
 /// `lb fleet status` for people.
 pub fn render(v: &FleetView) -> String {
     let mut out = format!("fleet       {}\n", v.summary());
-    if v.route_table == 0 {
-        out += "(set route_table in the [fleet] section of the configuration to announce VIPs)\n";
+    if v.route_table == 0 && v.track.is_none() {
+        out += "(set route_table (BGP) or track_file (VRRP) in the [fleet] section of the configuration)\n";
         return out;
     }
     out += "\n";

@@ -9,15 +9,21 @@
 //! withdraws everything; a `kill -9` withdraws nothing (the pinned program keeps
 //! forwarding, and the next agent takes the routes over as they are).
 //!
-//! [`decide`] is the whole rule, kernel-free; [`announce`] keeps the routing table equal to
-//! its answer; [`cli`] is `lb fleet`.
+//! Active-passive pairs without BGP (VRRP by keepalived) use the same rule: the agent
+//! writes whether it can serve into a file keepalived tracks (`[fleet] track_file`,
+//! [`track`]), and a master that cannot serve hands the VIPs to its backup.
+//!
+//! [`decide`] is the whole rule, kernel-free; [`announce`] keeps the routing table (and the
+//! track file) equal to its answer; [`cli`] is `lb fleet`.
 
 pub mod announce;
 pub mod cli;
+pub mod track;
 
 use std::{
     collections::BTreeMap,
     net::IpAddr,
+    path::PathBuf,
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -45,6 +51,11 @@ pub struct FleetConfig {
     /// more, the agent may be stopped.
     #[serde(default = "default_quiet", skip_serializing_if = "is_default_quiet")]
     pub quiet_s: u32,
+    /// For a VRRP pair: a file holding `1` while this balancer can serve every VIP
+    /// address and `0` otherwise, which keepalived tracks (`track_file`) to set the
+    /// priority. None (the default): no file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_file: Option<PathBuf>,
 }
 
 impl Default for FleetConfig {
@@ -54,6 +65,7 @@ impl Default for FleetConfig {
             left: false,
             grace_s: default_grace(),
             quiet_s: default_quiet(),
+            track_file: None,
         }
     }
 }
@@ -92,11 +104,24 @@ impl FleetConfig {
                 self.quiet_s
             );
         }
+        if let Some(path) = &self.track_file
+            && (!path.is_absolute() || path.file_name().is_none())
+        {
+            bail!(
+                "fleet: track_file {} must be an absolute path to a file, e.g. /etc/lb/serving",
+                path.display()
+            );
+        }
         Ok(())
     }
 
     pub fn announcing(&self) -> bool {
         self.route_table != 0
+    }
+
+    /// Announcing routes or feeding keepalived: leave and join mean something.
+    pub fn active(&self) -> bool {
+        self.announcing() || self.track_file.is_some()
     }
 }
 
@@ -166,6 +191,17 @@ pub struct FleetView {
     pub quiet: bool,
     pub grace_s: u32,
     pub quiet_s: u32,
+    /// The VRRP track file, if configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track: Option<TrackView>,
+}
+
+/// What the agent tells keepalived.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrackView {
+    pub file: PathBuf,
+    /// What the file says (None: not written yet, or the last write failed).
+    pub serving: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -198,6 +234,8 @@ struct Inner {
     vips: Vec<VipServing>,
     decision: BTreeMap<IpAddr, WhyNot>,
     announced: std::collections::BTreeSet<IpAddr>,
+    /// What the track file says (see [`track::TrackFile::written`]).
+    track_serving: Option<bool>,
     /// Since the leave: VIP packets last counted, and when they last changed.
     traffic: Option<(u64, Instant)>,
 }
@@ -211,6 +249,7 @@ impl Fleet {
                 vips: Vec::new(),
                 decision: BTreeMap::new(),
                 announced: Default::default(),
+                track_serving: None,
                 traffic,
             }),
             wake: tokio::sync::Notify::new(),
@@ -229,9 +268,9 @@ impl Fleet {
     /// Leave (`member` false) or join. Returns whether anything changed.
     pub fn set_member(&self, member: bool) -> Result<bool> {
         let mut inner = self.lock();
-        if !inner.config.announcing() {
+        if !inner.config.active() {
             bail!(
-                "this balancer announces nothing: set `route_table` in the [fleet] section of its configuration file (see README, Fleet)"
+                "this balancer announces nothing: set `route_table` (BGP) or `track_file` (VRRP) in the [fleet] section of its configuration file (see README, Fleet)"
             );
         }
         if inner.config.left != member {
@@ -250,11 +289,13 @@ impl Fleet {
         vips: Vec<VipServing>,
         decision: BTreeMap<IpAddr, WhyNot>,
         announced: std::collections::BTreeSet<IpAddr>,
+        track_serving: Option<bool>,
     ) {
         let mut inner = self.lock();
         inner.vips = vips;
         inner.decision = decision;
         inner.announced = announced;
+        inner.track_serving = track_serving;
     }
 
     /// Whether VIP packets are being counted (after a leave).
@@ -302,6 +343,10 @@ impl Fleet {
             quiet: idle.is_some_and(|d| d >= Duration::from_secs(inner.config.quiet_s.into())),
             grace_s: inner.config.grace_s,
             quiet_s: inner.config.quiet_s,
+            track: inner.config.track_file.as_ref().map(|file| TrackView {
+                file: file.clone(),
+                serving: inner.track_serving,
+            }),
         }
     }
 }
@@ -309,13 +354,32 @@ impl Fleet {
 impl FleetView {
     /// One line for `lb status`.
     pub fn summary(&self) -> String {
+        let track = self.track.as_ref().map(|t| {
+            format!(
+                "VRRP track file {}: {}",
+                t.file.display(),
+                match t.serving {
+                    Some(true) => "1 (serving)",
+                    Some(false) => "0 (cannot serve)",
+                    None => "not written",
+                }
+            )
+        });
         if self.route_table == 0 {
-            return "standalone".into();
+            return match track {
+                Some(t) if !self.member => format!("left: {t}"),
+                Some(t) => t,
+                None => "standalone".into(),
+            };
         }
+        let with_track = |line: String| match &track {
+            Some(t) => format!("{line}; {t}"),
+            None => line,
+        };
         let announced = self.addresses.iter().filter(|a| a.announced).count();
         if !self.member {
             let idle = self.idle_s.unwrap_or(0.0);
-            return format!(
+            return with_track(format!(
                 "left (table {}): {announced} VIP addresses announced; {}",
                 self.route_table,
                 if self.quiet {
@@ -323,7 +387,7 @@ impl FleetView {
                 } else {
                     format!("VIP traffic {idle:.0} s ago, still forwarding")
                 }
-            );
+            ));
         }
         let withheld: Vec<String> = self
             .addresses
@@ -338,7 +402,7 @@ impl FleetView {
         if !withheld.is_empty() {
             line += &format!("; withheld: {}", withheld.join(", "));
         }
-        line
+        with_track(line)
     }
 }
 
@@ -421,6 +485,16 @@ mod tests {
         assert!(!v.member && !v.quiet && v.idle_s.unwrap() < 1.0);
         assert!(fleet.set_member(true).unwrap());
         assert!(!fleet.config().left && !fleet.counting());
+        // A VRRP balancer (no route table) leaves and joins too: its track file says 0.
+        let vrrp = Fleet::new(FleetConfig {
+            track_file: Some("/etc/lb/serving".into()),
+            ..Default::default()
+        });
+        assert!(vrrp.set_member(false).unwrap());
+        assert_eq!(
+            vrrp.view().summary(),
+            "left: VRRP track file /etc/lb/serving: not written"
+        );
     }
 
     /// Two balancers of a fleet, backends added in different orders (so with different
@@ -508,8 +582,16 @@ mod tests {
             grace_s: 1,
             quiet_s: 2,
             left: false,
+            track_file: None,
         };
         assert!(c.validate().is_err());
+        for bad in ["serving", "/"] {
+            let c = FleetConfig {
+                track_file: Some(bad.into()),
+                ..Default::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
         assert!(FleetConfig::default().validate().is_ok());
     }
 }

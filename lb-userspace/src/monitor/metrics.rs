@@ -729,6 +729,7 @@ mod tests {
             quiet: false,
             grace_s: 60,
             quiet_s: 3,
+            track: None,
         };
         let s = Scrape {
             snapshot: &snapshot,
