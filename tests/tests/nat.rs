@@ -12,7 +12,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use lb_tests::{e2e::*, stack};
 use xtask::{
-    testbed::{VIP4, VIP6, run_ok},
+    testbed::{VIP4, run_ok},
     traffic::Answer,
 };
 
