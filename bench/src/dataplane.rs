@@ -655,6 +655,102 @@ fn phases(
     Ok(notes)
 }
 
+// ---- full NAT ---------------------------------------------------------------------------------
+
+pub const CONFIG_NAT: &str = "NAT, 1 backend (own namespace)";
+pub const CASE_DSR_EST: &str = "dsr: established IPv4 TCP flow";
+pub const CASE_NAT_FWD: &str = "nat forward: established IPv4 TCP flow";
+pub const CASE_NAT_FWD6: &str = "nat forward: established IPv6 TCP flow";
+pub const CASE_NAT_REPLY: &str = "nat reply: IPv4 TCP, backend to client (FIB lookup)";
+pub const CASE_NAT_REPLY6: &str = "nat reply: IPv6 TCP, backend to client (FIB lookup)";
+
+/// Full NAT beside direct server return in one program and one run: an established flow
+/// translated toward its backend, and the backend's answer translated back (a reverse
+/// lookup and the kernel's FIB). In a namespace of its own (the reply path needs routes to
+/// the clients and forwarding on, which the host's namespace is not to be given).
+fn nat_phase(opts: &Options, baselines: &Baselines) -> Result<Vec<Row>> {
+    use lb_common::{BACKEND_F_NAT, FAMILY_V4, FAMILY_V6, NatSnat};
+    use lb_tests::fixtures::{addr, with_veth_in_netns};
+    with_veth_in_netns(|veth| -> Result<Vec<Row>> {
+        lb_tests::nat::client_routes();
+        let mut fx = Fixture::new();
+        fx.dp.add_tx_port(veth)?;
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        fx.backend(1, ip("10.3.0.1"), TEST_RUN_IFINDEX);
+        fx.backend(2, ip("10.1.0.1"), TEST_RUN_IFINDEX);
+        fx.backend(3, ip("fd01::3"), TEST_RUN_IFINDEX);
+        for id in [2, 3] {
+            fx.update_backend(id, |b| b.flags |= BACKEND_F_NAT);
+        }
+        let vip = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let (dsr, nat4, nat6) = (
+            vip("10.0.0.10:80"),
+            vip("10.0.0.10:81"),
+            vip("[fd00::10]:81"),
+        );
+        fx.vip(dsr, PROTO_TCP, 0, 0, &[1]);
+        fx.vip(nat4, PROTO_TCP, 1, 8, &[2]);
+        fx.vip(nat6, PROTO_TCP, 2, 16, &[3]);
+        for (family, snat) in [(FAMILY_V4, "10.1.0.254"), (FAMILY_V6, "fd01::fe")] {
+            let snat = NatSnat {
+                addr: addr(ip(snat)),
+                port_first: 1024,
+                port_last: 32767,
+                _pad: 0,
+            };
+            fx.dp.set_nat_snat(family, &snat)?;
+        }
+        let prog = fx.dp.program_fd()?;
+        let mut fixed = Vec::new();
+        for (client, to) in [
+            (vip("192.0.2.1:40000"), dsr),
+            (vip("192.0.2.1:40000"), nat4),
+            (vip("[2001:db8::1]:40000"), nat6),
+        ] {
+            let frame = Pkt::tcp(client, to).build();
+            bpf::expect_action(prog.as_fd(), &frame, XDP_TX, "the first packet of a flow")?;
+            let answer = fx
+                .dp
+                .nat_forward(&flow_key(client, to, PROTO_TCP))
+                .map(|t| {
+                    let snat = SocketAddr::new(
+                        lb_common::addr_from_map(t.to.src, t.to.family),
+                        u16::from_be(t.to.sport),
+                    );
+                    let backend = SocketAddr::new(
+                        lb_common::addr_from_map(t.to.dst, t.to.family),
+                        u16::from_be(t.to.dport),
+                    );
+                    Pkt::tcp(backend, snat).build()
+                });
+            fixed.push((frame, answer));
+        }
+        let case = |name, frame: Vec<u8>, expect, vip_id| Case {
+            name,
+            config: CONFIG_NAT,
+            prog: prog.as_fd(),
+            repeatable: false,
+            frames: Frames::Fixed(frame),
+            expect,
+            vip_id: Some(vip_id),
+            check: FlowCheck::NoneNew,
+            rounds: Vec::new(),
+            amortized: Vec::new(),
+            surprises: 0,
+        };
+        let reply = |i: usize| fixed[i].1.clone().expect("a NAT flow has its translation");
+        let mut cases = baseline_cases(baselines, CONFIG_NAT);
+        cases.push(case(CASE_DSR_EST, fixed[0].0.clone(), XDP_TX, 0));
+        cases.push(case(CASE_NAT_FWD, fixed[1].0.clone(), XDP_TX, 1));
+        cases.push(case(CASE_NAT_FWD6, fixed[2].0.clone(), XDP_TX, 2));
+        cases.push(case(CASE_NAT_REPLY, reply(1), bpf::XDP_REDIRECT, 1));
+        cases.push(case(CASE_NAT_REPLY6, reply(2), bpf::XDP_REDIRECT, 2));
+        measure(&fx, &mut cases, opts)?;
+        let mut notes = Vec::new();
+        Ok(rows(&cases, &mut notes))
+    })
+}
+
 // ---- new flows on two CPUs at once ---------------------------------------------------------
 
 pub const CASE_NEW_RR: &str = "new IPv4 TCP flow, round robin (one shared cursor)";
@@ -783,6 +879,8 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
         Ok(())
     })?;
     notes.append(&mut more);
+    progress("data plane: full NAT beside direct server return");
+    rows_out.extend(nat_phase(opts, &baselines)?);
     if opts.table_flows > 0 {
         progress("data plane: new flows on one CPU and on two at once");
         rows_out.extend(contention(opts, &baselines)?);

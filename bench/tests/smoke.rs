@@ -25,6 +25,15 @@ fn a_short_data_plane_round_yields_a_figure_for_every_case() {
             rows.push((case, config));
         }
     }
+    for case in [
+        dataplane::CASE_DSR_EST,
+        dataplane::CASE_NAT_FWD,
+        dataplane::CASE_NAT_FWD6,
+        dataplane::CASE_NAT_REPLY,
+        dataplane::CASE_NAT_REPLY6,
+    ] {
+        rows.push((case, dataplane::CONFIG_NAT));
+    }
     for (case, config) in rows {
         let row = report
             .rows

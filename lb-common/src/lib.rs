@@ -448,6 +448,25 @@ reasons! {
     DropTunnelNoSource = "drop_tunnel_no_source", Drop;
     /// The driver gave no room for the outer header (`bpf_xdp_adjust_head` failed).
     DropTunnelNoRoom = "drop_tunnel_no_room", Drop;
+    // -- full NAT (`mode = "nat"`) --
+    /// A backend's answer to a NAT flow, translated back (source = VIP, destination =
+    /// client) and sent to the client's next hop from the kernel's FIB.
+    NatReply = "nat_reply", Forward;
+    /// An ICMP error about a NAT flow from the backends' side (the backend, or a router
+    /// before it), translated (outer and quoted headers) and sent to the client.
+    NatIcmpReply = "nat_icmp_reply", Forward;
+    /// A NAT reply translated, but the client's next hop has no neighbour entry yet: handed
+    /// to the host, which routes it (and resolves the neighbour).
+    PassNatNoNeigh = "pass_nat_no_neigh", Pass;
+    /// A NAT reply the kernel's FIB cannot route to its client (no route, or forwarding
+    /// disabled on the interface it came in on).
+    DropNatNoRoute = "drop_nat_no_route", Drop;
+    /// A new NAT flow found no free SNAT port toward its backend within the probes allowed.
+    DropNatPortsExhausted = "drop_nat_ports_exhausted", Drop;
+    /// A new NAT flow found the translation tables full.
+    DropNatTableFull = "drop_nat_table_full", Drop;
+    /// A new NAT flow, but the balancer has no SNAT address of the flow's family yet.
+    DropNatNoSnat = "drop_nat_no_snat", Drop;
 }
 
 // Checked at compile time: the counters are indexed by discriminant, so `ALL` must hold
@@ -517,9 +536,14 @@ pub mod maps {
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const DECAP_GUE_PORT: &str = "DECAP_GUE_PORT";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    // Full NAT (see `NatEntry`).
+    pub const NAT_SNAT: &str = "NAT_SNAT";
+    pub const NAT_FWD: &str = "NAT_FWD";
+    pub const NAT_REV: &str = "NAT_REV";
+    pub const NAT_STATS: &str = "NAT_STATS";
 
     /// Every map of the program (for pinning and adoption).
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 30] = [
         VIPS,
         VIP_ADDRS,
         VIP_ADDR_FILTER,
@@ -546,7 +570,83 @@ pub mod maps {
         FLOW_SHARE_DROPS,
         RX_IFACES,
         TUNNEL,
+        NAT_SNAT,
+        NAT_FWD,
+        NAT_REV,
+        NAT_STATS,
     ];
+}
+
+// ---- Full NAT (`mode = "nat"`: lb-ebpf/src/nat.rs, lb-userspace/src/nat) ----
+
+/// Translations both tables hold at most: one entry each per NAT flow.
+pub const MAX_NAT_FLOWS: u32 = 1 << 20;
+/// Ports a new NAT flow tries before it counts as exhausted: a bounded loop, and in a
+/// range less than half full a free port is nearly always among the first few.
+pub const NAT_PORT_PROBES: u32 = 16;
+/// `NAT_SNAT` index of each family's SNAT address.
+pub const NAT_SNAT_V4: u32 = 0;
+pub const NAT_SNAT_V6: u32 = 1;
+
+/// The balancer's SNAT address of one family and the source ports it hands out, first to
+/// last (host byte order). `port_last` 0: no SNAT address (new NAT flows are dropped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatSnat {
+    pub addr: Addr,
+    pub port_first: u16,
+    pub port_last: u16,
+    pub _pad: u32,
+}
+
+/// One direction of a NAT flow. Keyed in `NAT_FWD` by the client's flow as it arrives
+/// (client -> VIP), in `NAT_REV` by the backend's answer as it arrives (backend -> SNAT
+/// address and port); `to` is what the packet's addresses and ports become. The two
+/// entries are made together (the reverse first, claiming the port) and removed together
+/// by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntry {
+    /// The packet's source, destination and ports after translation (proto and family as
+    /// the key's).
+    pub to: FlowKey,
+    /// The backend the flow was translated to (a flow moved to another backend gets a
+    /// new translation).
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    /// Last packet in this direction, `bpf_ktime_get_ns` (refreshed at most once a second).
+    pub last_seen_ns: u64,
+    /// `NAT_F_*` bits seen in this direction.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// A FIN was seen in this direction.
+pub const NAT_F_FIN: u32 = 1;
+/// A RST was seen in this direction.
+pub const NAT_F_RST: u32 = 1 << 1;
+/// How often (at most) a direction's `last_seen_ns` is rewritten.
+pub const NAT_TOUCH_NS: u64 = 1_000_000_000;
+
+/// `NAT_STATS` slots (per-CPU counts).
+pub const NAT_STAT_ALLOCATED: u32 = 0;
+/// Ports tried and found taken while allocating.
+pub const NAT_STAT_COLLISIONS: u32 = 1;
+pub const NAT_STAT_EXHAUSTED: u32 = 2;
+pub const NAT_STATS_LEN: u32 = 4;
+
+/// The reverse key of a translation: the backend's answer as it arrives.
+#[inline(always)]
+pub fn nat_reverse_key(fwd_to: &FlowKey) -> FlowKey {
+    FlowKey {
+        src: fwd_to.dst,
+        dst: fwd_to.src,
+        sport: fwd_to.dport,
+        dport: fwd_to.sport,
+        proto: fwd_to.proto,
+        family: fwd_to.family,
+        _pad: [0; 2],
+    }
 }
 
 // ---- Flow sharing between balancers (lb-userspace/src/flowsync) ----
@@ -678,6 +778,8 @@ mod user {
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for RxIface {}
     unsafe impl aya::Pod for TunnelConfig {}
+    unsafe impl aya::Pod for NatSnat {}
+    unsafe impl aya::Pod for NatEntry {}
 }
 
 #[cfg(test)]
@@ -803,5 +905,7 @@ mod tests {
         for (i, r) in DecapReason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{}", r.name());
         }
+        assert_eq!(core::mem::size_of::<NatEntry>(), 64);
+        assert_eq!(core::mem::size_of::<NatSnat>(), 24);
     }
 }

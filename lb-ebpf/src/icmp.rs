@@ -9,7 +9,7 @@
 //! - everything else is dropped and counted.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{BACKEND_F_IN_USE, FAMILY_V4, FlowKey, Reason, VIP_F_HASH, xdp};
+use lb_common::{BACKEND_F_IN_USE, BACKEND_F_NAT, FAMILY_V4, FlowKey, Reason, VIP_F_HASH, xdp};
 
 use crate::{
     frame::{load, store},
@@ -204,6 +204,10 @@ fn error_to_backend(ctx: &XdpContext, pkt: &Packet) -> Result<(u32, Reason), Rea
         }
         None => return Err(Reason::DropIcmpNoFlow),
     };
-    let action = transmit::forward(ctx, pkt, backend)?;
+    let action = if backend.flags & BACKEND_F_NAT != 0 {
+        crate::nat::icmp_to_backend(ctx, pkt, &flow, backend)?
+    } else {
+        transmit::forward(ctx, pkt, backend)?
+    };
     Ok((action, Reason::IcmpErrorForwarded))
 }

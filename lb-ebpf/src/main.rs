@@ -12,7 +12,8 @@
 //! - `persist`, `leastconn`: source affinity and least connections, for new flows;
 //! - `refuse`: a SYN to a VIP with no backend answered with a RST;
 //! - `share`: new flows' pins for the agent to share with peer balancers;
-//! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access.
+//! - `count`: per-CPU counters; `maps`: every map; `frame`: the only frame memory access;
+//! - `nat`, `csum`: full NAT both ways (a VIP in `nat` mode) and incremental checksums.
 //!
 //! A second program, `decap::lb_decap` (`lb decap`), runs on backends: it strips the
 //! tunnels `tunnel` makes.
@@ -25,11 +26,13 @@
 #![feature(asm_experimental_arch)]
 
 mod count;
+mod csum;
 mod decap;
 mod frame;
 mod icmp;
 mod leastconn;
 mod maps;
+mod nat;
 mod parse;
 mod persist;
 mod policy;
@@ -40,7 +43,7 @@ mod transmit;
 mod tunnel;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
-use lb_common::{BACKEND_F_LEASTCONN, Backend, Reason};
+use lb_common::{BACKEND_F_LEASTCONN, BACKEND_F_NAT, Backend, Reason};
 
 use crate::{
     maps::{BACKEND_STATS, REASON_STATS, VIP_STATS},
@@ -88,6 +91,10 @@ fn process(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         }
         return forward(ctx, &pkt, backend.vip_id, backend_id, backend);
     }
+    // A NAT backend's answer to the SNAT address: one array read for other host traffic.
+    if let Some(done) = nat::reply(ctx, &pkt, transport.is_ok()) {
+        return done;
+    }
     if !maybe_vip {
         return Err(Reason::PassNotVip);
     }
@@ -121,7 +128,11 @@ fn forward(
     backend_id: u32,
     backend: &Backend,
 ) -> Result<(u32, Reason), Reason> {
-    let action = transmit::forward(ctx, pkt, backend)?;
+    let action = if backend.flags & BACKEND_F_NAT != 0 {
+        nat::forward(ctx, pkt, backend_id, backend)?
+    } else {
+        transmit::forward(ctx, pkt, backend)?
+    };
     count::packet(&VIP_STATS, vip_id, pkt.len);
     count::packet(&BACKEND_STATS, backend_id, pkt.len);
     Ok((action, Reason::Forwarded))

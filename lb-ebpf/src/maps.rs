@@ -13,6 +13,7 @@ use lb_common::{
     RING_SLAB_LEN, RateKey, RxIface, VIP_ADDR_FILTER_WORDS, VipAddr, VipKey, VipMeta,
 };
 use lb_common::{DECAP_REASON_COUNT, MAX_DECAP_VIPS, TunnelConfig};
+use lb_common::{MAX_NAT_FLOWS, NAT_STATS_LEN, NatEntry, NatSnat};
 
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
@@ -92,3 +93,18 @@ pub static DECAP_GUE_PORT: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static DECAP_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(DECAP_REASON_COUNT, 0);
+// Full NAT (nat.rs): the SNAT address and ports per family, the translations (plain hash
+// maps: the kernel never evicts one half of a pair; the agent expires both), counters.
+#[map]
+pub static NAT_SNAT: Array<NatSnat> = Array::with_max_entries(2, 0);
+#[map]
+pub static NAT_FWD: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(MAX_NAT_FLOWS, BPF_F_NO_PREALLOC);
+#[map]
+pub static NAT_REV: HashMap<FlowKey, NatEntry> =
+    HashMap::with_max_entries(MAX_NAT_FLOWS, BPF_F_NO_PREALLOC);
+#[map]
+pub static NAT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NAT_STATS_LEN, 0);
+/// Where a new translation's entry is built (too big for the stack); not pinned.
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<NatEntry> = PerCpuArray::with_max_entries(1, 0);

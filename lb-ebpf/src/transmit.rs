@@ -17,6 +17,22 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Result<u32,
     if backend.flags & BACKEND_F_TUNNEL != 0 {
         tunnel::encapsulate(ctx, pkt, backend)?;
     }
+    send(ctx, backend)
+}
+
+/// Sends the frame as it is (a NAT backend's, already translated) to `backend`, or hands
+/// it to the host while its MAC is unknown; no tunnel path for the verifier to walk.
+#[inline(always)]
+pub fn forward_as_is(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
+    if backend.flags & BACKEND_F_RESOLVED == 0 {
+        return Err(Reason::PassNoNeigh);
+    }
+    send(ctx, backend)
+}
+
+/// The MACs of `backend`'s next hop, then XDP_TX or XDP_REDIRECT.
+#[inline(always)]
+fn send(ctx: &XdpContext, backend: &Backend) -> Result<u32, Reason> {
     rewrite_macs(ctx, backend)?;
     if backend.ifindex as usize == ctx.ingress_ifindex() {
         return Ok(xdp::TX);

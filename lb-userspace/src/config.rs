@@ -29,6 +29,11 @@
 //! [firewall]
 //! drop = ["203.0.113.0/24", "2001:db8:bad::/48"]
 //!
+//! [nat]                      # full NAT (crate::nat): SNAT addresses and ports
+//! snat_v4 = "10.0.0.2"       # default: the egress address toward a NAT backend
+//! port_first = 1024          # default 1024-32767
+//! port_last = 32767
+//!
 //! [flow_sync]                # sharing flow pins with peer balancers (crate::flowsync)
 //! listen = "10.0.0.2:7946"
 //! peers = ["10.0.0.3:7946"]
@@ -75,6 +80,9 @@ pub struct Config {
     /// The balancer's end of tunnel and gue VIPs' tunnels; kept by the agent, read at start.
     #[serde(default, skip_serializing_if = "is_default")]
     pub tunnel: crate::tunnel::TunnelSettings,
+    /// Full NAT's SNAT addresses and ports (`crate::nat`); read at start.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub nat: crate::nat::NatConfig,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +208,7 @@ enum At {
     Fleet,
     FlowSync,
     Tunnel,
+    Nat,
 }
 
 /// Where each entry stands in the text; everything else is ignored.
@@ -214,6 +223,7 @@ struct SpanIndex {
     flow_sync: Option<Spanned<toml::Value>>,
     #[serde(default)]
     tunnel: Option<Spanned<toml::Value>>,
+    nat: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -285,6 +295,7 @@ impl Config {
                 At::Fleet => spans.fleet.as_ref().map(|f| f.span()),
                 At::FlowSync => spans.flow_sync.as_ref().map(|f| f.span()),
                 At::Tunnel => spans.tunnel.as_ref().map(|t| t.span()),
+                At::Nat => spans.nat.as_ref().map(|f| f.span()),
             };
             return Err(match span {
                 Some(span) => anyhow!("line {}: {error:#}", line_of(span.start)),
@@ -313,9 +324,6 @@ impl Config {
             vc.persist()
                 .validate()
                 .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
-            vc.mode
-                .validate()
-                .map_err(|e| at(anyhow!("VIP {service}: {e:#}")))?;
             let mut seen = Vec::new();
             for (b, bc) in vc.backends.iter().enumerate() {
                 let at = |e: anyhow::Error| (At::Backend(v, b), anyhow!("VIP {service}: {e:#}"));
@@ -337,6 +345,7 @@ impl Config {
             f.validate().map_err(|e| (At::FlowSync, e))?;
         }
         self.tunnel.validate().map_err(|e| (At::Tunnel, e))?;
+        self.nat.validate().map_err(|e| (At::Nat, e))?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //! - [`flowsync`]: sharing flow pins with peer balancers.
 //! - [`tunnel`]: the balancer's end of tunnel and gue VIPs; [`decap`]: `lb decap`, the
 //!   backends' end.
+//! - [`nat`]: full NAT's SNAT addresses and the sweeper of its translations.
 //! - [`config`] the configuration file, [`model`] the domain's small types, [`run`] the
 //!   agent's run loop.
 
@@ -25,6 +26,7 @@ pub mod kernel;
 pub mod manual;
 pub mod model;
 pub mod monitor;
+pub mod nat;
 pub mod run;
 pub mod service;
 pub mod state;

@@ -113,14 +113,6 @@ impl Mode {
             Mode::Gue => lb_common::BACKEND_F_TUNNEL | lb_common::BACKEND_F_GUE,
         }
     }
-
-    /// Refuses modes this build cannot forward yet.
-    pub fn validate(self) -> Result<()> {
-        match self {
-            Mode::Dsr | Mode::Tunnel | Mode::Gue => Ok(()),
-            other => bail!("mode {other} is not built yet: dsr, tunnel and gue forward today"),
-        }
-    }
 }
 
 impl fmt::Display for Mode {

@@ -96,6 +96,7 @@ pub async fn run(opts: Options) -> Result<()> {
         history: Default::default(),
         fleet: crate::fleet::Fleet::new(config.fleet.clone()),
         tunnel: config.tunnel.clone(),
+        nat: config.nat.clone(),
     });
     // The same path as `lb apply`: the difference from an empty (or adopted) state.
     let started = std::time::Instant::now();
@@ -115,6 +116,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let tunnel = config
         .tunnel
         .entry(&agent.netif.addresses(first_iface).await?);
+    // Before attaching: a NAT VIP's first flows find their SNAT address.
+    crate::nat::refresh_snat(&agent).await?;
     {
         let mut state = agent.state.lock().await;
         state.dataplane_mut().set_tunnel(&tunnel)?;
@@ -161,6 +164,7 @@ pub async fn run(opts: Options) -> Result<()> {
     tasks.push(tokio::spawn(refresh_neighbours(agent.clone())));
     tasks.push(tokio::spawn(take_health_reports(agent.clone(), reports_rx)));
     tasks.push(tokio::spawn(reconcile_active(agent.clone())));
+    tasks.push(tokio::spawn(crate::nat::run(agent.clone())));
     tasks.push(tokio::spawn(crate::api::remove_departed(agent.clone())));
     tasks.extend(crate::fleet::announce::start(agent.clone()));
     tasks.extend(flow_sync);

@@ -47,7 +47,11 @@ const PREVIOUS_LAYOUT: &[u8] = include_bytes!("../fixtures/lb-ebpf-4fe7cc3.o");
 /// bytes: the fields since are appended) and REASON_STATS (one reason fewer). The previous
 /// program gets maps of its own shapes for these; the map added since is not pinned.
 const CHANGED_SINCE_PREVIOUS: [&str; 2] = [lb_common::maps::VIPS, lb_common::maps::REASON_STATS];
-const ADDED_SINCE_PREVIOUS: [&str; 10] = [
+const ADDED_SINCE_PREVIOUS: [&str; 14] = [
+    lb_common::maps::NAT_SNAT,
+    lb_common::maps::NAT_FWD,
+    lb_common::maps::NAT_REV,
+    lb_common::maps::NAT_STATS,
     lb_common::maps::VIP_NEW_FLOW_TAT,
     lb_common::maps::PERSIST,
     lb_common::maps::PERSIST_STATS,

@@ -1,6 +1,7 @@
 //! End to end, tunnel and gue modes: backends two routers away, each in a subnet of its
 //! own (`Testbed::add_routed_backends`), running `lb decap`; the balancer wraps the
 //! client's packets and sends them to r1's MAC, the backends answer the client directly.
+//! The same balancer serves a dsr VIP and a nat VIP beside them: every mode at once.
 //! One shared test bed; every connect and read has a timeout, every loop a bound.
 //!
 //! Needs root, `ip`, `nsenter`, `ethtool`, `socat`, `sha256sum` and the binaries (`cargo
@@ -14,6 +15,8 @@ use xtask::testbed::{self, Config, HTTP_PORT, Host, Proc, Testbed, VIP4, VIP6, w
 const GUE_PORT: u16 = 6080;
 /// A dsr VIP's port on the same balancer, served by the on-link backend.
 const DSR_PORT: u16 = 8080;
+/// A nat VIP's port on the same balancer, served by the routed backends as plain servers.
+const NAT_PORT: u16 = 8082;
 const UPLOAD_PORT: u16 = 9000;
 const DOWNLOAD_PORT: u16 = 9001;
 /// The long transfers, each way.
@@ -99,12 +102,17 @@ fn start_servers(bed: &Testbed, i: usize, b: &Host, data: &Path) -> Vec<Proc> {
 
 fn config(backends: &[Host], on_link: &Host) -> String {
     // A dsr VIP beside the tunnels: its on-link backend serves, the routed one cannot (dsr
-    // rewrites MACs only) and must say so.
+    // rewrites MACs only) and must say so. And a nat VIP, whose routed backends see plain
+    // connections from the balancer.
     let mut text = format!(
         "[[vip]]\naddress = \"{VIP4}:{DSR_PORT}\"\n[vip.check]\ncheck = \"none\"\n\
-         [[vip.backend]]\naddress = \"{}\"\n[[vip.backend]]\naddress = \"{}\"\n",
+         [[vip.backend]]\naddress = \"{}\"\n[[vip.backend]]\naddress = \"{}\"\n\
+         [[vip]]\naddress = \"{VIP4}:{NAT_PORT}\"\nmode = \"nat\"\n[vip.check]\ncheck = \"tcp\"\n",
         on_link.ipv4, backends[0].ipv4
     );
+    for b in backends {
+        text += &format!("[[vip.backend]]\naddress = \"{}\"\n", b.ipv4);
+    }
     let vips = [
         (
             SocketAddr::new(VIP4.into(), HTTP_PORT),
@@ -186,6 +194,7 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
         .flat_map(|(i, b)| start_servers(&bed, i + 1, b, &data))
         .collect();
     let on_link = bed.backends[0].clone();
+    let mut nat_servers = Vec::new();
     let mut dsr_server = or_panic(bed.spawn_in(
         &on_link.ns,
         or_panic(bed.bin("xtask")),
@@ -195,6 +204,32 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
         anyhow::ensure!(dsr_server.try_wait().is_none(), "{}", dsr_server.log());
         Ok(dsr_server.log().contains("listening"))
     }));
+    // The nat VIP's servers on the routed backends (sending frames, not 64 KB segments, as
+    // real NICs do), and a balancer that forwards (a NAT answer's FIB lookup needs it).
+    for (i, b) in backends.iter().enumerate() {
+        or_panic(bed.run_in_ok(&b.ns, "ethtool", ["-K", b.ifname.as_str(), "tx", "off"]));
+        let mut serve = or_panic(bed.spawn_in(
+            &b.ns,
+            or_panic(bed.bin("xtask")),
+            [
+                "serve",
+                "--name",
+                &name(i + 1),
+                "--port",
+                &NAT_PORT.to_string(),
+            ],
+        ));
+        or_panic(wait_until(Duration::from_secs(10), || {
+            anyhow::ensure!(serve.try_wait().is_none(), "{}", serve.log());
+            Ok(serve.log().contains("listening"))
+        }));
+        nat_servers.push(serve);
+    }
+    or_panic(bed.run_in_ok(
+        &bed.lb.ns,
+        "sysctl",
+        ["-qw", "net.ipv4.conf.all.forwarding=1"],
+    ));
     let config_path = bed.dir().join("lb.toml");
     std::fs::write(&config_path, config(&backends, &on_link)).unwrap();
     let socket = bed.dir().join("lb.sock");
@@ -206,7 +241,7 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
             && field(b, "address") == backends[0].ipv4.to_string()
     };
     wait_backends(&bed, &socket, "every usable backend up", |list| {
-        list.len() == 14
+        list.len() == 16
             && list
                 .iter()
                 .all(|b| field(b, "state") == if refused(b) { "unresolved" } else { "up" })
@@ -221,9 +256,13 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
         assert_split(&tally, &[(1, 100), (2, 100)]);
     }
 
-    // The dsr VIP on the same balancer goes on working beside them.
+    // The dsr VIP on the same balancer goes on working beside them, and so does the nat
+    // VIP: its answers come back through the balancer, translated.
     let tally = or_panic(bed.requests(dsr_vip, 20));
     assert_split(&tally, &[(3, 20)]);
+    let nat_vip = SocketAddr::new(VIP4.into(), NAT_PORT);
+    let tally = or_panic(bed.requests(nat_vip, 20));
+    assert_split(&tally, &[(1, 10), (2, 10)]);
 
     // UDP request/response over GUE: every datagram answered by a backend.
     let load = or_panic(bed.load_udp(
@@ -276,6 +315,7 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
         serde_json::from_str(&lb_at(&bed, &socket, &["stats", "--json"])).unwrap();
     let reason = |name: &str| stats["reasons"][name]["packets"].as_u64().unwrap_or(0);
     assert!(reason("forwarded") > 0, "{stats}");
+    assert!(reason("nat_reply") > 0, "the nat VIP's answers: {stats}");
     assert!(reason("tunnel_too_big") > 0, "no too-big answer: {stats}");
     assert_eq!(reason("drop_tunnel_no_source"), 0, "{stats}");
     assert_eq!(reason("drop_tunnel_no_room"), 0, "{stats}");

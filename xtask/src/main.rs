@@ -43,6 +43,9 @@ enum Command {
         /// primary and replica behind write and read VIPs, and a primary failover.
         #[arg(long)]
         stack: bool,
+        /// A VIP in full-NAT mode in front of two plain servers (no VIP, no sysctl).
+        #[arg(long)]
+        nat: bool,
     },
     /// Bring the test bed up with backends, agent, VIPs (v4 and v6) and two backends each,
     /// keep it for HOLD_SECS (or until Ctrl-C) to look around, then tear it down.
@@ -119,6 +122,11 @@ fn main() -> ExitCode {
         Command::Bench { args } => cmd::bench::run(&args),
         Command::Demo { fleet: true, .. } => cmd::demo_fleet::run(),
         Command::Demo { stack: true, .. } => cmd::demo::stack(),
+        Command::Demo {
+            nat: true,
+            requests,
+            ..
+        } => cmd::demo_nat::run(requests),
         Command::Demo { requests, .. } => cmd::demo::run(requests),
         Command::Up { hold_secs } => cmd::demo::up(Duration::from_secs(hold_secs)),
         Command::Package => cmd::package::run(),

@@ -403,6 +403,32 @@ impl Testbed {
         Ok(h)
     }
 
+    /// Undoes what `new` does to the backends for direct server return (the VIPs on
+    /// loopback, the ARP sysctls), leaving plain servers, as full NAT needs them; and lets
+    /// the balancer forward (the FIB lookup of a NAT reply needs it). The backends' veths
+    /// send frames, not 64 KB segments (as real NICs do; the client's are set the same).
+    pub fn plain_backends_for_nat(&self) -> Result<()> {
+        for b in &self.backends {
+            self.ip(&b.ns, &["addr", "del", &format!("{VIP4}/32"), "dev", "lo"])?;
+            self.ip(
+                &b.ns,
+                &["-6", "addr", "del", &format!("{VIP6}/128"), "dev", "lo"],
+            )?;
+            for scope in ["all", HOST_IF] {
+                self.sysctl(&b.ns, &format!("net.ipv4.conf.{scope}.arp_ignore"), "0")?;
+                self.sysctl(&b.ns, &format!("net.ipv4.conf.{scope}.arp_announce"), "0")?;
+            }
+            self.run_in_ok(&b.ns, "ethtool", ["-K", b.ifname.as_str(), "tx", "off"])?;
+        }
+        for key in [
+            "net.ipv4.conf.all.forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ] {
+            self.sysctl(&self.lb.ns, key, "1")?;
+        }
+        Ok(())
+    }
+
     /// Points the client's routes for both VIPs at balancer `lb` (replacing the routes it
     /// had), as a router moving the VIPs from one balancer to another would. Established
     /// connections keep going; their next packets go through `lb`.

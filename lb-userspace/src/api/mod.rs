@@ -50,6 +50,8 @@ pub struct Agent {
     pub fleet: crate::fleet::Fleet,
     /// `[tunnel]` as read at start, written back with every change.
     pub tunnel: crate::tunnel::TunnelSettings,
+    /// `[nat]` as read at start (`crate::nat`), written back with every change.
+    pub nat: crate::nat::NatConfig,
 }
 
 /// The configuration file, rewritten after every change.
@@ -82,6 +84,7 @@ impl Agent {
         let mut config = self.state.lock().await.config();
         config.fleet = self.fleet.config();
         config.tunnel = self.tunnel.clone();
+        config.nat = self.nat.clone();
         self.config
             .save(config)
             .await
@@ -107,8 +110,13 @@ impl Agent {
             let mut config = state.config();
             config.fleet = self.fleet.config();
             config.tunnel = self.tunnel.clone();
+            config.nat = self.nat.clone();
             (value, undo, config)
         };
+        // Before answering: a new NAT VIP's first flows need its SNAT address.
+        if let Err(e) = crate::nat::refresh_snat(self).await {
+            log::warn!("NAT: SNAT address: {e:#}");
+        }
         if !save {
             return Ok(value);
         }

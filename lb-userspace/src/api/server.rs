@@ -87,7 +87,6 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             let persist = spec.persist(Persist::default())?;
             let algo = spec.algo.unwrap_or_default();
             let mode = spec.mode.unwrap_or_default();
-            mode.validate()?;
             change!(s => {
                 s.add_vip(service, algo, check, rate)?;
                 s.set_persist(&service, persist)?;

@@ -99,6 +99,9 @@ pub struct StatsView {
     /// Flow sharing with peer balancers, while it is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_sync: Option<crate::flowsync::StatsView>,
+    /// Full NAT's translations (once the agent has swept them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<crate::nat::StatsView>,
 }
 
 pub fn vips<D: Dataplane>(state: &State<D>, counters: &AllCounters) -> Vec<VipView> {
@@ -214,6 +217,7 @@ pub fn stats<D: Dataplane>(
         reasons,
         firewall: rules(state, counters),
         flow_sync: crate::flowsync::agent_stats().map(|s| s.view()),
+        nat: crate::nat::agent_stats().map(|s| s.view()),
     }
 }
 

@@ -139,6 +139,10 @@ pub fn stats(stats: &StatsView) -> String {
         out += &sync.summary();
         out += "\n\n";
     }
+    if let Some(nat) = &stats.nat {
+        out += &nat.summary();
+        out += "\n\n";
+    }
     // In the data plane's order, not the map's.
     let rows = lb_common::Reason::ALL
         .iter()

@@ -28,7 +28,9 @@ use lb_common::{
 use super::{batch, layout};
 
 mod affinity;
+mod nat;
 pub use affinity::{IdleTimeouts, monotonic_ns};
+pub use nat::{NatCounters, NatTables};
 
 pub use crate::state::{CounterId, Pinned};
 
@@ -54,6 +56,11 @@ pub struct Datapath {
     persist_stats: PerCpuArray<MapData, u64>,
     active_flows: HashMap<MapData, FlowKey, lb_common::ActiveFlow>,
     backend_active: Array<MapData, u64>,
+    // Full NAT (see `nat`).
+    nat_snat: Array<MapData, lb_common::NatSnat>,
+    nat_fwd: HashMap<MapData, FlowKey, lb_common::NatEntry>,
+    nat_rev: HashMap<MapData, FlowKey, lb_common::NatEntry>,
+    nat_stats: PerCpuArray<MapData, u64>,
     links: Vec<XdpLinkId>,
     /// Whether the flow table may hold flows: not before the program first runs on maps
     /// this agent created, so rules applied at start skip the walk of an empty table.
@@ -116,6 +123,10 @@ impl Datapath {
             persist_stats: take(&mut ebpf, maps::PERSIST_STATS)?,
             active_flows: take(&mut ebpf, maps::ACTIVE_FLOWS)?,
             backend_active: take(&mut ebpf, maps::BACKEND_ACTIVE)?,
+            nat_snat: take(&mut ebpf, maps::NAT_SNAT)?,
+            nat_fwd: take(&mut ebpf, maps::NAT_FWD)?,
+            nat_rev: take(&mut ebpf, maps::NAT_REV)?,
+            nat_stats: take(&mut ebpf, maps::NAT_STATS)?,
             ebpf,
             links: Vec::new(),
             flows_possible: false,
@@ -220,6 +231,13 @@ impl Datapath {
         let maps_dir = pin_dir.join("maps");
         let n = layout::copy(&maps_dir.join(maps::FLOWS), &next.join(maps::FLOWS), true)?;
         log::info!("upgraded the pinned maps; {n} flows made during the upgrade copied");
+        // NAT translations made meanwhile too, the reverse halves first (as the data plane
+        // writes them); maps new in this layout have no pins to copy from.
+        for name in [maps::NAT_REV, maps::NAT_FWD] {
+            if maps_dir.join(name).exists() {
+                layout::copy(&maps_dir.join(name), &next.join(name), true)?;
+            }
+        }
         let old = pin_dir.join("maps-old");
         std::fs::rename(&maps_dir, &old)
             .with_context(|| format!("moving {}", maps_dir.display()))?;

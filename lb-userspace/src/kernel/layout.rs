@@ -10,6 +10,10 @@
 //! (`ZERO_EXTENDED`) is copied with zeros appended; any other change of key or value shape
 //! cannot be copied and the upgrade is refused before anything changes, so the old program
 //! keeps forwarding.
+//!
+//! A map added since (the full-NAT maps `NAT_SNAT`, `NAT_FWD`, `NAT_REV`, `NAT_STATS`, in
+//! layout 2) has no pin in an older agent's directory: it is created empty and pinned, which
+//! is what it meant there (no translation, no SNAT address), so no version bump is needed.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},

@@ -51,7 +51,7 @@ pub type Collect = fn(&Scrape<'_>, &mut Families) -> Result<()>;
 
 /// Every metric family, in exposition order.
 pub const COLLECTORS: &[Collect] = &[
-    agent, vips, backends, datapath, flow_table, firewall, fleet, flow_sync,
+    agent, vips, backends, datapath, flow_table, firewall, fleet, flow_sync, nat,
 ];
 
 pub type Labels = Vec<(&'static str, String)>;
@@ -529,6 +529,39 @@ fn flow_table(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
 }
 
 /// Flow sharing with peer balancers (`crate::flowsync`); zero while it is off.
+/// Full NAT (`crate::nat`): zeros until the agent's first sweep.
+fn nat(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
+    let s = crate::nat::agent_stats()
+        .map(|s| s.view())
+        .unwrap_or_default();
+    out.gauge(
+        "lb_nat_translations",
+        "NAT translations (flows) in the tables",
+    )
+    .sample(Labels::new(), s.entries);
+    out.counter(
+        "lb_nat_allocations",
+        "NAT translations made, each with its SNAT port",
+    )
+    .sample(Labels::new(), s.allocated);
+    out.counter(
+        "lb_nat_port_collisions",
+        "SNAT ports found taken while allocating",
+    )
+    .sample(Labels::new(), s.collisions);
+    out.counter(
+        "lb_nat_ports_exhausted",
+        "New NAT flows dropped: no free SNAT port toward their backend",
+    )
+    .sample(Labels::new(), s.exhausted);
+    out.counter(
+        "lb_nat_expired",
+        "NAT translations removed after their idle time",
+    )
+    .sample(Labels::new(), s.expired);
+    Ok(())
+}
+
 fn flow_sync(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
     use crate::flowsync::{directory::Skip, sync::Rejected};
     use std::sync::atomic::Ordering::Relaxed;

@@ -459,7 +459,6 @@ impl<D: Dataplane> State<D> {
     /// Sets how a VIP's packets reach its backends (`lb vip add/set --mode`): every
     /// backend entry carries the mode, so the established path needs no VIP lookup.
     pub fn set_mode(&mut self, service: &Service, mode: Mode) -> Result<()> {
-        mode.validate()?;
         let vi = self.vip_index(service)?;
         if self.vips[vi].mode != mode {
             self.vips[vi].mode = mode;

@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod demo;
 pub mod demo_fleet;
+pub mod demo_nat;
 pub mod package;
 pub mod test;
 
