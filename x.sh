@@ -2,6 +2,8 @@
 # The one entry point: installs what is missing, then runs `cargo xtask <command>`.
 #   ./x.sh demo    build, start the namespace test bed, balance traffic, clean up
 #   ./x.sh demo --stack   the same with nginx (HTTPS) and MariaDB, and a primary failover
+#   ./x.sh demo --fleet   two balancers behind a BGP router, one of them dying
+#   ./x.sh demo --nat     a nat VIP in front of untouched backends
 #   ./x.sh test    every test (unit, data-plane fixtures, end to end); needs root
 #   ./x.sh package the Debian package, target/package/lb_VERSION_ARCH.deb (release build)
 #   ./x.sh bench   benchmarks in release mode (BENCHMARKS.md); --quick for a short run

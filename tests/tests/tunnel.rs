@@ -9,7 +9,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use lb_tests::e2e::*;
+use lb_tests::{e2e::*, stack};
 use xtask::testbed::{self, Config, HTTP_PORT, Host, Proc, Testbed, VIP4, VIP6, wait_until};
 
 const GUE_PORT: u16 = 6080;
@@ -121,6 +121,12 @@ fn config(backends: &[Host], on_link: &Host) -> String {
             false,
         ),
         (SocketAddr::new(VIP4.into(), HTTP_PORT), "udp", "gue", false),
+        (
+            SocketAddr::new(VIP4.into(), stack::HTTPS_PORT),
+            "tcp",
+            "tunnel",
+            false,
+        ),
         (SocketAddr::new(VIP6.into(), HTTP_PORT), "tcp", "gue", true),
         (
             SocketAddr::new(VIP4.into(), UPLOAD_PORT),
@@ -241,7 +247,7 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
             && field(b, "address") == backends[0].ipv4.to_string()
     };
     wait_backends(&bed, &socket, "every usable backend up", |list| {
-        list.len() == 16
+        list.len() == 18
             && list
                 .iter()
                 .all(|b| field(b, "state") == if refused(b) { "unresolved" } else { "up" })
@@ -263,6 +269,28 @@ fn routed_backends_behind_tunnels_answer_clients_directly() {
     let nat_vip = SocketAddr::new(VIP4.into(), NAT_PORT);
     let tally = or_panic(bed.requests(nat_vip, 20));
     assert_split(&tally, &[(1, 10), (2, 10)]);
+
+    // TLS through the tunnel to nginx on both backends, the certificate checked.
+    let tls = or_panic(stack::make_tls(bed.dir(), VIP4.into()));
+    let _nginx: Vec<Proc> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| or_panic(stack::start_nginx(&bed, b, &format!("b{}", i + 1), &tls)))
+        .collect();
+    let tls_vip = SocketAddr::new(VIP4.into(), stack::HTTPS_PORT);
+    let bodies: Vec<String> = (0..4)
+        .map(|_| {
+            or_panic(stack::https_get(
+                &bed,
+                tls_vip,
+                &tls.ca,
+                bed.client.ipv4.into(),
+            ))
+        })
+        .collect();
+    for name in ["backend b1", "backend b2"] {
+        assert!(bodies.iter().any(|b| b == name), "{bodies:?}");
+    }
 
     // UDP request/response over GUE: every datagram answered by a backend.
     let load = or_panic(bed.load_udp(
