@@ -9,6 +9,16 @@ use anyhow::{Context as _, Result, bail};
 use xtask::testbed::{self, Config, HTTP_PORT, Testbed, VIP4};
 
 pub fn run(requests: u32) -> Result<()> {
+    in_two_backend_bed(false, |bed, vip| show(bed, vip, requests))
+}
+
+/// Builds what the demo runs, makes a test bed with two backends (plain servers for full
+/// NAT when `plain`, else prepared for direct server return), says who is who, runs `show`
+/// in it and tears it down, whatever `show` did.
+pub(super) fn in_two_backend_bed(
+    plain: bool,
+    show: impl FnOnce(&Testbed, SocketAddr) -> Result<()>,
+) -> Result<()> {
     testbed::check_environment().context("the demo builds a namespace test bed")?;
     step("building the agent and the test bed helpers");
     super::cargo(&["build", "-p", "lb-userspace", "-p", "xtask"])?;
@@ -17,6 +27,9 @@ pub fn run(requests: u32) -> Result<()> {
 
     step("creating the test bed");
     let bed = Testbed::new(Config { backends: 2 })?;
+    if plain {
+        bed.plain_backends_for_nat()?;
+    }
     let vip = SocketAddr::new(IpAddr::V4(VIP4), HTTP_PORT);
     println!("  one L2 segment (bridge in namespace {}):", bed.switch);
     println!(
@@ -24,18 +37,26 @@ pub fn run(requests: u32) -> Result<()> {
         bed.client.ns, bed.client.ipv4
     );
     println!(
-        "    balancer {:<16} {:<12} XDP on {}",
-        bed.lb.ns, bed.lb.ipv4, bed.lb.ifname
+        "    balancer {:<16} {:<12} XDP on {}{}",
+        bed.lb.ns,
+        bed.lb.ipv4,
+        bed.lb.ifname,
+        if plain { ", forwarding on" } else { "" }
     );
     for (i, b) in bed.backends.iter().enumerate() {
+        let role = if plain {
+            "a plain server (no VIP, no sysctl)".to_string()
+        } else {
+            format!("holds {VIP4} on lo")
+        };
         println!(
-            "    backend  {:<16} {:<12} holds {VIP4} on lo, serves \"backend-{}\"",
+            "    backend  {:<16} {:<12} {role}, serves \"backend-{}\"",
             b.ns,
             b.ipv4,
             i + 1
         );
     }
-    let result = show(&bed, vip, requests);
+    let result = show(&bed, vip);
     step("tearing the test bed down");
     drop(bed);
     result?;
@@ -100,11 +121,11 @@ fn show(bed: &Testbed, vip: SocketAddr, requests: u32) -> Result<()> {
     Ok(())
 }
 
-fn step(what: &str) {
+pub(super) fn step(what: &str) {
     println!("\n== {what}");
 }
 
-fn indent(text: &str) -> String {
+pub(super) fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
 }
 

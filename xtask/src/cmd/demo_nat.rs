@@ -1,46 +1,15 @@
 //! `cargo xtask demo --nat`: a VIP in `nat` mode in front of two servers that know nothing
 //! of the balancer (no VIP, no sysctl, no route), told step by step.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
-use xtask::testbed::{self, Config, HTTP_PORT, Testbed, VIP4};
+use anyhow::{Result, bail};
+use xtask::testbed::Testbed;
+
+use super::demo::{indent, step};
 
 pub fn run(requests: u32) -> Result<()> {
-    testbed::check_environment().context("the demo builds a namespace test bed")?;
-    step("building the agent and the test bed helpers");
-    super::cargo(&["build", "-p", "lb-userspace", "-p", "xtask"])?;
-    testbed::teardown_on_signal()?;
-
-    step("creating the test bed: two plain servers");
-    let bed = Testbed::new(Config { backends: 2 })?;
-    bed.plain_backends_for_nat()?;
-    let vip = SocketAddr::new(IpAddr::V4(VIP4), HTTP_PORT);
-    println!(
-        "  client   {:<16} {:<12} routes {VIP4} via the balancer",
-        bed.client.ns, bed.client.ipv4
-    );
-    println!(
-        "  balancer {:<16} {:<12} XDP on {}, forwarding on",
-        bed.lb.ns, bed.lb.ipv4, bed.lb.ifname
-    );
-    for (i, b) in bed.backends.iter().enumerate() {
-        println!(
-            "  backend  {:<16} {:<12} a plain server (no VIP), serves \"backend-{}\"",
-            b.ns,
-            b.ipv4,
-            i + 1
-        );
-    }
-    let result = show(&bed, vip, requests);
-    step("tearing the test bed down");
-    drop(bed);
-    result?;
-    println!("\ndone.");
-    Ok(())
+    super::demo::in_two_backend_bed(true, |bed, vip| show(bed, vip, requests))
 }
 
 fn show(bed: &Testbed, vip: SocketAddr, requests: u32) -> Result<()> {
@@ -92,12 +61,4 @@ fn show(bed: &Testbed, vip: SocketAddr, requests: u32) -> Result<()> {
         bail!("{} of {requests} requests failed", tally.errors.len());
     }
     Ok(())
-}
-
-fn step(what: &str) {
-    println!("\n== {what}");
-}
-
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("  {l}\n")).collect()
 }
