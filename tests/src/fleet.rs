@@ -27,6 +27,14 @@ use xtask::{
 use crate::{e2e::lb_at, flowsync::write_key};
 
 /// Balancers in the bed.
+/// A new connection this often under steady load, from source ports nothing else used.
+pub const LOAD_EVERY: Duration = Duration::from_millis(20);
+
+/// Milliseconds, for the measurements the tests print.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 pub const BALANCERS: usize = 3;
 /// The balancer (0-based) running FRR instead of BIRD: lb3.
 pub const FRR_BALANCER: usize = 2;
@@ -252,7 +260,8 @@ impl FleetBed {
     }
 }
 
-fn tail(s: &str) -> &str {
+/// The last 3,000 bytes or so of a daemon's log, for a failure message.
+pub(crate) fn tail(s: &str) -> &str {
     let start = s.len().saturating_sub(3000);
     let start = (start..s.len())
         .find(|&i| s.is_char_boundary(i))

@@ -18,6 +18,7 @@ use xtask::testbed::{Agent, Config, HOST_IF, Host, Proc, Testbed, VIP4};
 
 use crate::{
     e2e::{field, lb_at, wait_backends},
+    fleet::tail,
     flowsync::{SYNC_PORT, write_key},
 };
 
@@ -267,12 +268,4 @@ impl VrrpPair {
         }
         out
     }
-}
-
-fn tail(s: &str) -> &str {
-    let start = s.len().saturating_sub(3000);
-    let start = (start..s.len())
-        .find(|&i| s.is_char_boundary(i))
-        .unwrap_or(s.len());
-    &s[start..]
 }

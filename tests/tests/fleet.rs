@@ -16,13 +16,7 @@ use std::time::Duration;
 use lb_tests::{e2e::serial, fleet::*};
 use xtask::{testbed::monotonic_us, traffic::Answer};
 
-/// A new connection this often under steady load, from source ports nothing else used.
-const LOAD_EVERY: Duration = Duration::from_millis(20);
 const LOAD_MAX: Duration = Duration::from_secs(40);
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// The router's route to each VIP address has one next hop per balancer, each balancer
 /// says it announces both, and new flows are spread over every balancer.

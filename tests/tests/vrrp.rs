@@ -13,20 +13,14 @@ use std::time::Duration;
 
 use lb_tests::{
     e2e::serial,
-    fleet::{disruption, freeze},
+    fleet::{LOAD_EVERY, disruption, freeze, ms},
     vrrp::*,
 };
 use xtask::{testbed::monotonic_us, traffic::Answer};
 
-/// A new connection this often under steady load, from source ports nothing else used.
-const LOAD_EVERY: Duration = Duration::from_millis(20);
 const LOAD_MAX: Duration = Duration::from_secs(30);
 /// Generous: the shipped timers take the VIP over in about a second.
 const TAKEOVER_LIMIT: Duration = Duration::from_secs(10);
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// The master freezes under steady load (its switch port stops forwarding, as a hung box
 /// whose link stays up: the switch keeps sending it the frames for its MAC address, so

@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{TestRun as _, TestRunOptions, Xdp, XdpMode},
+    programs::{Xdp, XdpMode},
 };
 use lb_common::{Counters, DECAP_PROGRAM_NAME, DECAP_REASON_COUNT, DecapReason, VipAddr, maps};
 
@@ -100,15 +100,7 @@ impl Decap {
     /// Runs the program once on `frame` (BPF_PROG_TEST_RUN): the XDP action and the frame
     /// as it left.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self.program().test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        crate::kernel::datapath::run_once(self.program(), frame)
     }
 
     /// Packets and bytes per `DecapReason`, summed over CPUs.

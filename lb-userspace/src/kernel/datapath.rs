@@ -73,6 +73,20 @@ pub struct Datapath {
     upgrade: Option<PathBuf>,
 }
 
+/// Runs `program` once on `frame` with BPF_PROG_TEST_RUN: the XDP action and the frame as
+/// the program left it (room for 256 bytes more: tunnels grow frames).
+pub(crate) fn run_once(program: &mut Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
 /// Every map of the program, for pinning.
 const ALL_MAPS: [&str; maps::ALL.len()] = maps::ALL;
 
@@ -353,15 +367,7 @@ impl Datapath {
     /// Runs the program once on `frame` with BPF_PROG_TEST_RUN; returns the XDP action and
     /// the frame as the program left it.
     pub fn test_run(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self.program().test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        run_once(self.program(), frame)
     }
 
     // ---- configuration maps ----
