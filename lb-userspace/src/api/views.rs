@@ -302,6 +302,13 @@ pub struct FlowTableView {
 #[serde(rename_all = "snake_case")]
 pub enum Fleet {
     Standalone,
+    /// An active-passive pair: no routes, a track file keepalived reads.
+    Vrrp {
+        /// False after `lb fleet leave`.
+        member: bool,
+        /// The `fleet` line of `lb status`.
+        summary: String,
+    },
     Bgp {
         route_table: u32,
         /// False after `lb fleet leave`.
@@ -316,7 +323,13 @@ pub enum Fleet {
 impl Fleet {
     pub fn of(view: &crate::fleet::FleetView) -> Self {
         if view.route_table == 0 {
-            return Fleet::Standalone;
+            return match view.track {
+                Some(_) => Fleet::Vrrp {
+                    member: view.member,
+                    summary: view.summary(),
+                },
+                None => Fleet::Standalone,
+            };
         }
         let (announced, withheld) = view
             .addresses
@@ -535,5 +548,25 @@ mod tests {
         assert_eq!(s.drops.total, 0);
         assert_eq!(s.flow_table.entries, None);
         assert!(s.vips.is_empty());
+    }
+
+    /// A VRRP-only balancer (a track file, no route table) is no standalone one: `lb
+    /// status` says what keepalived is told.
+    #[test]
+    fn a_vrrp_member_is_not_standalone() {
+        let fleet = crate::fleet::Fleet::new(crate::fleet::FleetConfig {
+            track_file: Some("/etc/lb/serving".into()),
+            ..Default::default()
+        });
+        match Fleet::of(&fleet.view()) {
+            Fleet::Vrrp { member, summary } => {
+                assert!(member);
+                assert!(
+                    summary.contains("VRRP track file /etc/lb/serving"),
+                    "{summary}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -61,7 +61,9 @@ pub fn render(s: &StatusView) -> String {
     };
     out += &match &s.fleet {
         Fleet::Standalone => "fleet       standalone\n".to_string(),
-        Fleet::Bgp { summary, .. } => format!("fleet       {summary}\n"),
+        Fleet::Bgp { summary, .. } | Fleet::Vrrp { summary, .. } => {
+            format!("fleet       {summary}\n")
+        }
     };
     out += "\n";
     if s.vips.is_empty() {

@@ -479,9 +479,19 @@ fn firewall(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     Ok(())
 }
 
-/// Only on a balancer that announces (`[fleet] route_table`).
+/// Only on a balancer that announces (`[fleet] route_table`) or tells keepalived
+/// (`[fleet] track_file`).
 fn fleet(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     let f = s.fleet;
+    if let Some(track) = &f.track
+        && let Some(serving) = track.serving
+    {
+        out.gauge(
+            "lb_fleet_vrrp_serving",
+            "What the VRRP track file says: 1 while this balancer can serve, 0 otherwise",
+        )
+        .sample(Labels::new(), serving);
+    }
     if f.route_table == 0 {
         return Ok(());
     }
@@ -729,7 +739,10 @@ mod tests {
             quiet: false,
             grace_s: 60,
             quiet_s: 3,
-            track: None,
+            track: Some(crate::fleet::TrackView {
+                file: "/etc/lb/serving".into(),
+                serving: Some(true),
+            }),
         };
         let s = Scrape {
             snapshot: &snapshot,
@@ -758,6 +771,7 @@ mod tests {
         let v = r#"vip="10.99.1.1:80",proto="tcp""#;
         has(&text, "lb_fleet_member 1");
         has(&text, r#"lb_fleet_announced{address="10.99.1.1"} 1"#);
+        has(&text, "lb_fleet_vrrp_serving 1");
         has(&text, "# TYPE lb_vip_packets counter");
         has(&text, &format!("lb_vip_packets_total{{{v}}} 30"));
         has(&text, "# UNIT lb_vip_bytes bytes");
