@@ -359,23 +359,7 @@ pub fn arp_request(sender: [u8; 4], target: [u8; 4], vlan: Option<u16>) -> Vec<u
 /// needed over IPv4, packet too big over IPv6).
 pub fn icmp_error(from: IpAddr, client: SocketAddr, vip: SocketAddr, proto: u8) -> Vec<u8> {
     let mut quoted = Vec::new();
-    let b = PacketBuilder::ip(match (vip.ip(), client.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
-            Ipv4Header::new(0, 64, IpNumber(proto), s.octets(), d.octets()).unwrap(),
-            Default::default(),
-        ),
-        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
-            Ipv6Header {
-                next_header: IpNumber(proto),
-                hop_limit: 64,
-                source: s.octets(),
-                destination: d.octets(),
-                ..Default::default()
-            },
-            Default::default(),
-        ),
-        _ => panic!("mixed address families: {client} -> {vip}"),
-    });
+    let b = PacketBuilder::ip(ip_headers(vip.ip(), client.ip(), proto));
     if proto == PROTO_TCP {
         b.tcp(vip.port(), client.port(), 1, 1000)
             .write(&mut quoted, &[0; 64])
@@ -405,6 +389,27 @@ pub fn icmp_error(from: IpAddr, client: SocketAddr, vip: SocketAddr, proto: u8) 
     }
     .unwrap();
     out
+}
+
+/// A plain IP header `src` -> `dst` carrying `proto` (TTL 64), for etherparse to build on.
+pub fn ip_headers(src: IpAddr, dst: IpAddr, proto: u8) -> IpHeaders {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
+            Ipv4Header::new(0, 64, IpNumber(proto), s.octets(), d.octets()).unwrap(),
+            Default::default(),
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
+            Ipv6Header {
+                next_header: IpNumber(proto),
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+                ..Default::default()
+            },
+            Default::default(),
+        ),
+        _ => panic!("mixed address families: {src} -> {dst}"),
+    }
 }
 
 /// Where the L3 header starts: after the Ethernet header and at most one 802.1Q tag.

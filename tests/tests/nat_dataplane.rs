@@ -13,8 +13,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{
-    IpHeaders, IpNumber, Ipv4Header, Ipv6Header, PacketBuilder,
-    icmpv4::DestUnreachableHeader as Unreach4, icmpv6::DestUnreachableCode as Unreach6,
+    PacketBuilder, icmpv4::DestUnreachableHeader as Unreach4,
+    icmpv6::DestUnreachableCode as Unreach6,
 };
 use lb::{
     datapath::Datapath,
@@ -485,23 +485,7 @@ fn icmp_frame(
     proto: u8,
     quote_l4: usize,
 ) -> Vec<u8> {
-    let ip_hdr = match (quote_src.ip(), quote_dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
-            Ipv4Header::new(0, 64, IpNumber(proto), s.octets(), d.octets()).unwrap(),
-            Default::default(),
-        ),
-        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
-            Ipv6Header {
-                next_header: IpNumber(proto),
-                hop_limit: 64,
-                source: s.octets(),
-                destination: d.octets(),
-                ..Default::default()
-            },
-            Default::default(),
-        ),
-        _ => unreachable!(),
-    };
+    let ip_hdr = ip_headers(quote_src.ip(), quote_dst.ip(), proto);
     let mut quoted = Vec::new();
     let b = PacketBuilder::ip(ip_hdr);
     if proto == PROTO_TCP {

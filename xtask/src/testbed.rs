@@ -312,19 +312,7 @@ impl Testbed {
             }
             // One [::] socket serves both families.
             self.sysctl(&b.ns, "net.ipv6.bindv6only", "0")?;
-            self.ip(&b.ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
-            self.ip(
-                &b.ns,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{VIP6}/128"),
-                    "dev",
-                    "lo",
-                    "nodad",
-                ],
-            )?;
+            self.hold_vips(&b.ns)?;
             // Replies go straight to the client, which is on-link (connected /24 and /64):
             // no gateway, so no route through the balancer.
         }
@@ -446,6 +434,28 @@ impl Testbed {
     /// `ip -n NS ARGS...`, failing with its stderr.
     pub fn ip(&self, ns: &str, args: &[&str]) -> Result<()> {
         run_ok(Command::new("ip").arg("-n").arg(ns).args(args)).map(drop)
+    }
+
+    /// Puts `a4/len4` and `a6/64` on `ifname` in `ns` (no duplicate address detection to
+    /// wait for) and brings it up.
+    fn address(
+        &self,
+        ns: &str,
+        ifname: &str,
+        (a4, len4): (impl std::fmt::Display, u8),
+        a6: impl std::fmt::Display,
+    ) -> Result<()> {
+        self.ip(ns, &["addr", "add", &format!("{a4}/{len4}"), "dev", ifname])?;
+        let a6 = format!("{a6}/64");
+        self.ip(ns, &["-6", "addr", "add", &a6, "dev", ifname, "nodad"])?;
+        self.ip(ns, &["link", "set", ifname, "up"])
+    }
+
+    /// Both VIPs on `ns`'s loopback, as a backend that answers clients itself holds them.
+    fn hold_vips(&self, ns: &str) -> Result<()> {
+        self.ip(ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+        let vip6 = format!("{VIP6}/128");
+        self.ip(ns, &["-6", "addr", "add", &vip6, "dev", "lo", "nodad"])
     }
 
     fn sysctl(&self, ns: &str, key: &str, value: &str) -> Result<()> {

@@ -22,15 +22,7 @@ pub struct Decap {
     stats: PerCpuArray<MapData, Counters>,
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf
-        .take_map(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the program"))?;
-    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
-}
+use crate::kernel::datapath::take;
 
 impl Decap {
     /// Loads the program; `gue_port` `None` leaves GUE packets alone.

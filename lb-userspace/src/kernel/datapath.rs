@@ -90,7 +90,8 @@ pub(crate) fn run_once(program: &mut Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)
 /// Every map of the program, for pinning.
 const ALL_MAPS: [&str; maps::ALL.len()] = maps::ALL;
 
-fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+/// Takes map `name` out of `ebpf` as the map type `T`.
+pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
 
-use super::{HOST_IF, Host, Testbed, VIP4, VIP6};
+use super::{HOST_IF, Host, Testbed};
 
 /// The routers' link and the routed backends' subnets.
 const R1_LINK4: &str = "10.98.0.1";
@@ -55,20 +55,7 @@ impl Testbed {
             (r1.ns.as_str(), "up0", R1_LINK4, R1_LINK6),
             (r2.as_str(), "down0", R2_LINK4, R2_LINK6),
         ] {
-            self.ip(ns, &["addr", "add", &format!("{a4}/30"), "dev", ifname])?;
-            self.ip(
-                ns,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{a6}/64"),
-                    "dev",
-                    ifname,
-                    "nodad",
-                ],
-            )?;
-            self.ip(ns, &["link", "set", ifname, "up"])?;
+            self.address(ns, ifname, (a4, 30), a6)?;
         }
         self.ip(&r1.ns, &["route", "add", ROUTED4, "via", R2_LINK4])?;
         self.ip(&r1.ns, &["-6", "route", "add", ROUTED6, "via", R2_LINK6])?;
@@ -117,39 +104,14 @@ impl Testbed {
                 (r2.as_str(), b.switch_port.as_str(), gw4, gw6),
                 (b.ns.as_str(), b.ifname.as_str(), b.ipv4, b.ipv6),
             ] {
-                self.ip(ns, &["addr", "add", &format!("{a4}/24"), "dev", ifname])?;
-                self.ip(
-                    ns,
-                    &[
-                        "-6",
-                        "addr",
-                        "add",
-                        &format!("{a6}/64"),
-                        "dev",
-                        ifname,
-                        "nodad",
-                    ],
-                )?;
-                self.ip(ns, &["link", "set", ifname, "up"])?;
+                self.address(ns, ifname, (a4, 24), a6)?;
             }
             self.ip(&b.ns, &["route", "add", "default", "via", &gw4.to_string()])?;
             self.ip(
                 &b.ns,
                 &["-6", "route", "add", "default", "via", &gw6.to_string()],
             )?;
-            self.ip(&b.ns, &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
-            self.ip(
-                &b.ns,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{VIP6}/128"),
-                    "dev",
-                    "lo",
-                    "nodad",
-                ],
-            )?;
+            self.hold_vips(&b.ns)?;
             backends.push(b);
         }
         Ok(backends)
