@@ -11,13 +11,9 @@ use crate::{
     count,
     frame::{load, store},
     maps::{DECAP_GUE_PORT, DECAP_STATS, DECAP_VIPS},
-    parse::{self, load_addr6},
+    parse::{self, ETH_P_IP, ETH_P_IPV6, PROTO_IPIP, PROTO_IPV6, load_addr6},
 };
 
-const PROTO_IPIP: u8 = 4;
-const PROTO_IPV6: u8 = 41;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const UDP_HLEN: usize = 8;
 
 #[xdp]

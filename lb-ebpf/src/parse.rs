@@ -8,10 +8,13 @@ use crate::frame::load;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
+/// IPv4 in IP and IPv6 in IP: the inner packets of tunnels (`tunnel`, `decap`).
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6: u8 = 41;
 
 const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const VLAN_HLEN: usize = 4;
 const IPV4_HLEN: usize = 20;

@@ -23,12 +23,10 @@ use lb_common::{
 use crate::{
     frame::{load, store},
     maps::TUNNEL,
-    parse::{PROTO_ICMP, PROTO_ICMPV6, Packet},
+    parse::{PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, Packet},
     refuse::{add_word, fold},
 };
 
-const PROTO_IPIP: u8 = 4;
-const PROTO_IPV6: u8 = 41;
 const OUTER_TTL: u8 = 64;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
