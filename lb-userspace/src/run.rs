@@ -49,9 +49,11 @@ pub async fn run(opts: Options) -> Result<()> {
     if opts.ifaces.is_empty() {
         bail!("no interface given: --iface IF[,IF...]");
     }
-    for iface in &opts.ifaces {
-        kernel::netif::index(iface)?;
-    }
+    let ifindexes = opts
+        .ifaces
+        .iter()
+        .map(|iface| kernel::netif::index(iface))
+        .collect::<Result<Vec<u32>>>()?;
     raise_open_file_limit();
     let config = Config::load(&opts.config)?;
     // Before anything touches the pins or the socket: one agent per pin directory.
@@ -107,15 +109,13 @@ pub async fn run(opts: Options) -> Result<()> {
     let flow_sync = crate::flowsync::start(agent.clone(), config.flow_sync.as_ref()).await?;
     // Each interface's own MAC, so the program balances only frames sent to this host.
     let mut rx_macs = Vec::new();
-    for iface in &opts.ifaces {
-        let index = kernel::netif::index(iface)?;
+    for &index in &ifindexes {
         rx_macs.push((index, agent.netif.link_mac(index).await?));
     }
     // The outer source of tunnels: configured, else the first interface's address.
-    let first_iface = kernel::netif::index(&opts.ifaces[0])?;
     let tunnel = config
         .tunnel
-        .entry(&agent.netif.addresses(first_iface).await?);
+        .entry(&agent.netif.addresses(ifindexes[0]).await?);
     // Before attaching: a NAT VIP's first flows find their SNAT address.
     crate::nat::refresh_snat(&agent).await?;
     {
@@ -128,9 +128,9 @@ pub async fn run(opts: Options) -> Result<()> {
         for (index, mac) in rx_macs {
             state.dataplane_mut().set_rx_iface(index, mac)?;
         }
-        for iface in &opts.ifaces {
+        for (iface, &index) in opts.ifaces.iter().zip(&ifindexes) {
             state.dataplane_mut().attach(iface, opts.generic)?;
-            state.add_tx_port(kernel::netif::index(iface)?)?;
+            state.add_tx_port(index)?;
         }
         // Attached to the new maps everywhere: an upgrade's copies take their pins' place.
         state.dataplane_mut().finish_upgrade()?;

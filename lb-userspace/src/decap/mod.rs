@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::Xdp,
 };
 use lb_common::{Counters, DECAP_PROGRAM_NAME, DECAP_REASON_COUNT, DecapReason, VipAddr, maps};
 
@@ -77,11 +77,7 @@ impl Decap {
 
     /// Attaches to `iface` (generic/SKB mode with `generic`) until this is dropped.
     pub fn attach(&mut self, iface: &str, generic: bool) -> Result<()> {
-        let mode = if generic {
-            XdpMode::Skb
-        } else {
-            XdpMode::Driver
-        };
+        let mode = crate::kernel::datapath::xdp_mode(generic);
         let index = crate::kernel::netif::index(iface)?;
         self.program()
             .attach(index, mode)

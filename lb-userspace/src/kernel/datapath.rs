@@ -87,6 +87,16 @@ pub(crate) fn run_once(program: &mut Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)
     Ok((result.return_value, out))
 }
 
+/// The kernel's SKB mode for `generic` (NICs whose drivers have no native XDP), else the
+/// driver's own.
+pub(crate) fn xdp_mode(generic: bool) -> XdpMode {
+    if generic {
+        XdpMode::Skb
+    } else {
+        XdpMode::Driver
+    }
+}
+
 /// Every map of the program, for pinning.
 const ALL_MAPS: [&str; maps::ALL.len()] = maps::ALL;
 
@@ -288,11 +298,7 @@ impl Datapath {
     /// agent is switched over to this program in one atomic link update (no packet meets a
     /// detached interface), and a new attachment is pinned so it outlives this process.
     pub fn attach(&mut self, iface: &str, generic: bool) -> Result<()> {
-        let mode = if generic {
-            XdpMode::Skb
-        } else {
-            XdpMode::Driver
-        };
+        let mode = xdp_mode(generic);
         let index = super::netif::index(iface)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join("links").join(iface));
         if let Some(pin) = link_pin.as_ref().filter(|p| p.exists()) {
