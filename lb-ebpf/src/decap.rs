@@ -16,7 +16,9 @@ use crate::{
 
 const UDP_HLEN: usize = 8;
 
+// Inlined into the macro's entry point, as `lb_xdp` is.
 #[xdp]
+#[inline(always)]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let reason = decapsulate(&ctx);

@@ -50,7 +50,10 @@ use crate::{
     parse::Packet,
 };
 
+// Inlined into the entry point the macro wraps it in: otherwise it is a BPF-to-BPF call,
+// with its own prologue and register saves, on every packet.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (action, reason) = match process(&ctx) {
