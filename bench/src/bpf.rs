@@ -296,6 +296,17 @@ pub struct ProgSize {
     pub verified_insns: u32,
 }
 
+impl ProgSize {
+    /// The note the data-plane table carries (and a profile repeats).
+    pub fn note(&self) -> String {
+        format!(
+            "program: {} instructions after the verifier's rewrite, {} bytes JITed, {} \
+             instructions processed by the verifier",
+            self.insns, self.jited_bytes, self.verified_insns
+        )
+    }
+}
+
 /// Reads `struct bpf_prog_info` (the offsets below are its fixed UAPI layout).
 pub fn prog_size(prog: BorrowedFd<'_>) -> Result<ProgSize> {
     let mut info = [0u8; 232];
@@ -311,4 +322,144 @@ pub fn prog_size(prog: BorrowedFd<'_>) -> Result<ProgSize> {
         insns: word(20) / 8,
         verified_insns: word(216),
     })
+}
+
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
+
+// Offsets into `struct bpf_prog_info` (fixed UAPI layout, as in prog_size above).
+const INFO_JITED_KSYMS: usize = 104; // nr_jited_ksyms, nr_jited_func_lens, then the two pointers
+const INFO_BTF_ID: usize = 128;
+const INFO_NR_LINE_INFO: usize = 148; // then line_info, jited_line_info, nr_jited_line_info...
+
+/// One `struct bpf_line_info`: where an instruction came from, as offsets into the program's
+/// BTF string section.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LineInfo {
+    pub insn_off: u32,
+    pub file_name_off: u32,
+    pub line_off: u32,
+    /// Line number in the upper 22 bits, column in the lower 10.
+    pub line_col: u32,
+}
+
+/// A loaded program's JIT image as the kernel describes it: where each function's machine
+/// code starts and how long it is, and the address each line record begins at.
+#[derive(Clone, Debug, Default)]
+pub struct JitLines {
+    pub btf_id: u32,
+    /// (start address, length in bytes), one per function (the main program, then its
+    /// subprograms).
+    pub functions: Vec<(u64, u32)>,
+    /// Line records paired with the JIT address each starts at.
+    pub lines: Vec<(u64, LineInfo)>,
+}
+
+fn prog_info(prog: BorrowedFd<'_>, info: &mut [u8; 232]) -> Result<()> {
+    let mut attr = GetInfoAttr {
+        fd: prog.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(())
+}
+
+/// Reads a program's JIT function addresses and line info (BPF_OBJ_GET_INFO_BY_FD twice:
+/// once for the counts, once with buffers). Needs root: the kernel zeroes addresses for
+/// anyone else.
+pub fn jit_lines(prog: BorrowedFd<'_>) -> Result<JitLines> {
+    let word =
+        |b: &[u8; 232], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let mut info = [0u8; 232];
+    prog_info(prog, &mut info)?;
+    let nr_ksyms = word(&info, INFO_JITED_KSYMS);
+    let nr_lens = word(&info, INFO_JITED_KSYMS + 4);
+    let btf_id = word(&info, INFO_BTF_ID);
+    let nr_lines = word(&info, INFO_NR_LINE_INFO);
+    let nr_jited_lines = word(&info, INFO_NR_LINE_INFO + 20);
+    let line_rec = word(&info, INFO_NR_LINE_INFO + 24);
+    let jited_line_rec = word(&info, INFO_NR_LINE_INFO + 28);
+    if nr_ksyms == 0 || nr_lens != nr_ksyms {
+        bail!("the program has no JIT symbols ({nr_ksyms}; is the BPF JIT on?)");
+    }
+    if nr_lines == 0 || nr_jited_lines != nr_lines {
+        bail!(
+            "the program has no JIT line info ({nr_lines} line records, {nr_jited_lines} JIT addresses; was it loaded with BTF?)"
+        );
+    }
+    if line_rec as usize != size_of::<LineInfo>() || jited_line_rec != 8 {
+        bail!("unexpected line record sizes {line_rec} and {jited_line_rec}");
+    }
+    let mut ksyms = vec![0u64; nr_ksyms as usize];
+    let mut lens = vec![0u32; nr_lens as usize];
+    let mut lines = vec![LineInfo::default(); nr_lines as usize];
+    let mut jited = vec![0u64; nr_jited_lines as usize];
+    let mut req = [0u8; 232];
+    let put32 =
+        |b: &mut [u8; 232], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    put32(&mut req, INFO_JITED_KSYMS, nr_ksyms);
+    put32(&mut req, INFO_JITED_KSYMS + 4, nr_lens);
+    let put64 =
+        |b: &mut [u8; 232], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    put64(&mut req, INFO_JITED_KSYMS + 8, ksyms.as_mut_ptr() as u64);
+    put64(&mut req, INFO_JITED_KSYMS + 16, lens.as_mut_ptr() as u64);
+    put32(&mut req, INFO_NR_LINE_INFO, nr_lines);
+    put64(&mut req, INFO_NR_LINE_INFO + 4, lines.as_mut_ptr() as u64);
+    put64(&mut req, INFO_NR_LINE_INFO + 12, jited.as_mut_ptr() as u64);
+    put32(&mut req, INFO_NR_LINE_INFO + 20, nr_jited_lines);
+    put32(&mut req, INFO_NR_LINE_INFO + 24, line_rec);
+    put32(&mut req, INFO_NR_LINE_INFO + 28, jited_line_rec);
+    // The kernel writes at most the counts given above into the buffers, which outlive the call.
+    prog_info(prog, &mut req)?;
+    if ksyms.iter().all(|&a| a == 0) {
+        bail!("the kernel hid the JIT addresses (run as root; kernel.kptr_restrict?)");
+    }
+    Ok(JitLines {
+        btf_id,
+        functions: ksyms.into_iter().zip(lens).collect(),
+        lines: jited.into_iter().zip(lines).collect(),
+    })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BtfInfo {
+    btf: u64,
+    btf_size: u32,
+    id: u32,
+    name: u64,
+    name_len: u32,
+    kernel_btf: u32,
+}
+
+/// The raw BTF blob (header, types, strings) the kernel holds under `id`, e.g. a program's.
+pub fn btf_by_id(id: u32) -> Result<Vec<u8>> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd =
+        bpf(BPF_BTF_GET_FD_BY_ID, &mut attr).with_context(|| format!("opening BTF id {id}"))?;
+    // SAFETY: the kernel just gave us this fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let get = |info: &mut BtfInfo| {
+        let mut attr = GetInfoAttr {
+            fd: fd.as_raw_fd() as u32,
+            info_len: size_of::<BtfInfo>() as u32,
+            info: info as *mut BtfInfo as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).with_context(|| format!("reading BTF id {id}"))
+    };
+    let mut info = BtfInfo::default();
+    get(&mut info)?;
+    let mut blob = vec![0u8; info.btf_size as usize];
+    let mut info = BtfInfo {
+        btf: blob.as_mut_ptr() as u64,
+        btf_size: blob.len() as u32,
+        ..Default::default()
+    };
+    // The kernel copies at most btf_size bytes into `blob`, which outlives the call.
+    get(&mut info)?;
+    blob.truncate(info.btf_size as usize);
+    Ok(blob)
 }

@@ -589,11 +589,7 @@ fn phases(
         let mut fx = configured_fixture();
         let prog = fx.dp.program_fd()?;
         let size = bpf::prog_size(prog.as_fd())?;
-        notes.push(format!(
-            "program: {} instructions after the verifier's rewrite, {} bytes JITed, {} \
-             instructions processed by the verifier",
-            size.insns, size.jited_bytes, size.verified_insns
-        ));
+        notes.push(size.note());
         // The established flows exist before timing starts.
         for vips in [&ONE, &THOUSAND] {
             for (vip, proto, base) in [
@@ -914,16 +910,38 @@ pub fn run(opts: &Options, progress: &mut dyn FnMut(&str)) -> Result<Report> {
     })
 }
 
+/// What a spin did: program runs, and the kernel's own measure of their time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Spun {
+    pub runs: u64,
+    /// Sum over calls of BPF_PROG_TEST_RUN's duration (mean per run) times the repeat count.
+    pub kernel_ns: f64,
+}
+
+/// When a spin calls back: with the case's program loaded and set up, right before the
+/// first run and right after the last (a profiler starts and stops there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpinAt {
+    Start,
+    Stop,
+}
+
 /// Runs one case (by name and configuration) over and over for `secs`, for a profiler
 /// (`perf record -e cpu-clock`) to watch; the other phase is skipped when it can be.
-pub fn spin(case: &str, config: &str, secs: f64, repeat: u32) -> Result<u64> {
+pub fn spin(
+    case: &str,
+    config: &str,
+    secs: f64,
+    repeat: u32,
+    at: &mut dyn FnMut(SpinAt, BorrowedFd<'_>) -> Result<()>,
+) -> Result<Spun> {
     let baselines = Baselines::load()?;
     let opts = Options {
         calls: 1,
         rounds: 1,
         table_flows: if config == CONFIG_1M { 1_000_000 } else { 0 },
     };
-    let mut runs = 0u64;
+    let mut spun = Spun::default();
     let mut found = false;
     phases(
         &opts,
@@ -939,21 +957,23 @@ pub fn spin(case: &str, config: &str, secs: f64, repeat: u32) -> Result<u64> {
             found = true;
             eprintln!("spinning {case} ({config}) for {secs} s");
             let mut buf = Vec::new();
+            at(SpinAt::Start, c.prog)?;
             let until = Instant::now() + Duration::from_secs_f64(secs);
             while Instant::now() < until {
                 for _ in 0..1000 {
                     c.frames.next(&mut buf);
-                    bpf::test_run(c.prog, &buf, None, repeat)?;
+                    let run = bpf::test_run(c.prog, &buf, None, repeat)?;
+                    spun.kernel_ns += f64::from(run.duration_ns) * f64::from(repeat);
                 }
-                runs += 1000 * u64::from(repeat);
+                spun.runs += 1000 * u64::from(repeat);
             }
-            Ok(())
+            at(SpinAt::Stop, c.prog)
         },
     )?;
     if !found {
         bail!("no case {case:?} with configuration {config:?}");
     }
-    Ok(runs)
+    Ok(spun)
 }
 
 // ---- tunnel and gue beside dsr -------------------------------------------------------------

@@ -9,5 +9,6 @@ pub mod dataplane;
 pub mod e2e;
 pub mod flowsync;
 pub mod netns;
+pub mod profile;
 pub mod report;
 pub mod stats;

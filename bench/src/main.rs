@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
-use lb_bench::{control, dataplane, e2e, flowsync, report};
+use lb_bench::{control, dataplane, e2e, flowsync, profile, report};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Part {
@@ -42,11 +42,19 @@ struct Cli {
     spin: Option<String>,
     #[arg(long, default_value_t = 10.0, hide = true)]
     spin_secs: f64,
-    /// Runs per BPF_PROG_TEST_RUN call while spinning: above 1 only for a case that does
-    /// not rewrite its frame (a drop or a pass), so the program's share of the profile
-    /// is not buried under the syscall's.
-    #[arg(long, default_value_t = 1, hide = true)]
+    /// Runs per BPF_PROG_TEST_RUN call while spinning or profiling: above 1 only for a
+    /// case whose rewritten frame takes the same path again (an established flow, a drop,
+    /// a pass), so the program's share of the profile is not buried under the syscall's.
+    #[arg(long, default_value_t = 1)]
     spin_repeat: u32,
+    /// Instead of benchmarking, profile one data-plane case ("CASE@CONFIGURATION", names as
+    /// in the table) with `perf record -e cpu-clock`: where its time goes, stage by stage
+    /// and source line by source line. Prints the table and writes <out>/profile.md.
+    #[arg(long)]
+    profile: Option<String>,
+    /// How long --profile spins the case.
+    #[arg(long, default_value_t = 5.0)]
+    profile_secs: f64,
 }
 
 fn main() -> ExitCode {
@@ -64,8 +72,25 @@ fn run(cli: Cli) -> Result<()> {
         let (case, config) = spin
             .split_once('@')
             .context("--spin takes CASE@CONFIGURATION")?;
-        let runs = dataplane::spin(case, config, cli.spin_secs, cli.spin_repeat)?;
-        eprintln!("{runs} runs");
+        let spun = dataplane::spin(case, config, cli.spin_secs, cli.spin_repeat, &mut |_, _| {
+            Ok(())
+        })?;
+        eprintln!("{} runs", spun.runs);
+        return Ok(());
+    }
+    if let Some(case) = &cli.profile {
+        let (case, config) = case
+            .split_once('@')
+            .context("--profile takes CASE@CONFIGURATION")?;
+        let md = profile::run(&profile::Options {
+            case: case.into(),
+            config: config.into(),
+            secs: cli.profile_secs,
+            repeat: cli.spin_repeat,
+            out: cli.out.clone(),
+        })?;
+        println!("{md}");
+        eprintln!("written to {}", cli.out.join("profile.md").display());
         return Ok(());
     }
     let wants = |p: Part| cli.only.is_empty() || cli.only.contains(&p);

@@ -1,0 +1,1105 @@
+//! `lb-bench --profile CASE@CONFIG`: where one data-plane case's time goes, stage by stage.
+//!
+//! The case is set up as `--spin` sets it up (the benchmark's fixture, the program loaded),
+//! then `perf record -e cpu-clock` watches this process only while the case spins (it is
+//! started disabled and enabled through its control FIFO, so the verifier and the setup are
+//! not sampled). Each sample's instruction address is then placed: inside the program's JIT
+//! image it falls in a line record (the program's BTF line info, read from the kernel), and
+//! the record's source file names the stage; outside it, the kernel symbol perf resolved
+//! names a group (the flow table's hash map, the test-run harness...). Library code the
+//! program inlined (aya's helpers, core's integer methods) counts for the program's own line
+//! that inlined it.
+//!
+//! perf is run as a tool (Debian's linux-perf) rather than through perf_event_open here: it
+//! resolves kernel symbols and keeps its data file for anyone who wants to dig further.
+//! aya-obj parses BTF, but its string lookup is private to it; the few lines below read the
+//! string section, which is all line records refer to.
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    fmt::Write as _,
+    fs::{self, File, OpenOptions},
+    io::{Read as _, Write as _},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd},
+        unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _, process::ExitStatusExt as _},
+    },
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    bpf,
+    dataplane::{self, SpinAt},
+};
+
+/// What to profile and where to put the result.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub case: String,
+    pub config: String,
+    pub secs: f64,
+    /// Runs per BPF_PROG_TEST_RUN call (above 1 only for cases whose frame takes the same
+    /// path again, as for `--spin`).
+    pub repeat: u32,
+    /// Where profile.md and profile.perf.data go.
+    pub out: PathBuf,
+}
+
+/// CPU time between samples (cpu-clock counts nanoseconds): 10,000 samples a second.
+const SAMPLE_PERIOD_NS: u64 = 100_000;
+
+/// How long perf may take to start, answer its control FIFO, or finish writing.
+const PERF_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Profiles the case and returns the Markdown report (also written to `out/profile.md`).
+pub fn run(opts: &Options) -> Result<String> {
+    let perf_version = Command::new("perf").arg("--version").output().context(
+        "running perf --version (install Debian's linux-perf; `./x.sh bench --profile ...` does)",
+    )?;
+    if !perf_version.status.success() {
+        bail!(
+            "perf --version failed ({}): {}",
+            perf_version.status,
+            String::from_utf8_lossy(&perf_version.stderr).trim()
+        );
+    }
+    fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    let data = opts.out.join("profile.perf.data");
+
+    let mut perf: Option<Perf> = None;
+    let mut program: Option<Program> = None;
+    let mut cpu_start = Duration::ZERO;
+    let mut cpu = Duration::ZERO;
+    let spun = dataplane::spin(
+        &opts.case,
+        &opts.config,
+        opts.secs,
+        opts.repeat,
+        &mut |at, prog| match at {
+            SpinAt::Start => {
+                // Read while the program is loaded: its addresses are gone once it is not.
+                program = Some(Program::read(prog)?);
+                let mut p = Perf::start(&data, &opts.out)?;
+                p.control("enable")?;
+                perf = Some(p);
+                cpu_start = process_cpu_time()?;
+                Ok(())
+            }
+            SpinAt::Stop => {
+                cpu = process_cpu_time()? - cpu_start;
+                let p = perf.as_mut().context("perf was not started")?;
+                p.control("disable")?;
+                p.finish()
+            }
+        },
+    )?;
+    drop(perf);
+    let program = program.context("the case never started spinning")?;
+    let script = Command::new("perf")
+        .arg("script")
+        .arg("-i")
+        .arg(&data)
+        .args(["-F", "ip,sym"])
+        .stderr(Stdio::null())
+        .output()
+        .context("running perf script")?;
+    if !script.status.success() {
+        bail!(
+            "perf script -i {} failed ({})",
+            data.display(),
+            script.status
+        );
+    }
+    let samples = parse_perf_script(&String::from_utf8_lossy(&script.stdout));
+    if samples.is_empty() {
+        bail!(
+            "perf recorded no samples in {} (perf_event_paranoid? see {})",
+            data.display(),
+            opts.out.join("profile.perf.log").display()
+        );
+    }
+    let profile = attribute(&program.functions, &program.lines, &samples, opts.repeat);
+    if spun.runs == 0 {
+        bail!("the case ran no packets (--profile-secs too short?)");
+    }
+    let summary = Summary {
+        title: format!("{} @ {}", opts.case, opts.config),
+        secs: opts.secs,
+        runs: spun.runs,
+        repeat: opts.repeat,
+        cpu_ns_per_run: cpu.as_nanos() as f64 / spun.runs as f64,
+        kernel_ns_per_run: spun.kernel_ns / spun.runs as f64,
+        size_note: program.size_note,
+    };
+    let md = render(&summary, &profile);
+    let path = opts.out.join("profile.md");
+    fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    Ok(md)
+}
+
+/// The process's CPU time (user and system, all threads): what per-task cpu-clock samples
+/// are taken from.
+fn process_cpu_time() -> Result<Duration> {
+    // SAFETY: a zeroed rusage is a valid value; getrusage only writes into it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a live rusage for the duration of the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        bail!("getrusage: {}", std::io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
+}
+
+// ---- the loaded program --------------------------------------------------------------------
+
+/// What the kernel says about the loaded program, with line records resolved to text.
+struct Program {
+    functions: Vec<Function>,
+    lines: Vec<Line>,
+    size_note: String,
+}
+
+impl Program {
+    fn read(prog: BorrowedFd<'_>) -> Result<Program> {
+        let jit = bpf::jit_lines(prog)?;
+        if jit.btf_id == 0 {
+            bail!("the program has no BTF, so its line records name no file");
+        }
+        let blob = bpf::btf_by_id(jit.btf_id)?;
+        let strings = BtfStrings::parse(&blob)?;
+        let lines = jit
+            .lines
+            .iter()
+            .map(|(addr, l)| {
+                Ok(Line {
+                    addr: *addr,
+                    file: strings.at(l.file_name_off)?.to_string(),
+                    line: l.line_col >> 10,
+                    source: strings.at(l.line_off)?.trim().to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Program {
+            functions: jit
+                .functions
+                .iter()
+                .map(|&(start, len)| Function { start, len })
+                .collect(),
+            lines,
+            size_note: bpf::prog_size(prog)?.note(),
+        })
+    }
+}
+
+/// The string section of a BTF blob, which line records point into.
+pub struct BtfStrings<'a> {
+    strings: &'a [u8],
+}
+
+impl<'a> BtfStrings<'a> {
+    /// Reads the header (`struct btf_header`: magic, version, flags, hdr_len, type_off,
+    /// type_len, str_off, str_len) of a blob in this machine's byte order.
+    pub fn parse(blob: &'a [u8]) -> Result<Self> {
+        let word = |at: usize| -> Result<u32> {
+            Ok(u32::from_ne_bytes(
+                blob.get(at..at + 4)
+                    .context("BTF blob shorter than its header")?
+                    .try_into()
+                    .expect("4 bytes"),
+            ))
+        };
+        let magic = u16::from_ne_bytes([
+            blob.first().copied().unwrap_or(0),
+            blob.get(1).copied().unwrap_or(0),
+        ]);
+        if magic != 0xeb9f {
+            bail!("not BTF in this machine's byte order (magic {magic:#06x})");
+        }
+        let hdr_len = word(4)? as usize;
+        let (str_off, str_len) = (word(16)? as usize, word(20)? as usize);
+        let start = hdr_len + str_off;
+        let strings = blob.get(start..start + str_len).with_context(|| {
+            format!(
+                "BTF string section {start}+{str_len} past the blob's {} bytes",
+                blob.len()
+            )
+        })?;
+        Ok(BtfStrings { strings })
+    }
+
+    /// The NUL-terminated string at `offset`.
+    pub fn at(&self, offset: u32) -> Result<&'a str> {
+        let rest = self.strings.get(offset as usize..).with_context(|| {
+            format!(
+                "BTF string offset {offset} past the section's {} bytes",
+                self.strings.len()
+            )
+        })?;
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end])
+            .with_context(|| format!("BTF string at {offset} is not UTF-8"))
+    }
+}
+
+// ---- perf ----------------------------------------------------------------------------------
+
+/// A `perf record` of this process, started disabled and switched through its control FIFO.
+struct Perf {
+    child: Option<Child>,
+    ctl: File,
+    ack: File,
+    log: PathBuf,
+}
+
+impl Perf {
+    fn start(data: &Path, dir: &Path) -> Result<Perf> {
+        let ctl_path = dir.join("profile.perf.ctl");
+        let ack_path = dir.join("profile.perf.ack");
+        let log = dir.join("profile.perf.log");
+        for p in [&ctl_path, &ack_path] {
+            let _ = fs::remove_file(p);
+            let c = CString::new(p.as_os_str().as_bytes()).context("a path with a NUL")?;
+            // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+            if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+                bail!(
+                    "mkfifo {}: {}",
+                    p.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        // Both ends opened read-write so neither open waits for perf to open its end.
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))
+        };
+        let (ctl, ack) = (open(&ctl_path)?, open(&ack_path)?);
+        let child = Command::new("perf")
+            // A fixed period rather than perf's default frequency mode, whose period drifts:
+            // with a fixed one every sample stands for the same CPU time.
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-c",
+                &SAMPLE_PERIOD_NS.to_string(),
+            ])
+            // Started disabled (-D -1): enabled once the case spins.
+            .args(["-q", "--no-buildid", "-D", "-1"])
+            .arg("-p")
+            .arg(std::process::id().to_string())
+            .arg("-o")
+            .arg(data)
+            .arg(format!(
+                "--control=fifo:{},{}",
+                ctl_path.display(),
+                ack_path.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).with_context(|| format!("creating {}", log.display()))?)
+            .spawn()
+            .context("starting perf record")?;
+        Ok(Perf {
+            child: Some(child),
+            ctl,
+            ack,
+            log,
+        })
+    }
+
+    /// Sends a control command ("enable", "disable") and waits for perf's "ack".
+    fn control(&mut self, cmd: &str) -> Result<()> {
+        (&self.ctl)
+            .write_all(format!("{cmd}\n").as_bytes())
+            .context("writing perf's control FIFO")?;
+        let until = Instant::now() + PERF_TIMEOUT;
+        let mut got = Vec::new();
+        // perf writes "ack\n" and its C string's NUL.
+        while !got.windows(4).any(|w| w == b"ack\n") {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "perf did not acknowledge {cmd:?} within {PERF_TIMEOUT:?}{}",
+                    self.log_tail()
+                );
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.ack.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(200) as i32;
+            // SAFETY: one live pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n < 0 {
+                bail!(
+                    "poll on perf's ack FIFO: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            if n == 0 {
+                // Perf may have died before opening its FIFOs (bad option, no permission).
+                if let Some(child) = self.child.as_mut()
+                    && let Some(status) = child.try_wait().context("waiting for perf")?
+                {
+                    bail!(
+                        "perf record exited before {cmd:?} ({status}){}",
+                        self.log_tail()
+                    );
+                }
+                continue;
+            }
+            let mut buf = [0u8; 64];
+            let n = (&self.ack)
+                .read(&mut buf)
+                .context("reading perf's ack FIFO")?;
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    }
+
+    /// Stops perf with SIGINT (it writes its data file and exits), waiting a bounded time.
+    fn finish(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("perf already finished")?;
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let until = Instant::now() + PERF_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().context("waiting for perf")? {
+                // perf ends on SIGINT by re-raising it once its data file is written.
+                if !status.success() && status.signal() != Some(libc::SIGINT) {
+                    bail!("perf record failed ({status}){}", self.log_tail());
+                }
+                return Ok(());
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("perf record did not stop within {PERF_TIMEOUT:?} of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            )
+        }
+    }
+}
+
+impl Drop for Perf {
+    /// On an error path perf is still running: end it (our own child, by its handle).
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `perf script -F ip,sym` lines: a hex address and a symbol (`[unknown]` if none).
+pub fn parse_perf_script(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let (ip, sym) = l.split_once(char::is_whitespace).unwrap_or((l, ""));
+            Some(Sample {
+                ip: u64::from_str_radix(ip, 16).ok()?,
+                sym: sym.trim().to_string(),
+            })
+        })
+        .collect()
+}
+
+// ---- attribution (pure) --------------------------------------------------------------------
+
+/// One JIT-compiled function of the program: its machine code's start and length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Function {
+    pub start: u64,
+    pub len: u32,
+}
+
+impl Function {
+    fn contains(&self, ip: u64) -> bool {
+        ip >= self.start && ip < self.start + u64::from(self.len)
+    }
+}
+
+/// A line record: the JIT address its code starts at, and the source it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Line {
+    pub addr: u64,
+    pub file: String,
+    pub line: u32,
+    pub source: String,
+}
+
+/// One perf sample: the instruction address and the kernel symbol perf gave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub ip: u64,
+    pub sym: String,
+}
+
+/// A hot source line: where the sampled code came from, and, for library code, the
+/// program's own line that inlined it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct HotLine {
+    /// The file, as [`short_name`] names it.
+    pub file: String,
+    pub line: u32,
+    pub source: String,
+    /// The workspace line (file name, line) a library line is counted for.
+    pub inlined_into: Option<(String, u32)>,
+    pub stage: String,
+}
+
+/// Samples counted by stage and by source line.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Profile {
+    pub samples: u64,
+    pub in_program: u64,
+    /// Stages, most samples first.
+    pub stages: Vec<(String, u64)>,
+    /// Program source lines, most samples first.
+    pub lines: Vec<(HotLine, u64)>,
+    /// The kernel symbols counted as "other", most samples first.
+    pub other_symbols: Vec<(String, u64)>,
+}
+
+pub const PARSE: &str = "parse";
+pub const POLICY: &str = "policy";
+pub const SELECT: &str = "select";
+pub const REWRITE: &str = "rewrite and transmit";
+pub const COUNTERS: &str = "counters";
+pub const ICMP: &str = "icmp";
+pub const PIPELINE: &str = "pipeline (glue)";
+pub const NO_LINE: &str = "program, no line record";
+pub const FLOW_TABLE: &str = "kernel: flow table (hash map)";
+pub const TRIE: &str = "kernel: drop-list trie";
+pub const FIB: &str = "kernel: FIB lookup";
+pub const HELPERS: &str = "kernel: other helpers";
+pub const HARNESS: &str = "test-run harness";
+pub const USER: &str = "lb-bench in user space";
+pub const OTHER_PROGS: &str = "other BPF programs";
+pub const OTHER: &str = "other (kernel)";
+
+/// Whether a source path is library code (the cargo registry, the Rust toolchain's sources)
+/// rather than the workspace's own.
+pub fn is_library(path: &str) -> bool {
+    path.is_empty()
+        || path.starts_with("/rustc/")
+        || [
+            "/.cargo/registry/",
+            "/.cargo/git/",
+            "/.rustup/",
+            "/rustlib/",
+        ]
+        .iter()
+        .any(|d| path.contains(d))
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// How the report names a source file: the eBPF crate's files by name, another workspace
+/// crate's with the crate (lb-common/lib.rs), library files by name.
+pub fn short_name(path: &str) -> String {
+    if !is_library(path)
+        && let Some((dir, rest)) = path.rsplit_once("/src/")
+    {
+        let krate = file_name(dir);
+        if krate != "lb-ebpf" {
+            return format!("{krate}/{rest}");
+        }
+        return rest.to_string();
+    }
+    file_name(path).to_string()
+}
+
+/// The stage a workspace source file belongs to.
+pub fn stage_of_file(path: &str) -> String {
+    if path.contains("/lb-common/") {
+        return PIPELINE.into();
+    }
+    let name = file_name(path);
+    match name {
+        "parse.rs" | "frame.rs" => PARSE,
+        "policy.rs" => POLICY,
+        "select.rs" | "persist.rs" | "leastconn.rs" | "share.rs" => SELECT,
+        "transmit.rs" | "tunnel.rs" | "nat.rs" | "csum.rs" => REWRITE,
+        "count.rs" => COUNTERS,
+        "icmp.rs" | "refuse.rs" => ICMP,
+        "main.rs" => PIPELINE,
+        other => other,
+    }
+    .into()
+}
+
+/// The group of a sample outside the program, by its address (user or kernel) and symbol.
+/// Syscall entry and the frame's copies count as the harness only with one run per call;
+/// with many they are rare and shown as they are.
+pub fn kernel_group(ip: u64, sym: &str, repeat: u32) -> &'static str {
+    if ip < 1 << 63 {
+        return USER;
+    }
+    let sym = sym.split("+0x").next().unwrap_or(sym);
+    let bare = sym.trim_start_matches('_');
+    let harness = [
+        "bpf_test_run",
+        "bpf_prog_test_run_xdp",
+        "local_bh_enable_ip",
+        "read_tsc",
+    ];
+    if harness.contains(&bare)
+        || bare.starts_with("bpf_test_timer_")
+        || bare.starts_with("ktime_get")
+    {
+        return HARNESS;
+    }
+    let syscall = [
+        "do_syscall_64",
+        "x64_sys_bpf",
+        "sys_bpf",
+        "do_sys_bpf",
+        "copy_from_user",
+        "copy_to_user",
+        "rep_movs_alternative",
+        "check_object_size",
+        "bpf_test_init",
+        "bpf_test_finish",
+        "xdp_convert_md_to_buff",
+        "xdp_convert_buff_to_md",
+        "kfree",
+        "kmalloc",
+        "memcpy",
+        "memset",
+    ];
+    if repeat == 1
+        && (syscall.contains(&bare)
+            || bare.starts_with("entry_SYSCALL")
+            || bare.starts_with("syscall_")
+            || bare.starts_with("kmalloc")
+            || bare.starts_with("copy_user"))
+    {
+        return HARNESS;
+    }
+    if bare.starts_with("htab_")
+        || [
+            "lookup_nulls_elem_raw",
+            "lookup_elem_raw",
+            "memcmp",
+            "prealloc_lru_pop",
+        ]
+        .contains(&bare)
+        || bare.starts_with("jhash")
+        || bare.starts_with("bpf_lru_")
+    {
+        return FLOW_TABLE;
+    }
+    if bare.starts_with("trie_") {
+        return TRIE;
+    }
+    if ["bpf_fib_", "fib_", "ip6_", "fib6_"]
+        .iter()
+        .any(|p| bare.starts_with(p))
+    {
+        return FIB;
+    }
+    if bare.starts_with("bpf_prog_") {
+        return OTHER_PROGS;
+    }
+    if bare.starts_with("bpf_") {
+        return HELPERS;
+    }
+    OTHER
+}
+
+/// Places every sample: in the program, the line record at or below its address, library
+/// records counting for the nearest workspace record before them in the same function (or,
+/// failing that, after); elsewhere, the kernel group of its symbol.
+pub fn attribute(
+    functions: &[Function],
+    lines: &[Line],
+    samples: &[Sample],
+    repeat: u32,
+) -> Profile {
+    let mut lines: Vec<&Line> = lines.iter().collect();
+    lines.sort_by_key(|l| l.addr);
+    let func_of = |addr: u64| functions.iter().position(|f| f.contains(addr));
+    let funcs: Vec<Option<usize>> = lines.iter().map(|l| func_of(l.addr)).collect();
+    // For each record, the workspace record it counts for.
+    let owner: Vec<Option<usize>> = (0..lines.len())
+        .map(|i| {
+            if !is_library(&lines[i].file) {
+                return Some(i);
+            }
+            let same = |j: &usize| funcs[*j] == funcs[i] && !is_library(&lines[*j].file);
+            (0..i)
+                .rev()
+                .find(same)
+                .or_else(|| (i + 1..lines.len()).find(same))
+        })
+        .collect();
+
+    let mut stages: HashMap<String, u64> = HashMap::new();
+    let mut hot: HashMap<HotLine, u64> = HashMap::new();
+    let mut other: HashMap<String, u64> = HashMap::new();
+    let mut in_program = 0;
+    for s in samples {
+        let Some(f) = func_of(s.ip) else {
+            let group = kernel_group(s.ip, &s.sym, repeat);
+            if group == OTHER {
+                *other.entry(s.sym.clone()).or_default() += 1;
+            }
+            *stages.entry(group.into()).or_default() += 1;
+            continue;
+        };
+        in_program += 1;
+        let at = lines.partition_point(|l| l.addr <= s.ip);
+        let Some(i) = at.checked_sub(1).filter(|&i| funcs[i] == Some(f)) else {
+            *stages.entry(NO_LINE.into()).or_default() += 1;
+            continue;
+        };
+        let l = lines[i];
+        let (stage, inlined_into) = match owner[i] {
+            Some(o) if o == i => (stage_of_file(&l.file), None),
+            Some(o) => (
+                stage_of_file(&lines[o].file),
+                Some((short_name(&lines[o].file), lines[o].line)),
+            ),
+            None => (format!("library: {}", file_name(&l.file)), None),
+        };
+        *stages.entry(stage.clone()).or_default() += 1;
+        let key = HotLine {
+            file: short_name(&l.file),
+            line: l.line,
+            source: l.source.clone(),
+            inlined_into,
+            stage,
+        };
+        *hot.entry(key).or_default() += 1;
+    }
+    Profile {
+        samples: samples.len() as u64,
+        in_program,
+        stages: by_count(stages),
+        lines: by_count(hot),
+        other_symbols: by_count(other),
+    }
+}
+
+/// Most first; ties in a stable order.
+fn by_count<K: Ord>(m: HashMap<K, u64>) -> Vec<(K, u64)> {
+    let mut v: Vec<(K, u64)> = m.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+impl PartialOrd for HotLine {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for HotLine {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (
+            &self.file,
+            self.line,
+            &self.inlined_into,
+            &self.source,
+            &self.stage,
+        )
+            .cmp(&(
+                &other.file,
+                other.line,
+                &other.inlined_into,
+                &other.source,
+                &other.stage,
+            ))
+    }
+}
+
+// ---- report --------------------------------------------------------------------------------
+
+/// The spin's own figures, for the report's header and the ns column.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub title: String,
+    pub secs: f64,
+    pub runs: u64,
+    pub repeat: u32,
+    /// The process's CPU time over the spin, per program run: what the samples divide.
+    pub cpu_ns_per_run: f64,
+    /// BPF_PROG_TEST_RUN's own duration per run, for comparison with the benchmark table.
+    pub kernel_ns_per_run: f64,
+    pub size_note: String,
+}
+
+/// How many source lines the report lists.
+const TOP_LINES: usize = 15;
+
+fn cell(s: &str) -> String {
+    let s = s.replace('|', "\\|");
+    if s.chars().count() > 70 {
+        format!("{}…", s.chars().take(69).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// The Markdown report: stages with their share and ns per packet, then the hottest lines.
+pub fn render(s: &Summary, p: &Profile) -> String {
+    let pct = |n: u64| 100.0 * n as f64 / p.samples.max(1) as f64;
+    let mut md = String::new();
+    let _ = writeln!(md, "## Profile: {}\n", s.title);
+    let _ = writeln!(
+        md,
+        "`perf record -e cpu-clock -c {SAMPLE_PERIOD_NS}` of this process for {:.1} s: {} \
+         samples (one every {} µs of CPU), {} program runs ({} per BPF_PROG_TEST_RUN call), \
+         {:.1}% of samples in the program.  ",
+        s.secs,
+        p.samples,
+        SAMPLE_PERIOD_NS / 1000,
+        s.runs,
+        s.repeat,
+        pct(p.in_program)
+    );
+    let _ = writeln!(
+        md,
+        "CPU time per run {:.1} ns (the process's CPU time over the spin, divided by the runs; \
+         the ns column shares it out); the kernel timed {:.1} ns per run.  ",
+        s.cpu_ns_per_run, s.kernel_ns_per_run
+    );
+    let _ = writeln!(md, "{}\n", s.size_note);
+    md.push_str("| stage | share of samples | ns per packet |\n|---|---:|---:|\n");
+    for (stage, n) in &p.stages {
+        let _ = writeln!(
+            md,
+            "| {stage} | {:.1}% | {:.1} |",
+            pct(*n),
+            pct(*n) / 100.0 * s.cpu_ns_per_run
+        );
+    }
+    let _ = writeln!(md, "| total | 100.0% | {:.1} |", s.cpu_ns_per_run);
+    if !p.other_symbols.is_empty() {
+        let top: Vec<String> = p
+            .other_symbols
+            .iter()
+            .take(5)
+            .map(|(sym, n)| format!("{sym} {:.1}%", pct(*n)))
+            .collect();
+        let _ = writeln!(md, "\nMost of \"{OTHER}\": {}.", top.join(", "));
+    }
+    let _ = writeln!(
+        md,
+        "\nTop {TOP_LINES} source lines of the program (library code under the line that \
+         inlined it):\n\n| line | source | stage | share |\n|---|---|---|---:|"
+    );
+    for (l, n) in p.lines.iter().take(TOP_LINES) {
+        let at = match &l.inlined_into {
+            Some((f, n)) => format!("{}:{} (in {f}:{n})", l.file, l.line),
+            None => format!("{}:{}", l.file, l.line),
+        };
+        let _ = writeln!(
+            md,
+            "| {at} | `{}` | {} | {:.1}% |",
+            cell(&l.source).replace('`', "'"),
+            l.stage,
+            pct(*n)
+        );
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WS: &str = "/work/lb/lb-ebpf/src";
+    const REG: &str =
+        "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/aya-ebpf-0.3.0/src/helpers.rs";
+    const CORE: &str = "/root/.rustup/toolchains/1.98.0-x86_64-unknown-linux-gnu/lib/rustlib/src/rust/library/core/src/num/uint_macros.rs";
+
+    fn line(addr: u64, file: &str, n: u32) -> Line {
+        Line {
+            addr,
+            file: file.into(),
+            line: n,
+            source: format!("source of {}:{n}", file_name(file)),
+        }
+    }
+
+    fn at(ip: u64) -> Sample {
+        Sample {
+            ip,
+            sym: "bpf_prog_0123456789abcdef_lb_xdp".into(),
+        }
+    }
+
+    fn kernel(sym: &str) -> Sample {
+        Sample {
+            ip: 0xffff_ffff_8100_0000,
+            sym: sym.into(),
+        }
+    }
+
+    fn stage(p: &Profile, name: &str) -> u64 {
+        p.stages
+            .iter()
+            .find(|(s, _)| s == name)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Two functions: the entry point (parse, an inlined core helper, policy) and a
+    /// subprogram that starts with library code before any workspace line.
+    fn program() -> (Vec<Function>, Vec<Line>) {
+        let base = 0xffff_ffff_c000_0000;
+        let functions = vec![
+            Function {
+                start: base,
+                len: 0x100,
+            },
+            Function {
+                start: base + 0x1000,
+                len: 0x80,
+            },
+        ];
+        let lines = vec![
+            line(base, &format!("{WS}/main.rs"), 53),
+            line(base + 0x10, &format!("{WS}/parse.rs"), 52),
+            line(base + 0x20, CORE, 703),
+            line(base + 0x30, &format!("{WS}/policy.rs"), 20),
+            line(base + 0x40, REG, 50),
+            line(base + 0x1000, REG, 60),
+            line(base + 0x1010, &format!("{WS}/count.rs"), 9),
+        ];
+        (functions, lines)
+    }
+
+    #[test]
+    fn a_sample_counts_for_the_line_record_at_or_below_it() {
+        let (f, l) = program();
+        let b = f[0].start;
+        let p = attribute(
+            &f,
+            &l,
+            &[at(b + 0x10), at(b + 0x1f), at(b + 0x30), at(b + 0x3f)],
+            1,
+        );
+        assert_eq!(stage(&p, PARSE), 2);
+        assert_eq!(stage(&p, POLICY), 2);
+        assert_eq!(p.in_program, 4);
+        assert_eq!(p.lines[0].0.file, "parse.rs");
+        assert_eq!(p.lines[0].1, 2);
+    }
+
+    #[test]
+    fn inlined_library_code_counts_for_the_workspace_line_before_it() {
+        let (f, l) = program();
+        let b = f[0].start;
+        let p = attribute(&f, &l, &[at(b + 0x25), at(b + 0x45)], 1);
+        assert_eq!(stage(&p, PARSE), 1, "core's bswap inlined into parse.rs");
+        assert_eq!(stage(&p, POLICY), 1, "aya's helper inlined into policy.rs");
+        let bswap = &p
+            .lines
+            .iter()
+            .find(|(h, _)| h.file == "uint_macros.rs")
+            .unwrap()
+            .0;
+        assert_eq!(bswap.inlined_into, Some(("parse.rs".into(), 52)));
+    }
+
+    #[test]
+    fn library_code_opening_a_function_counts_for_its_first_workspace_line() {
+        // Not the entry point's policy.rs line before it in address order: another function.
+        let (f, l) = program();
+        let p = attribute(&f, &l, &[at(f[1].start + 4)], 1);
+        assert_eq!(stage(&p, COUNTERS), 1);
+        assert_eq!(stage(&p, POLICY), 0);
+    }
+
+    #[test]
+    fn a_library_only_function_is_named_by_its_library_file() {
+        let f = vec![Function {
+            start: 0x1000,
+            len: 0x10,
+        }];
+        let l = vec![line(0x1000, REG, 1)];
+        let p = attribute(&f, &l, &[at(0x1008)], 1);
+        assert_eq!(p.stages, vec![("library: helpers.rs".to_string(), 1)]);
+    }
+
+    #[test]
+    fn samples_beside_the_program_go_by_kernel_symbol() {
+        let (f, l) = program();
+        let samples = [
+            kernel("htab_map_hash"),
+            kernel("__htab_map_lookup_elem"),
+            kernel("lookup_nulls_elem_raw"),
+            kernel("memcmp"),
+            kernel("bpf_lru_pop_free"),
+            kernel("trie_lookup_elem"),
+            kernel("bpf_fib_lookup"),
+            kernel("fib_table_lookup"),
+            kernel("bpf_xdp_adjust_head"),
+            kernel("bpf_test_run"),
+            kernel("bpf_test_timer_continue"),
+            kernel("__local_bh_enable_ip"),
+            kernel("do_syscall_64"),
+            kernel("schedule"),
+            Sample {
+                ip: 0x5555_0000_1000,
+                sym: "lb_bench::dataplane::spin".into(),
+            },
+        ];
+        let p = attribute(&f, &l, &samples, 1);
+        assert_eq!(p.in_program, 0);
+        assert_eq!(stage(&p, FLOW_TABLE), 5);
+        assert_eq!(stage(&p, TRIE), 1);
+        assert_eq!(stage(&p, FIB), 2);
+        assert_eq!(stage(&p, HELPERS), 1);
+        assert_eq!(stage(&p, HARNESS), 4);
+        assert_eq!(stage(&p, OTHER), 1);
+        assert_eq!(stage(&p, USER), 1);
+        assert_eq!(p.other_symbols, vec![("schedule".to_string(), 1)]);
+        assert_eq!(p.samples, 15);
+    }
+
+    #[test]
+    fn syscall_entry_is_the_harness_only_with_one_run_per_call() {
+        assert_eq!(kernel_group(u64::MAX, "entry_SYSCALL_64", 1), HARNESS);
+        assert_eq!(kernel_group(u64::MAX, "_copy_from_user", 1), HARNESS);
+        assert_eq!(kernel_group(u64::MAX, "entry_SYSCALL_64", 1000), OTHER);
+        assert_eq!(kernel_group(u64::MAX, "bpf_test_run", 1000), HARNESS);
+    }
+
+    #[test]
+    fn workspace_files_map_to_stages() {
+        let cases = [
+            ("frame.rs", PARSE),
+            ("policy.rs", POLICY),
+            ("persist.rs", SELECT),
+            ("leastconn.rs", SELECT),
+            ("csum.rs", REWRITE),
+            ("tunnel.rs", REWRITE),
+            ("refuse.rs", ICMP),
+            ("main.rs", PIPELINE),
+            ("decap.rs", "decap.rs"),
+        ];
+        for (file, want) in cases {
+            assert_eq!(stage_of_file(&format!("{WS}/{file}")), want, "{file}");
+        }
+        assert_eq!(stage_of_file("/work/lb/lb-common/src/flow.rs"), PIPELINE);
+        assert_eq!(
+            short_name("/work/lb/lb-common/src/lib.rs"),
+            "lb-common/lib.rs"
+        );
+        assert_eq!(short_name(&format!("{WS}/nat.rs")), "nat.rs");
+        assert_eq!(short_name(REG), "helpers.rs");
+        assert!(is_library(REG) && is_library(CORE) && !is_library(&format!("{WS}/nat.rs")));
+    }
+
+    #[test]
+    fn a_sample_before_its_functions_first_line_record_is_no_line() {
+        let f = vec![Function {
+            start: 0x1000,
+            len: 0x100,
+        }];
+        let l = vec![line(0x1010, &format!("{WS}/parse.rs"), 1)];
+        let p = attribute(&f, &l, &[at(0x1004), at(0x1010)], 1);
+        assert_eq!(stage(&p, NO_LINE), 1);
+        assert_eq!(stage(&p, PARSE), 1);
+    }
+
+    #[test]
+    fn perf_script_lines_parse_and_junk_is_skipped() {
+        let s = parse_perf_script(
+            " ffffffff81709c5a fdget_pos\n ffffffffc0012345 [unknown]\n\nnot a sample\n 55d0c0 main\n",
+        );
+        assert_eq!(
+            s,
+            vec![
+                Sample {
+                    ip: 0xffff_ffff_8170_9c5a,
+                    sym: "fdget_pos".into()
+                },
+                Sample {
+                    ip: 0xffff_ffff_c001_2345,
+                    sym: "[unknown]".into()
+                },
+                Sample {
+                    ip: 0x55d0c0,
+                    sym: "main".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn btf_strings_are_read_from_the_string_section() {
+        // Header of 24 bytes, 4 bytes of "types", then "\0a.rs\0x\0".
+        let strings = b"\0a.rs\0x\0";
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&0xeb9fu16.to_ne_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        for w in [24u32, 0, 4, 4, strings.len() as u32] {
+            blob.extend_from_slice(&w.to_ne_bytes());
+        }
+        blob.extend_from_slice(&[0xaa; 4]);
+        blob.extend_from_slice(strings);
+        let s = BtfStrings::parse(&blob).unwrap();
+        assert_eq!(s.at(1).unwrap(), "a.rs");
+        assert_eq!(s.at(6).unwrap(), "x");
+        assert_eq!(s.at(0).unwrap(), "");
+        assert!(s.at(100).is_err());
+        assert!(BtfStrings::parse(&blob[..10]).is_err());
+    }
+
+    #[test]
+    fn the_report_shares_cpu_time_per_run_out_by_samples() {
+        let p = Profile {
+            samples: 4,
+            in_program: 3,
+            stages: vec![(PARSE.into(), 3), (HARNESS.into(), 1)],
+            lines: vec![],
+            other_symbols: vec![],
+        };
+        let s = Summary {
+            title: "t".into(),
+            secs: 1.0,
+            runs: 10,
+            repeat: 1,
+            cpu_ns_per_run: 100.0,
+            kernel_ns_per_run: 80.0,
+            size_note: "program: 1 instructions".into(),
+        };
+        let md = render(&s, &p);
+        assert!(md.contains("| parse | 75.0% | 75.0 |"), "{md}");
+        assert!(md.contains("| test-run harness | 25.0% | 25.0 |"), "{md}");
+        assert!(md.contains("program: 1 instructions"), "{md}");
+    }
+}
