@@ -959,13 +959,15 @@ pub fn spin(
             let mut buf = Vec::new();
             at(SpinAt::Start, c.prog)?;
             let until = Instant::now() + Duration::from_secs_f64(secs);
+            // About 1,000 runs between looks at the clock, however many a call makes.
+            let calls = 1000u32.div_ceil(repeat.max(1));
             while Instant::now() < until {
-                for _ in 0..1000 {
+                for _ in 0..calls {
                     c.frames.next(&mut buf);
                     let run = bpf::test_run(c.prog, &buf, None, repeat)?;
                     spun.kernel_ns += f64::from(run.duration_ns) * f64::from(repeat);
                 }
-                spun.runs += 1000 * u64::from(repeat);
+                spun.runs += u64::from(calls) * u64::from(repeat);
             }
             at(SpinAt::Stop, c.prog)
         },

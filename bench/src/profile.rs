@@ -75,6 +75,8 @@ pub fn run(opts: &Options) -> Result<String> {
     let mut program: Option<Program> = None;
     let mut cpu_start = Duration::ZERO;
     let mut cpu = Duration::ZERO;
+    let mut wall_start = Instant::now();
+    let mut wall = Duration::ZERO;
     let spun = dataplane::spin(
         &opts.case,
         &opts.config,
@@ -88,10 +90,12 @@ pub fn run(opts: &Options) -> Result<String> {
                 p.control("enable")?;
                 perf = Some(p);
                 cpu_start = process_cpu_time()?;
+                wall_start = Instant::now();
                 Ok(())
             }
             SpinAt::Stop => {
                 cpu = process_cpu_time()? - cpu_start;
+                wall = wall_start.elapsed();
                 let p = perf.as_mut().context("perf was not started")?;
                 p.control("disable")?;
                 p.finish()
@@ -129,7 +133,7 @@ pub fn run(opts: &Options) -> Result<String> {
     }
     let summary = Summary {
         title: format!("{} @ {}", opts.case, opts.config),
-        secs: opts.secs,
+        secs: wall.as_secs_f64(),
         runs: spun.runs,
         repeat: opts.repeat,
         cpu_ns_per_run: cpu.as_nanos() as f64 / spun.runs as f64,
@@ -484,8 +488,9 @@ pub struct Profile {
     pub stages: Vec<(String, u64)>,
     /// Program source lines, most samples first.
     pub lines: Vec<(HotLine, u64)>,
-    /// The kernel symbols counted as "other", most samples first.
-    pub other_symbols: Vec<(String, u64)>,
+    /// The symbols of each group outside the program (in the order of `stages`), most
+    /// samples first.
+    pub symbols: Vec<(String, Vec<(String, u64)>)>,
 }
 
 pub const PARSE: &str = "parse";
@@ -567,11 +572,13 @@ pub fn kernel_group(ip: u64, sym: &str, repeat: u32) -> &'static str {
     }
     let sym = sym.split("+0x").next().unwrap_or(sym);
     let bare = sym.trim_start_matches('_');
+    // The dispatcher is how any XDP caller enters the program; the test run is that caller.
     let harness = [
         "bpf_test_run",
         "bpf_prog_test_run_xdp",
         "local_bh_enable_ip",
         "read_tsc",
+        "bpf_dispatcher_xdp_func",
     ];
     if harness.contains(&bare)
         || bare.starts_with("bpf_test_timer_")
@@ -596,6 +603,19 @@ pub fn kernel_group(ip: u64, sym: &str, repeat: u32) -> &'static str {
         "kmalloc",
         "memcpy",
         "memset",
+        "pi_memcpy",
+        "pi_memset",
+        "memchr_inv",
+        "security_bpf",
+        "fdget",
+        "bpf_prog_get",
+        "bpf_prog_put",
+        "bpf_cgroup_storage_alloc",
+        "bpf_cgroup_storage_free",
+        "virt_addr_valid",
+        "is_vmalloc_addr",
+        "check_heap_object",
+        "check_stack_object",
     ];
     if repeat == 1
         && (syscall.contains(&bare)
@@ -628,13 +648,20 @@ pub fn kernel_group(ip: u64, sym: &str, repeat: u32) -> &'static str {
     {
         return FIB;
     }
-    if bare.starts_with("bpf_prog_") {
+    if is_jit_symbol(sym) {
         return OTHER_PROGS;
     }
     if bare.starts_with("bpf_") {
         return HELPERS;
     }
     OTHER
+}
+
+/// A JIT-compiled program's kernel symbol: `bpf_prog_<16 hex digits of its tag>_<name>`.
+fn is_jit_symbol(sym: &str) -> bool {
+    sym.strip_prefix("bpf_prog_")
+        .and_then(|rest| rest.split_once('_'))
+        .is_some_and(|(tag, _)| tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Places every sample: in the program, the line record at or below its address, library
@@ -666,14 +693,16 @@ pub fn attribute(
 
     let mut stages: HashMap<String, u64> = HashMap::new();
     let mut hot: HashMap<HotLine, u64> = HashMap::new();
-    let mut other: HashMap<String, u64> = HashMap::new();
+    let mut symbols: HashMap<&str, HashMap<String, u64>> = HashMap::new();
     let mut in_program = 0;
     for s in samples {
         let Some(f) = func_of(s.ip) else {
             let group = kernel_group(s.ip, &s.sym, repeat);
-            if group == OTHER {
-                *other.entry(s.sym.clone()).or_default() += 1;
-            }
+            *symbols
+                .entry(group)
+                .or_default()
+                .entry(s.sym.clone())
+                .or_default() += 1;
             *stages.entry(group.into()).or_default() += 1;
             continue;
         };
@@ -702,12 +731,17 @@ pub fn attribute(
         };
         *hot.entry(key).or_default() += 1;
     }
+    let stages = by_count(stages);
+    let symbols = stages
+        .iter()
+        .filter_map(|(g, _)| Some((g.clone(), by_count(symbols.remove(g.as_str())?))))
+        .collect();
     Profile {
         samples: samples.len() as u64,
         in_program,
-        stages: by_count(stages),
+        symbols,
+        stages,
         lines: by_count(hot),
-        other_symbols: by_count(other),
     }
 }
 
@@ -749,6 +783,7 @@ impl Ord for HotLine {
 #[derive(Clone, Debug)]
 pub struct Summary {
     pub title: String,
+    /// How long the case spun, wall clock.
     pub secs: f64,
     pub runs: u64,
     pub repeat: u32,
@@ -805,14 +840,16 @@ pub fn render(s: &Summary, p: &Profile) -> String {
         );
     }
     let _ = writeln!(md, "| total | 100.0% | {:.1} |", s.cpu_ns_per_run);
-    if !p.other_symbols.is_empty() {
-        let top: Vec<String> = p
-            .other_symbols
+    if !p.symbols.is_empty() {
+        md.push_str("\nThe most sampled symbols outside the program:\n\n");
+    }
+    for (group, syms) in &p.symbols {
+        let top: Vec<String> = syms
             .iter()
             .take(5)
             .map(|(sym, n)| format!("{sym} {:.1}%", pct(*n)))
             .collect();
-        let _ = writeln!(md, "\nMost of \"{OTHER}\": {}.", top.join(", "));
+        let _ = writeln!(md, "- {group}: {}", top.join(", "));
     }
     let _ = writeln!(
         md,
@@ -985,7 +1022,10 @@ mod tests {
         assert_eq!(stage(&p, HARNESS), 4);
         assert_eq!(stage(&p, OTHER), 1);
         assert_eq!(stage(&p, USER), 1);
-        assert_eq!(p.other_symbols, vec![("schedule".to_string(), 1)]);
+        let other = p.symbols.iter().find(|(g, _)| g == OTHER).unwrap();
+        assert_eq!(other.1, vec![("schedule".to_string(), 1)]);
+        let flow = p.symbols.iter().find(|(g, _)| g == FLOW_TABLE).unwrap();
+        assert_eq!(flow.1.len(), 5);
         assert_eq!(p.samples, 15);
     }
 
@@ -995,6 +1035,18 @@ mod tests {
         assert_eq!(kernel_group(u64::MAX, "_copy_from_user", 1), HARNESS);
         assert_eq!(kernel_group(u64::MAX, "entry_SYSCALL_64", 1000), OTHER);
         assert_eq!(kernel_group(u64::MAX, "bpf_test_run", 1000), HARNESS);
+        assert_eq!(kernel_group(u64::MAX, "__bpf_prog_get", 1), HARNESS);
+        assert_eq!(kernel_group(u64::MAX, "__bpf_prog_get", 1000), HELPERS);
+    }
+
+    #[test]
+    fn only_jit_symbols_are_other_programs() {
+        let prog = "bpf_prog_076ed6a85af5b450_lb_decap";
+        assert_eq!(kernel_group(u64::MAX, prog, 1000), OTHER_PROGS);
+        assert_eq!(
+            kernel_group(u64::MAX, "bpf_prog_put_deferred", 1000),
+            HELPERS
+        );
     }
 
     #[test]
@@ -1086,7 +1138,7 @@ mod tests {
             in_program: 3,
             stages: vec![(PARSE.into(), 3), (HARNESS.into(), 1)],
             lines: vec![],
-            other_symbols: vec![],
+            symbols: vec![],
         };
         let s = Summary {
             title: "t".into(),
