@@ -17,10 +17,18 @@ const PACKAGES: [&str; 6] = [
     "libnginx-mod-stream",
 ];
 
+/// Debian's perf, which `lb-bench --profile` runs (installed with every bench, so a
+/// profile can follow a benchmark run).
+const PROFILE_PACKAGES: [&str; 1] = ["linux-perf"];
+
 pub fn run(args: &[String]) -> Result<()> {
     testbed::check_environment()
         .context("the benchmarks load XDP programs and build a test bed")?;
-    if wants_e2e(args) {
+    install_missing(&PROFILE_PACKAGES)?;
+    let profiling = args
+        .iter()
+        .any(|a| a == "--profile" || a.starts_with("--profile="));
+    if !profiling && wants_e2e(args) {
         install_missing(&PACKAGES)?;
     }
     super::cargo(&[
