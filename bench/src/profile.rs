@@ -164,14 +164,16 @@ fn process_cpu_time() -> Result<Duration> {
 // ---- the loaded program --------------------------------------------------------------------
 
 /// What the kernel says about the loaded program, with line records resolved to text.
-struct Program {
-    functions: Vec<Function>,
-    lines: Vec<Line>,
-    size_note: String,
+pub struct Program {
+    pub functions: Vec<Function>,
+    pub lines: Vec<Line>,
+    /// The program-size note of the data-plane table.
+    pub size_note: String,
 }
 
 impl Program {
-    fn read(prog: BorrowedFd<'_>) -> Result<Program> {
+    /// Reads a loaded program's JIT layout, line records and BTF strings.
+    pub fn read(prog: BorrowedFd<'_>) -> Result<Program> {
         let jit = bpf::jit_lines(prog)?;
         if jit.btf_id == 0 {
             bail!("the program has no BTF, so its line records name no file");
