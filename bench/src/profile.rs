@@ -58,6 +58,9 @@ const PERF_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Profiles the case and returns the Markdown report (also written to `out/profile.md`).
 pub fn run(opts: &Options) -> Result<String> {
+    if opts.repeat == 0 {
+        bail!("--spin-repeat must be at least 1");
+    }
     let perf_version = Command::new("perf").arg("--version").output().context(
         "running perf --version (install Debian's linux-perf; `./x.sh bench --profile ...` does)",
     )?;
@@ -70,6 +73,8 @@ pub fn run(opts: &Options) -> Result<String> {
     }
     fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
     let data = opts.out.join("profile.perf.data");
+    // perf would keep a previous file as .old; this run's is the one that matters.
+    let _ = fs::remove_file(&data);
 
     let mut perf: Option<Perf> = None;
     let mut program: Option<Program> = None;
@@ -104,6 +109,9 @@ pub fn run(opts: &Options) -> Result<String> {
     )?;
     drop(perf);
     let program = program.context("the case never started spinning")?;
+    if spun.runs == 0 {
+        bail!("the case ran no packets (--profile-secs too short?)");
+    }
     let script = Command::new("perf")
         .arg("script")
         .arg("-i")
@@ -128,8 +136,13 @@ pub fn run(opts: &Options) -> Result<String> {
         );
     }
     let profile = attribute(&program.functions, &program.lines, &samples, opts.repeat);
-    if spun.runs == 0 {
-        bail!("the case ran no packets (--profile-secs too short?)");
+    if profile.in_program == 0 {
+        bail!(
+            "none of the {} samples fell in the program's {} functions (JIT addresses read \
+             wrong, or the case never ran the program?)",
+            profile.samples,
+            program.functions.len()
+        );
     }
     let summary = Summary {
         title: format!("{} @ {}", opts.case, opts.config),
@@ -261,6 +274,8 @@ struct Perf {
     child: Option<Child>,
     ctl: File,
     ack: File,
+    /// The two FIFOs, removed when done.
+    fifos: [PathBuf; 2],
     log: PathBuf,
 }
 
@@ -321,6 +336,7 @@ impl Perf {
             child: Some(child),
             ctl,
             ack,
+            fifos: [ctl_path, ack_path],
             log,
         })
     }
@@ -415,10 +431,14 @@ impl Perf {
 
 impl Drop for Perf {
     /// On an error path perf is still running: end it (our own child, by its handle).
+    /// Either way the FIFOs go.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for f in &self.fifos {
+            let _ = fs::remove_file(f);
         }
     }
 }
@@ -573,18 +593,20 @@ pub fn kernel_group(ip: u64, sym: &str, repeat: u32) -> &'static str {
         return USER;
     }
     let sym = sym.split("+0x").next().unwrap_or(sym);
+    // Without leading underscores and the compiler's suffixes (.isra.0, .constprop.0, .cold).
     let bare = sym.trim_start_matches('_');
+    let bare = bare.split('.').next().unwrap_or(bare);
     // The dispatcher is how any XDP caller enters the program; the test run is that caller.
     let harness = [
         "bpf_test_run",
         "bpf_prog_test_run_xdp",
         "local_bh_enable_ip",
         "read_tsc",
-        "bpf_dispatcher_xdp_func",
     ];
     if harness.contains(&bare)
         || bare.starts_with("bpf_test_timer_")
         || bare.starts_with("ktime_get")
+        || bare.starts_with("bpf_dispatcher_")
     {
         return HARNESS;
     }
@@ -618,6 +640,12 @@ pub fn kernel_group(ip: u64, sym: &str, repeat: u32) -> &'static str {
         "is_vmalloc_addr",
         "check_heap_object",
         "check_stack_object",
+        "bpf_ctx_init",
+        "bpf_ctx_finish",
+        "bpf_check_uarg_tail_zero",
+        "rcu_read_lock",
+        "rcu_read_unlock",
+        "x64_sys_call",
     ];
     if repeat == 1
         && (syscall.contains(&bare)
@@ -843,15 +871,18 @@ pub fn render(s: &Summary, p: &Profile) -> String {
     }
     let _ = writeln!(md, "| total | 100.0% | {:.1} |", s.cpu_ns_per_run);
     if !p.symbols.is_empty() {
-        md.push_str("\nThe most sampled symbols outside the program:\n\n");
+        md.push_str("\nThe most sampled symbols outside the program (0.1% and up):\n\n");
     }
     for (group, syms) in &p.symbols {
         let top: Vec<String> = syms
             .iter()
             .take(5)
+            .filter(|(_, n)| pct(*n) >= 0.05)
             .map(|(sym, n)| format!("{sym} {:.1}%", pct(*n)))
             .collect();
-        let _ = writeln!(md, "- {group}: {}", top.join(", "));
+        if !top.is_empty() {
+            let _ = writeln!(md, "- {group}: {}", top.join(", "));
+        }
     }
     let _ = writeln!(
         md,
@@ -1038,6 +1069,8 @@ mod tests {
         assert_eq!(kernel_group(u64::MAX, "entry_SYSCALL_64", 1000), OTHER);
         assert_eq!(kernel_group(u64::MAX, "bpf_test_run", 1000), HARNESS);
         assert_eq!(kernel_group(u64::MAX, "__bpf_prog_get", 1), HARNESS);
+        assert_eq!(kernel_group(u64::MAX, "bpf_test_init.isra.0", 1), HARNESS);
+        assert_eq!(kernel_group(u64::MAX, "bpf_dispatcher_xdp", 1000), HARNESS);
         assert_eq!(kernel_group(u64::MAX, "__bpf_prog_get", 1000), HELPERS);
     }
 
