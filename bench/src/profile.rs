@@ -10,6 +10,11 @@
 //! program inlined (aya's helpers, core's integer methods) counts for the program's own line
 //! that inlined it.
 //!
+//! The ns column shares out the process's CPU time per run, not BPF_PROG_TEST_RUN's own
+//! duration: with one run per call the syscall, the frame's copies and the user-space loop
+//! lie outside the kernel's timer but inside the samples, so the kernel's figure times the
+//! shares would shrink every stage. Both figures are printed.
+//!
 //! perf is run as a tool (Debian's linux-perf) rather than through perf_event_open here: it
 //! resolves kernel symbols and keeps its data file for anyone who wants to dig further.
 //! aya-obj parses BTF, but its string lookup is private to it; the few lines below read the
