@@ -93,6 +93,12 @@ pub fn is_library(path: &str) -> bool {
         .any(|d| path.contains(d))
 }
 
+/// lb-common's code: small functions both sides share (filter slots, hashes), inlined into
+/// the stage that calls them.
+fn is_common(path: &str) -> bool {
+    path.contains("/lb-common/")
+}
+
 fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
@@ -253,17 +259,31 @@ pub fn attribute(
     lines.sort_by_key(|l| l.addr);
     let func_of = |addr: u64| functions.iter().position(|f| f.contains(addr));
     let funcs: Vec<Option<usize>> = lines.iter().map(|l| func_of(l.addr)).collect();
-    // For each record, the workspace record it counts for.
+    // For each record, the workspace record it counts for. Library code counts for the
+    // stage that inlined it: the stage line before it; after a line of the pipeline's own
+    // (main.rs: a call such as `select::established(..)` or `count::packet(..)`, whose
+    // callee's code follows), the first line after it that is not lb-common's, as
+    // lb-common's small functions always do.
+    let glue = |j: usize| stage_of_file(&lines[j].file) == PIPELINE;
     let owner: Vec<Option<usize>> = (0..lines.len())
         .map(|i| {
-            if !is_library(&lines[i].file) {
+            let file = &lines[i].file;
+            if !is_library(file) && !is_common(file) {
                 return Some(i);
             }
             let same = |j: &usize| funcs[*j] == funcs[i] && !is_library(&lines[*j].file);
-            (0..i)
+            let before = (0..i)
                 .rev()
-                .find(same)
-                .or_else(|| (i + 1..lines.len()).find(same))
+                .find(|j| same(j) && !is_common(&lines[*j].file));
+            // lb-common's functions compute what the stage then looks up (a filter's slot):
+            // they always count for what follows.
+            if before.is_some_and(|j| !glue(j)) && !is_common(file) {
+                return before;
+            }
+            (i + 1..lines.len())
+                .find(|j| same(j) && !is_common(&lines[*j].file))
+                .or(before)
+                .or_else(|| (0..i).rev().find(same))
         })
         .collect();
 
@@ -449,6 +469,25 @@ mod tests {
             .unwrap()
             .0;
         assert_eq!(bswap.inlined_into, Some(("parse.rs".into(), 52)));
+    }
+
+    #[test]
+    fn code_inlined_after_a_pipeline_call_counts_for_the_stage_that_follows() {
+        // main.rs calls the counters: aya's lookup wrapper, lb-common's slot function, then
+        // count.rs; all three count for the counters, the call's own line for the glue.
+        let f = vec![Function {
+            start: 0x1000,
+            len: 0x100,
+        }];
+        let l = vec![
+            line(0x1000, &format!("{WS}/main.rs"), 139),
+            line(0x1010, REG, 10),
+            line(0x1020, "/work/main/lb-common/src/lib.rs", 88),
+            line(0x1030, &format!("{WS}/count.rs"), 12),
+        ];
+        let p = attribute(&f, &l, &[at(0x1004), at(0x1014), at(0x1024), at(0x1034)], 1);
+        assert_eq!(stage(&p, PIPELINE), 1);
+        assert_eq!(stage(&p, COUNTERS), 3);
     }
 
     #[test]
