@@ -123,7 +123,92 @@ pub fn set_macs_tx(dst: [u8; 6], src: [u8; 6]) -> Vec<u64> {
     p
 }
 
+/// Looks up `key` (a whole number of 32-bit words, written to the stack as the program's
+/// own key would be) in the hash map `map` and returns XDP_PASS if it is there, XDP_DROP if
+/// not: one flow-table lookup and nothing else, the floor under lb's established path.
+pub fn lookup_pass(map: BorrowedFd<'_>, key: &[u8]) -> Vec<u64> {
+    const ST_MEM_W: u8 = ST_W;
+    const LD_IMM64: u8 = 0x18;
+    const PSEUDO_MAP_FD: u8 = 1;
+    const JEQ_K: u8 = 0x15;
+    const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
+    assert!(
+        key.len() % 4 == 0 && key.len() <= 64,
+        "a key of whole words"
+    );
+    let base = -(key.len() as i16);
+    let mut p: Vec<u64> = key
+        .chunks(4)
+        .enumerate()
+        .map(|(i, w)| {
+            let word = i32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            insn(ST_MEM_W, 10, 0, base + 4 * i as i16, word)
+        })
+        .collect();
+    p.extend([
+        insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, map.as_raw_fd()),
+        insn(0, 0, 0, 0, 0),
+        insn(MOV_X, 2, 10, 0, 0),
+        insn(ADD_K, 2, 0, 0, i32::from(base)),
+        insn(CALL, 0, 0, 0, HELPER_MAP_LOOKUP_ELEM),
+        insn(JEQ_K, 0, 0, 2, 0),
+    ]);
+    p.extend(ret(XDP_PASS));
+    p.extend(ret(XDP_DROP));
+    p
+}
+
 // ---- syscalls ------------------------------------------------------------------------------
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// An LRU hash map like the flow table (`lb_common::maps::FLOWS`: common LRU lists,
+/// preallocated), with keys of `key_size` bytes and 8-byte values.
+pub fn lru_hash(key_size: u32, max_entries: u32) -> io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type: BPF_MAP_TYPE_LRU_HASH,
+        key_size,
+        value_size: 8,
+        max_entries,
+        map_flags: 0,
+    };
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: a new fd the kernel just returned, owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Inserts or replaces `key` with `value` in `map`.
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: u64) -> io::Result<()> {
+    let mut attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: &value as *const u64 as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
     // SAFETY: attr is a live, correctly sized prefix of union bpf_attr for `cmd`; any

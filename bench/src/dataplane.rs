@@ -96,6 +96,8 @@ pub struct Report {
 pub const CASE_PASS: &str = "baseline: XDP_PASS";
 pub const CASE_DROP: &str = "baseline: XDP_DROP";
 pub const CASE_TX: &str = "baseline: MAC-swap XDP_TX";
+pub const CASE_LOOKUP40: &str = "reference: one flow-table lookup, 40-byte key";
+pub const CASE_LOOKUP16: &str = "reference: one flow-table lookup, 16-byte key";
 pub const CASE_NEW_TCP4: &str = "new IPv4 TCP flow";
 pub const CASE_EST_TCP4: &str = "established IPv4 TCP flow";
 pub const CASE_EST_TCP6: &str = "established IPv6 TCP flow";
@@ -238,14 +240,36 @@ pub struct Baselines {
     pub pass: OwnedFd,
     pub drop: OwnedFd,
     pub tx: OwnedFd,
+    /// One lookup of a hot key in a flow-table-sized LRU hash, with today's 40-byte flow
+    /// key and with a 16-byte IPv4-only key: the floor under the established path, and
+    /// what a smaller IPv4 key would save (`lookups`).
+    pub lookup40: OwnedFd,
+    pub lookup16: OwnedFd,
+    _tables: [OwnedFd; 2],
 }
 
 impl Baselines {
     pub fn load() -> Result<Self> {
+        let table = |key: &[u8]| -> Result<(OwnedFd, OwnedFd)> {
+            let map = bpf::lru_hash(key.len() as u32, lb_common::MAX_FLOWS)
+                .context("creating an LRU hash the size of the flow table")?;
+            bpf::map_update(map.as_fd(), key, 1).context("inserting the looked-up key")?;
+            let name = format!("bench_lookup{}", key.len());
+            let prog = bpf::load_xdp(&name, &bpf::lookup_pass(map.as_fd(), key))?;
+            Ok((map, prog))
+        };
+        // The established IPv4 flow's key as the flow table holds it (`FlowKey`, 40 bytes),
+        // and the same flow in 16 bytes (addresses, ports, protocol, padding).
+        let key40: Vec<u8> = (0u8..40).map(|i| i.wrapping_mul(37)).collect();
+        let (map40, lookup40) = table(&key40)?;
+        let (map16, lookup16) = table(&key40[..16])?;
         Ok(Baselines {
             pass: bpf::load_xdp("bench_pass", &bpf::return_action(XDP_PASS))?,
             drop: bpf::load_xdp("bench_drop", &bpf::return_action(XDP_DROP))?,
             tx: bpf::load_xdp("bench_mac_swap", &bpf::mac_swap_tx())?,
+            lookup40,
+            lookup16,
+            _tables: [map40, map16],
         })
     }
 }
@@ -448,6 +472,30 @@ fn lb_cases<'a>(
     ]
 }
 
+/// The two lookup references (`Baselines::lookup40`, `lookup16`), for the first phase.
+fn lookup_cases<'a>(b: &'a Baselines, config: &'static str) -> Vec<Case<'a>> {
+    let frame = Template::new(est4(), ONE.tcp4.0, PROTO_TCP).frame;
+    [
+        (CASE_LOOKUP40, b.lookup40.as_fd()),
+        (CASE_LOOKUP16, b.lookup16.as_fd()),
+    ]
+    .into_iter()
+    .map(|(name, prog)| Case {
+        name,
+        config,
+        prog,
+        frames: Frames::Fixed(frame.clone()),
+        expect: XDP_PASS,
+        vip_id: None,
+        check: FlowCheck::NotAVip,
+        rounds: Vec::new(),
+        repeatable: true,
+        amortized: Vec::new(),
+        surprises: 0,
+    })
+    .collect()
+}
+
 fn baseline_cases<'a>(b: &'a Baselines, config: &'static str) -> Vec<Case<'a>> {
     let frame = Template::new(est4(), ONE.tcp4.0, PROTO_TCP).frame;
     [
@@ -608,6 +656,7 @@ fn phases(
             Frames::Fixed(f)
         };
         let mut cases = baseline_cases(baselines, "1 and 1,000 backends");
+        cases.extend(lookup_cases(baselines, "1 and 1,000 backends"));
         cases.extend(lb_cases(prog.as_fd(), CONFIG_1, &ONE, fixed));
         cases.extend(lb_cases(prog.as_fd(), CONFIG_1000, &THOUSAND, fixed));
         progress(&format!(
