@@ -248,12 +248,14 @@ fn package_holds_what_the_service_needs() {
     for path in [
         "./usr/bin/lb",
         "./lib/systemd/system/lb@.service",
+        "./lib/systemd/system/lb-decap@.service",
         "./etc/lb/lb.toml",
         "./usr/share/lb/alerts.yml",
         "./usr/share/lb/grafana-dashboard.json",
         "./usr/share/man/man1/lb.1.gz",
         "./usr/share/man/man1/lb-run.1.gz",
         "./usr/share/man/man1/lb-vip-add.1.gz",
+        "./usr/share/man/man1/lb-decap.1.gz",
         "./usr/share/bash-completion/completions/lb",
         "./usr/share/zsh/vendor-completions/_lb",
         "./usr/share/fish/vendor_completions.d/lb.fish",
@@ -356,6 +358,51 @@ fn install_remove_purge() {
     h.sh("dpkg -P lb");
     h.sh("! test -e /etc/lb");
     h.sh("! dpkg-query -W lb 2>/dev/null");
+}
+
+/// The package's `lb-decap@.service` (for a backend of tunnel and gue VIPs): valid for
+/// systemd, not started by the package, attaches `lb decap` to the interface it names with
+/// the VIPs of /etc/lb/decap.env, detaches when stopped, and is stopped on removal.
+#[test]
+fn decap_unit_attaches_and_detaches() {
+    const DECAP: &str = "lb-decap@eth0.service";
+    let _serial = serial();
+    let h = Host::new();
+    h.install(V1);
+    h.sh(&format!("systemd-analyze verify --man=no {DECAP}"));
+    assert!(
+        !h.xdp_attached(),
+        "the package must not attach anything by itself"
+    );
+    h.sh(&format!(
+        "echo 'LB_DECAP_ARGS=--vip {}' > /etc/lb/decap.env && systemctl start {DECAP}",
+        vip4().ip()
+    ));
+    let decap_active = || {
+        h.machine
+            .run(&["systemctl", "is-active", DECAP])
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "active")
+            .unwrap_or(false)
+    };
+    // Type=simple: active at once; attached once the program is loaded.
+    h.wait("lb decap attached to eth0", Duration::from_secs(20), || {
+        decap_active() && h.xdp_attached()
+    });
+    h.sh(&format!("systemctl stop {DECAP}"));
+    h.wait(
+        "lb decap detached from eth0",
+        Duration::from_secs(20),
+        || !h.xdp_attached(),
+    );
+
+    h.sh(&format!("systemctl start {DECAP}"));
+    h.wait("lb decap attached again", Duration::from_secs(20), || {
+        h.xdp_attached()
+    });
+    h.sh("dpkg -r lb");
+    assert!(!decap_active(), "lb decap still running after removal");
+    assert!(!h.xdp_attached(), "lb decap still attached after removal");
+    h.sh("! test -e /lib/systemd/system/lb-decap@.service");
 }
 
 /// `systemctl start` returns once the agent said READY: the control socket answers and the

@@ -21,6 +21,8 @@ use crate::testbed::{run_ok, run_with_timeout};
 pub const NAME: &str = "lb";
 /// Where the package puts the unit (Debian 12 keeps units under /lib).
 pub const UNIT_PATH: &str = "lib/systemd/system/lb@.service";
+/// And the unit of `lb decap`, for backends of tunnel and gue VIPs.
+pub const DECAP_UNIT_PATH: &str = "lib/systemd/system/lb-decap@.service";
 
 /// The package version: the workspace's, Debian revision 1.
 pub fn debian_version() -> String {
@@ -85,6 +87,7 @@ pub fn build(spec: &Spec) -> Result<PathBuf> {
     )?;
 
     copy(&pkg.join("lb@.service"), &at(UNIT_PATH), 0o644)?;
+    copy(&pkg.join("lb-decap@.service"), &at(DECAP_UNIT_PATH), 0o644)?;
     copy(&pkg.join("lb.toml"), &at("etc/lb/lb.toml"), 0o644)?;
     for f in ["alerts.yml", "grafana-dashboard.json"] {
         copy(
