@@ -21,7 +21,8 @@ use xtask::{
         NetnsGuard, agent_config, balancer_conf, bird, build_router, flow_sync_config, frr,
         router_conf,
     },
-    testbed::{Agent, Config, Host, Proc, Testbed},
+    testbed::{Agent, Config, Host, Load, Proc, Testbed},
+    traffic::Attempt,
 };
 
 use crate::{e2e::lb_at, flowsync::write_key};
@@ -300,6 +301,41 @@ pub fn disruption(attempts: &[xtask::traffic::Attempt], since_us: u64) -> String
             last as f64 / 1000.0
         ),
     }
+}
+
+/// Steady load on `vip`: a new connection every [`LOAD_EVERY`] for at most `max`, attempt n
+/// from source port `first_port + n`, given half a second to get going.
+pub fn steady_load(bed: &Testbed, vip: SocketAddr, max: Duration, first_port: u16) -> Load {
+    let load = ok(bed.load(vip, LOAD_EVERY, max, Some(first_port)));
+    std::thread::sleep(Duration::from_millis(500));
+    load
+}
+
+/// Asserts that not one of `attempts` failed; `logs` go with the failure.
+pub fn assert_none_failed(attempts: &[Attempt], logs: &str) {
+    let failed: Vec<String> = attempts
+        .iter()
+        .filter(|a| a.is_err())
+        .map(|a| a.to_string())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}\n{logs}",
+        failed.len(),
+        attempts.len()
+    );
+}
+
+/// `lb fleet leave` run by `leave`: prints how long it took (`what` names the balancer),
+/// asserts it said the agent may now be stopped.
+pub fn timed_leave(what: &str, leave: impl FnOnce() -> String) {
+    let started = Instant::now();
+    let out = leave();
+    println!(
+        "lb fleet leave{what} returned after {:.0} ms",
+        ms(started.elapsed())
+    );
+    assert!(out.contains("safe to stop the agent"), "{out}");
 }
 
 /// Makes `host` a dead box whose link stays up: its switch port forwards nothing either

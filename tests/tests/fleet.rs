@@ -112,11 +112,7 @@ fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
 
     // New connections meanwhile: those sent to lb1 before the router notices fail; how
     // many, and for how long, is measured (BENCHMARKS.md, Fleet), not asserted.
-    let load = fleet
-        .bed
-        .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(26_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = steady_load(&fleet.bed, vip_a(), LOAD_MAX, 26_000);
     let down_at = monotonic_us();
     freeze(&fleet.bed, &fleet.balancers[0].host);
     let converged = fleet.wait_next_hops(vip_a().ip(), BALANCERS - 1);
@@ -228,11 +224,7 @@ fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
 fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
     let _serial = serial();
     let mut fleet = FleetBed::start();
-    let load = fleet
-        .bed
-        .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(24_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = steady_load(&fleet.bed, vip_a(), LOAD_MAX, 24_000);
     fleet.agent(0).proc.kill();
     fleet.balancers[0].agent = None;
     // For three seconds (the BGP hold time) the route stays everywhere.
@@ -254,17 +246,7 @@ fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
     assert_eq!(fleet.announced(0, vip_a().ip()), (true, None));
     std::thread::sleep(Duration::from_millis(500));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.is_err())
-        .map(|a| a.to_string())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connections failed: {failed:?}",
-        failed.len(),
-        attempts.len()
-    );
+    assert_none_failed(&attempts, "");
     assert_eq!(fleet.next_hops(vip_a().ip()), fleet.all());
 }
 
@@ -275,18 +257,8 @@ fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
 fn graceful_leave_and_join_under_load_fail_no_request() {
     let _serial = serial();
     let mut fleet = FleetBed::start();
-    let load = fleet
-        .bed
-        .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(25_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
-    let started = std::time::Instant::now();
-    let out = fleet.lb(0, &["fleet", "leave"]);
-    println!(
-        "lb fleet leave returned after {:.0} ms",
-        ms(started.elapsed())
-    );
-    assert!(out.contains("safe to stop the agent"), "{out}");
+    let load = steady_load(&fleet.bed, vip_a(), LOAD_MAX, 25_000);
+    timed_leave("", || fleet.lb(0, &["fleet", "leave"]));
     for vip in [vip_a(), vip_b()] {
         assert_eq!(fleet.next_hops(vip.ip()), fleet.others(0), "{vip}");
     }
@@ -310,15 +282,5 @@ fn graceful_leave_and_join_under_load_fail_no_request() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.is_err())
-        .map(|a| a.to_string())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connections failed: {failed:?}",
-        failed.len(),
-        attempts.len()
-    );
+    assert_none_failed(&attempts, "");
 }

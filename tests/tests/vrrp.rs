@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use lb_tests::{
     e2e::serial,
-    fleet::{LOAD_EVERY, disruption, freeze, ms},
+    fleet::{assert_none_failed, disruption, freeze, ms, steady_load, timed_leave},
     vrrp::*,
 };
 use xtask::{testbed::monotonic_us, traffic::Answer};
@@ -58,11 +58,7 @@ fn the_backup_takes_over_when_the_master_dies_and_connections_survive() {
     xtask::testbed::wait_until(Duration::from_secs(5), || Ok(pair.installed(1) >= 2))
         .unwrap_or_else(|e| panic!("lb2 did not install lb1's pins: {e:#}"));
 
-    let load = pair
-        .bed
-        .load(vip(), LOAD_EVERY, LOAD_MAX, Some(27_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = steady_load(&pair.bed, vip(), LOAD_MAX, 27_000);
     let down_at = monotonic_us();
     freeze(&pair.bed, &pair.members[0].host);
     let took = pair.wait_master(1, TAKEOVER_LIMIT);
@@ -175,18 +171,8 @@ fn a_master_that_cannot_serve_hands_the_vip_to_the_backup() {
 fn fleet_leave_hands_the_vip_to_the_backup_without_a_failed_request() {
     let _serial = serial();
     let mut pair = VrrpPair::start();
-    let load = pair
-        .bed
-        .load(vip(), LOAD_EVERY, LOAD_MAX, Some(29_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
-    let started = std::time::Instant::now();
-    let out = pair.lb(0, &["fleet", "leave"]);
-    println!(
-        "lb fleet leave on the master returned after {:.0} ms",
-        ms(started.elapsed())
-    );
-    assert!(out.contains("safe to stop the agent"), "{out}");
+    let load = steady_load(&pair.bed, vip(), LOAD_MAX, 29_000);
+    timed_leave(" on the master", || pair.lb(0, &["fleet", "leave"]));
     assert!(pair.holds_vip(1) && !pair.holds_vip(0), "{}", pair.logs());
     assert_eq!(pair.track_value(0), "0");
 
@@ -198,18 +184,7 @@ fn fleet_leave_hands_the_vip_to_the_backup_without_a_failed_request() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.is_err())
-        .map(|a| a.to_string())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connections failed: {failed:?}\n{}",
-        failed.len(),
-        attempts.len(),
-        pair.logs()
-    );
+    assert_none_failed(&attempts, &pair.logs());
     assert!(pair.new_flows(1) > 0, "lb2 carried no new connection");
 
     let mut agent = pair.members[0].agent.take().expect("lb1's agent");
