@@ -17,7 +17,7 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 use lb_tests::e2e::*;
 use serde_json::Value;
 use xtask::{
-    testbed::{Testbed, monotonic_us},
+    testbed::{Load, Testbed, monotonic_us},
     traffic::{Answer, Attempt},
 };
 
@@ -195,6 +195,32 @@ fn failure_window(attempts: &[Attempt], since_us: u64) -> (usize, u64) {
     (failed.len(), last)
 }
 
+/// Steady load on the VIP: a new connection every [`LOAD_EVERY`], attempt n from source
+/// port `FIRST_LOAD_PORT + n`.
+fn steady_load(bed: &Testbed) -> Load {
+    bed.load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The first attempt of `load` started at `since` or later that `f` accepts (within 5 s).
+fn wait_load(load: &Load, since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool) -> Attempt {
+    load.wait_for(since, Duration::from_secs(5), f)
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+/// Starts backend 1 again under `load`: when it was restarted, when it listened (the checks
+/// can see it from there) and its first new connection.
+fn restart_backend_1(s: &mut Setup, load: &Load) -> (u64, u64, Attempt) {
+    let restarted = monotonic_us();
+    s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
+    // start_backend waits for the server to listen.
+    let listening = monotonic_us();
+    let back = wait_load(load, restarted, "backend 1 answering again", &|a| {
+        a.backend() == Some("backend-1")
+    });
+    (restarted, listening, back)
+}
+
 /// A backend's server dies under steady load: new connections fail only until the agent
 /// marks it down (after `fall` failed checks), then none fail; it comes back after `rise`
 /// good checks. How long each step took is printed (a measurement, never a bound here).
@@ -206,14 +232,9 @@ fn failover_window_under_steady_load() {
     wait_checked(&s.bed, &s.socket);
     let b1 = s.backend(1, false);
 
-    let load = s
-        .bed
-        .load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let wait = |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| {
-        load.wait_for(since, Duration::from_secs(5), f)
-            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
-    };
+    let load = steady_load(&s.bed);
+    let wait =
+        |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| wait_load(&load, since, what, f);
     // Half a second of both backends answering.
     wait(0, "baseline", &|a| a.seq >= 25);
 
@@ -230,13 +251,7 @@ fn failover_window_under_steady_load() {
         &|_| true,
     );
 
-    let restarted = monotonic_us();
-    s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
-    // It listens by now (start_backend waits for that): the checks can see it from here.
-    let listening = monotonic_us();
-    let back = wait(restarted, "backend 1 answering again", &|a| {
-        a.backend() == Some("backend-1")
-    });
+    let (restarted, listening, back) = restart_backend_1(&mut s, &load);
     // Another half second with both answering.
     wait(back.start_us + SECOND_US / 2, "traffic after rise", &|_| {
         true
@@ -302,14 +317,9 @@ fn backup_takes_over_and_fails_back() {
     let roles: Vec<String> = s.backend_list().iter().map(|b| field(b, "role")).collect();
     assert_eq!(roles, ["primary", "primary", "backup"]);
 
-    let load = s
-        .bed
-        .load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let wait = |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| {
-        load.wait_for(since, Duration::from_secs(5), f)
-            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
-    };
+    let load = steady_load(&s.bed);
+    let wait =
+        |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| wait_load(&load, since, what, f);
     wait(0, "baseline", &|a| a.seq >= 25);
 
     let killed = monotonic_us();
@@ -329,13 +339,7 @@ fn backup_takes_over_and_fails_back() {
         &|_| true,
     );
 
-    let restarted = monotonic_us();
-    s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
-    // It listens by now (start_backend waits for that): the checks can see it from here.
-    let listening = monotonic_us();
-    let back = wait(restarted, "the primary answering again", &|a| {
-        a.backend() == Some("backend-1")
-    });
+    let (restarted, listening, back) = restart_backend_1(&mut s, &load);
     wait(back.start_us + SECOND_US, "traffic after failback", &|_| {
         true
     });
@@ -702,14 +706,8 @@ fn agent_kill_9_under_load_is_hitless() {
     };
     let before = s.backend_list();
 
-    let load = s
-        .bed
-        .load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let wait = |since: u64, what: &str| {
-        load.wait_for(since, Duration::from_secs(5), |_| true)
-            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
-    };
+    let load = steady_load(&s.bed);
+    let wait = |since: u64, what: &str| wait_load(&load, since, what, &|_| true);
     wait(monotonic_us() + SECOND_US / 2, "baseline");
 
     let killed = monotonic_us();
