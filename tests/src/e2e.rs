@@ -96,7 +96,6 @@ impl Setup {
         }
     }
 
-    /// `count` new connections through `to`; every one must be answered.
     /// One keep-alive connection through `to`, a request every `interval` for at most
     /// `max`, once it has answered three times; with the backend it is pinned to.
     pub fn pinned_keepalive(
@@ -112,15 +111,10 @@ impl Setup {
         let first = keepalive
             .wait_answers(3, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("{e:#}"));
-        let backend = match &first[0] {
-            Answer::Ok { backend, .. } => backend.clone(),
-            Answer::Err { message, .. } => {
-                panic!("keep-alive connection failed at once: {message}")
-            }
-        };
-        (keepalive, backend)
+        (keepalive, first_backend(&first))
     }
 
+    /// `count` new connections through `to`; every one must be answered.
     pub fn requests(&self, to: SocketAddr, count: u32) -> Tally {
         let tally = self
             .bed
@@ -294,6 +288,36 @@ pub fn one_line_error(what: &str, out: &Output) -> String {
 /// What backend `i` (1-based) answers with.
 pub fn name(i: usize) -> String {
     format!("backend-{i}")
+}
+
+/// The index of the backend that answers with `name`: the inverse of [`name`].
+pub fn index_of(name: &str) -> usize {
+    name.strip_prefix("backend-")
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("{name:?} is no backend-N"))
+}
+
+/// The backend a keep-alive connection's first answer came from; it must not have failed.
+pub fn first_backend(answers: &[Answer]) -> String {
+    match &answers[0] {
+        Answer::Ok { backend, .. } => backend.clone(),
+        Answer::Err { message, .. } => panic!("keep-alive connection failed at once: {message}"),
+    }
+}
+
+/// Every one of a keep-alive connection's `answers` came from `backend`: none failed, none
+/// went elsewhere.
+pub fn assert_all_from(answers: &[Answer], backend: &str) {
+    for a in answers {
+        match a {
+            Answer::Ok { backend: b, .. } => {
+                assert_eq!(b, backend, "keep-alive answers: {answers:?}")
+            }
+            Answer::Err { seq, message } => {
+                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
+            }
+        }
+    }
 }
 
 /// The counts must be exactly `expected` (backend index, count); nobody else answered.

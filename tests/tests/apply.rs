@@ -28,10 +28,7 @@ fn apply_changes_only_the_difference() {
     s.wait_all_up();
     let (keepalive, kept) =
         s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(30));
-    let kept: usize = kept
-        .trim_start_matches("backend-")
-        .parse()
-        .expect("backend-N");
+    let kept = index_of(&kept);
     let gone = 3 - kept;
     s.requests(vip4(), 20);
     let flows_before = |list: &[serde_json::Value]| {

@@ -7,7 +7,6 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lb_tests::e2e::*;
-use xtask::traffic::Answer;
 
 /// The agent's config file made a directory: nothing can be written there. A backend add
 /// and a VIP add are refused with a one-line error saying so, and neither is in effect
@@ -70,10 +69,7 @@ fn a_deleted_backend_keeps_its_connections_until_the_grace_ends() {
     s.wait_all_up();
     let (keepalive, kept) =
         s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(30));
-    let leaving: usize = kept
-        .trim_start_matches("backend-")
-        .parse()
-        .expect("backend-N");
+    let leaving = index_of(&kept);
     let other = 3 - leaving;
     let vip = vip4().to_string();
 
@@ -108,14 +104,7 @@ fn a_deleted_backend_keeps_its_connections_until_the_grace_ends() {
         .wait_answers(before + 10, Duration::from_secs(3))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let answers = keepalive.stop();
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => assert_eq!(backend, &kept, "{answers:?}"),
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, &kept);
     assert_eq!(state_of(leaving).as_deref(), Some("leaving"));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while state_of(leaving).is_some() {

@@ -11,7 +11,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use lb_tests::e2e::*;
-use xtask::{testbed, traffic::Answer};
+use xtask::testbed;
 
 /// New connections over two backends split exactly; a backend added at runtime takes its
 /// share of new connections and a removed one gets none, while a keep-alive connection to
@@ -32,10 +32,7 @@ fn balances_and_follows_runtime_changes() {
     // One long-lived connection, a request every 100 ms.
     let (keepalive, kept) =
         s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(40));
-    let kept_index: usize = kept
-        .trim_start_matches("backend-")
-        .parse()
-        .expect("backend-N");
+    let kept_index = index_of(&kept);
 
     // Backend 3 joins: new connections go round all three.
     s.lb(&["backend", "add", &vip4().to_string(), &s.backend(3, false)]);
@@ -80,16 +77,7 @@ fn balances_and_follows_runtime_changes() {
         answers.len() >= before + 5,
         "keep-alive answers stopped after the changes: {answers:?}"
     );
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => {
-                assert_eq!(backend, &kept, "keep-alive answers: {answers:?}")
-            }
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, &kept);
 }
 
 /// The agent writes its config back; stopped with SIGTERM and started again with the same

@@ -456,14 +456,7 @@ fn drain_keeps_established_connections() {
         name(other)
     );
     assert!(answers.len() >= before + 5, "{answers:?}");
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => assert_eq!(backend, &kept, "{answers:?}"),
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, &kept);
 }
 
 /// Weights 3:1 over 400 new connections: exactly 300 and 100, interleaved A A B A.
@@ -644,14 +637,7 @@ fn maglev_balancers_agree_and_take_over_live_connections() {
     let Some(Answer::Ok { backend: kept, .. }) = answers.first() else {
         panic!("keep-alive answers: {answers:?}");
     };
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => assert_eq!(backend, kept, "{answers:?}"),
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, kept);
     assert!(
         moved >= 10,
         "only {moved} packets of the moved connection went through lb2"
