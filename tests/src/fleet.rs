@@ -21,8 +21,8 @@ use xtask::{
         NetnsGuard, agent_config, balancer_conf, bird, build_router, flow_sync_config, frr,
         router_conf,
     },
-    testbed::{Agent, Config, Host, Load, Proc, Testbed},
-    traffic::Attempt,
+    testbed::{Agent, Config, Host, Load, Proc, Testbed, monotonic_us},
+    traffic::{Answer, Attempt},
 };
 
 use crate::{e2e::lb_at, flowsync::write_key};
@@ -323,6 +323,57 @@ pub fn assert_none_failed(attempts: &[Attempt], logs: &str) {
         "{} of {} connections failed: {failed:?}\n{logs}",
         failed.len(),
         attempts.len()
+    );
+}
+
+/// New connections answer again once the takeover is done: the last 25 of `attempts` (the
+/// last half second of a load that ran 2 s past it) all succeeded. `after` says what the
+/// takeover was; `logs` go with a failure.
+pub fn assert_answering_again(attempts: &[Attempt], after: &str, logs: &str) {
+    let failed: Vec<String> = attempts
+        .iter()
+        .filter(|a| a.is_err())
+        .map(|a| a.to_string())
+        .collect();
+    assert!(
+        attempts.iter().rev().take(25).all(|a| !a.is_err()),
+        "new connections still fail 1.5 s after {after}: {failed:?}\n{logs}"
+    );
+}
+
+/// A long-lived connection (`how`) carried on through a takeover that began at `down_us`
+/// (`event` says what it was): every one of its `answers` came from `backend`, none failed,
+/// and at least 10 came after its first few. `logs` go with a failed request.
+pub fn assert_carried_on(
+    answers: &[Answer],
+    backend: &str,
+    how: &str,
+    (event, down_us): (&str, u64),
+    logs: impl Fn() -> String,
+) {
+    for a in answers {
+        match a {
+            Answer::Ok { backend: b, seq } => {
+                assert_eq!(
+                    b, backend,
+                    "request {seq} of {how} moved to another backend"
+                )
+            }
+            Answer::Err { seq, message } => panic!(
+                "request {seq} of {how} failed {:.0} ms after {event}: {message}\n{}",
+                (monotonic_us() - down_us) as f64 / 1000.0,
+                logs()
+            ),
+        }
+    }
+    let later = answers
+        .iter()
+        .filter(|a| matches!(a, Answer::Ok { seq, .. } if *seq > 2))
+        .count();
+    assert!(
+        later >= 10,
+        "{how} stopped answering: {} answers in all",
+        answers.len()
     );
 }
 
