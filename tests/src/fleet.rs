@@ -311,13 +311,18 @@ pub fn steady_load(bed: &Testbed, vip: SocketAddr, max: Duration, first_port: u1
     load
 }
 
-/// Asserts that not one of `attempts` failed; `logs` go with the failure.
-pub fn assert_none_failed(attempts: &[Attempt], logs: &str) {
-    let failed: Vec<String> = attempts
+/// The attempts that failed, for an assertion's message.
+fn failed(attempts: &[Attempt]) -> Vec<String> {
+    attempts
         .iter()
         .filter(|a| a.is_err())
         .map(|a| a.to_string())
-        .collect();
+        .collect()
+}
+
+/// Asserts that not one of `attempts` failed; `logs` go with the failure.
+pub fn assert_none_failed(attempts: &[Attempt], logs: &str) {
+    let failed = failed(attempts);
     assert!(
         failed.is_empty(),
         "{} of {} connections failed: {failed:?}\n{logs}",
@@ -330,11 +335,7 @@ pub fn assert_none_failed(attempts: &[Attempt], logs: &str) {
 /// last half second of a load that ran 2 s past it) all succeeded. `after` says what the
 /// takeover was; `logs` go with a failure.
 pub fn assert_answering_again(attempts: &[Attempt], after: &str, logs: &str) {
-    let failed: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.is_err())
-        .map(|a| a.to_string())
-        .collect();
+    let failed = failed(attempts);
     assert!(
         attempts.iter().rev().take(25).all(|a| !a.is_err()),
         "new connections still fail 1.5 s after {after}: {failed:?}\n{logs}"
