@@ -68,6 +68,15 @@ impl Setup {
         }
     }
 
+    /// A test bed of `backends` backends whose VIP `vip4()` balances over `on` (1-based),
+    /// every one of them up.
+    pub fn serving(backends: usize, on: &[usize]) -> Setup {
+        let s = Setup::new(backends);
+        s.configure(vip4(), on);
+        s.wait_all_up();
+        s
+    }
+
     /// `lb ARGS --socket S`, which must succeed; returns stdout.
     pub fn lb(&self, args: &[&str]) -> String {
         lb_at(&self.bed, &self.socket, args)
@@ -220,6 +229,32 @@ pub fn static_neighbours(bed: &Testbed, count: u32) -> anyhow::Result<Vec<IpAddr
 pub fn lb_at(bed: &Testbed, socket: &Path, args: &[&str]) -> String {
     bed.lb_cli_ok(socket, args)
         .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// `lb vip add VIP --check CHECK --interval INTERVAL_MS --rise RISE --fall FALL` through
+/// `lb` (`Setup::lb`, or `lb_at` for another agent).
+pub fn add_checked_vip(
+    lb: impl Fn(&[&str]) -> String,
+    vip: &str,
+    check: &str,
+    interval_ms: u64,
+    rise: u64,
+    fall: u64,
+) {
+    let (interval, rise, fall) = (interval_ms.to_string(), rise.to_string(), fall.to_string());
+    lb(&[
+        "vip",
+        "add",
+        vip,
+        "--check",
+        check,
+        "--interval",
+        &interval,
+        "--rise",
+        &rise,
+        "--fall",
+        &fall,
+    ]);
 }
 
 /// `lb backend list --json` of the agent on `socket`.

@@ -14,9 +14,7 @@ use lb_tests::e2e::*;
 #[test]
 fn a_change_that_cannot_be_saved_is_refused_and_not_in_effect() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1]);
     let vip = vip4().to_string();
     let saved = std::fs::read_to_string(&s.config).unwrap();
     std::fs::remove_file(&s.config).unwrap();
@@ -64,9 +62,7 @@ fn a_change_that_cannot_be_saved_is_refused_and_not_in_effect() {
 #[test]
 fn a_deleted_backend_keeps_its_connections_until_the_grace_ends() {
     let _serial = serial();
-    let s = Setup::new(3);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(3, &[1, 2]);
     let (keepalive, kept) =
         s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(30));
     let leaving = index_of(&kept);

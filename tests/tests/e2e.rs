@@ -19,9 +19,7 @@ use xtask::testbed;
 #[test]
 fn balances_and_follows_runtime_changes() {
     let _serial = serial();
-    let s = Setup::new(3);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(3, &[1, 2]);
 
     let tally = s.requests(vip4(), 200);
     assert_split(&tally, &[(1, 100), (2, 100)]);
@@ -143,9 +141,7 @@ fn ipv6_vip_balances() {
 #[test]
 fn bad_input_changes_nothing() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1, 2]);
     let state = s.backend_set();
     let config = std::fs::read_to_string(&s.config).expect("config file");
     let vip = vip4().to_string();

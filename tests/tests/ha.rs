@@ -55,28 +55,21 @@ fn ms(us: u64) -> f64 {
 }
 
 /// `lb vip add VIP --check CHECK` with the tests' interval, fall and rise.
-fn add_checked_vip(s: &Setup, check: &str) {
-    let (interval, fall, rise) = (INTERVAL_MS.to_string(), FALL.to_string(), RISE.to_string());
-    let vip = vip4().to_string();
-    s.lb(&[
-        "vip",
-        "add",
-        &vip,
-        "--check",
+fn add_checked(s: &Setup, check: &str) {
+    add_checked_vip(
+        |a| s.lb(a),
+        &vip4().to_string(),
         check,
-        "--interval",
-        &interval,
-        "--fall",
-        &fall,
-        "--rise",
-        &rise,
-    ]);
+        INTERVAL_MS,
+        RISE,
+        FALL,
+    );
 }
 
-/// The VIP with a TCP check (see `add_checked_vip`), and the given backends (1-based) with
+/// The VIP with a TCP check (see `add_checked`), and the given backends (1-based) with
 /// extra `lb backend add` arguments each.
 fn configure_checked(s: &Setup, backends: &[(usize, &[&str])]) {
-    add_checked_vip(s, "tcp");
+    add_checked(s, "tcp");
     let vip = vip4().to_string();
     for &(i, extra) in backends {
         let addr = s.backend(i, false);
@@ -208,6 +201,12 @@ fn wait_load(load: &Load, since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool) 
         .unwrap_or_else(|e| panic!("{what}: {e:#}"))
 }
 
+/// Ends `load` once an attempt started at `until_us` or later (`what`): all its attempts.
+fn finish_load(load: Load, until_us: u64, what: &str) -> Vec<Attempt> {
+    wait_load(&load, until_us, what, &|_| true);
+    load.finish().unwrap_or_else(|e| panic!("{e:#}"))
+}
+
 /// Starts backend 1 again under `load`: when it was restarted, when it listened (the checks
 /// can see it from there) and its first new connection.
 fn restart_backend_1(s: &mut Setup, load: &Load) -> (u64, u64, Attempt) {
@@ -253,10 +252,7 @@ fn failover_window_under_steady_load() {
 
     let (restarted, listening, back) = restart_backend_1(&mut s, &load);
     // Another half second with both answering.
-    wait(back.start_us + SECOND_US / 2, "traffic after rise", &|_| {
-        true
-    });
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let attempts = finish_load(load, back.start_us + SECOND_US / 2, "traffic after rise");
 
     let gap = assert_steady(&attempts);
     let (failed, window) = failure_window(&attempts, killed);
@@ -340,10 +336,7 @@ fn backup_takes_over_and_fails_back() {
     );
 
     let (restarted, listening, back) = restart_backend_1(&mut s, &load);
-    wait(back.start_us + SECOND_US, "traffic after failback", &|_| {
-        true
-    });
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let attempts = finish_load(load, back.start_us + SECOND_US, "traffic after failback");
 
     let gap = assert_steady(&attempts);
     let (failed, window) = failure_window(&attempts, killed);
@@ -400,9 +393,7 @@ fn backup_takes_over_and_fails_back() {
 #[test]
 fn drain_keeps_established_connections() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1, 2]);
     let vip = vip4().to_string();
 
     // The only connection through the VIP so far: the drained backend has exactly one flow.
@@ -707,8 +698,7 @@ fn agent_kill_9_under_load_is_hitless() {
         .start_agent(&s.config, &s.socket)
         .unwrap_or_else(|e| panic!("{e:#}"));
     let ready = monotonic_us();
-    wait(ready + SECOND_US, "traffic after the restart");
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let attempts = finish_load(load, ready + SECOND_US, "traffic after the restart");
     let after = s.backend_list();
 
     // What matters here is that no connection failed and enough ran while no agent was
@@ -775,7 +765,7 @@ fn http_check_marks_backends_down_and_up() {
     let _serial = serial();
     let s = Setup::new(2);
     let vip = vip4().to_string();
-    add_checked_vip(&s, "http:/health");
+    add_checked(&s, "http:/health");
     for i in [1, 2] {
         s.lb(&["backend", "add", &vip, &s.backend(i, false)]);
     }

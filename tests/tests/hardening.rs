@@ -260,19 +260,7 @@ fn tls_passes_through_untouched_and_tls_checks_see_the_backends() {
         })
         .collect();
     let tls_vip = SocketAddr::new(IpAddr::V4(VIP4), 443).to_string();
-    s.lb(&[
-        "vip",
-        "add",
-        &tls_vip,
-        "--check",
-        "tls",
-        "--interval",
-        "200",
-        "--rise",
-        "1",
-        "--fall",
-        "2",
-    ]);
+    add_checked_vip(|a| s.lb(a), &tls_vip, "tls", 200, 1, 2);
     for i in 1..=2 {
         s.lb(&["backend", "add", &tls_vip, &s.backend(i, false)]);
     }

@@ -334,9 +334,7 @@ fn metrics_match_traffic() {
 #[test]
 fn stats_watch_shows_rates() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1, 2]);
     let v = vip4().to_string();
     let out = s.with_traffic(&[vip4()], || {
         std::thread::sleep(Duration::from_millis(500));

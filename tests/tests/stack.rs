@@ -11,7 +11,10 @@ use std::{
 
 use lb::health::CheckSpec;
 use lb_tests::{
-    e2e::{backend_list_at, field, lb_at, number, one_line_error, serial, wait_backends},
+    e2e::{
+        add_checked_vip, backend_list_at, field, lb_at, number, one_line_error, serial,
+        wait_backends,
+    },
     stack::*,
 };
 use xtask::testbed::{Config, Testbed, VIP4};
@@ -377,23 +380,7 @@ fn exec_check_run_by_the_agent_follows_the_script() {
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let vip = SocketAddr::new(VIP4.into(), xtask::testbed::HTTP_PORT).to_string();
     let check = format!("exec:{}", script.display());
-    lb_at(
-        &bed,
-        &socket,
-        &[
-            "vip",
-            "add",
-            &vip,
-            "--check",
-            &check,
-            "--interval",
-            "200",
-            "--rise",
-            "1",
-            "--fall",
-            "1",
-        ],
-    );
+    add_checked_vip(|a| lb_at(&bed, &socket, a), &vip, &check, 200, 1, 1);
     let (b1, b2) = (
         bed.backends[0].ipv4.to_string(),
         bed.backends[1].ipv4.to_string(),
