@@ -540,6 +540,17 @@ impl Case {
         }
     }
 
+    /// One case a `(name, frame)` row, every one expecting `expect`: a table of frames the
+    /// program must treat alike.
+    pub fn each<'a>(
+        expect: Expect,
+        rows: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+    ) -> Vec<Case> {
+        rows.into_iter()
+            .map(|(name, frame)| Case::new(name, frame, expect))
+            .collect()
+    }
+
     /// A frame the program must answer itself with `answer` (XDP_TX), counted as `reason`.
     pub fn answered(
         name: impl Into<String>,
@@ -618,6 +629,16 @@ pub fn four_vips() -> Fixture {
     fx
 }
 
+/// Backends 1 to `n` (10.1.0.1 to 10.1.0.n) behind the ingress interface, and VIP id 0:
+/// VIP4:80/tcp, round robin over [1, .., n] at slab offset 0.
+pub fn one_vip_over(n: u32) -> Fixture {
+    let mut fx = Fixture::new();
+    fx.backends4(n);
+    let ring: Vec<u32> = (1..=n).collect();
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &ring);
+    fx
+}
+
 // ---- the fixture ------------------------------------------------------------------------------
 
 /// One loaded program with fresh maps, and the backends configured into it (to know what a
@@ -692,6 +713,13 @@ impl Fixture {
             ..meta
         };
         self.dp.set_vip(&key, &meta).unwrap();
+    }
+
+    /// Backends 1 to `n` at 10.1.0.1 to 10.1.0.n, behind the ingress interface.
+    pub fn backends4(&mut self, n: u32) {
+        for id in 1..=n {
+            self.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
+        }
     }
 
     /// A resolved, in-use backend reached through `ifindex`, generation 1.

@@ -24,9 +24,7 @@ fn mask64() -> [u32; 4] {
 /// Backends 1, 2, 3 (IPv4) and 4, 5, 6 (IPv6), all behind the test-run ingress.
 fn six_backends() -> Fixture {
     let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
+    fx.backends4(3);
     for id in 4..=6 {
         fx.backend(id, ip(&format!("fd01::{id}")), TEST_RUN_IFINDEX);
     }
