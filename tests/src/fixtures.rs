@@ -20,8 +20,7 @@ use std::{
 
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, Icmpv6Type, IpHeaders, IpNumber,
-    Ipv4Header, Ipv6Extensions, Ipv6FlowLabel, Ipv6Header, PacketBuilder, VlanId,
-    icmpv4::DestUnreachableHeader,
+    Ipv4Header, Ipv6Extensions, Ipv6Header, PacketBuilder, VlanId, icmpv4::DestUnreachableHeader,
 };
 use lb::datapath::Datapath;
 use lb_common::{
@@ -141,25 +140,8 @@ pub const TCP_URG: u8 = 0x20;
 
 impl Pkt {
     fn new(src: SocketAddr, dst: SocketAddr, l4: L4) -> Self {
-        let ip = match (src.ip(), dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
-                Ipv4Header::new(0, 64, IpNumber::TCP, s.octets(), d.octets()).unwrap(),
-                Default::default(),
-            ),
-            (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
-                Ipv6Header {
-                    traffic_class: 0,
-                    flow_label: Ipv6FlowLabel::ZERO,
-                    payload_length: 0,
-                    next_header: IpNumber::TCP,
-                    hop_limit: 64,
-                    source: s.octets(),
-                    destination: d.octets(),
-                },
-                Default::default(),
-            ),
-            _ => panic!("mixed address families: {src} -> {dst}"),
-        };
+        // etherparse's builder writes the protocol of the L4 header it is given (`build`).
+        let ip = ip_headers(src.ip(), dst.ip(), PROTO_TCP);
         Self {
             src_mac: CLIENT_MAC,
             dst_mac: LB_MAC,
