@@ -331,6 +331,25 @@ pub fn assert_none_failed(attempts: &[Attempt], logs: &str) {
     );
 }
 
+/// Freezes `host` while `load` runs; `takeover` waits for the others to take its traffic
+/// over (and prints how long that took). After two more seconds of load: its attempts, and
+/// when the freeze was; how they fared is printed under `what`.
+pub fn freeze_under_load(
+    bed: &Testbed,
+    host: &Host,
+    load: Load,
+    what: &str,
+    takeover: impl FnOnce(),
+) -> (Vec<Attempt>, u64) {
+    let down_at = monotonic_us();
+    freeze(bed, host);
+    takeover();
+    std::thread::sleep(Duration::from_secs(2));
+    let attempts = ok(load.finish());
+    println!("{what}: {}", disruption(&attempts, down_at));
+    (attempts, down_at)
+}
+
 /// New connections answer again once the takeover is done: the last 25 of `attempts` (the
 /// last half second of a load that ran 2 s past it) all succeeded. `after` says what the
 /// takeover was; `logs` go with a failure.

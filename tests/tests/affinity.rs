@@ -111,7 +111,7 @@ fn an_ipv6_client_is_its_64_prefix() {
     ];
     for (i, (client, backend)) in cases.into_iter().enumerate() {
         fx.run(&Case::new(
-            format!("{client}"),
+            client,
             syn(at(client, 3000 + i as u16), vip6(443)),
             Expect::tx(2, backend, true),
         ));

@@ -17,7 +17,6 @@ use lb_tests::{
     e2e::{first_backend, serial},
     fleet::*,
 };
-use xtask::testbed::monotonic_us;
 
 const LOAD_MAX: Duration = Duration::from_secs(40);
 
@@ -113,18 +112,16 @@ fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
     // New connections meanwhile: those sent to lb1 before the router notices fail; how
     // many, and for how long, is measured (BENCHMARKS.md, Fleet), not asserted.
     let load = steady_load(&fleet.bed, vip_a(), LOAD_MAX, 26_000);
-    let down_at = monotonic_us();
-    freeze(&fleet.bed, &fleet.balancers[0].host);
-    let converged = fleet.wait_next_hops(vip_a().ip(), BALANCERS - 1);
-    assert_eq!(fleet.next_hops(vip_a().ip()), fleet.others(0));
-    println!(
-        "lb1 dead: the router's route lost its next hop after {:.0} ms",
-        ms(converged)
-    );
+    let lb1 = &fleet.balancers[0].host;
+    let (attempts, down_at) = freeze_under_load(&fleet.bed, lb1, load, "lb1 dead", || {
+        let converged = fleet.wait_next_hops(vip_a().ip(), BALANCERS - 1);
+        assert_eq!(fleet.next_hops(vip_a().ip()), fleet.others(0));
+        println!(
+            "lb1 dead: the router's route lost its next hop after {:.0} ms",
+            ms(converged)
+        );
+    });
     // Every connection answers again after the switch.
-    std::thread::sleep(Duration::from_secs(2));
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    println!("lb1 dead: {}", disruption(&attempts, down_at));
     assert_answering_again(&attempts, "the router dropped lb1", "");
     for c in conns {
         let answers = c.keepalive.stop();

@@ -14,12 +14,11 @@ use std::time::Duration;
 use lb_tests::{
     e2e::{first_backend, serial},
     fleet::{
-        assert_answering_again, assert_carried_on, assert_none_failed, disruption, freeze, ms,
+        assert_answering_again, assert_carried_on, assert_none_failed, freeze_under_load, ms,
         steady_load, timed_leave,
     },
     vrrp::*,
 };
-use xtask::testbed::monotonic_us;
 
 const LOAD_MAX: Duration = Duration::from_secs(30);
 /// Generous: the shipped timers take the VIP over in about a second.
@@ -58,16 +57,14 @@ fn the_backup_takes_over_when_the_master_dies_and_connections_survive() {
         .unwrap_or_else(|e| panic!("lb2 did not install lb1's pins: {e:#}"));
 
     let load = steady_load(&pair.bed, vip(), LOAD_MAX, 27_000);
-    let down_at = monotonic_us();
-    freeze(&pair.bed, &pair.members[0].host);
-    let took = pair.wait_master(1, TAKEOVER_LIMIT);
-    println!(
-        "master frozen: the backup held the VIP after {:.0} ms",
-        ms(took)
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    println!("master frozen: {}", disruption(&attempts, down_at));
+    let lb1 = &pair.members[0].host;
+    let (attempts, down_at) = freeze_under_load(&pair.bed, lb1, load, "master frozen", || {
+        let took = pair.wait_master(1, TAKEOVER_LIMIT);
+        println!(
+            "master frozen: the backup held the VIP after {:.0} ms",
+            ms(took)
+        );
+    });
     assert_answering_again(&attempts, "lb2 took the VIP", &pair.logs());
     assert!(pair.new_flows(1) > 0, "lb2 carried no new connection");
 
