@@ -341,16 +341,12 @@ pub fn first_backend(answers: &[Answer]) -> String {
 }
 
 /// Every one of a keep-alive connection's `answers` came from `backend`: none failed, none
-/// went elsewhere.
-pub fn assert_all_from(answers: &[Answer], backend: &str) {
+/// went elsewhere; `what` says when, for a failure.
+pub fn assert_all_from(answers: &[Answer], backend: &str, what: &str) {
     for a in answers {
         match a {
-            Answer::Ok { backend: b, .. } => {
-                assert_eq!(b, backend, "keep-alive answers: {answers:?}")
-            }
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
+            Answer::Ok { backend: b, .. } if b == backend => {}
+            other => panic!("{what}: {other:?} (pinned to {backend}); all: {answers:?}"),
         }
     }
 }

@@ -100,7 +100,7 @@ fn a_deleted_backend_keeps_its_connections_until_the_grace_ends() {
         .wait_answers(before + 10, Duration::from_secs(3))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let answers = keepalive.stop();
-    assert_all_from(&answers, &kept);
+    assert_all_from(&answers, &kept, "in the grace period");
     assert_eq!(state_of(leaving).as_deref(), Some("leaving"));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while state_of(leaving).is_some() {

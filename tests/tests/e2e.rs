@@ -75,7 +75,7 @@ fn balances_and_follows_runtime_changes() {
         answers.len() >= before + 5,
         "keep-alive answers stopped after the changes: {answers:?}"
     );
-    assert_all_from(&answers, &kept);
+    assert_all_from(&answers, &kept, "through the changes");
 }
 
 /// The agent writes its config back; stopped with SIGTERM and started again with the same

@@ -447,7 +447,7 @@ fn drain_keeps_established_connections() {
         name(other)
     );
     assert!(answers.len() >= before + 5, "{answers:?}");
-    assert_all_from(&answers, &kept);
+    assert_all_from(&answers, &kept, "drained and undrained");
 }
 
 /// Weights 3:1 over 400 new connections: exactly 300 and 100, interleaved A A B A.
@@ -628,7 +628,7 @@ fn maglev_balancers_agree_and_take_over_live_connections() {
     let Some(Answer::Ok { backend: kept, .. }) = answers.first() else {
         panic!("keep-alive answers: {answers:?}");
     };
-    assert_all_from(&answers, kept);
+    assert_all_from(&answers, kept, "moved between balancers");
     assert!(
         moved >= 10,
         "only {moved} packets of the moved connection went through lb2"
