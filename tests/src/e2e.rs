@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::Output,
+    process::{Command, Output},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -318,6 +318,21 @@ pub fn one_line_error(what: &str, out: &Output) -> String {
         "`{what}` should say one line on stderr, said:\n{text}"
     );
     text.to_string()
+}
+
+/// Runs `cmd` for at most `timeout`; it must succeed. Its stdout; a failure says `what`, the
+/// exit status, stdout and stderr.
+pub fn run_ok(what: &str, cmd: &mut Command, timeout: Duration) -> String {
+    let out = xtask::testbed::run_with_timeout(cmd, timeout)
+        .unwrap_or_else(|e| panic!("running {what}: {e:#}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What backend `i` (1-based) answers with.
