@@ -162,6 +162,14 @@ impl Setup {
         backend_list_at(&self.bed, &self.socket)
     }
 
+    /// The backend addresses `lb backend list` lists, in its order.
+    pub fn listed_addresses(&self) -> Vec<String> {
+        self.backend_list()
+            .iter()
+            .map(|b| field(b, "address"))
+            .collect()
+    }
+
     /// (vip, proto, address, state) of every backend: what bad input must not change.
     pub fn backend_set(&self) -> BTreeSet<(String, String, String, String)> {
         self.backend_list()

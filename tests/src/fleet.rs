@@ -409,6 +409,22 @@ pub fn timed_leave(what: &str, leave: impl FnOnce() -> String) {
     assert!(out.contains("safe to stop the agent"), "{out}");
 }
 
+/// `lb vip set VIP` with a check every backend fails (`exec:/bin/false`, every 200 ms,
+/// down at the first failure).
+pub fn failing_check(vip: &str) -> [&str; 9] {
+    [
+        "vip",
+        "set",
+        vip,
+        "--check",
+        "exec:/bin/false",
+        "--interval",
+        "200",
+        "--fall",
+        "1",
+    ]
+}
+
 /// Makes `host` a dead box whose link stays up: its switch port forwards nothing either
 /// way from now on. Unlike its link going down, this keeps the switch's entry for its MAC
 /// address: a flushed entry would flood the frames still sent to it to every port, and the

@@ -26,11 +26,7 @@ fn a_change_that_cannot_be_saved_is_refused_and_not_in_effect() {
         error.contains("not applied") && error.contains(&s.config.display().to_string()),
         "{error}"
     );
-    let listed: Vec<String> = s
-        .backend_list()
-        .iter()
-        .map(|b| field(b, "address"))
-        .collect();
+    let listed = s.listed_addresses();
     assert_eq!(
         listed,
         [s.backend(1, false)],

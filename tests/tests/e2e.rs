@@ -47,11 +47,7 @@ fn balances_and_follows_runtime_changes() {
         &s.backend(removed, false),
         "--now",
     ]);
-    let listed: Vec<String> = s
-        .backend_list()
-        .iter()
-        .map(|b| field(b, "address"))
-        .collect();
+    let listed = s.listed_addresses();
     assert!(
         !listed.contains(&s.backend(removed, false)),
         "deleted backend still listed: {listed:?}"

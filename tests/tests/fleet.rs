@@ -153,20 +153,7 @@ fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
     let fleet = FleetBed::start();
     let n = FRR_BALANCER;
     let b = vip_b().to_string();
-    fleet.lb(
-        n,
-        &[
-            "vip",
-            "set",
-            &b,
-            "--check",
-            "exec:/bin/false",
-            "--interval",
-            "200",
-            "--fall",
-            "1",
-        ],
-    );
+    fleet.lb(n, &failing_check(&b));
     let took = fleet.wait_next_hops(vip_b().ip(), BALANCERS - 1);
     println!(
         "VIP B down on lb3's checks: withdrawn from the router (FRR) after {:.0} ms",

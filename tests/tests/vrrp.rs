@@ -14,8 +14,8 @@ use std::time::Duration;
 use lb_tests::{
     e2e::{first_backend, serial},
     fleet::{
-        assert_answering_again, assert_carried_on, assert_none_failed, freeze_under_load, ms,
-        steady_load, timed_leave,
+        assert_answering_again, assert_carried_on, assert_none_failed, failing_check,
+        freeze_under_load, ms, steady_load, timed_leave,
     },
     vrrp::*,
 };
@@ -87,20 +87,7 @@ fn a_master_that_cannot_serve_hands_the_vip_to_the_backup() {
     let _serial = serial();
     let pair = VrrpPair::start();
     let v = vip().to_string();
-    pair.lb(
-        0,
-        &[
-            "vip",
-            "set",
-            &v,
-            "--check",
-            "exec:/bin/false",
-            "--interval",
-            "200",
-            "--fall",
-            "1",
-        ],
-    );
+    pair.lb(0, &failing_check(&v));
     let took = pair.wait_master(1, TAKEOVER_LIMIT);
     println!(
         "every backend down on lb1's checks: lb2 held the VIP after {:.0} ms",
