@@ -1292,52 +1292,55 @@ fn ipv4_fragments_to_a_vip_address_are_dropped() {
     let tcp4 = Pkt::tcp(client4(40000), vip4(80));
     let udp4 = Pkt::udp(client4(40001), vip4(53));
     let offset = |o| IpFragOffset::try_new(o).unwrap();
-    fx.run_all(&Case::each(
-        frag,
-        [
-            (
-                "first fragment (MF)",
-                udp4.clone().with_ipv4(|h| h.more_fragments = true).build(),
-            ),
-            (
-                "middle fragment (MF + offset)",
-                udp4.clone()
-                    .with_ipv4(|h| {
-                        h.more_fragments = true;
-                        h.fragment_offset = offset(185);
-                    })
-                    .build(),
-            ),
-            (
-                "last fragment (offset)",
-                tcp4.clone()
-                    .with_ipv4(|h| {
-                        h.dont_fragment = false;
-                        h.fragment_offset = offset(185);
-                    })
-                    .build(),
-            ),
-            (
-                "offset 1",
-                tcp4.clone()
-                    .with_ipv4(|h| h.fragment_offset = offset(1))
-                    .build(),
-            ),
-            // Fragments to the VIP address on a port or protocol no VIP has: still ours.
-            (
-                "fragment to the vip address, other port",
-                Pkt::udp(client4(40000), vip4(9999))
-                    .with_ipv4(|h| h.more_fragments = true)
-                    .build(),
-            ),
-            (
-                "icmp fragment to the vip address",
-                Pkt::icmp(ip("192.0.2.1"), ip(VIP4))
-                    .with_ipv4(|h| h.more_fragments = true)
-                    .build(),
-            ),
-        ],
-    ));
+    fx.run_all(&[
+        Case::new(
+            "first fragment (MF)",
+            udp4.clone().with_ipv4(|h| h.more_fragments = true).build(),
+            frag,
+        ),
+        Case::new(
+            "middle fragment (MF + offset)",
+            udp4.clone()
+                .with_ipv4(|h| {
+                    h.more_fragments = true;
+                    h.fragment_offset = offset(185);
+                })
+                .build(),
+            frag,
+        ),
+        Case::new(
+            "last fragment (offset)",
+            tcp4.clone()
+                .with_ipv4(|h| {
+                    h.dont_fragment = false;
+                    h.fragment_offset = offset(185);
+                })
+                .build(),
+            frag,
+        ),
+        Case::new(
+            "offset 1",
+            tcp4.clone()
+                .with_ipv4(|h| h.fragment_offset = offset(1))
+                .build(),
+            frag,
+        ),
+        // Fragments to the VIP address on a port or protocol no VIP has: still ours.
+        Case::new(
+            "fragment to the vip address, other port",
+            Pkt::udp(client4(40000), vip4(9999))
+                .with_ipv4(|h| h.more_fragments = true)
+                .build(),
+            frag,
+        ),
+        Case::new(
+            "icmp fragment to the vip address",
+            Pkt::icmp(ip("192.0.2.1"), ip(VIP4))
+                .with_ipv4(|h| h.more_fragments = true)
+                .build(),
+            frag,
+        ),
+    ]);
     // DF is not a fragment: forwarded, with or without it.
     fx.run_all(&[
         Case::new(
