@@ -207,6 +207,17 @@ fn finish_load(load: Load, until_us: u64, what: &str) -> Vec<Attempt> {
     load.finish().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// Waits until `load` has run a second past the expected end of the failover that began
+/// at `killed_us`.
+fn wait_past_fall(load: &Load, killed_us: u64, what: &str) {
+    wait_load(
+        load,
+        killed_us + expected_fall_us() + SECOND_US,
+        what,
+        &|_| true,
+    );
+}
+
 /// Starts backend 1 again under `load`: when it was restarted, when it listened (the checks
 /// can see it from there) and its first new connection.
 fn restart_backend_1(s: &mut Setup, load: &Load) -> (u64, u64, Attempt) {
@@ -244,11 +255,7 @@ fn failover_window_under_steady_load() {
     });
     let seen_down = monotonic_us();
     // A second of traffic with backend 1 down.
-    wait(
-        killed + expected_fall_us() + SECOND_US,
-        "traffic after failover",
-        &|_| true,
-    );
+    wait_past_fall(&load, killed, "traffic after failover");
 
     let (restarted, listening, back) = restart_backend_1(&mut s, &load);
     // Another half second with both answering.
@@ -329,11 +336,7 @@ fn backup_takes_over_and_fails_back() {
         field(entry(l, &b1), "state") == "down" && field(entry(l, &b2), "state") == "down"
     });
     let seen_down = monotonic_us();
-    wait(
-        killed + expected_fall_us() + SECOND_US,
-        "traffic on the backup",
-        &|_| true,
-    );
+    wait_past_fall(&load, killed, "traffic on the backup");
 
     let (restarted, listening, back) = restart_backend_1(&mut s, &load);
     let attempts = finish_load(load, back.start_us + SECOND_US, "traffic after failback");
