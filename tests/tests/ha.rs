@@ -195,6 +195,13 @@ fn steady_load(bed: &Testbed) -> Load {
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// [`steady_load`], once it has run half a second (25 attempts) with every backend up.
+fn answered_load(bed: &Testbed) -> Load {
+    let load = steady_load(bed);
+    wait_load(&load, 0, "baseline", &|a| a.seq >= 25);
+    load
+}
+
 /// The first attempt of `load` started at `since` or later that `f` accepts (within 5 s).
 fn wait_load(load: &Load, since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool) -> Attempt {
     load.wait_for(since, Duration::from_secs(5), f)
@@ -242,11 +249,7 @@ fn failover_window_under_steady_load() {
     wait_checked(&s.bed, &s.socket);
     let b1 = s.backend(1, false);
 
-    let load = steady_load(&s.bed);
-    let wait =
-        |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| wait_load(&load, since, what, f);
-    // Half a second of both backends answering.
-    wait(0, "baseline", &|a| a.seq >= 25);
+    let load = answered_load(&s.bed);
 
     let killed = monotonic_us();
     s.servers[0].kill();
@@ -320,15 +323,12 @@ fn backup_takes_over_and_fails_back() {
     let roles: Vec<String> = s.backend_list().iter().map(|b| field(b, "role")).collect();
     assert_eq!(roles, ["primary", "primary", "backup"]);
 
-    let load = steady_load(&s.bed);
-    let wait =
-        |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| wait_load(&load, since, what, f);
-    wait(0, "baseline", &|a| a.seq >= 25);
+    let load = answered_load(&s.bed);
 
     let killed = monotonic_us();
     s.servers[0].kill();
     s.servers[1].kill();
-    let takeover = wait(killed, "the backup answering", &|a| {
+    let takeover = wait_load(&load, killed, "the backup answering", &|a| {
         a.backend() == Some("backend-3")
     });
     let (b1, b2) = (s.backend(1, false), s.backend(2, false));
