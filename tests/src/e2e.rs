@@ -9,7 +9,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::Output,
+    process::{Command, Output},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -68,6 +68,15 @@ impl Setup {
         }
     }
 
+    /// A test bed of `backends` backends whose VIP `vip4()` balances over `on` (1-based),
+    /// every one of them up.
+    pub fn serving(backends: usize, on: &[usize]) -> Setup {
+        let s = Setup::new(backends);
+        s.configure(vip4(), on);
+        s.wait_all_up();
+        s
+    }
+
     /// `lb ARGS --socket S`, which must succeed; returns stdout.
     pub fn lb(&self, args: &[&str]) -> String {
         lb_at(&self.bed, &self.socket, args)
@@ -96,7 +105,6 @@ impl Setup {
         }
     }
 
-    /// `count` new connections through `to`; every one must be answered.
     /// One keep-alive connection through `to`, a request every `interval` for at most
     /// `max`, once it has answered three times; with the backend it is pinned to.
     pub fn pinned_keepalive(
@@ -112,15 +120,10 @@ impl Setup {
         let first = keepalive
             .wait_answers(3, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("{e:#}"));
-        let backend = match &first[0] {
-            Answer::Ok { backend, .. } => backend.clone(),
-            Answer::Err { message, .. } => {
-                panic!("keep-alive connection failed at once: {message}")
-            }
-        };
-        (keepalive, backend)
+        (keepalive, first_backend(&first))
     }
 
+    /// `count` new connections through `to`; every one must be answered.
     pub fn requests(&self, to: SocketAddr, count: u32) -> Tally {
         let tally = self
             .bed
@@ -157,6 +160,14 @@ impl Setup {
     /// `lb backend list --json`.
     pub fn backend_list(&self) -> Vec<Value> {
         backend_list_at(&self.bed, &self.socket)
+    }
+
+    /// The backend addresses `lb backend list` lists, in its order.
+    pub fn listed_addresses(&self) -> Vec<String> {
+        self.backend_list()
+            .iter()
+            .map(|b| field(b, "address"))
+            .collect()
     }
 
     /// (vip, proto, address, state) of every backend: what bad input must not change.
@@ -228,6 +239,32 @@ pub fn lb_at(bed: &Testbed, socket: &Path, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// `lb vip add VIP --check CHECK --interval INTERVAL_MS --rise RISE --fall FALL` through
+/// `lb` (`Setup::lb`, or `lb_at` for another agent).
+pub fn add_checked_vip(
+    lb: impl Fn(&[&str]) -> String,
+    vip: &str,
+    check: &str,
+    interval_ms: u64,
+    rise: u64,
+    fall: u64,
+) {
+    let (interval, rise, fall) = (interval_ms.to_string(), rise.to_string(), fall.to_string());
+    lb(&[
+        "vip",
+        "add",
+        vip,
+        "--check",
+        check,
+        "--interval",
+        &interval,
+        "--rise",
+        &rise,
+        "--fall",
+        &fall,
+    ]);
+}
+
 /// `lb backend list --json` of the agent on `socket`.
 pub fn backend_list_at(bed: &Testbed, socket: &Path) -> Vec<Value> {
     let out = lb_at(bed, socket, &["backend", "list", "--json"]);
@@ -291,9 +328,50 @@ pub fn one_line_error(what: &str, out: &Output) -> String {
     text.to_string()
 }
 
+/// Runs `cmd` for at most `timeout`; it must succeed. Its stdout; a failure says `what`, the
+/// exit status, stdout and stderr.
+pub fn run_ok(what: &str, cmd: &mut Command, timeout: Duration) -> String {
+    let out = xtask::testbed::run_with_timeout(cmd, timeout)
+        .unwrap_or_else(|e| panic!("running {what}: {e:#}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// What backend `i` (1-based) answers with.
 pub fn name(i: usize) -> String {
     format!("backend-{i}")
+}
+
+/// The index of the backend that answers with `name`: the inverse of [`name`].
+pub fn index_of(name: &str) -> usize {
+    name.strip_prefix("backend-")
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("{name:?} is no backend-N"))
+}
+
+/// The backend a keep-alive connection's first answer came from; it must not have failed.
+pub fn first_backend(answers: &[Answer]) -> String {
+    match &answers[0] {
+        Answer::Ok { backend, .. } => backend.clone(),
+        Answer::Err { message, .. } => panic!("keep-alive connection failed at once: {message}"),
+    }
+}
+
+/// Every one of a keep-alive connection's `answers` came from `backend`: none failed, none
+/// went elsewhere; `what` says when, for a failure.
+pub fn assert_all_from(answers: &[Answer], backend: &str, what: &str) {
+    for a in answers {
+        match a {
+            Answer::Ok { backend: b, .. } if b == backend => {}
+            other => panic!("{what}: {other:?} (pinned to {backend}); all: {answers:?}"),
+        }
+    }
 }
 
 /// The counts must be exactly `expected` (backend index, count); nobody else answered.

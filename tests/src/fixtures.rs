@@ -20,8 +20,7 @@ use std::{
 
 use etherparse::{
     ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, Icmpv6Type, IpHeaders, IpNumber,
-    Ipv4Header, Ipv6Extensions, Ipv6FlowLabel, Ipv6Header, PacketBuilder, VlanId,
-    icmpv4::DestUnreachableHeader,
+    Ipv4Header, Ipv6Extensions, Ipv6Header, PacketBuilder, VlanId, icmpv4::DestUnreachableHeader,
 };
 use lb::datapath::Datapath;
 use lb_common::{
@@ -141,25 +140,8 @@ pub const TCP_URG: u8 = 0x20;
 
 impl Pkt {
     fn new(src: SocketAddr, dst: SocketAddr, l4: L4) -> Self {
-        let ip = match (src.ip(), dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => IpHeaders::Ipv4(
-                Ipv4Header::new(0, 64, IpNumber::TCP, s.octets(), d.octets()).unwrap(),
-                Default::default(),
-            ),
-            (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
-                Ipv6Header {
-                    traffic_class: 0,
-                    flow_label: Ipv6FlowLabel::ZERO,
-                    payload_length: 0,
-                    next_header: IpNumber::TCP,
-                    hop_limit: 64,
-                    source: s.octets(),
-                    destination: d.octets(),
-                },
-                Default::default(),
-            ),
-            _ => panic!("mixed address families: {src} -> {dst}"),
-        };
+        // etherparse's builder writes the protocol of the L4 header it is given (`build`).
+        let ip = ip_headers(src.ip(), dst.ip(), PROTO_TCP);
         Self {
             src_mac: CLIENT_MAC,
             dst_mac: LB_MAC,
@@ -540,6 +522,17 @@ impl Case {
         }
     }
 
+    /// One case a `(name, frame)` row, every one expecting `expect`: a table of frames the
+    /// program must treat alike.
+    pub fn each<'a>(
+        expect: Expect,
+        rows: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+    ) -> Vec<Case> {
+        rows.into_iter()
+            .map(|(name, frame)| Case::new(name, frame, expect))
+            .collect()
+    }
+
     /// A frame the program must answer itself with `answer` (XDP_TX), counted as `reason`.
     pub fn answered(
         name: impl Into<String>,
@@ -618,6 +611,16 @@ pub fn four_vips() -> Fixture {
     fx
 }
 
+/// Backends 1 to `n` (10.1.0.1 to 10.1.0.n) behind the ingress interface, and VIP id 0:
+/// VIP4:80/tcp, round robin over [1, .., n] at slab offset 0.
+pub fn one_vip_over(n: u32) -> Fixture {
+    let mut fx = Fixture::new();
+    fx.backends4(n);
+    let ring: Vec<u32> = (1..=n).collect();
+    fx.vip(vip4(80), PROTO_TCP, 0, 0, &ring);
+    fx
+}
+
 // ---- the fixture ------------------------------------------------------------------------------
 
 /// One loaded program with fresh maps, and the backends configured into it (to know what a
@@ -692,6 +695,13 @@ impl Fixture {
             ..meta
         };
         self.dp.set_vip(&key, &meta).unwrap();
+    }
+
+    /// Backends 1 to `n` at 10.1.0.1 to 10.1.0.n, behind the ingress interface.
+    pub fn backends4(&mut self, n: u32) {
+        for id in 1..=n {
+            self.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
+        }
     }
 
     /// A resolved, in-use backend reached through `ifindex`, generation 1.

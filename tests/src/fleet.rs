@@ -21,7 +21,8 @@ use xtask::{
         NetnsGuard, agent_config, balancer_conf, bird, build_router, flow_sync_config, frr,
         router_conf,
     },
-    testbed::{Agent, Config, Host, Proc, Testbed},
+    testbed::{Agent, Config, Host, Load, Proc, Testbed, monotonic_us},
+    traffic::{Answer, Attempt},
 };
 
 use crate::{e2e::lb_at, flowsync::write_key};
@@ -300,6 +301,128 @@ pub fn disruption(attempts: &[xtask::traffic::Attempt], since_us: u64) -> String
             last as f64 / 1000.0
         ),
     }
+}
+
+/// Steady load on `vip`: a new connection every [`LOAD_EVERY`] for at most `max`, attempt n
+/// from source port `first_port + n`, given half a second to get going.
+pub fn steady_load(bed: &Testbed, vip: SocketAddr, max: Duration, first_port: u16) -> Load {
+    let load = ok(bed.load(vip, LOAD_EVERY, max, Some(first_port)));
+    std::thread::sleep(Duration::from_millis(500));
+    load
+}
+
+/// The attempts that failed, for an assertion's message.
+fn failed(attempts: &[Attempt]) -> Vec<String> {
+    attempts
+        .iter()
+        .filter(|a| a.is_err())
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// Asserts that not one of `attempts` failed; `logs` go with the failure.
+pub fn assert_none_failed(attempts: &[Attempt], logs: &str) {
+    let failed = failed(attempts);
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}\n{logs}",
+        failed.len(),
+        attempts.len()
+    );
+}
+
+/// Freezes `host` while `load` runs; `takeover` waits for the others to take its traffic
+/// over (and prints how long that took). After two more seconds of load: its attempts, and
+/// when the freeze was; how they fared is printed under `what`.
+pub fn freeze_under_load(
+    bed: &Testbed,
+    host: &Host,
+    load: Load,
+    what: &str,
+    takeover: impl FnOnce(),
+) -> (Vec<Attempt>, u64) {
+    let down_at = monotonic_us();
+    freeze(bed, host);
+    takeover();
+    std::thread::sleep(Duration::from_secs(2));
+    let attempts = ok(load.finish());
+    println!("{what}: {}", disruption(&attempts, down_at));
+    (attempts, down_at)
+}
+
+/// New connections answer again once the takeover is done: the last 25 of `attempts` (the
+/// last half second of a load that ran 2 s past it) all succeeded. `after` says what the
+/// takeover was; `logs` go with a failure.
+pub fn assert_answering_again(attempts: &[Attempt], after: &str, logs: &str) {
+    let failed = failed(attempts);
+    assert!(
+        attempts.iter().rev().take(25).all(|a| !a.is_err()),
+        "new connections still fail 1.5 s after {after}: {failed:?}\n{logs}"
+    );
+}
+
+/// A long-lived connection (`how`) carried on through a takeover that began at `down_us`
+/// (`event` says what it was): every one of its `answers` came from `backend`, none failed,
+/// and at least 10 came after its first few. `logs` go with a failed request.
+pub fn assert_carried_on(
+    answers: &[Answer],
+    backend: &str,
+    how: &str,
+    (event, down_us): (&str, u64),
+    logs: impl Fn() -> String,
+) {
+    for a in answers {
+        match a {
+            Answer::Ok { backend: b, seq } => {
+                assert_eq!(
+                    b, backend,
+                    "request {seq} of {how} moved to another backend"
+                )
+            }
+            Answer::Err { seq, message } => panic!(
+                "request {seq} of {how} failed {:.0} ms after {event}: {message}\n{}",
+                (monotonic_us() - down_us) as f64 / 1000.0,
+                logs()
+            ),
+        }
+    }
+    let later = answers
+        .iter()
+        .filter(|a| matches!(a, Answer::Ok { seq, .. } if *seq > 2))
+        .count();
+    assert!(
+        later >= 10,
+        "{how} stopped answering: {} answers in all",
+        answers.len()
+    );
+}
+
+/// `lb fleet leave` run by `leave`: prints how long it took (`what` names the balancer),
+/// asserts it said the agent may now be stopped.
+pub fn timed_leave(what: &str, leave: impl FnOnce() -> String) {
+    let started = Instant::now();
+    let out = leave();
+    println!(
+        "lb fleet leave{what} returned after {:.0} ms",
+        ms(started.elapsed())
+    );
+    assert!(out.contains("safe to stop the agent"), "{out}");
+}
+
+/// `lb vip set VIP` with a check every backend fails (`exec:/bin/false`, every 200 ms,
+/// down at the first failure).
+pub fn failing_check(vip: &str) -> [&str; 9] {
+    [
+        "vip",
+        "set",
+        vip,
+        "--check",
+        "exec:/bin/false",
+        "--interval",
+        "200",
+        "--fall",
+        "1",
+    ]
 }
 
 /// Makes `host` a dead box whose link stays up: its switch port forwards nothing either

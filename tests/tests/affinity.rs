@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use etherparse::{IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder, VlanId};
+use etherparse::{PacketBuilder, VlanId};
 use lb_common::{
     BACKEND_F_KEEP_FLOWS, BACKEND_F_LEASTCONN, FAMILY_V4, FlowKey, PROTO_TCP, Reason, VIP_F_HASH,
     VIP_F_LEASTCONN, VipMeta, flow_hash,
@@ -24,9 +24,7 @@ fn mask64() -> [u32; 4] {
 /// Backends 1, 2, 3 (IPv4) and 4, 5, 6 (IPv6), all behind the test-run ingress.
 fn six_backends() -> Fixture {
     let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
+    fx.backends4(3);
     for id in 4..=6 {
         fx.backend(id, ip(&format!("fd01::{id}")), TEST_RUN_IFINDEX);
     }
@@ -113,7 +111,7 @@ fn an_ipv6_client_is_its_64_prefix() {
     ];
     for (i, (client, backend)) in cases.into_iter().enumerate() {
         fx.run(&Case::new(
-            format!("{client}"),
+            client,
             syn(at(client, 3000 + i as u16), vip6(443)),
             Expect::tx(2, backend, true),
         ));
@@ -441,25 +439,7 @@ fn a_reopened_five_tuple_is_counted_once() {
 fn expected_rst(syn: &Pkt, client: SocketAddr, vip: SocketAddr, payload: usize) -> Vec<u8> {
     let ack = 0x1234_5678u32.wrapping_add(1 + payload as u32);
     let eth = PacketBuilder::ethernet2(LB_MAC, CLIENT_MAC);
-    let ip = match (vip.ip(), client.ip()) {
-        (std::net::IpAddr::V4(v), std::net::IpAddr::V4(c)) => etherparse::IpHeaders::Ipv4(
-            Ipv4Header::new(0, 64, IpNumber::TCP, v.octets(), c.octets()).unwrap(),
-            Default::default(),
-        ),
-        (std::net::IpAddr::V6(v), std::net::IpAddr::V6(c)) => etherparse::IpHeaders::Ipv6(
-            Ipv6Header {
-                traffic_class: 0,
-                flow_label: Ipv6FlowLabel::ZERO,
-                payload_length: 0,
-                next_header: IpNumber::TCP,
-                hop_limit: 64,
-                source: v.octets(),
-                destination: c.octets(),
-            },
-            Default::default(),
-        ),
-        _ => unreachable!(),
-    };
+    let ip = ip_headers(vip.ip(), client.ip(), PROTO_TCP);
     let builder = match syn.vlan {
         Some(vid) => eth.single_vlan(VlanId::try_new(vid).unwrap()).ip(ip),
         None => eth.ip(ip),

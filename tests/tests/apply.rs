@@ -23,15 +23,10 @@ fn file_with(s: &Setup, backends: &[usize]) -> String {
 #[test]
 fn apply_changes_only_the_difference() {
     let _serial = serial();
-    let s = Setup::new(3);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(3, &[1, 2]);
     let (keepalive, kept) =
         s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(30));
-    let kept: usize = kept
-        .trim_start_matches("backend-")
-        .parse()
-        .expect("backend-N");
+    let kept = index_of(&kept);
     let gone = 3 - kept;
     s.requests(vip4(), 20);
     let flows_before = |list: &[serde_json::Value]| {

@@ -7,7 +7,6 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lb_tests::e2e::*;
-use xtask::traffic::Answer;
 
 /// The agent's config file made a directory: nothing can be written there. A backend add
 /// and a VIP add are refused with a one-line error saying so, and neither is in effect
@@ -15,9 +14,7 @@ use xtask::traffic::Answer;
 #[test]
 fn a_change_that_cannot_be_saved_is_refused_and_not_in_effect() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1]);
     let vip = vip4().to_string();
     let saved = std::fs::read_to_string(&s.config).unwrap();
     std::fs::remove_file(&s.config).unwrap();
@@ -29,11 +26,7 @@ fn a_change_that_cannot_be_saved_is_refused_and_not_in_effect() {
         error.contains("not applied") && error.contains(&s.config.display().to_string()),
         "{error}"
     );
-    let listed: Vec<String> = s
-        .backend_list()
-        .iter()
-        .map(|b| field(b, "address"))
-        .collect();
+    let listed = s.listed_addresses();
     assert_eq!(
         listed,
         [s.backend(1, false)],
@@ -65,15 +58,10 @@ fn a_change_that_cannot_be_saved_is_refused_and_not_in_effect() {
 #[test]
 fn a_deleted_backend_keeps_its_connections_until_the_grace_ends() {
     let _serial = serial();
-    let s = Setup::new(3);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(3, &[1, 2]);
     let (keepalive, kept) =
         s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(30));
-    let leaving: usize = kept
-        .trim_start_matches("backend-")
-        .parse()
-        .expect("backend-N");
+    let leaving = index_of(&kept);
     let other = 3 - leaving;
     let vip = vip4().to_string();
 
@@ -108,14 +96,7 @@ fn a_deleted_backend_keeps_its_connections_until_the_grace_ends() {
         .wait_answers(before + 10, Duration::from_secs(3))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let answers = keepalive.stop();
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => assert_eq!(backend, &kept, "{answers:?}"),
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, &kept, "in the grace period");
     assert_eq!(state_of(leaving).as_deref(), Some("leaving"));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while state_of(leaving).is_some() {

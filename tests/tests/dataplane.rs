@@ -60,47 +60,27 @@ fn forwards_tcp_and_udp_over_ipv4_and_ipv6_rewriting_only_the_macs() {
     let udp4 = Pkt::udp(client4(40000), vip4(53));
     let tcp6 = Pkt::tcp(client6(40000), vip6(443));
     let udp6 = Pkt::udp(client6(40000), vip6(53));
+    let flows = [
+        ("ipv4 tcp", &tcp4, 0, 1),
+        ("ipv4 udp", &udp4, 1, 2),
+        ("ipv6 tcp", &tcp6, 2, 3),
+        ("ipv6 udp", &udp6, 3, 4),
+    ];
+    let mut cases = Vec::new();
+    for (name, pkt, vip_id, backend) in flows {
+        cases.push(Case::new(
+            format!("{name}, first packet"),
+            pkt.build(),
+            Expect::tx(vip_id, backend, true),
+        ));
+        cases.push(Case::new(
+            format!("{name}, second packet"),
+            pkt.build(),
+            Expect::tx(vip_id, backend, false),
+        ));
+    }
+    fx.run_all(&cases);
     fx.run_all(&[
-        Case::new(
-            "ipv4 tcp, first packet",
-            tcp4.build(),
-            Expect::tx(0, 1, true),
-        ),
-        Case::new(
-            "ipv4 tcp, second packet",
-            tcp4.build(),
-            Expect::tx(0, 1, false),
-        ),
-        Case::new(
-            "ipv4 udp, first packet",
-            udp4.build(),
-            Expect::tx(1, 2, true),
-        ),
-        Case::new(
-            "ipv4 udp, second packet",
-            udp4.build(),
-            Expect::tx(1, 2, false),
-        ),
-        Case::new(
-            "ipv6 tcp, first packet",
-            tcp6.build(),
-            Expect::tx(2, 3, true),
-        ),
-        Case::new(
-            "ipv6 tcp, second packet",
-            tcp6.build(),
-            Expect::tx(2, 3, false),
-        ),
-        Case::new(
-            "ipv6 udp, first packet",
-            udp6.build(),
-            Expect::tx(3, 4, true),
-        ),
-        Case::new(
-            "ipv6 udp, second packet",
-            udp6.build(),
-            Expect::tx(3, 4, false),
-        ),
         // Sizes around the interesting edges: no payload (a bare SYN, shorter than the
         // Ethernet minimum, as test-run does not pad) and a full 1500-byte IP packet.
         Case::new(
@@ -128,7 +108,7 @@ fn forwards_tcp_and_udp_over_ipv4_and_ipv6_rewriting_only_the_macs() {
             Expect::tx(3, 4, true),
         ),
     ]);
-    for (pkt, backend) in [(&tcp4, 1), (&udp4, 2), (&tcp6, 3), (&udp6, 4)] {
+    for (_, pkt, _, backend) in flows {
         assert_eq!(fx.dp.flow(&pkt.flow_key()), pinned(backend, 1), "{pkt:?}");
     }
 }
@@ -196,11 +176,7 @@ fn frames_padded_to_the_ethernet_minimum_are_forwarded_with_their_padding() {
 
 #[test]
 fn round_robin_takes_ring_entries_in_turn() {
-    let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3]);
+    let mut fx = one_vip_over(3);
     // A ring entry is a backend id: listing one twice gives it twice the share.
     fx.vip(vip4(8080), PROTO_TCP, 1, 100, &[1, 1, 2]);
 
@@ -235,11 +211,7 @@ fn round_robin_takes_ring_entries_in_turn() {
 
 #[test]
 fn established_flows_stick_to_their_backend() {
-    let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3]);
+    let mut fx = one_vip_over(3);
     let flow = |sport| Pkt::tcp(client4(sport), vip4(80));
     let (a, b, c, d, e) = (
         flow(40001),
@@ -344,10 +316,7 @@ fn established_flows_survive_a_syn_flood_five_times_the_flow_table() {
 
 #[test]
 fn a_draining_backend_keeps_its_flows_but_takes_no_new_ones() {
-    let mut fx = Fixture::new();
-    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
-    fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2]);
+    let mut fx = one_vip_over(2);
     let a = Pkt::tcp(client4(40001), vip4(80));
     fx.run(&Case::new("a new", a.build(), Expect::tx(0, 1, true)));
     // The agent drains backend 1: a new ring without it (written elsewhere in the slab and
@@ -418,10 +387,7 @@ fn a_flow_whose_backend_left_is_reselected_from_the_ring() {
 
 #[test]
 fn a_flow_whose_backend_stopped_keeping_flows_is_reselected() {
-    let mut fx = Fixture::new();
-    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
-    fx.backend(2, ip("10.1.0.2"), TEST_RUN_IFINDEX);
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2]);
+    let mut fx = one_vip_over(2);
     let a = Pkt::tcp(client4(40001), vip4(80));
     fx.run(&Case::new("a new", a.build(), Expect::tx(0, 1, true)));
     // Still in use (the id is not free yet) but its established flows must move.
@@ -437,9 +403,7 @@ fn a_flow_whose_backend_stopped_keeping_flows_is_reselected() {
 
 #[test]
 fn a_flow_pinned_to_a_reused_backend_id_is_reselected() {
-    let mut fx = Fixture::new();
-    fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1]);
+    let mut fx = one_vip_over(1);
     let a = Pkt::tcp(client4(40001), vip4(80));
     fx.run(&Case::new("a new", a.build(), Expect::tx(0, 1, true)));
     assert_eq!(fx.dp.flow(&a.flow_key()), pinned(1, 1));
@@ -466,9 +430,7 @@ fn a_flow_pinned_to_a_reused_backend_id_is_reselected() {
 #[test]
 fn hash_mode_takes_the_ring_entry_the_flow_hashes_to() {
     let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
+    fx.backends4(3);
     let ring = [1, 2, 3, 2, 1, 3, 3];
     fx.vip_with_flags(vip4(80), PROTO_TCP, 0, 0, &ring, VIP_F_HASH);
     let mut seen = [0u32; 4];
@@ -507,11 +469,7 @@ fn in_handshake(backend_id: u32, backend_generation: u32) -> Option<FlowValue> {
 /// answer the client's ACK of the first backend's SYN-ACK with a reset.
 #[test]
 fn a_retransmitted_syn_keeps_the_backend_of_its_handshake() {
-    let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3]);
+    let mut fx = one_vip_over(3);
     fx.backend(4, ip("fd01::4"), TEST_RUN_IFINDEX);
     fx.backend(5, ip("fd01::5"), TEST_RUN_IFINDEX);
     fx.vip(vip6(443), PROTO_TCP, 1, 8, &[4, 5]);
@@ -561,11 +519,7 @@ fn a_retransmitted_syn_keeps_the_backend_of_its_handshake() {
 /// names another server does not, and the SYN is balanced afresh.
 #[test]
 fn a_retransmitted_syn_follows_its_backend_only_while_it_keeps_flows() {
-    let mut fx = Fixture::new();
-    for id in 1..=4 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3, 4]);
+    let mut fx = one_vip_over(4);
     let flow = |sport| Pkt::tcp(client4(sport), vip4(80)).flags(TCP_SYN);
     let (a, b, c, d) = (flow(40001), flow(40002), flow(40003), flow(40004));
     fx.run_all(&[
@@ -601,11 +555,7 @@ fn a_retransmitted_syn_follows_its_backend_only_while_it_keeps_flows() {
 /// that sent the quoted packet is no longer there.
 #[test]
 fn icmp_errors_reach_a_pinned_backend_only_while_it_keeps_the_flow() {
-    let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
-    fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1, 2, 3]);
+    let mut fx = one_vip_over(3);
     fx.backend(4, ip("fd01::4"), TEST_RUN_IFINDEX);
     fx.vip_with_flags(vip6(53), PROTO_UDP, 1, 8, &[4], VIP_F_HASH);
     let router4 = ip("192.0.2.254");
@@ -629,28 +579,27 @@ fn icmp_errors_reach_a_pinned_backend_only_while_it_keeps_the_flow() {
     fx.update_backend(3, |b| b.flags = 0);
     fx.update_backend(4, |b| b.generation = 2);
     let gone = Expect::Drop(Reason::DropIcmpNoFlow);
-    fx.run_all(&[
-        Case::new(
-            "about a, whose backend id was reused",
-            icmp_error(router4, a, vip4(80), PROTO_TCP),
-            gone,
+    for (about, client, router, vip, proto) in [
+        (
+            "a, whose backend id was reused",
+            a,
+            router4,
+            vip4(80),
+            PROTO_TCP,
         ),
-        Case::new(
-            "about b, whose backend failed",
-            icmp_error(router4, b, vip4(80), PROTO_TCP),
-            gone,
+        ("b, whose backend failed", b, router4, vip4(80), PROTO_TCP),
+        ("c, whose backend left", c, router4, vip4(80), PROTO_TCP),
+        (
+            "u, hash mode, backend id reused",
+            u,
+            router6,
+            vip6(53),
+            PROTO_UDP,
         ),
-        Case::new(
-            "about c, whose backend left",
-            icmp_error(router4, c, vip4(80), PROTO_TCP),
-            gone,
-        ),
-        Case::new(
-            "about u, hash mode, backend id reused",
-            icmp_error(router6, u, vip6(53), PROTO_UDP),
-            gone,
-        ),
-    ]);
+    ] {
+        let error = icmp_error(router, client, vip, proto);
+        fx.run(&Case::new(format!("about {about}"), error, gone));
+    }
     // The errors changed no flow: a's next packet is re-balanced as before.
     assert_eq!(fx.dp.flow(&flow_key(a, vip4(80), PROTO_TCP)), pinned(1, 1));
     // Once a's flow is pinned anew (to the server now behind id 1), its errors go there.
@@ -957,20 +906,16 @@ fn a_ring_entry_naming_an_unused_backend_drops() {
 #[test]
 fn an_unresolved_backend_hands_the_frame_to_the_host_untouched() {
     let mut fx = Fixture::new();
+    let unresolved = |b: &mut Backend| {
+        b.flags = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;
+        b.mac = [0; 6];
+        b.src_mac = [0; 6];
+        b.ifindex = 0;
+    };
     fx.backend(1, ip("10.1.0.1"), TEST_RUN_IFINDEX);
-    fx.update_backend(1, |b| {
-        b.flags = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;
-        b.mac = [0; 6];
-        b.src_mac = [0; 6];
-        b.ifindex = 0;
-    });
+    fx.update_backend(1, unresolved);
     fx.backend(2, ip("fd01::2"), TEST_RUN_IFINDEX);
-    fx.update_backend(2, |b| {
-        b.flags = BACKEND_F_IN_USE | BACKEND_F_KEEP_FLOWS;
-        b.mac = [0; 6];
-        b.src_mac = [0; 6];
-        b.ifindex = 0;
-    });
+    fx.update_backend(2, unresolved);
     fx.vip(vip4(80), PROTO_TCP, 0, 0, &[1]);
     fx.vip(vip6(443), PROTO_TCP, 1, 8, &[2]);
     let tcp4 = Pkt::tcp(client4(40001), vip4(80));
@@ -1012,69 +957,62 @@ fn traffic_not_for_a_vip_passes_untouched() {
         ),
         ..Default::default()
     };
-    fx.run_all(&[
-        Case::new(
-            "ipv4, other address",
-            Pkt::tcp(client4(40000), sa("10.0.0.11:80")).build(),
-            pass,
-        ),
-        Case::new(
-            "ipv6, other address",
-            Pkt::tcp(client6(40000), sa("[fd00::11]:443")).build(),
-            pass,
-        ),
-        Case::new(
-            "ipv4 from the vip",
-            Pkt::tcp(vip4(80), client4(40000)).build(),
-            pass,
-        ),
-        // The VIP's own port on the source side is not a match either.
-        Case::new(
-            "ipv4 sport = vip port",
-            Pkt::tcp(client4(80), sa("10.0.0.11:40000")).build(),
-            pass,
-        ),
-        // An IPv6 address whose first word is the IPv4 VIP's: the family tells them apart.
-        Case::new(
-            "ipv6 a00:a::",
-            Pkt::tcp(client6(40000), sa("[a00:a::]:80")).build(),
-            pass,
-        ),
-        // Things dropped when addressed to a VIP are the host's business otherwise.
-        Case::new(
-            "ipv4 fragment, other address",
-            Pkt::udp(client4(40000), sa("10.0.0.11:53"))
-                .with_ipv4(|h| h.more_fragments = true)
-                .build(),
-            pass,
-        ),
-        Case::new(
-            "ipv4 options, other address",
-            Pkt::tcp(client4(40000), sa("10.0.0.11:80"))
-                .with_ipv4(|h| h.options = Ipv4Options::from([1, 1, 1, 0]))
-                .build(),
-            pass,
-        ),
-        Case::new(
-            "ipv6 hop-by-hop, other address",
-            Pkt::tcp(client6(40000), sa("[fd00::11]:443"))
-                .with_ipv6_exts(hop_by_hop.clone())
-                .build(),
-            pass,
-        ),
-        Case::new(
-            "ipv4 truncated tcp, other address",
-            cut_l4(Pkt::tcp(client4(40000), sa("10.0.0.11:80")).build(), 10),
-            pass,
-        ),
-        Case::new(
-            "vlan, other address",
-            Pkt::tcp(client4(40000), sa("10.0.0.11:80"))
-                .vlan(100)
-                .build(),
-            pass,
-        ),
-    ]);
+    fx.run_all(&Case::each(
+        pass,
+        [
+            (
+                "ipv4, other address",
+                Pkt::tcp(client4(40000), sa("10.0.0.11:80")).build(),
+            ),
+            (
+                "ipv6, other address",
+                Pkt::tcp(client6(40000), sa("[fd00::11]:443")).build(),
+            ),
+            (
+                "ipv4 from the vip",
+                Pkt::tcp(vip4(80), client4(40000)).build(),
+            ),
+            // The VIP's own port on the source side is not a match either.
+            (
+                "ipv4 sport = vip port",
+                Pkt::tcp(client4(80), sa("10.0.0.11:40000")).build(),
+            ),
+            // An IPv6 address whose first word is the IPv4 VIP's: the family tells them apart.
+            (
+                "ipv6 a00:a::",
+                Pkt::tcp(client6(40000), sa("[a00:a::]:80")).build(),
+            ),
+            // Things dropped when addressed to a VIP are the host's business otherwise.
+            (
+                "ipv4 fragment, other address",
+                Pkt::udp(client4(40000), sa("10.0.0.11:53"))
+                    .with_ipv4(|h| h.more_fragments = true)
+                    .build(),
+            ),
+            (
+                "ipv4 options, other address",
+                Pkt::tcp(client4(40000), sa("10.0.0.11:80"))
+                    .with_ipv4(|h| h.options = Ipv4Options::from([1, 1, 1, 0]))
+                    .build(),
+            ),
+            (
+                "ipv6 hop-by-hop, other address",
+                Pkt::tcp(client6(40000), sa("[fd00::11]:443"))
+                    .with_ipv6_exts(hop_by_hop.clone())
+                    .build(),
+            ),
+            (
+                "ipv4 truncated tcp, other address",
+                cut_l4(Pkt::tcp(client4(40000), sa("10.0.0.11:80")).build(), 10),
+            ),
+            (
+                "vlan, other address",
+                Pkt::tcp(client4(40000), sa("10.0.0.11:80"))
+                    .vlan(100)
+                    .build(),
+            ),
+        ],
+    ));
     for vip_id in 0..4 {
         assert_eq!(
             fx.dp.vip_counters(vip_id).unwrap(),
@@ -1099,21 +1037,22 @@ fn non_ip_frames_pass_untouched() {
         .tcp(40000, 80, 1, 64240)
         .write(&mut qinq, b"qinq")
         .unwrap();
-    fx.run_all(&[
-        Case::new(
-            "arp who-has vip",
-            arp_request([192, 0, 2, 1], ip4(VIP4), None),
-            pass,
-        ),
-        Case::new(
-            "arp, vlan tagged",
-            arp_request([192, 0, 2, 1], ip4(VIP4), Some(100)),
-            pass,
-        ),
-        Case::new("lldp ethertype", lldp.clone(), pass),
-        Case::new("ethernet header only", lldp[..14].to_vec(), pass),
-        Case::new("802.1ad double tag to the vip", qinq, pass),
-    ]);
+    fx.run_all(&Case::each(
+        pass,
+        [
+            (
+                "arp who-has vip",
+                arp_request([192, 0, 2, 1], ip4(VIP4), None),
+            ),
+            (
+                "arp, vlan tagged",
+                arp_request([192, 0, 2, 1], ip4(VIP4), Some(100)),
+            ),
+            ("lldp ethertype", lldp.clone()),
+            ("ethernet header only", lldp[..14].to_vec()),
+            ("802.1ad double tag to the vip", qinq),
+        ],
+    ));
 }
 
 fn ip4(s: &str) -> [u8; 4] {
@@ -1191,59 +1130,60 @@ fn truncated_frames_are_dropped_never_forwarded() {
     let udp6 = Pkt::udp(client6(40000), vip6(53)).build();
     let vlan4 = Pkt::tcp(client4(40000), vip4(80)).vlan(100).build();
     let other4 = Pkt::tcp(client4(40000), sa("10.0.0.11:80")).build();
+    fx.run_all(&Case::each(
+        l3,
+        [
+            // Ethernet or VLAN header cut.
+            ("vlan tpid, no tag", vlan4[..14].to_vec()),
+            ("vlan tag cut after the tci", vlan4[..16].to_vec()),
+            (
+                "vlan tag cut inside the inner ethertype",
+                vlan4[..17].to_vec(),
+            ),
+            // IP header cut: the addresses are unknown, so whoever it was for, it cannot be IP.
+            ("ipv4, no header", tcp4[..14].to_vec()),
+            ("ipv4, 1 byte of header", tcp4[..15].to_vec()),
+            ("ipv4, 19 bytes of header", tcp4[..33].to_vec()),
+            (
+                "ipv4 not for a vip, 19 bytes of header",
+                other4[..33].to_vec(),
+            ),
+            ("vlan ipv4, 19 bytes of header", vlan4[..37].to_vec()),
+            ("ipv6, no header", tcp6[..14].to_vec()),
+            ("ipv6, 20 bytes of header", tcp6[..34].to_vec()),
+            ("ipv6, 39 bytes of header", tcp6[..53].to_vec()),
+        ],
+    ));
+    fx.run_all(&Case::each(
+        l4,
+        [
+            // Consistent IP packets (lengths fixed up) whose TCP/UDP header is incomplete.
+            ("ipv4 tcp, no l4 bytes", cut_l4(tcp4.clone(), 0)),
+            (
+                "ipv4 tcp, 3 bytes: not even the ports",
+                cut_l4(tcp4.clone(), 3),
+            ),
+            ("ipv4 tcp, ports only", cut_l4(tcp4.clone(), 4)),
+            ("ipv4 tcp, 19 bytes", cut_l4(tcp4.clone(), 19)),
+            ("ipv4 udp, 7 bytes", cut_l4(udp4.clone(), 7)),
+            ("ipv4 udp, 2 bytes", cut_l4(udp4.clone(), 2)),
+            ("ipv6 tcp, 19 bytes", cut_l4(tcp6.clone(), 19)),
+            ("ipv6 udp, 7 bytes", cut_l4(udp6.clone(), 7)),
+            ("vlan ipv4 tcp, 12 bytes", cut_l4(vlan4.clone(), 12)),
+            // The IP packet ends inside the header but Ethernet padding fills the frame up:
+            // padding is not a header (the kernel would drop these too).
+            (
+                "ipv4 tcp, 10 bytes + padding",
+                pad(cut_l4(tcp4.clone(), 10)),
+            ),
+            ("ipv4 udp, 4 bytes + padding", pad(cut_l4(udp4.clone(), 4))),
+            (
+                "ipv6 tcp, no l4 bytes + padding",
+                pad(cut_l4(tcp6.clone(), 0)),
+            ),
+        ],
+    ));
     fx.run_all(&[
-        // Ethernet or VLAN header cut.
-        Case::new("vlan tpid, no tag", vlan4[..14].to_vec(), l3),
-        Case::new("vlan tag cut after the tci", vlan4[..16].to_vec(), l3),
-        Case::new(
-            "vlan tag cut inside the inner ethertype",
-            vlan4[..17].to_vec(),
-            l3,
-        ),
-        // IP header cut: the addresses are unknown, so whoever it was for, it cannot be IP.
-        Case::new("ipv4, no header", tcp4[..14].to_vec(), l3),
-        Case::new("ipv4, 1 byte of header", tcp4[..15].to_vec(), l3),
-        Case::new("ipv4, 19 bytes of header", tcp4[..33].to_vec(), l3),
-        Case::new(
-            "ipv4 not for a vip, 19 bytes of header",
-            other4[..33].to_vec(),
-            l3,
-        ),
-        Case::new("vlan ipv4, 19 bytes of header", vlan4[..37].to_vec(), l3),
-        Case::new("ipv6, no header", tcp6[..14].to_vec(), l3),
-        Case::new("ipv6, 20 bytes of header", tcp6[..34].to_vec(), l3),
-        Case::new("ipv6, 39 bytes of header", tcp6[..53].to_vec(), l3),
-        // Consistent IP packets (lengths fixed up) whose TCP/UDP header is incomplete.
-        Case::new("ipv4 tcp, no l4 bytes", cut_l4(tcp4.clone(), 0), l4),
-        Case::new(
-            "ipv4 tcp, 3 bytes: not even the ports",
-            cut_l4(tcp4.clone(), 3),
-            l4,
-        ),
-        Case::new("ipv4 tcp, ports only", cut_l4(tcp4.clone(), 4), l4),
-        Case::new("ipv4 tcp, 19 bytes", cut_l4(tcp4.clone(), 19), l4),
-        Case::new("ipv4 udp, 7 bytes", cut_l4(udp4.clone(), 7), l4),
-        Case::new("ipv4 udp, 2 bytes", cut_l4(udp4.clone(), 2), l4),
-        Case::new("ipv6 tcp, 19 bytes", cut_l4(tcp6.clone(), 19), l4),
-        Case::new("ipv6 udp, 7 bytes", cut_l4(udp6.clone(), 7), l4),
-        Case::new("vlan ipv4 tcp, 12 bytes", cut_l4(vlan4.clone(), 12), l4),
-        // The IP packet ends inside the header but Ethernet padding fills the frame up:
-        // padding is not a header (the kernel would drop these too).
-        Case::new(
-            "ipv4 tcp, 10 bytes + padding",
-            pad(cut_l4(tcp4.clone(), 10)),
-            l4,
-        ),
-        Case::new(
-            "ipv4 udp, 4 bytes + padding",
-            pad(cut_l4(udp4.clone(), 4)),
-            l4,
-        ),
-        Case::new(
-            "ipv6 tcp, no l4 bytes + padding",
-            pad(cut_l4(tcp6.clone(), 0)),
-            l4,
-        ),
         // Cut without fixing the IP length: the IP header now claims bytes past the frame.
         Case::new(
             "ipv4 tcp cut, tot_len past the frame",
@@ -1296,54 +1236,43 @@ fn impossible_ip_headers_are_dropped() {
     let vlan4 = Pkt::tcp(client4(40000), vip4(80)).vlan(100).build();
     let udp6 = Pkt::udp(client6(40000), vip6(53)).build();
     let udp6_payload = (udp6.len() - 14 - 40) as u16;
-    fx.run_all(&[
-        Case::new("ipv4 ihl 4", patch_l3(&tcp4, 0, &[0x44]), bad),
-        Case::new("ipv4 ihl 0", patch_l3(&tcp4, 0, &[0x40]), bad),
-        Case::new("ipv4 ihl 15 past tot_len", patch_l3(&tcp4, 0, &[0x4f]), bad),
-        Case::new(
-            "version 6 in an ipv4 ethertype",
-            patch_l3(&tcp4, 0, &[0x65]),
-            bad,
-        ),
-        Case::new(
-            "version 0 in an ipv4 ethertype",
-            patch_l3(&tcp4, 0, &[0x05]),
-            bad,
-        ),
-        Case::new(
-            "ipv4 tot_len one past the frame",
-            patch_l3(&tcp4, 2, &(tcp4_len + 1).to_be_bytes()),
-            bad,
-        ),
-        Case::new(
-            "ipv4 tot_len 0xffff",
-            patch_l3(&tcp4, 2, &[0xff, 0xff]),
-            bad,
-        ),
-        Case::new(
-            "ipv4 tot_len below ihl",
-            patch_l3(&tcp4, 2, &19u16.to_be_bytes()),
-            bad,
-        ),
-        Case::new("ipv4 tot_len 0", patch_l3(&tcp4, 2, &[0, 0]), bad),
-        Case::new("vlan ipv4 ihl 4", patch_l3(&vlan4, 0, &[0x44]), bad),
-        // The kernel's receive path would drop these too, so they go whoever they are for.
-        Case::new(
-            "ipv4 ihl 4, not for a vip",
-            patch_l3(&other4, 0, &[0x44]),
-            bad,
-        ),
-        Case::new(
-            "version 4 in an ipv6 ethertype",
-            patch_l3(&udp6, 0, &[0x40]),
-            bad,
-        ),
-        Case::new(
-            "ipv6 payload_len one past the frame",
-            patch_l3(&udp6, 4, &(udp6_payload + 1).to_be_bytes()),
-            bad,
-        ),
-    ]);
+    fx.run_all(&Case::each(
+        bad,
+        [
+            ("ipv4 ihl 4", patch_l3(&tcp4, 0, &[0x44])),
+            ("ipv4 ihl 0", patch_l3(&tcp4, 0, &[0x40])),
+            ("ipv4 ihl 15 past tot_len", patch_l3(&tcp4, 0, &[0x4f])),
+            (
+                "version 6 in an ipv4 ethertype",
+                patch_l3(&tcp4, 0, &[0x65]),
+            ),
+            (
+                "version 0 in an ipv4 ethertype",
+                patch_l3(&tcp4, 0, &[0x05]),
+            ),
+            (
+                "ipv4 tot_len one past the frame",
+                patch_l3(&tcp4, 2, &(tcp4_len + 1).to_be_bytes()),
+            ),
+            ("ipv4 tot_len 0xffff", patch_l3(&tcp4, 2, &[0xff, 0xff])),
+            (
+                "ipv4 tot_len below ihl",
+                patch_l3(&tcp4, 2, &19u16.to_be_bytes()),
+            ),
+            ("ipv4 tot_len 0", patch_l3(&tcp4, 2, &[0, 0])),
+            ("vlan ipv4 ihl 4", patch_l3(&vlan4, 0, &[0x44])),
+            // The kernel's receive path would drop these too, so they go whoever they are for.
+            ("ipv4 ihl 4, not for a vip", patch_l3(&other4, 0, &[0x44])),
+            (
+                "version 4 in an ipv6 ethertype",
+                patch_l3(&udp6, 0, &[0x40]),
+            ),
+            (
+                "ipv6 payload_len one past the frame",
+                patch_l3(&udp6, 4, &(udp6_payload + 1).to_be_bytes()),
+            ),
+        ],
+    ));
     // Shorter IP lengths than the frame are fine (the rest is link-layer padding).
     fx.run(&Case::new(
         "ipv4 tot_len shorter than the frame",
@@ -1435,38 +1364,36 @@ fn ipv4_options_to_a_vip_address_are_dropped() {
     // Router alert (4 bytes) and record route with room for one address (8 bytes).
     let router_alert = Ipv4Options::from([148, 4, 0, 0]);
     let record_route = Ipv4Options::from([7, 7, 4, 0, 0, 0, 0, 1]);
-    fx.run_all(&[
-        Case::new(
-            "tcp, nop nop nop eol",
-            with(
-                Pkt::tcp(client4(40000), vip4(80)),
-                Ipv4Options::from([1, 1, 1, 0]),
+    fx.run_all(&Case::each(
+        opts,
+        [
+            (
+                "tcp, nop nop nop eol",
+                with(
+                    Pkt::tcp(client4(40000), vip4(80)),
+                    Ipv4Options::from([1, 1, 1, 0]),
+                ),
             ),
-            opts,
-        ),
-        Case::new(
-            "udp, router alert",
-            with(Pkt::udp(client4(40000), vip4(53)), router_alert.clone()),
-            opts,
-        ),
-        Case::new(
-            "tcp, record route",
-            with(Pkt::tcp(client4(40000), vip4(80)), record_route.clone()),
-            opts,
-        ),
-        Case::new(
-            "vlan tcp, router alert",
-            with(Pkt::tcp(client4(40000), vip4(80)).vlan(7), router_alert),
-            opts,
-        ),
-        // Options are judged before the protocol: a ping with options to the VIP address
-        // is dropped too, not passed.
-        Case::new(
-            "icmp, record route",
-            with(Pkt::icmp(ip("192.0.2.1"), ip(VIP4)), record_route),
-            opts,
-        ),
-    ]);
+            (
+                "udp, router alert",
+                with(Pkt::udp(client4(40000), vip4(53)), router_alert.clone()),
+            ),
+            (
+                "tcp, record route",
+                with(Pkt::tcp(client4(40000), vip4(80)), record_route.clone()),
+            ),
+            (
+                "vlan tcp, router alert",
+                with(Pkt::tcp(client4(40000), vip4(80)).vlan(7), router_alert),
+            ),
+            // Options are judged before the protocol: a ping with options to the VIP address
+            // is dropped too, not passed.
+            (
+                "icmp, record route",
+                with(Pkt::icmp(ip("192.0.2.1"), ip(VIP4)), record_route),
+            ),
+        ],
+    ));
 }
 
 #[test]
@@ -1502,34 +1429,35 @@ fn ipv6_extension_headers_to_a_vip_address_are_dropped() {
     assert_eq!(hbh[14 + 6], 0, "next header is hop-by-hop");
     let frag = tcp6.clone().with_ipv6_exts(fragment).build();
     assert_eq!(frag[14 + 6], 44, "next header is fragment");
+    fx.run_all(&Case::each(
+        ext,
+        [
+            ("hop-by-hop", hbh),
+            ("fragment", frag),
+            (
+                "destination options",
+                udp6.clone().with_ipv6_exts(dest_opts).build(),
+            ),
+            (
+                "authentication header",
+                tcp6.clone().with_ipv6_exts(auth).build(),
+            ),
+            (
+                "vlan hop-by-hop",
+                tcp6.clone()
+                    .vlan(100)
+                    .with_ipv6_exts(hop_by_hop.clone())
+                    .build(),
+            ),
+            (
+                "hop-by-hop to the vip address, other port",
+                Pkt::tcp(client6(40000), vip6(9999))
+                    .with_ipv6_exts(hop_by_hop)
+                    .build(),
+            ),
+        ],
+    ));
     fx.run_all(&[
-        Case::new("hop-by-hop", hbh, ext),
-        Case::new("fragment", frag, ext),
-        Case::new(
-            "destination options",
-            udp6.clone().with_ipv6_exts(dest_opts).build(),
-            ext,
-        ),
-        Case::new(
-            "authentication header",
-            tcp6.clone().with_ipv6_exts(auth).build(),
-            ext,
-        ),
-        Case::new(
-            "vlan hop-by-hop",
-            tcp6.clone()
-                .vlan(100)
-                .with_ipv6_exts(hop_by_hop.clone())
-                .build(),
-            ext,
-        ),
-        Case::new(
-            "hop-by-hop to the vip address, other port",
-            Pkt::tcp(client6(40000), vip6(9999))
-                .with_ipv6_exts(hop_by_hop)
-                .build(),
-            ext,
-        ),
         // "No next header" is no service: the VIP address is closed to it.
         Case::new(
             "no next header",

@@ -11,7 +11,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use lb_tests::e2e::*;
-use xtask::{testbed, traffic::Answer};
+use xtask::testbed;
 
 /// New connections over two backends split exactly; a backend added at runtime takes its
 /// share of new connections and a removed one gets none, while a keep-alive connection to
@@ -19,9 +19,7 @@ use xtask::{testbed, traffic::Answer};
 #[test]
 fn balances_and_follows_runtime_changes() {
     let _serial = serial();
-    let s = Setup::new(3);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(3, &[1, 2]);
 
     let tally = s.requests(vip4(), 200);
     assert_split(&tally, &[(1, 100), (2, 100)]);
@@ -32,10 +30,7 @@ fn balances_and_follows_runtime_changes() {
     // One long-lived connection, a request every 100 ms.
     let (keepalive, kept) =
         s.pinned_keepalive(vip4(), Duration::from_millis(100), Duration::from_secs(40));
-    let kept_index: usize = kept
-        .trim_start_matches("backend-")
-        .parse()
-        .expect("backend-N");
+    let kept_index = index_of(&kept);
 
     // Backend 3 joins: new connections go round all three.
     s.lb(&["backend", "add", &vip4().to_string(), &s.backend(3, false)]);
@@ -52,11 +47,7 @@ fn balances_and_follows_runtime_changes() {
         &s.backend(removed, false),
         "--now",
     ]);
-    let listed: Vec<String> = s
-        .backend_list()
-        .iter()
-        .map(|b| field(b, "address"))
-        .collect();
+    let listed = s.listed_addresses();
     assert!(
         !listed.contains(&s.backend(removed, false)),
         "deleted backend still listed: {listed:?}"
@@ -80,16 +71,7 @@ fn balances_and_follows_runtime_changes() {
         answers.len() >= before + 5,
         "keep-alive answers stopped after the changes: {answers:?}"
     );
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => {
-                assert_eq!(backend, &kept, "keep-alive answers: {answers:?}")
-            }
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, &kept, "through the changes");
 }
 
 /// The agent writes its config back; stopped with SIGTERM and started again with the same
@@ -155,9 +137,7 @@ fn ipv6_vip_balances() {
 #[test]
 fn bad_input_changes_nothing() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1, 2]);
     let state = s.backend_set();
     let config = std::fs::read_to_string(&s.config).expect("config file");
     let vip = vip4().to_string();

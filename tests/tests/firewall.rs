@@ -176,38 +176,37 @@ fn a_vip_address_answers_only_on_its_services() {
     let mut gre = Pkt::tcp(client4(4000), vip4(80)).build();
     gre[14 + 9] = 47;
     fix_ipv4_checksum(&mut gre);
+    fx.run_all(&Case::each(
+        closed,
+        [
+            (
+                "v4 other tcp port",
+                Pkt::tcp(client4(4000), vip4(81)).build(),
+            ),
+            (
+                "v4 udp to the tcp port",
+                Pkt::udp(client4(4000), vip4(80)).build(),
+            ),
+            (
+                "v4 tcp to the udp port",
+                Pkt::tcp(client4(4000), vip4(53)).build(),
+            ),
+            (
+                "v6 other udp port",
+                Pkt::udp(client6(4000), vip6(54)).build(),
+            ),
+            (
+                "v6 udp to the tcp port",
+                Pkt::udp(client6(4000), vip6(443)).build(),
+            ),
+            ("v4 gre to the vip address", gre),
+            (
+                "vlan, v4 other port",
+                Pkt::tcp(client4(4000), vip4(8080)).vlan(100).build(),
+            ),
+        ],
+    ));
     fx.run_all(&[
-        Case::new(
-            "v4 other tcp port",
-            Pkt::tcp(client4(4000), vip4(81)).build(),
-            closed,
-        ),
-        Case::new(
-            "v4 udp to the tcp port",
-            Pkt::udp(client4(4000), vip4(80)).build(),
-            closed,
-        ),
-        Case::new(
-            "v4 tcp to the udp port",
-            Pkt::tcp(client4(4000), vip4(53)).build(),
-            closed,
-        ),
-        Case::new(
-            "v6 other udp port",
-            Pkt::udp(client6(4000), vip6(54)).build(),
-            closed,
-        ),
-        Case::new(
-            "v6 udp to the tcp port",
-            Pkt::udp(client6(4000), vip6(443)).build(),
-            closed,
-        ),
-        Case::new("v4 gre to the vip address", gre, closed),
-        Case::new(
-            "vlan, v4 other port",
-            Pkt::tcp(client4(4000), vip4(8080)).vlan(100).build(),
-            closed,
-        ),
         // The same ports on an address that is no VIP are the host's business.
         Case::new(
             "other address, any port",
@@ -225,36 +224,34 @@ fn impossible_tcp_flags_are_dropped_and_real_ones_forwarded() {
     let mut fx = four_vips();
     let bad = Expect::Drop(Reason::DropBadTcpFlags);
     let seg = |port: u16, flags: u8| Pkt::tcp(client4(port), vip4(80)).flags(flags).build();
-    fx.run_all(&[
-        Case::new("no flags at all", seg(5000, 0), bad),
-        Case::new("syn fin", seg(5001, TCP_SYN | TCP_FIN), bad),
-        Case::new("syn rst", seg(5002, TCP_SYN | TCP_RST), bad),
-        Case::new(
-            "xmas: fin psh urg syn",
-            seg(5003, TCP_FIN | TCP_PSH | TCP_URG | TCP_SYN),
-            bad,
-        ),
-        Case::new(
-            "v6 syn fin",
-            Pkt::tcp(client6(5004), vip6(443))
-                .flags(TCP_SYN | TCP_FIN)
-                .build(),
-            bad,
-        ),
-        Case::new("syn", seg(5010, TCP_SYN), Expect::tx(0, 1, true)),
-        Case::new(
-            "syn ack",
-            seg(5011, TCP_SYN | TCP_ACK),
-            Expect::tx(0, 1, true),
-        ),
-        Case::new(
-            "fin ack",
-            seg(5012, TCP_FIN | TCP_ACK),
-            Expect::tx(0, 1, true),
-        ),
-        Case::new("rst alone", seg(5013, TCP_RST), Expect::tx(0, 1, true)),
-        Case::new("ack", seg(5014, TCP_ACK), Expect::tx(0, 1, true)),
-    ]);
+    fx.run_all(&Case::each(
+        bad,
+        [
+            ("no flags at all", seg(5000, 0)),
+            ("syn fin", seg(5001, TCP_SYN | TCP_FIN)),
+            ("syn rst", seg(5002, TCP_SYN | TCP_RST)),
+            (
+                "xmas: fin psh urg syn",
+                seg(5003, TCP_FIN | TCP_PSH | TCP_URG | TCP_SYN),
+            ),
+            (
+                "v6 syn fin",
+                Pkt::tcp(client6(5004), vip6(443))
+                    .flags(TCP_SYN | TCP_FIN)
+                    .build(),
+            ),
+        ],
+    ));
+    fx.run_all(&Case::each(
+        Expect::tx(0, 1, true),
+        [
+            ("syn", seg(5010, TCP_SYN)),
+            ("syn ack", seg(5011, TCP_SYN | TCP_ACK)),
+            ("fin ack", seg(5012, TCP_FIN | TCP_ACK)),
+            ("rst alone", seg(5013, TCP_RST)),
+            ("ack", seg(5014, TCP_ACK)),
+        ],
+    ));
 }
 
 #[test]
@@ -415,9 +412,7 @@ fn icmp_errors_about_a_flow_reach_its_backend() {
 #[test]
 fn icmp_errors_for_a_hash_mode_vip_follow_the_hash_without_a_flow() {
     let mut fx = Fixture::new();
-    for id in 1..=3 {
-        fx.backend(id, ip(&format!("10.1.0.{id}")), TEST_RUN_IFINDEX);
-    }
+    fx.backends4(3);
     let ring = [1, 2, 3, 1, 2, 3, 1];
     fx.vip_with_flags(vip4(80), PROTO_TCP, 0, 0, &ring, VIP_F_HASH);
     let client = client4(41234);

@@ -13,8 +13,10 @@
 
 use std::time::Duration;
 
-use lb_tests::{e2e::serial, fleet::*};
-use xtask::{testbed::monotonic_us, traffic::Answer};
+use lb_tests::{
+    e2e::{first_backend, serial},
+    fleet::*,
+};
 
 const LOAD_MAX: Duration = Duration::from_secs(40);
 
@@ -78,10 +80,7 @@ fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
             let first = k
                 .wait_answers(2, Duration::from_secs(5))
                 .unwrap_or_else(|e| panic!("{e:#}"));
-            let backend = match &first[0] {
-                Answer::Ok { backend, .. } => backend.clone(),
-                Answer::Err { message, .. } => panic!("keep-alive failed at once: {message}"),
-            };
+            let backend = first_backend(&first);
             let via_lb1 = fleet.new_flows(0, vip) > before;
             // Only what the test needs is kept open.
             let wanted = if via_lb1 { through_lb1 } else { others };
@@ -112,27 +111,18 @@ fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
 
     // New connections meanwhile: those sent to lb1 before the router notices fail; how
     // many, and for how long, is measured (BENCHMARKS.md, Fleet), not asserted.
-    let load = fleet
-        .bed
-        .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(26_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
-    let down_at = monotonic_us();
-    freeze(&fleet.bed, &fleet.balancers[0].host);
-    let converged = fleet.wait_next_hops(vip_a().ip(), BALANCERS - 1);
-    assert_eq!(fleet.next_hops(vip_a().ip()), fleet.others(0));
-    println!(
-        "lb1 dead: the router's route lost its next hop after {:.0} ms",
-        ms(converged)
-    );
+    let load = steady_load(&fleet.bed, vip_a(), LOAD_MAX, 26_000);
+    let lb1 = &fleet.balancers[0].host;
+    let (attempts, down_at) = freeze_under_load(&fleet.bed, lb1, load, "lb1 dead", || {
+        let converged = fleet.wait_next_hops(vip_a().ip(), BALANCERS - 1);
+        assert_eq!(fleet.next_hops(vip_a().ip()), fleet.others(0));
+        println!(
+            "lb1 dead: the router's route lost its next hop after {:.0} ms",
+            ms(converged)
+        );
+    });
     // Every connection answers again after the switch.
-    std::thread::sleep(Duration::from_secs(2));
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    println!("lb1 dead: {}", disruption(&attempts, down_at));
-    assert!(
-        attempts.iter().rev().take(25).all(|a| !a.is_err()),
-        "new connections still fail 1.5 s after the router dropped lb1"
-    );
+    assert_answering_again(&attempts, "the router dropped lb1", "");
     for c in conns {
         let answers = c.keepalive.stop();
         let how = format!(
@@ -140,29 +130,9 @@ fn a_dead_balancer_loses_its_next_hop_and_its_connections_continue() {
             c.vip,
             if c.via_lb1 { "through" } else { "not through" }
         );
-        for a in &answers {
-            match a {
-                Answer::Ok { backend, seq } => assert_eq!(
-                    backend, &c.backend,
-                    "request {seq} of {how} moved to another backend"
-                ),
-                Answer::Err { seq, message } => panic!(
-                    "request {seq} of {how} failed after lb1 died ({:.0} ms ago): \
-                     {message}\n{}",
-                    (monotonic_us() - down_at) as f64 / 1000.0,
-                    fleet.logs()
-                ),
-            }
-        }
-        let later = answers
-            .iter()
-            .filter(|a| matches!(a, Answer::Ok { seq, .. } if *seq > 2))
-            .count();
-        assert!(
-            later >= 10,
-            "{how} stopped answering: {} answers in all",
-            answers.len()
-        );
+        assert_carried_on(&answers, &c.backend, &how, ("lb1 died", down_at), || {
+            fleet.logs()
+        });
     }
 }
 
@@ -183,20 +153,7 @@ fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
     let fleet = FleetBed::start();
     let n = FRR_BALANCER;
     let b = vip_b().to_string();
-    fleet.lb(
-        n,
-        &[
-            "vip",
-            "set",
-            &b,
-            "--check",
-            "exec:/bin/false",
-            "--interval",
-            "200",
-            "--fall",
-            "1",
-        ],
-    );
+    fleet.lb(n, &failing_check(&b));
     let took = fleet.wait_next_hops(vip_b().ip(), BALANCERS - 1);
     println!(
         "VIP B down on lb3's checks: withdrawn from the router (FRR) after {:.0} ms",
@@ -228,11 +185,7 @@ fn all_backends_down_on_one_balancer_withdraws_that_vip_only() {
 fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
     let _serial = serial();
     let mut fleet = FleetBed::start();
-    let load = fleet
-        .bed
-        .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(24_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
+    let load = steady_load(&fleet.bed, vip_a(), LOAD_MAX, 24_000);
     fleet.agent(0).proc.kill();
     fleet.balancers[0].agent = None;
     // For three seconds (the BGP hold time) the route stays everywhere.
@@ -254,17 +207,7 @@ fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
     assert_eq!(fleet.announced(0, vip_a().ip()), (true, None));
     std::thread::sleep(Duration::from_millis(500));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.is_err())
-        .map(|a| a.to_string())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connections failed: {failed:?}",
-        failed.len(),
-        attempts.len()
-    );
+    assert_none_failed(&attempts, "");
     assert_eq!(fleet.next_hops(vip_a().ip()), fleet.all());
 }
 
@@ -275,18 +218,8 @@ fn kill_9_of_an_agent_withdraws_nothing_and_the_restart_reannounces() {
 fn graceful_leave_and_join_under_load_fail_no_request() {
     let _serial = serial();
     let mut fleet = FleetBed::start();
-    let load = fleet
-        .bed
-        .load(vip_a(), LOAD_EVERY, LOAD_MAX, Some(25_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
-    let started = std::time::Instant::now();
-    let out = fleet.lb(0, &["fleet", "leave"]);
-    println!(
-        "lb fleet leave returned after {:.0} ms",
-        ms(started.elapsed())
-    );
-    assert!(out.contains("safe to stop the agent"), "{out}");
+    let load = steady_load(&fleet.bed, vip_a(), LOAD_MAX, 25_000);
+    timed_leave("", || fleet.lb(0, &["fleet", "leave"]));
     for vip in [vip_a(), vip_b()] {
         assert_eq!(fleet.next_hops(vip.ip()), fleet.others(0), "{vip}");
     }
@@ -310,15 +243,5 @@ fn graceful_leave_and_join_under_load_fail_no_request() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.is_err())
-        .map(|a| a.to_string())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connections failed: {failed:?}",
-        failed.len(),
-        attempts.len()
-    );
+    assert_none_failed(&attempts, "");
 }

@@ -17,7 +17,7 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 use lb_tests::e2e::*;
 use serde_json::Value;
 use xtask::{
-    testbed::{Testbed, monotonic_us},
+    testbed::{Load, Testbed, monotonic_us},
     traffic::{Answer, Attempt},
 };
 
@@ -55,28 +55,21 @@ fn ms(us: u64) -> f64 {
 }
 
 /// `lb vip add VIP --check CHECK` with the tests' interval, fall and rise.
-fn add_checked_vip(s: &Setup, check: &str) {
-    let (interval, fall, rise) = (INTERVAL_MS.to_string(), FALL.to_string(), RISE.to_string());
-    let vip = vip4().to_string();
-    s.lb(&[
-        "vip",
-        "add",
-        &vip,
-        "--check",
+fn add_checked(s: &Setup, check: &str) {
+    add_checked_vip(
+        |a| s.lb(a),
+        &vip4().to_string(),
         check,
-        "--interval",
-        &interval,
-        "--fall",
-        &fall,
-        "--rise",
-        &rise,
-    ]);
+        INTERVAL_MS,
+        RISE,
+        FALL,
+    );
 }
 
-/// The VIP with a TCP check (see `add_checked_vip`), and the given backends (1-based) with
+/// The VIP with a TCP check (see `add_checked`), and the given backends (1-based) with
 /// extra `lb backend add` arguments each.
 fn configure_checked(s: &Setup, backends: &[(usize, &[&str])]) {
-    add_checked_vip(s, "tcp");
+    add_checked(s, "tcp");
     let vip = vip4().to_string();
     for &(i, extra) in backends {
         let addr = s.backend(i, false);
@@ -195,6 +188,56 @@ fn failure_window(attempts: &[Attempt], since_us: u64) -> (usize, u64) {
     (failed.len(), last)
 }
 
+/// Steady load on the VIP: a new connection every [`LOAD_EVERY`], attempt n from source
+/// port `FIRST_LOAD_PORT + n`.
+fn steady_load(bed: &Testbed) -> Load {
+    bed.load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`steady_load`], once it has run half a second (25 attempts) with every backend up.
+fn answered_load(bed: &Testbed) -> Load {
+    let load = steady_load(bed);
+    wait_load(&load, 0, "baseline", &|a| a.seq >= 25);
+    load
+}
+
+/// The first attempt of `load` started at `since` or later that `f` accepts (within 5 s).
+fn wait_load(load: &Load, since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool) -> Attempt {
+    load.wait_for(since, Duration::from_secs(5), f)
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+/// Ends `load` once an attempt started at `until_us` or later (`what`): all its attempts.
+fn finish_load(load: Load, until_us: u64, what: &str) -> Vec<Attempt> {
+    wait_load(&load, until_us, what, &|_| true);
+    load.finish().unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Waits until `load` has run a second past the expected end of the failover that began
+/// at `killed_us`.
+fn wait_past_fall(load: &Load, killed_us: u64, what: &str) {
+    wait_load(
+        load,
+        killed_us + expected_fall_us() + SECOND_US,
+        what,
+        &|_| true,
+    );
+}
+
+/// Starts backend 1 again under `load`: when it was restarted, when it listened (the checks
+/// can see it from there) and its first new connection.
+fn restart_backend_1(s: &mut Setup, load: &Load) -> (u64, u64, Attempt) {
+    let restarted = monotonic_us();
+    s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
+    // start_backend waits for the server to listen.
+    let listening = monotonic_us();
+    let back = wait_load(load, restarted, "backend 1 answering again", &|a| {
+        a.backend() == Some("backend-1")
+    });
+    (restarted, listening, back)
+}
+
 /// A backend's server dies under steady load: new connections fail only until the agent
 /// marks it down (after `fall` failed checks), then none fail; it comes back after `rise`
 /// good checks. How long each step took is printed (a measurement, never a bound here).
@@ -206,16 +249,7 @@ fn failover_window_under_steady_load() {
     wait_checked(&s.bed, &s.socket);
     let b1 = s.backend(1, false);
 
-    let load = s
-        .bed
-        .load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let wait = |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| {
-        load.wait_for(since, Duration::from_secs(5), f)
-            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
-    };
-    // Half a second of both backends answering.
-    wait(0, "baseline", &|a| a.seq >= 25);
+    let load = answered_load(&s.bed);
 
     let killed = monotonic_us();
     s.servers[0].kill();
@@ -224,24 +258,11 @@ fn failover_window_under_steady_load() {
     });
     let seen_down = monotonic_us();
     // A second of traffic with backend 1 down.
-    wait(
-        killed + expected_fall_us() + SECOND_US,
-        "traffic after failover",
-        &|_| true,
-    );
+    wait_past_fall(&load, killed, "traffic after failover");
 
-    let restarted = monotonic_us();
-    s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
-    // It listens by now (start_backend waits for that): the checks can see it from here.
-    let listening = monotonic_us();
-    let back = wait(restarted, "backend 1 answering again", &|a| {
-        a.backend() == Some("backend-1")
-    });
+    let (restarted, listening, back) = restart_backend_1(&mut s, &load);
     // Another half second with both answering.
-    wait(back.start_us + SECOND_US / 2, "traffic after rise", &|_| {
-        true
-    });
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let attempts = finish_load(load, back.start_us + SECOND_US / 2, "traffic after rise");
 
     let gap = assert_steady(&attempts);
     let (failed, window) = failure_window(&attempts, killed);
@@ -302,20 +323,12 @@ fn backup_takes_over_and_fails_back() {
     let roles: Vec<String> = s.backend_list().iter().map(|b| field(b, "role")).collect();
     assert_eq!(roles, ["primary", "primary", "backup"]);
 
-    let load = s
-        .bed
-        .load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let wait = |since: u64, what: &str, f: &dyn Fn(&Attempt) -> bool| {
-        load.wait_for(since, Duration::from_secs(5), f)
-            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
-    };
-    wait(0, "baseline", &|a| a.seq >= 25);
+    let load = answered_load(&s.bed);
 
     let killed = monotonic_us();
     s.servers[0].kill();
     s.servers[1].kill();
-    let takeover = wait(killed, "the backup answering", &|a| {
+    let takeover = wait_load(&load, killed, "the backup answering", &|a| {
         a.backend() == Some("backend-3")
     });
     let (b1, b2) = (s.backend(1, false), s.backend(2, false));
@@ -323,23 +336,10 @@ fn backup_takes_over_and_fails_back() {
         field(entry(l, &b1), "state") == "down" && field(entry(l, &b2), "state") == "down"
     });
     let seen_down = monotonic_us();
-    wait(
-        killed + expected_fall_us() + SECOND_US,
-        "traffic on the backup",
-        &|_| true,
-    );
+    wait_past_fall(&load, killed, "traffic on the backup");
 
-    let restarted = monotonic_us();
-    s.servers[0] = s.bed.start_backend(1).unwrap_or_else(|e| panic!("{e:#}"));
-    // It listens by now (start_backend waits for that): the checks can see it from here.
-    let listening = monotonic_us();
-    let back = wait(restarted, "the primary answering again", &|a| {
-        a.backend() == Some("backend-1")
-    });
-    wait(back.start_us + SECOND_US, "traffic after failback", &|_| {
-        true
-    });
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let (restarted, listening, back) = restart_backend_1(&mut s, &load);
+    let attempts = finish_load(load, back.start_us + SECOND_US, "traffic after failback");
 
     let gap = assert_steady(&attempts);
     let (failed, window) = failure_window(&attempts, killed);
@@ -396,9 +396,7 @@ fn backup_takes_over_and_fails_back() {
 #[test]
 fn drain_keeps_established_connections() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1, 2]);
     let vip = vip4().to_string();
 
     // The only connection through the VIP so far: the drained backend has exactly one flow.
@@ -452,14 +450,7 @@ fn drain_keeps_established_connections() {
         name(other)
     );
     assert!(answers.len() >= before + 5, "{answers:?}");
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => assert_eq!(backend, &kept, "{answers:?}"),
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, &kept, "drained and undrained");
 }
 
 /// Weights 3:1 over 400 new connections: exactly 300 and 100, interleaved A A B A.
@@ -640,14 +631,7 @@ fn maglev_balancers_agree_and_take_over_live_connections() {
     let Some(Answer::Ok { backend: kept, .. }) = answers.first() else {
         panic!("keep-alive answers: {answers:?}");
     };
-    for a in &answers {
-        match a {
-            Answer::Ok { backend, .. } => assert_eq!(backend, kept, "{answers:?}"),
-            Answer::Err { seq, message } => {
-                panic!("keep-alive request {seq} failed: {message}; answers: {answers:?}")
-            }
-        }
-    }
+    assert_all_from(&answers, kept, "moved between balancers");
     assert!(
         moved >= 10,
         "only {moved} packets of the moved connection went through lb2"
@@ -702,14 +686,8 @@ fn agent_kill_9_under_load_is_hitless() {
     };
     let before = s.backend_list();
 
-    let load = s
-        .bed
-        .load(vip4(), LOAD_EVERY, LOAD_MAX, Some(FIRST_LOAD_PORT))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let wait = |since: u64, what: &str| {
-        load.wait_for(since, Duration::from_secs(5), |_| true)
-            .unwrap_or_else(|e| panic!("{what}: {e:#}"))
-    };
+    let load = steady_load(&s.bed);
+    let wait = |since: u64, what: &str| wait_load(&load, since, what, &|_| true);
     wait(monotonic_us() + SECOND_US / 2, "baseline");
 
     let killed = monotonic_us();
@@ -723,8 +701,7 @@ fn agent_kill_9_under_load_is_hitless() {
         .start_agent(&s.config, &s.socket)
         .unwrap_or_else(|e| panic!("{e:#}"));
     let ready = monotonic_us();
-    wait(ready + SECOND_US, "traffic after the restart");
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
+    let attempts = finish_load(load, ready + SECOND_US, "traffic after the restart");
     let after = s.backend_list();
 
     // What matters here is that no connection failed and enough ran while no agent was
@@ -791,7 +768,7 @@ fn http_check_marks_backends_down_and_up() {
     let _serial = serial();
     let s = Setup::new(2);
     let vip = vip4().to_string();
-    add_checked_vip(&s, "http:/health");
+    add_checked(&s, "http:/health");
     for i in [1, 2] {
         s.lb(&["backend", "add", &vip, &s.backend(i, false)]);
     }

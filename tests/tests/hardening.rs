@@ -150,15 +150,10 @@ fn a_syn_flood_from_one_source_does_not_stop_another_client() {
 }
 
 fn openssl(args: &[&str]) {
-    let out = run_with_timeout(
+    run_ok(
+        &format!("openssl {args:?}"),
         std::process::Command::new("openssl").args(args),
         Duration::from_secs(20),
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -260,19 +255,7 @@ fn tls_passes_through_untouched_and_tls_checks_see_the_backends() {
         })
         .collect();
     let tls_vip = SocketAddr::new(IpAddr::V4(VIP4), 443).to_string();
-    s.lb(&[
-        "vip",
-        "add",
-        &tls_vip,
-        "--check",
-        "tls",
-        "--interval",
-        "200",
-        "--rise",
-        "1",
-        "--fall",
-        "2",
-    ]);
+    add_checked_vip(|a| s.lb(a), &tls_vip, "tls", 200, 1, 2);
     for i in 1..=2 {
         s.lb(&["backend", "add", &tls_vip, &s.backend(i, false)]);
     }

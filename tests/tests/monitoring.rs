@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::e2e::{Setup, field, serial, vip4, vip6, wait_backends};
+use lb_tests::e2e::{Setup, field, run_ok, serial, vip4, vip6, wait_backends};
 use serde_json::Value;
 use xtask::testbed;
 
@@ -334,9 +334,7 @@ fn metrics_match_traffic() {
 #[test]
 fn stats_watch_shows_rates() {
     let _serial = serial();
-    let s = Setup::new(2);
-    s.configure(vip4(), &[1, 2]);
-    s.wait_all_up();
+    let s = Setup::serving(2, &[1, 2]);
     let v = vip4().to_string();
     let out = s.with_traffic(&[vip4()], || {
         std::thread::sleep(Duration::from_millis(500));
@@ -401,15 +399,7 @@ fn chromium_on_page(s: &Setup, args: &[&str]) -> String {
     .arg(format!("--user-data-dir={}", profile.display()))
     .args(args)
     .arg(format!("http://{METRICS}/"));
-    let out = testbed::run_with_timeout(&mut cmd, Duration::from_secs(90))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    assert!(
-        out.status.success(),
-        "chromium failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok("chromium", &mut cmd, Duration::from_secs(90))
 }
 
 fn tempfile_dir(parent: &Path, prefix: &str) -> PathBuf {

@@ -14,9 +14,9 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::e2e::{Setup, serial, vip4};
+use lb_tests::e2e::{Setup, run_ok, serial, vip4};
 use serde_json::Value;
-use xtask::testbed::{self, find_in_path, wait_until};
+use xtask::testbed::{find_in_path, wait_until};
 
 fn monitoring_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -205,17 +205,11 @@ fn every_alert_rule_has_a_passing_promtool_test() {
         "alerts never shown quiet: {untested_quiet:?}"
     );
 
-    let out = testbed::run_with_timeout(
+    run_ok(
+        "promtool test rules",
         Command::new(&promtool)
             .args(["test", "rules", "alerts.test.yml"])
             .current_dir(&dir),
         Duration::from_secs(120),
-    )
-    .expect("running promtool");
-    assert!(
-        out.status.success(),
-        "promtool test rules failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }

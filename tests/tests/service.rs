@@ -16,12 +16,12 @@ use std::{
     time::Duration,
 };
 
-use lb_tests::e2e::{name, serial, vip4};
+use lb_tests::e2e::{name, run_ok, serial, vip4};
 use serde_json::Value;
 use xtask::{
     machine::Machine,
     package,
-    testbed::{Config, Proc, Testbed, find_in_path, monotonic_us, run_with_timeout, wait_until},
+    testbed::{Config, Proc, Testbed, find_in_path, monotonic_us, wait_until},
 };
 
 const UNIT: &str = "lb@eth0.service";
@@ -219,18 +219,12 @@ fn message(e: &Value) -> String {
 fn package_passes_lintian() {
     let lintian =
         find_in_path("lintian").expect("lintian not found: install it (./x.sh test does)");
-    let out = run_with_timeout(
+    run_ok(
+        "lintian",
         Command::new(lintian)
             .args(["--fail-on", "error,warning", "--tag-display-limit", "0"])
             .arg(deb(V1)),
         Duration::from_secs(300),
-    )
-    .expect("running lintian");
-    assert!(
-        out.status.success(),
-        "lintian:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
 }
 

@@ -11,7 +11,10 @@ use std::{
 
 use lb::health::CheckSpec;
 use lb_tests::{
-    e2e::{backend_list_at, field, lb_at, number, one_line_error, serial, wait_backends},
+    e2e::{
+        add_checked_vip, backend_list_at, field, lb_at, number, one_line_error, serial,
+        wait_backends,
+    },
     stack::*,
 };
 use xtask::testbed::{Config, Testbed, VIP4};
@@ -51,6 +54,24 @@ fn ok<T>(r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// A MariaDB primary and its replica, replicating.
+fn replicated_pair(bed: &Testbed) -> (Mariadb, Mariadb) {
+    let (primary, replica) = ok(mariadb_pair(bed, true));
+    (primary, replica.expect("a replica"))
+}
+
+/// A credentials file for the check user with its real password, with file mode `mode`.
+fn check_user_credentials(bed: &Testbed, name: &str, mode: u32) -> PathBuf {
+    ok(credentials_file(
+        bed,
+        name,
+        CHECK_USER,
+        CHECK_PASSWORD,
+        None,
+        mode,
+    ))
+}
+
 #[test]
 fn mysql_check_logs_in_with_the_check_user() {
     let _serial = serial();
@@ -83,16 +104,8 @@ fn mysql_check_logs_in_with_the_check_user() {
 fn mysql_role_checks_follow_read_only() {
     let _serial = serial();
     let bed = bed(2);
-    let (primary, replica) = ok(mariadb_pair(&bed, true));
-    let replica = replica.expect("a replica");
-    let creds = ok(credentials_file(
-        &bed,
-        "creds",
-        CHECK_USER,
-        CHECK_PASSWORD,
-        None,
-        0o600,
-    ));
+    let (primary, replica) = replicated_pair(&bed);
+    let creds = check_user_credentials(&bed, "creds", 0o600);
     let (writer, reader) = (spec("mysql-primary", &creds), spec("mysql-replica", &creds));
 
     assert_eq!(up(&bed, &writer, primary.addr()), "writable (read_only=0)");
@@ -113,16 +126,8 @@ fn mysql_role_checks_follow_read_only() {
 fn mysql_replica_check_limits_replication_lag() {
     let _serial = serial();
     let bed = bed(2);
-    let (primary, replica) = ok(mariadb_pair(&bed, true));
-    let replica = replica.expect("a replica");
-    let creds = ok(credentials_file(
-        &bed,
-        "creds",
-        CHECK_USER,
-        CHECK_PASSWORD,
-        None,
-        0o600,
-    ));
+    let (primary, replica) = replicated_pair(&bed);
+    let creds = check_user_credentials(&bed, "creds", 0o600);
     let lagged = CheckSpec {
         max_lag_s: Some(1),
         ..spec("mysql-replica", &creds)
@@ -214,25 +219,10 @@ fn reads(bed: &Testbed, vip: SocketAddr, id: u32, count: usize) -> Vec<String> {
 fn write_vip_follows_the_primary_through_a_failover() {
     let _serial = serial();
     let bed = bed(2);
-    let (mut primary, replica) = ok(mariadb_pair(&bed, true));
-    let replica = replica.expect("a replica");
+    let (mut primary, replica) = replicated_pair(&bed);
     ok(add_vip_address(&bed, READ_VIP));
-    let creds = ok(credentials_file(
-        &bed,
-        "creds",
-        CHECK_USER,
-        CHECK_PASSWORD,
-        None,
-        0o600,
-    ));
-    let readable = ok(credentials_file(
-        &bed,
-        "open",
-        CHECK_USER,
-        CHECK_PASSWORD,
-        None,
-        0o644,
-    ));
+    let creds = check_user_credentials(&bed, "creds", 0o600);
+    let readable = check_user_credentials(&bed, "open", 0o644);
     let (config, socket) = (bed.dir().join("lb.toml"), bed.dir().join("lb.sock"));
     let agent = ok(bed.start_agent(&config, &socket));
     let lb = |args: &[&str]| lb_at(&bed, &socket, args);
@@ -390,23 +380,7 @@ fn exec_check_run_by_the_agent_follows_the_script() {
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let vip = SocketAddr::new(VIP4.into(), xtask::testbed::HTTP_PORT).to_string();
     let check = format!("exec:{}", script.display());
-    lb_at(
-        &bed,
-        &socket,
-        &[
-            "vip",
-            "add",
-            &vip,
-            "--check",
-            &check,
-            "--interval",
-            "200",
-            "--rise",
-            "1",
-            "--fall",
-            "1",
-        ],
-    );
+    add_checked_vip(|a| lb_at(&bed, &socket, a), &vip, &check, 200, 1, 1);
     let (b1, b2) = (
         bed.backends[0].ipv4.to_string(),
         bed.backends[1].ipv4.to_string(),
@@ -545,16 +519,8 @@ fn https_through_the_vip_verifies_and_sticks_to_one_backend_per_client() {
 fn leastconn_sends_new_sessions_to_the_server_with_fewest() {
     let _serial = serial();
     let bed = bed(2);
-    let (first, second) = ok(mariadb_pair(&bed, true));
-    let second = second.expect("a second server");
-    let creds = ok(credentials_file(
-        &bed,
-        "creds",
-        CHECK_USER,
-        CHECK_PASSWORD,
-        None,
-        0o600,
-    ));
+    let (first, second) = replicated_pair(&bed);
+    let creds = check_user_credentials(&bed, "creds", 0o600);
     let (config, socket) = (bed.dir().join("lb.toml"), bed.dir().join("lb.sock"));
     let _agent = ok(bed.start_agent(&config, &socket));
     let lb = |args: &[&str]| lb_at(&bed, &socket, args);

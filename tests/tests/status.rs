@@ -22,19 +22,7 @@ fn status_shows_agent_vips_drops_and_flows() {
     let _serial = serial();
     let mut s = Setup::new(3);
     let vip = vip4().to_string();
-    s.lb(&[
-        "vip",
-        "add",
-        &vip,
-        "--check",
-        "tcp",
-        "--interval",
-        "200",
-        "--rise",
-        "1",
-        "--fall",
-        "1",
-    ]);
+    add_checked_vip(|a| s.lb(a), &vip, "tcp", 200, 1, 1);
     for i in 1..=3 {
         s.lb(&["backend", "add", &vip, &s.backend(i, false)]);
     }

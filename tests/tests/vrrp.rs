@@ -12,11 +12,13 @@
 use std::time::Duration;
 
 use lb_tests::{
-    e2e::serial,
-    fleet::{LOAD_EVERY, disruption, freeze, ms},
+    e2e::{first_backend, serial},
+    fleet::{
+        assert_answering_again, assert_carried_on, assert_none_failed, failing_check,
+        freeze_under_load, ms, steady_load, timed_leave,
+    },
     vrrp::*,
 };
-use xtask::{testbed::monotonic_us, traffic::Answer};
 
 const LOAD_MAX: Duration = Duration::from_secs(30);
 /// Generous: the shipped timers take the VIP over in about a second.
@@ -46,11 +48,7 @@ fn the_backup_takes_over_when_the_master_dies_and_connections_survive() {
         let first = k
             .wait_answers(2, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("{e:#}\n{}", pair.logs()));
-        let backend = match &first[0] {
-            Answer::Ok { backend, .. } => backend.clone(),
-            Answer::Err { message, .. } => panic!("keep-alive failed at once: {message}"),
-        };
-        conns.push((k, backend));
+        conns.push((k, first_backend(&first)));
     }
     assert_ne!(conns[0].1, conns[1].1, "round robin: one on each backend");
     assert_eq!(pair.new_flows(1), 0, "lb2 carried nothing while backup");
@@ -58,54 +56,25 @@ fn the_backup_takes_over_when_the_master_dies_and_connections_survive() {
     xtask::testbed::wait_until(Duration::from_secs(5), || Ok(pair.installed(1) >= 2))
         .unwrap_or_else(|e| panic!("lb2 did not install lb1's pins: {e:#}"));
 
-    let load = pair
-        .bed
-        .load(vip(), LOAD_EVERY, LOAD_MAX, Some(27_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
-    let down_at = monotonic_us();
-    freeze(&pair.bed, &pair.members[0].host);
-    let took = pair.wait_master(1, TAKEOVER_LIMIT);
-    println!(
-        "master frozen: the backup held the VIP after {:.0} ms",
-        ms(took)
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<_> = attempts.iter().filter(|a| a.is_err()).collect();
-    println!("master frozen: {}", disruption(&attempts, down_at));
-    assert!(
-        attempts.iter().rev().take(25).all(|a| !a.is_err()),
-        "new connections still fail 1.5 s after lb2 took the VIP: {:?}\n{}",
-        failed.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        pair.logs()
-    );
+    let load = steady_load(&pair.bed, vip(), LOAD_MAX, 27_000);
+    let lb1 = &pair.members[0].host;
+    let (attempts, down_at) = freeze_under_load(&pair.bed, lb1, load, "master frozen", || {
+        let took = pair.wait_master(1, TAKEOVER_LIMIT);
+        println!(
+            "master frozen: the backup held the VIP after {:.0} ms",
+            ms(took)
+        );
+    });
+    assert_answering_again(&attempts, "lb2 took the VIP", &pair.logs());
     assert!(pair.new_flows(1) > 0, "lb2 carried no new connection");
 
     for (k, backend) in conns {
-        let answers = k.stop();
-        for a in &answers {
-            match a {
-                Answer::Ok { backend: b, seq } => assert_eq!(
-                    b, &backend,
-                    "request {seq} of a long-lived connection moved to another backend"
-                ),
-                Answer::Err { seq, message } => panic!(
-                    "request {seq} of a long-lived connection failed ({:.0} ms after the \
-                     master froze): {message}\n{}",
-                    (monotonic_us() - down_at) as f64 / 1000.0,
-                    pair.logs()
-                ),
-            }
-        }
-        let later = answers
-            .iter()
-            .filter(|a| matches!(a, Answer::Ok { seq, .. } if *seq > 2))
-            .count();
-        assert!(
-            later >= 10,
-            "a connection stopped answering: {} answers in all",
-            answers.len()
+        assert_carried_on(
+            &k.stop(),
+            &backend,
+            "a long-lived connection",
+            ("the master froze", down_at),
+            || pair.logs(),
         );
     }
 }
@@ -118,20 +87,7 @@ fn a_master_that_cannot_serve_hands_the_vip_to_the_backup() {
     let _serial = serial();
     let pair = VrrpPair::start();
     let v = vip().to_string();
-    pair.lb(
-        0,
-        &[
-            "vip",
-            "set",
-            &v,
-            "--check",
-            "exec:/bin/false",
-            "--interval",
-            "200",
-            "--fall",
-            "1",
-        ],
-    );
+    pair.lb(0, &failing_check(&v));
     let took = pair.wait_master(1, TAKEOVER_LIMIT);
     println!(
         "every backend down on lb1's checks: lb2 held the VIP after {:.0} ms",
@@ -175,18 +131,8 @@ fn a_master_that_cannot_serve_hands_the_vip_to_the_backup() {
 fn fleet_leave_hands_the_vip_to_the_backup_without_a_failed_request() {
     let _serial = serial();
     let mut pair = VrrpPair::start();
-    let load = pair
-        .bed
-        .load(vip(), LOAD_EVERY, LOAD_MAX, Some(29_000))
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    std::thread::sleep(Duration::from_millis(500));
-    let started = std::time::Instant::now();
-    let out = pair.lb(0, &["fleet", "leave"]);
-    println!(
-        "lb fleet leave on the master returned after {:.0} ms",
-        ms(started.elapsed())
-    );
-    assert!(out.contains("safe to stop the agent"), "{out}");
+    let load = steady_load(&pair.bed, vip(), LOAD_MAX, 29_000);
+    timed_leave(" on the master", || pair.lb(0, &["fleet", "leave"]));
     assert!(pair.holds_vip(1) && !pair.holds_vip(0), "{}", pair.logs());
     assert_eq!(pair.track_value(0), "0");
 
@@ -198,18 +144,7 @@ fn fleet_leave_hands_the_vip_to_the_backup_without_a_failed_request() {
     );
     std::thread::sleep(Duration::from_millis(500));
     let attempts = load.finish().unwrap_or_else(|e| panic!("{e:#}"));
-    let failed: Vec<String> = attempts
-        .iter()
-        .filter(|a| a.is_err())
-        .map(|a| a.to_string())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connections failed: {failed:?}\n{}",
-        failed.len(),
-        attempts.len(),
-        pair.logs()
-    );
+    assert_none_failed(&attempts, &pair.logs());
     assert!(pair.new_flows(1) > 0, "lb2 carried no new connection");
 
     let mut agent = pair.members[0].agent.take().expect("lb1's agent");
