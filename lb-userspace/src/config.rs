@@ -160,6 +160,25 @@ fn is_default_prefix6(p: &u8) -> bool {
 }
 
 impl VipConfig {
+    /// A TCP VIP with `algo` and `backends` and every other setting as a file that leaves
+    /// it out has it (no check, no limits, no affinity).
+    pub fn new(address: SocketAddr, algo: Algo, backends: Vec<BackendConfig>) -> Self {
+        Self {
+            address,
+            proto: Proto::Tcp,
+            algo,
+            mode: Mode::default(),
+            check: CheckSpec::default(),
+            rate_limit: 0,
+            burst: 0,
+            max_new_flows: 0,
+            new_flow_burst: 0,
+            persist: 0,
+            persist_prefix6: default_prefix6(),
+            backends,
+        }
+    }
+
     pub fn persist(&self) -> Persist {
         Persist {
             seconds: self.persist,
@@ -185,6 +204,19 @@ impl VipConfig {
 }
 
 impl BackendConfig {
+    /// A backend as a file that gives only its address has it: weight 1, a primary, not
+    /// drained, checked as its VIP says.
+    pub fn new(address: IpAddr) -> Self {
+        Self {
+            address,
+            weight: default_weight(),
+            backup: false,
+            drain: false,
+            leaving_until: None,
+            check: None,
+        }
+    }
+
     /// Checks that a backend can serve `service`, before anything is changed.
     pub fn validate(&self, service: &Service) -> Result<()> {
         let addr = self.address;

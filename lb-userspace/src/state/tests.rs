@@ -32,31 +32,15 @@ fn reached(i: u32) -> Reach {
 }
 
 fn backend(i: u32) -> BackendConfig {
-    BackendConfig {
-        address: addr(i),
-        weight: 1,
-        backup: false,
-        drain: false,
-        leaving_until: None,
-        check: None,
-    }
+    BackendConfig::new(addr(i))
 }
 
 fn vip(port: u16, algo: Algo, backends: impl IntoIterator<Item = u32>) -> VipConfig {
-    VipConfig {
-        address: service(port).addr,
-        proto: Proto::Tcp,
+    VipConfig::new(
+        service(port).addr,
         algo,
-        mode: Default::default(),
-        check: CheckSpec::default(),
-        rate_limit: 0,
-        burst: 0,
-        max_new_flows: 0,
-        new_flow_burst: 0,
-        persist: 0,
-        persist_prefix6: 64,
-        backends: backends.into_iter().map(backend).collect(),
-    }
+        backends.into_iter().map(backend).collect(),
+    )
 }
 
 fn reach_all(config: &Config) -> HashMap<IpAddr, Reach> {
@@ -78,6 +62,49 @@ fn state() -> State<Fake> {
     State::new(Fake::default(), None)
 }
 
+/// Adds a VIP on `svc` with `algo` and no check or limits.
+fn add_plain_vip(s: &mut State<Fake>, svc: Service, algo: Algo) {
+    s.add_vip(svc, algo, CheckSpec::default(), RateLimit::default())
+        .unwrap();
+}
+
+/// A round-robin VIP on port 80 with a TCP check of `rise` and `fall`, and backends
+/// `1..=n`, all resolved.
+fn checked_vip(s: &mut State<Fake>, rise: u32, fall: u32, n: u32) -> Service {
+    let svc = service(80);
+    let check = CheckSpec {
+        check: crate::health::CheckKind::Tcp,
+        rise,
+        fall,
+        ..Default::default()
+    };
+    s.add_vip(svc, Algo::Rr, check, RateLimit::default())
+        .unwrap();
+    for i in 1..=n {
+        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
+    }
+    svc
+}
+
+/// A check result for backend id `backend_id` of `generation`.
+fn result_for(backend_id: u32, generation: u32, ok: bool) -> Report {
+    Report {
+        backend_id,
+        generation,
+        outcome: Outcome {
+            ok,
+            latency_us: 5,
+            detail: String::new(),
+        },
+    }
+}
+
+/// A check result for the backend `addr(i)` of `svc` as it is now.
+fn report(s: &State<Fake>, svc: &Service, i: u32, ok: bool) -> Report {
+    let b = s.backend(svc, addr(i)).unwrap();
+    result_for(b.id, b.generation, ok)
+}
+
 fn ring_addrs(s: &State<Fake>, svc: &Service) -> Vec<IpAddr> {
     let ids: HashMap<u32, IpAddr> = s
         .vip(svc)
@@ -97,8 +124,7 @@ fn ring_addrs(s: &State<Fake>, svc: &Service) -> Vec<IpAddr> {
 fn only_resolved_backends_enter_the_ring() {
     let mut s = state();
     let svc = service(80);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr);
     s.add_backend(&svc, &backend(1), reached(1)).unwrap();
     s.add_backend(&svc, &backend(2), Reach::default()).unwrap();
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1)]);
@@ -116,53 +142,23 @@ fn only_resolved_backends_enter_the_ring() {
 #[test]
 fn a_failed_backend_leaves_the_ring_and_its_flows_move() {
     let mut s = state();
-    let svc = service(80);
-    let check = CheckSpec {
-        check: crate::health::CheckKind::Tcp,
-        rise: 1,
-        fall: 1,
-        ..Default::default()
-    };
-    s.add_vip(svc, Algo::Rr, check, RateLimit::default())
-        .unwrap();
-    for i in 1..=3 {
-        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
-    }
+    let svc = checked_vip(&mut s, 1, 1, 3);
     let b2 = s.backend(&svc, addr(2)).unwrap();
     let (id, generation) = (b2.id, b2.generation);
-    let failed = Report {
-        backend_id: id,
-        generation,
-        outcome: Outcome {
-            ok: false,
-            latency_us: 5,
-            detail: "refused".into(),
-        },
-    };
-    assert!(s.on_report(failed).unwrap());
+    assert!(s.on_report(result_for(id, generation, false)).unwrap());
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1), addr(3)]);
     let entry = s.dataplane().backends[&id];
     assert_eq!(entry.flags & BACKEND_F_KEEP_FLOWS, 0, "its flows move");
     assert_ne!(entry.flags & BACKEND_F_IN_USE, 0);
     // A result for an older generation of the id changes nothing.
-    let stale = Report {
-        backend_id: id,
-        generation: generation + 1,
-        outcome: Outcome {
-            ok: true,
-            latency_us: 5,
-            detail: String::new(),
-        },
-    };
-    assert!(!s.on_report(stale).unwrap());
+    assert!(!s.on_report(result_for(id, generation + 1, true)).unwrap());
 }
 
 #[test]
 fn backups_take_over_only_when_no_primary_can() {
     let mut s = state();
     let svc = service(80);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr);
     s.add_backend(&svc, &backend(1), reached(1)).unwrap();
     let spare = BackendConfig {
         backup: true,
@@ -178,8 +174,7 @@ fn backups_take_over_only_when_no_primary_can() {
 fn a_removed_backend_is_out_of_the_ring_and_out_of_use() {
     let mut s = state();
     let svc = service(80);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr);
     s.add_backend(&svc, &backend(1), reached(1)).unwrap();
     s.add_backend(&svc, &backend(2), reached(2)).unwrap();
     let id = s.backend(&svc, addr(2)).unwrap().id;
@@ -349,13 +344,7 @@ fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
 fn least_connections_writes_id_weight_pairs_and_flags_its_backends() {
     let mut s = state();
     let svc = service(3306);
-    s.add_vip(
-        svc,
-        Algo::Leastconn,
-        CheckSpec::default(),
-        RateLimit::default(),
-    )
-    .unwrap();
+    add_plain_vip(&mut s, svc, Algo::Leastconn);
     s.add_backend(&svc, &backend(1), reached(1)).unwrap();
     let heavy = BackendConfig {
         weight: 3,
@@ -394,8 +383,7 @@ fn least_connections_writes_id_weight_pairs_and_flags_its_backends() {
 fn persistence_is_written_saved_and_applied() {
     let mut s = state();
     let svc = service(443);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr);
     let p = Persist {
         seconds: 300,
         prefix6: 48,
@@ -421,36 +409,12 @@ fn persistence_is_written_saved_and_applied() {
         .is_err()
     );
 }
-fn report(s: &State<Fake>, svc: &Service, i: u32, ok: bool) -> Report {
-    let b = s.backend(svc, addr(i)).unwrap();
-    Report {
-        backend_id: b.id,
-        generation: b.generation,
-        outcome: Outcome {
-            ok,
-            latency_us: 5,
-            detail: String::new(),
-        },
-    }
-}
-
 /// A changed check (the VIP's or the backend's own) starts counting afresh but does not
 /// bring a down backend back: it stays out of the ring until `rise` good checks.
 #[test]
 fn a_changed_check_keeps_a_down_backend_down_until_rise() {
     let mut s = state();
-    let svc = service(80);
-    let check = CheckSpec {
-        check: crate::health::CheckKind::Tcp,
-        rise: 2,
-        fall: 1,
-        ..Default::default()
-    };
-    s.add_vip(svc, Algo::Rr, check, RateLimit::default())
-        .unwrap();
-    for i in 1..=2 {
-        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
-    }
+    let svc = checked_vip(&mut s, 2, 1, 2);
     assert!(s.on_report(report(&s, &svc, 2, false)).unwrap());
     let down = |s: &State<Fake>| {
         let b = s.backend(&svc, addr(2)).unwrap();
@@ -887,8 +851,7 @@ fn a_routed_backend_serves_only_a_vip_whose_mode_takes_routed_backends() {
     let mut s = state();
     let (dsr, routed_vip) = (service(80), service(81));
     for svc in [dsr, routed_vip] {
-        s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-            .unwrap();
+        add_plain_vip(&mut s, svc, Algo::Rr);
     }
     let vi = s.vip_index(&routed_vip).unwrap();
     s.vips[vi].mode = Mode::Tunnel;
