@@ -656,33 +656,26 @@ mod tests {
             tls_name: Some("backend.example".into()),
             ..Default::default()
         };
-        let shorter = CheckPatch {
-            interval_ms: Some(500),
-            ..Default::default()
-        };
-        assert_eq!(
-            shorter.apply(&base).unwrap(),
-            CheckSpec {
-                interval_ms: 500,
-                timeout_ms: 500,
+        // (interval, timeout, max_lag_s) given -> (interval, timeout, max_lag_s) after.
+        for (given, after) in [
+            ((Some(500), None, None), (500, 500, None)),
+            ((Some(500), Some(200), Some(5)), (500, 200, Some(5))),
+            ((None, Some(200), None), (2000, 200, None)),
+        ] {
+            let patch = CheckPatch {
+                interval_ms: given.0,
+                timeout_ms: given.1,
+                max_lag_s: given.2,
+                ..Default::default()
+            };
+            let expected = CheckSpec {
+                interval_ms: after.0,
+                timeout_ms: after.1,
+                max_lag_s: after.2,
                 ..base.clone()
-            }
-        );
-        let given = CheckPatch {
-            interval_ms: Some(500),
-            timeout_ms: Some(200),
-            max_lag_s: Some(5),
-            ..Default::default()
-        };
-        assert_eq!(
-            given.apply(&base).unwrap(),
-            CheckSpec {
-                interval_ms: 500,
-                timeout_ms: 200,
-                max_lag_s: Some(5),
-                ..base.clone()
-            }
-        );
+            };
+            assert_eq!(patch.apply(&base).unwrap(), expected, "{patch:?}");
+        }
         let read: CheckSpec = serde_json::from_str(r#"{"check": "tcp", "rise": 5}"#).unwrap();
         assert_eq!(
             read,
