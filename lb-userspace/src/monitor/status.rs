@@ -583,30 +583,65 @@ pub fn status_json(
     })
 }
 
+/// Snapshots for the tests of what is made from them (views, metrics, the web page).
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A backend in `state` (`up`, `down`, `draining`, ...) with a TCP check, no result
+    /// yet and no counts.
+    pub fn backend(addr: &str, state: &'static str) -> BackendSnapshot {
+        BackendSnapshot {
+            active: 0,
+            addr: addr.parse().unwrap(),
+            id: 1,
+            generation: 1,
+            state,
+            healthy: state != "down",
+            weight: 1,
+            backup: false,
+            drain: state == "draining",
+            in_rotation: state == "up",
+            check: "tcp".into(),
+            last_check: None,
+            note: None,
+            counters: Count::default(),
+        }
+    }
+
+    /// A VIP with `backends` and no counts of its own.
+    pub fn vip(
+        addr: &str,
+        proto: Proto,
+        algo: Algo,
+        check: &str,
+        backends: Vec<BackendSnapshot>,
+    ) -> VipSnapshot {
+        VipSnapshot {
+            persisted: 0,
+            addr: addr.parse().unwrap(),
+            proto,
+            algo,
+            check: check.into(),
+            counters: Count::default(),
+            backends,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn backend(addr: &str, packets: u64) -> BackendSnapshot {
         BackendSnapshot {
-            active: 0,
-            addr: addr.parse().unwrap(),
-            id: 1,
-            generation: 1,
-            state: "up",
-            healthy: true,
-            weight: 1,
-            backup: false,
-            drain: false,
-            in_rotation: true,
             check: "none".into(),
-            last_check: None,
-            note: None,
             counters: Count {
                 packets,
                 bytes: packets * 100,
                 new_flows: packets / 10,
             },
+            ..fixtures::backend(addr, "up")
         }
     }
 
@@ -619,17 +654,12 @@ mod tests {
         Arc::new(Snapshot {
             time,
             vips: vec![VipSnapshot {
-                persisted: 0,
-                addr: "10.99.1.1:80".parse().unwrap(),
-                proto: Proto::Tcp,
-                algo: Algo::Rr,
-                check: "none".into(),
                 counters: Count {
                     packets: total,
                     bytes: total * 100,
                     new_flows: total / 10,
                 },
-                backends,
+                ..fixtures::vip("10.99.1.1:80", Proto::Tcp, Algo::Rr, "none", backends)
             }],
             reasons,
             firewall: Vec::new(),
