@@ -538,7 +538,6 @@ fn flow_table(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     Ok(())
 }
 
-/// Flow sharing with peer balancers (`crate::flowsync`); zero while it is off.
 /// Full NAT (`crate::nat`): zeros until the agent's first sweep.
 fn nat(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
     let s = crate::nat::agent_stats()
@@ -572,6 +571,7 @@ fn nat(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
     Ok(())
 }
 
+/// Flow sharing with peer balancers (`crate::flowsync`); zero while it is off.
 fn flow_sync(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
     use crate::flowsync::{directory::Skip, sync::Rejected};
     use std::sync::atomic::Ordering::Relaxed;
