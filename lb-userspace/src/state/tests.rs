@@ -62,10 +62,18 @@ fn state() -> State<Fake> {
     State::new(Fake::default(), None)
 }
 
-/// Adds a VIP on `svc` with `algo` and no check or limits.
-fn add_plain_vip(s: &mut State<Fake>, svc: Service, algo: Algo) {
+/// Adds a VIP on `svc` with `algo`, no check or limits, and backends `backends`, resolved.
+fn add_plain_vip(
+    s: &mut State<Fake>,
+    svc: Service,
+    algo: Algo,
+    backends: impl IntoIterator<Item = u32>,
+) {
     s.add_vip(svc, algo, CheckSpec::default(), RateLimit::default())
         .unwrap();
+    for i in backends {
+        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
+    }
 }
 
 /// A round-robin VIP on port 80 with a TCP check of `rise` and `fall`, and backends
@@ -124,8 +132,7 @@ fn ring_addrs(s: &State<Fake>, svc: &Service) -> Vec<IpAddr> {
 fn only_resolved_backends_enter_the_ring() {
     let mut s = state();
     let svc = service(80);
-    add_plain_vip(&mut s, svc, Algo::Rr);
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr, [1]);
     s.add_backend(&svc, &backend(2), Reach::default()).unwrap();
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1)]);
     let b2 = s.backend(&svc, addr(2)).unwrap().id;
@@ -158,8 +165,7 @@ fn a_failed_backend_leaves_the_ring_and_its_flows_move() {
 fn backups_take_over_only_when_no_primary_can() {
     let mut s = state();
     let svc = service(80);
-    add_plain_vip(&mut s, svc, Algo::Rr);
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr, [1]);
     let spare = BackendConfig {
         backup: true,
         ..backend(2)
@@ -174,9 +180,7 @@ fn backups_take_over_only_when_no_primary_can() {
 fn a_removed_backend_is_out_of_the_ring_and_out_of_use() {
     let mut s = state();
     let svc = service(80);
-    add_plain_vip(&mut s, svc, Algo::Rr);
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
-    s.add_backend(&svc, &backend(2), reached(2)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr, [1, 2]);
     let id = s.backend(&svc, addr(2)).unwrap().id;
     s.del_backend(&svc, addr(2)).unwrap();
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1)]);
@@ -344,8 +348,7 @@ fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
 fn least_connections_writes_id_weight_pairs_and_flags_its_backends() {
     let mut s = state();
     let svc = service(3306);
-    add_plain_vip(&mut s, svc, Algo::Leastconn);
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Leastconn, [1]);
     let heavy = BackendConfig {
         weight: 3,
         ..backend(2)
@@ -383,7 +386,7 @@ fn least_connections_writes_id_weight_pairs_and_flags_its_backends() {
 fn persistence_is_written_saved_and_applied() {
     let mut s = state();
     let svc = service(443);
-    add_plain_vip(&mut s, svc, Algo::Rr);
+    add_plain_vip(&mut s, svc, Algo::Rr, []);
     let p = Persist {
         seconds: 300,
         prefix6: 48,
@@ -851,7 +854,7 @@ fn a_routed_backend_serves_only_a_vip_whose_mode_takes_routed_backends() {
     let mut s = state();
     let (dsr, routed_vip) = (service(80), service(81));
     for svc in [dsr, routed_vip] {
-        add_plain_vip(&mut s, svc, Algo::Rr);
+        add_plain_vip(&mut s, svc, Algo::Rr, []);
     }
     let vi = s.vip_index(&routed_vip).unwrap();
     s.vips[vi].mode = Mode::Tunnel;
