@@ -62,6 +62,15 @@ fn state() -> State<Fake> {
     State::new(Fake::default(), None)
 }
 
+/// Applies a configuration of `vips` (nothing else), every backend resolved.
+fn apply_vips(s: &mut State<Fake>, vips: Vec<VipConfig>) -> Plan {
+    let config = Config {
+        vips,
+        ..Default::default()
+    };
+    s.apply(&config, &reach_all(&config)).unwrap()
+}
+
 /// Adds a VIP on `svc` with `algo`, no check or limits, and backends `backends`, resolved.
 fn add_plain_vip(
     s: &mut State<Fake>,
@@ -192,11 +201,7 @@ fn a_removed_backend_is_out_of_the_ring_and_out_of_use() {
 #[test]
 fn maglev_changes_write_few_slots() {
     let mut s = state();
-    let config = Config {
-        vips: vec![vip(80, Algo::Maglev, 0..1000)],
-        ..Default::default()
-    };
-    s.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut s, vec![vip(80, Algo::Maglev, 0..1000)]);
     let svc = service(80);
     assert_eq!(
         s.dataplane().ring(&svc.key()).len(),
@@ -305,11 +310,10 @@ fn apply_that_does_not_fit_changes_nothing() {
 fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
     // An earlier agent's maps: VIP 80 with backends 1 and 2, VIP 81, one rule.
     let mut old = state();
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, 1..3), vip(81, Algo::Rr, [])],
-        ..Default::default()
-    };
-    old.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(
+        &mut old,
+        vec![vip(80, Algo::Rr, 1..3), vip(81, Algo::Rr, [])],
+    );
     old.add_rule("192.0.2.0/24".parse().unwrap()).unwrap();
     let svc = service(80);
     let id1 = old.backend(&svc, addr(1)).unwrap().id;
@@ -324,11 +328,7 @@ fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
 
     let mut new = State::new(dp, None);
     new.prepare_adoption(pinned);
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, [2])],
-        ..Default::default()
-    };
-    new.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut new, vec![vip(80, Algo::Rr, [2])]);
     new.finish_adoption().unwrap();
     assert_eq!(new.backend(&svc, addr(2)).unwrap().id, id2, "id kept");
     assert_eq!(
@@ -681,11 +681,7 @@ fn an_undone_change_restores_memory_and_maps() {
 fn a_leaving_backend_keeps_its_flows_and_its_state_in_the_config() {
     let mut s = state();
     let svc = service(80);
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, 1..3)],
-        ..Default::default()
-    };
-    s.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut s, vec![vip(80, Algo::Rr, 1..3)]);
     s.leave_backend(&svc, addr(2), 1000).unwrap();
     let b2 = s.backend(&svc, addr(2)).unwrap();
     assert_eq!(b2.state(), "leaving");
@@ -726,11 +722,7 @@ fn pinned_of(mut old: State<Fake>) -> (Fake, Pinned) {
 fn adopted_ids_are_reserved_before_new_entries_whatever_the_order() {
     // An earlier agent: VIP 81 with backend 2 (VIP id 0, backend id 0), one rule.
     let mut old = state();
-    let first = Config {
-        vips: vec![vip(81, Algo::Rr, [2])],
-        ..Default::default()
-    };
-    old.apply(&first, &reach_all(&first)).unwrap();
+    apply_vips(&mut old, vec![vip(81, Algo::Rr, [2])]);
     old.add_rule("192.0.2.0/24".parse().unwrap()).unwrap();
     let (vip_id, backend) = {
         let v = old.vip(&service(81)).unwrap();
@@ -774,11 +766,7 @@ fn adopted_ids_are_reserved_before_new_entries_whatever_the_order() {
 #[test]
 fn a_backend_being_re_resolved_keeps_its_last_mac_and_its_place() {
     let mut s = state();
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, [1, 2])],
-        ..Default::default()
-    };
-    s.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut s, vec![vip(80, Algo::Rr, [1, 2])]);
     let svc = service(80);
     let resolving = Reach {
         note: Some("MAC address being resolved (interface 2)".into()),
