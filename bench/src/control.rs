@@ -488,29 +488,10 @@ fn reaction(bed: &Testbed, socket: &Path, trials: u32, report: &mut Report) -> R
 const SCALE: u32 = 10_000;
 
 fn one_vip_config(vip: SocketAddr, backends: std::ops::Range<u32>) -> VipConfig {
-    VipConfig {
-        address: vip,
-        proto: Proto::Tcp,
-        algo: Algo::Rr,
-        mode: Default::default(),
-        check: CheckSpec::default(),
-        rate_limit: 0,
-        burst: 0,
-        max_new_flows: 0,
-        new_flow_burst: 0,
-        persist: 0,
-        persist_prefix6: 64,
-        backends: backends
-            .map(|i| BackendConfig {
-                address: fake_backend(i),
-                weight: 1,
-                backup: false,
-                drain: false,
-                check: None,
-                leaving_until: None,
-            })
-            .collect(),
-    }
+    let backends = backends
+        .map(|i| BackendConfig::new(fake_backend(i)))
+        .collect();
+    VipConfig::new(vip, Algo::Rr, backends)
 }
 
 /// `applied in N ms` from the agent's start-up line.

@@ -160,6 +160,25 @@ fn is_default_prefix6(p: &u8) -> bool {
 }
 
 impl VipConfig {
+    /// A TCP VIP with `algo` and `backends` and every other setting as a file that leaves
+    /// it out has it (no check, no limits, no affinity).
+    pub fn new(address: SocketAddr, algo: Algo, backends: Vec<BackendConfig>) -> Self {
+        Self {
+            address,
+            proto: Proto::Tcp,
+            algo,
+            mode: Mode::default(),
+            check: CheckSpec::default(),
+            rate_limit: 0,
+            burst: 0,
+            max_new_flows: 0,
+            new_flow_burst: 0,
+            persist: 0,
+            persist_prefix6: default_prefix6(),
+            backends,
+        }
+    }
+
     pub fn persist(&self) -> Persist {
         Persist {
             seconds: self.persist,
@@ -185,6 +204,19 @@ impl VipConfig {
 }
 
 impl BackendConfig {
+    /// A backend as a file that gives only its address has it: weight 1, a primary, not
+    /// drained, checked as its VIP says.
+    pub fn new(address: IpAddr) -> Self {
+        Self {
+            address,
+            weight: default_weight(),
+            backup: false,
+            drain: false,
+            leaving_until: None,
+            check: None,
+        }
+    }
+
     /// Checks that a backend can serve `service`, before anything is changed.
     pub fn validate(&self, service: &Service) -> Result<()> {
         let addr = self.address;
@@ -535,53 +567,34 @@ drop = ["192.0.2.0/24", "2001:db8::/32"]
         assert_eq!(config, again);
     }
 
+    /// Asserts that `text` is refused in one line that starts with `line N:` and says
+    /// `says`.
+    fn assert_refused(text: &str, line: usize, says: &str) {
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("line {line}:")) && err.contains(says) && !err.contains('\n'),
+            "{err}"
+        );
+    }
+
     #[test]
     fn errors_name_the_line_and_field() {
         let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nprotocol = \"tcp\"\n";
-        let err = Config::parse(text).unwrap_err().to_string();
-        assert!(err.starts_with("line 3:"), "{err}");
-        assert!(err.contains("protocol"), "{err}");
-        assert!(!err.contains('\n'), "{err}");
-
-        let err = Config::parse("[[vip]]\naddress = \"10.0.0.1\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("line 2:"), "{err}");
+        assert_refused(text, 3, "protocol");
+        assert_refused("[[vip]]\naddress = \"10.0.0.1\"\n", 2, "");
     }
 
     #[test]
     fn meaning_errors_name_the_line_of_the_entry() {
         let text = "[[vip]]\naddress = \"10.0.0.1:80\"\n[[vip.backend]]\naddress = \"10.0.0.2\"\n[[vip.backend]]\naddress = \"10.0.0.2\"\n";
-        let err = Config::parse(text).unwrap_err().to_string();
-        assert!(
-            err.starts_with("line 6:") && err.contains("listed twice"),
-            "{err}"
-        );
+        assert_refused(text, 6, "listed twice");
         let text = "[[vip]]\naddress = \"10.0.0.1:80\"\n\n[[vip.backend]]\naddress = \"fd00::2\"\n";
-        let err = Config::parse(text).unwrap_err().to_string();
-        assert!(
-            err.starts_with("line 5:") && err.contains("family"),
-            "{err}"
-        );
-        let text = "[[vip]]\naddress = \"10.0.0.1:0\"\n";
-        assert!(
-            Config::parse(text)
-                .unwrap_err()
-                .to_string()
-                .starts_with("line 2:")
-        );
+        assert_refused(text, 5, "family");
+        assert_refused("[[vip]]\naddress = \"10.0.0.1:0\"\n", 2, "");
         let text = "[firewall]\ndrop = [\n  \"10.0.0.0/8\",\n  \"10.1.0.0/8\",\n]\n";
-        let err = Config::parse(text).unwrap_err().to_string();
-        assert!(
-            err.starts_with("line 4:") && err.contains("host bits"),
-            "{err}"
-        );
+        assert_refused(text, 4, "host bits");
         let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nnew_flow_burst = 10\n";
-        let err = Config::parse(text).unwrap_err().to_string();
-        assert!(
-            err.starts_with("line 2:") && err.contains("max new flows"),
-            "{err}"
-        );
+        assert_refused(text, 2, "max new flows");
     }
 
     /// A rate without a burst gets one second's worth, as on the command line (the file's
@@ -593,9 +606,7 @@ drop = ["192.0.2.0/24", "2001:db8::/32"]
         let rate = config.vips[0].rate();
         assert_eq!((rate.rate_limit, rate.burst), (10, 10));
         assert_eq!((rate.max_new_flows, rate.new_flow_burst), (50, 50));
-        let text = "[[vip]]\naddress = \"10.0.0.1:80\"\nburst = 10\n";
-        let err = Config::parse(text).unwrap_err().to_string();
-        assert!(err.starts_with("line 2:"), "{err}");
+        assert_refused("[[vip]]\naddress = \"10.0.0.1:80\"\nburst = 10\n", 2, "");
     }
 
     #[test]

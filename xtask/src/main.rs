@@ -158,14 +158,14 @@ fn main() -> ExitCode {
             timeout_ms,
             source_port,
             udp,
-        } => traffic::load(
+        } => traffic::load(traffic::LoadPlan {
             to,
-            Duration::from_millis(interval_ms),
-            Duration::from_secs(max_secs),
-            Duration::from_millis(timeout_ms),
+            interval: Duration::from_millis(interval_ms),
+            duration: Duration::from_secs(max_secs),
+            timeout: Duration::from_millis(timeout_ms),
             source_port,
             udp,
-        ),
+        }),
         Command::Keepalive {
             to,
             interval_ms,

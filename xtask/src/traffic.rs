@@ -313,14 +313,7 @@ pub fn monotonic_us() -> u64 {
 /// more; attempts under way finish and are printed (each is bounded by `timeout`) before it
 /// exits. It asks for a higher CPU priority (nice -10, when allowed), so that its pacing
 /// holds on a busy machine: a test measures time with it.
-pub fn load(
-    to: SocketAddr,
-    interval: Duration,
-    duration: Duration,
-    timeout: Duration,
-    source_port: Option<u16>,
-    udp: bool,
-) -> Result<()> {
+pub fn load(plan: LoadPlan) -> Result<()> {
     // SAFETY: plain syscall on this process; failure (not root) just leaves the priority.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
     let stop = Arc::new(AtomicBool::new(false));
@@ -329,38 +322,38 @@ pub fn load(
         .context("installing the stop handler")?;
     let mut out = std::io::stdout().lock();
     let mut result = Ok(());
-    steady_load(
+    steady_load(&plan, &stop, |attempt| {
+        if result.is_ok() {
+            result = writeln!(out, "{attempt}").and_then(|()| out.flush());
+        }
+    });
+    Ok(result?)
+}
+
+/// What steady load sends: an attempt at `to` every `interval` for `duration`, each given
+/// up after `timeout`; from port `source_port` + n for attempt n when given; UDP datagrams
+/// instead of TCP connections with `udp` (`source_port` does not apply then).
+#[derive(Clone, Copy, Debug)]
+pub struct LoadPlan {
+    pub to: SocketAddr,
+    pub interval: Duration,
+    pub duration: Duration,
+    pub timeout: Duration,
+    pub source_port: Option<u16>,
+    pub udp: bool,
+}
+
+/// [`load`]'s engine: hands each attempt to `sink` as it completes, stops starting new
+/// ones when `stop` is set, and returns once every attempt it started has completed.
+pub fn steady_load(plan: &LoadPlan, stop: &AtomicBool, mut sink: impl FnMut(Attempt)) {
+    let LoadPlan {
         to,
         interval,
         duration,
         timeout,
         source_port,
         udp,
-        &stop,
-        |attempt| {
-            if result.is_ok() {
-                result = writeln!(out, "{attempt}").and_then(|()| out.flush());
-            }
-        },
-    );
-    Ok(result?)
-}
-
-/// [`load`]'s engine: hands each attempt to `sink` as it completes, stops starting new
-/// ones when `stop` is set, and returns once every attempt it started has completed. With
-/// `udp`, an attempt is one datagram and its answer instead of a connection (`source_port`
-/// does not apply).
-#[allow(clippy::too_many_arguments)]
-pub fn steady_load(
-    to: SocketAddr,
-    interval: Duration,
-    duration: Duration,
-    timeout: Duration,
-    source_port: Option<u16>,
-    udp: bool,
-    stop: &AtomicBool,
-    mut sink: impl FnMut(Attempt),
-) {
+    } = *plan;
     let interval = interval.max(Duration::from_millis(1));
     let ports = source_port.map_or(u128::MAX, |p| u128::from(u16::MAX - p) + 1);
     let count = (duration.as_micros() / interval.as_micros())
@@ -652,16 +645,15 @@ mod tests {
         let stop = AtomicBool::new(false);
         let start = monotonic_us();
         let mut attempts = Vec::new();
-        steady_load(
+        let plan = LoadPlan {
             to,
-            Duration::from_millis(20),
-            Duration::from_millis(200),
-            Duration::from_secs(2),
-            None,
-            false,
-            &stop,
-            |a| attempts.push(a),
-        );
+            interval: Duration::from_millis(20),
+            duration: Duration::from_millis(200),
+            timeout: Duration::from_secs(2),
+            source_port: None,
+            udp: false,
+        };
+        steady_load(&plan, &stop, |a| attempts.push(a));
         attempts.sort_by_key(|a| a.seq);
         assert_eq!(
             attempts.iter().map(|a| a.seq).collect::<Vec<_>>(),
@@ -682,16 +674,13 @@ mod tests {
 
         // UDP on the same port: every datagram answered with the name.
         let mut udp = Vec::new();
-        steady_load(
-            to,
-            Duration::from_millis(5),
-            Duration::from_millis(50),
-            Duration::from_secs(2),
-            None,
-            true,
-            &stop,
-            |a| udp.push(a),
-        );
+        let udp_plan = LoadPlan {
+            interval: Duration::from_millis(5),
+            duration: Duration::from_millis(50),
+            udp: true,
+            ..plan
+        };
+        steady_load(&udp_plan, &stop, |a| udp.push(a));
         assert_eq!(udp.len(), 10);
         for a in &udp {
             assert_eq!(a.backend(), Some("backend-x"), "{a}");

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     health::CheckPatch,
-    model::{Algo, Mode, Persist, Proto, RatePatch},
+    model::{Algo, Mode, Persist, Proto, RatePatch, Service},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
@@ -108,6 +108,16 @@ pub struct BackendSpec {
     /// Replaces the VIP's check for this backend.
     #[serde(default)]
     pub check: CheckPatch,
+}
+
+impl BackendSpec {
+    /// The VIP the backend is of.
+    pub fn service(&self) -> Service {
+        Service {
+            addr: self.vip,
+            proto: self.proto,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use tokio::{
 
 use super::{
     Agent, RESOLVE_WAIT,
-    protocol::{self, BackendSpec, Request, Response},
+    protocol::{self, Request, Response},
     views,
 };
 use crate::{
@@ -114,29 +114,20 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
             change!(s => s.del_vip(&service)?);
             Response::message(format!("removed VIP {service}"))
         }
-        Request::BackendAdd(BackendSpec {
-            vip,
-            proto,
-            backend,
-            weight,
-            backup,
-            check,
-        }) => {
-            let service = Service { addr: vip, proto };
+        Request::BackendAdd(spec) => {
+            let (service, backend) = (spec.service(), spec.backend);
             let config = {
                 let state = agent.state.lock().await;
                 let vip_check = &state.vip(&service)?.check;
                 let config = BackendConfig {
-                    address: backend,
-                    weight: weight.unwrap_or(1),
-                    backup: backup.unwrap_or(false),
-                    drain: false,
-                    leaving_until: None,
-                    check: if check.is_empty() {
+                    weight: spec.weight.unwrap_or(1),
+                    backup: spec.backup.unwrap_or(false),
+                    check: if spec.check.is_empty() {
                         None
                     } else {
-                        Some(check.apply(vip_check)?)
+                        Some(spec.check.apply(vip_check)?)
                     },
+                    ..BackendConfig::new(backend)
                 };
                 // Refused at once, before waiting on the kernel.
                 state.check_new_backend(&service, &config)?;
@@ -153,16 +144,9 @@ pub async fn handle(agent: &Agent, request: Request) -> Result<Response> {
                 ),
             })
         }
-        Request::BackendSet(BackendSpec {
-            vip,
-            proto,
-            backend,
-            weight,
-            backup,
-            check,
-        }) => {
-            let service = Service { addr: vip, proto };
-            change!(s => s.set_backend(&service, backend, weight, backup, &check)?);
+        Request::BackendSet(spec) => {
+            let (service, backend) = (spec.service(), spec.backend);
+            change!(s => s.set_backend(&service, backend, spec.weight, spec.backup, &spec.check)?);
             Response::message(format!("updated backend {backend} of VIP {service}"))
         }
         Request::BackendDrain {

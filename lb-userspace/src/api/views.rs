@@ -420,26 +420,10 @@ pub fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::status::{BackendSnapshot, Count, VipSnapshot};
-
-    fn backend(addr: &str, state: &'static str) -> BackendSnapshot {
-        BackendSnapshot {
-            active: 0,
-            addr: addr.parse().unwrap(),
-            id: 1,
-            generation: 1,
-            state,
-            healthy: state != "down",
-            weight: 1,
-            backup: false,
-            drain: state == "draining",
-            in_rotation: state == "up",
-            check: "tcp".into(),
-            last_check: None,
-            note: None,
-            counters: Count::default(),
-        }
-    }
+    use crate::monitor::status::{
+        Count,
+        fixtures::{backend, vip},
+    };
 
     fn info() -> AgentInfo {
         AgentInfo {
@@ -456,29 +440,19 @@ mod tests {
         let snapshot = Snapshot {
             time: 1100.0,
             vips: vec![
-                VipSnapshot {
-                    persisted: 0,
-                    addr: "10.99.1.1:80".parse().unwrap(),
-                    proto: Proto::Tcp,
-                    algo: Algo::Maglev,
-                    check: "tcp".into(),
-                    counters: Count::default(),
-                    backends: vec![
+                vip(
+                    "10.99.1.1:80",
+                    Proto::Tcp,
+                    Algo::Maglev,
+                    "tcp",
+                    vec![
                         backend("10.99.0.11", "up"),
                         backend("10.99.0.12", "down"),
                         backend("10.99.0.13", "draining"),
                         backend("10.99.0.14", "up"),
                     ],
-                },
-                VipSnapshot {
-                    persisted: 0,
-                    addr: "[fd00::1]:53".parse().unwrap(),
-                    proto: Proto::Udp,
-                    algo: Algo::Rr,
-                    check: "none".into(),
-                    counters: Count::default(),
-                    backends: vec![],
-                },
+                ),
+                vip("[fd00::1]:53", Proto::Udp, Algo::Rr, "none", vec![]),
             ],
             reasons: vec![Count::default(); Reason::ALL.len()],
             firewall: vec![],

@@ -461,6 +461,24 @@ impl BackendArg {
             model::parse_backend_addr(&self.backend)?,
         ))
     }
+
+    /// What `lb backend add` and `lb backend set` send for this backend.
+    fn spec(
+        &self,
+        weight: Option<u32>,
+        backup: Option<bool>,
+        check: CheckArgs,
+    ) -> Result<BackendSpec> {
+        let (vip, proto, backend) = self.parse()?;
+        Ok(BackendSpec {
+            vip,
+            proto,
+            backend,
+            weight,
+            backup,
+            check: check.patch(),
+        })
+    }
 }
 
 /// One pin directory per network namespace, so agents in different namespaces (balancer
@@ -532,42 +550,19 @@ pub fn run(cli: Cli) -> Result<()> {
             weight,
             backup,
             check,
-        }) => {
-            let (vip, proto, backend) = target.parse()?;
-            let backup = Some(backup);
-            let check = check.patch();
-            (
-                Request::BackendAdd(BackendSpec {
-                    vip,
-                    proto,
-                    backend,
-                    weight,
-                    backup,
-                    check,
-                }),
-                false,
-            )
-        }
+        }) => (
+            Request::BackendAdd(target.spec(weight, Some(backup), check)?),
+            false,
+        ),
         Command::Backend(BackendCommand::Set {
             target,
             weight,
             backup,
             check,
-        }) => {
-            let (vip, proto, backend) = target.parse()?;
-            let check = check.patch();
-            (
-                Request::BackendSet(BackendSpec {
-                    vip,
-                    proto,
-                    backend,
-                    weight,
-                    backup,
-                    check,
-                }),
-                false,
-            )
-        }
+        }) => (
+            Request::BackendSet(target.spec(weight, backup, check)?),
+            false,
+        ),
         Command::Backend(
             BackendCommand::Drain(ref target) | BackendCommand::Undrain(ref target),
         ) => {

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 
 use crate::api::{
     protocol::{self as control, Request, Response},
-    views::StatsView,
+    views::{BackendView, StatsView, VipView},
 };
 
 const EVERY: Duration = Duration::from_secs(1);
@@ -80,35 +80,61 @@ fn rates(now: Counts, before: Option<Counts>, seconds: f64) -> [String; 3] {
     ]
 }
 
+/// A row whose counters become rates: the name that finds it again in the answer before,
+/// and its counts.
+trait Counted {
+    fn key(&self) -> String;
+    fn counts(&self) -> Counts;
+}
+
+impl Counted for VipView {
+    fn key(&self) -> String {
+        format!("{}/{}", self.vip, self.proto)
+    }
+    fn counts(&self) -> Counts {
+        Counts {
+            packets: self.packets,
+            bytes: self.bytes,
+            new_flows: self.new_flows,
+        }
+    }
+}
+
+impl Counted for BackendView {
+    fn key(&self) -> String {
+        format!("{}/{} {}", self.vip, self.proto, self.address)
+    }
+    fn counts(&self) -> Counts {
+        Counts {
+            packets: self.packets,
+            bytes: self.bytes,
+            new_flows: self.new_flows,
+        }
+    }
+}
+
+/// Each of `rows` with its rates against the same row `before` (`-` where it was not).
+fn with_rates<'a, T: Counted>(
+    rows: &'a [T],
+    before: Option<&[T]>,
+    seconds: f64,
+) -> impl Iterator<Item = (&'a T, [String; 3])> {
+    let old: HashMap<String, Counts> = before
+        .into_iter()
+        .flatten()
+        .map(|r| (r.key(), r.counts()))
+        .collect();
+    rows.iter().map(move |r| {
+        let rates = rates(r.counts(), old.get(&r.key()).copied(), seconds);
+        (r, rates)
+    })
+}
+
 /// One screen: the `stats` answer `data`, with rates against `since` = (seconds, the
 /// answer before) when there is one.
 pub fn render(data: &StatsView, since: Option<(f64, &StatsView)>) -> String {
     let seconds = since.map_or(0.0, |(s, _)| s);
     let before = since.map(|(_, d)| d);
-    let old_vips: HashMap<String, Counts> = before
-        .iter()
-        .flat_map(|d| &d.vips)
-        .map(|v| {
-            let c = Counts {
-                packets: v.packets,
-                bytes: v.bytes,
-                new_flows: v.new_flows,
-            };
-            (format!("{}/{}", v.vip, v.proto), c)
-        })
-        .collect();
-    let old_backends: HashMap<String, Counts> = before
-        .iter()
-        .flat_map(|d| &d.backends)
-        .map(|b| {
-            let c = Counts {
-                packets: b.packets,
-                bytes: b.bytes,
-                new_flows: b.new_flows,
-            };
-            (format!("{}/{} {}", b.vip, b.proto, b.address), c)
-        })
-        .collect();
 
     let mut out = format!(
         "lb stats --watch: rates over the last {}, Ctrl-C to stop\n\n",
@@ -118,17 +144,8 @@ pub fn render(data: &StatsView, since: Option<(f64, &StatsView)>) -> String {
             "second (from the next refresh on)".to_string()
         }
     );
-    let rows = data
-        .vips
-        .iter()
-        .map(|v| {
-            let now = Counts {
-                packets: v.packets,
-                bytes: v.bytes,
-                new_flows: v.new_flows,
-            };
-            let old = old_vips.get(&format!("{}/{}", v.vip, v.proto)).copied();
-            let [pps, bps, nfps] = rates(now, old, seconds);
+    let rows = with_rates(&data.vips, before.map(|d| &d.vips[..]), seconds)
+        .map(|(v, [pps, bps, nfps])| {
             vec![
                 v.vip.to_string(),
                 v.proto.to_string(),
@@ -155,17 +172,8 @@ pub fn render(data: &StatsView, since: Option<(f64, &StatsView)>) -> String {
         rows,
     );
     out += "\n";
-    let rows = data
-        .backends
-        .iter()
-        .map(|b| {
-            let now = Counts {
-                packets: b.packets,
-                bytes: b.bytes,
-                new_flows: b.new_flows,
-            };
-            let key = format!("{}/{} {}", b.vip, b.proto, b.address);
-            let [pps, bps, nfps] = rates(now, old_backends.get(&key).copied(), seconds);
+    let rows = with_rates(&data.backends, before.map(|d| &d.backends[..]), seconds)
+        .map(|(b, [pps, bps, nfps])| {
             vec![
                 b.vip.to_string(),
                 b.address.to_string(),

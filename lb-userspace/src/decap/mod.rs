@@ -7,7 +7,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
@@ -22,7 +22,7 @@ pub struct Decap {
     stats: PerCpuArray<MapData, Counters>,
 }
 
-use crate::kernel::datapath::take;
+use crate::kernel::datapath::{load_object, take};
 
 impl Decap {
     /// Loads the program; `gue_port` `None` leaves GUE packets alone.
@@ -36,16 +36,7 @@ impl Decap {
                 loader.map_max_entries(name, 64);
             }
         }
-        let mut ebpf = loader
-            .load(crate::EBPF_OBJECT)
-            .context("loading the decapsulation program (root or CAP_BPF needed)")?;
-        let program: &mut Xdp = ebpf
-            .program_mut(DECAP_PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {DECAP_PROGRAM_NAME} missing from the object"))?
-            .try_into()?;
-        program
-            .load()
-            .context("the kernel verifier rejected the decapsulation program")?;
+        let mut ebpf = load_object(&mut loader, DECAP_PROGRAM_NAME, "the decapsulation program")?;
         let mut port: Array<MapData, u32> = take(&mut ebpf, maps::DECAP_GUE_PORT)?;
         port.set(0, &u32::from(gue_port.unwrap_or(0).to_be()), 0)
             .context("writing DECAP_GUE_PORT")?;

@@ -147,26 +147,27 @@ impl Stats {
             send_errors: self.send_errors.load(Relaxed),
             received: self.received.load(Relaxed),
             installed: self.installed.load(Relaxed),
-            skipped: directory::Skip::ALL
-                .iter()
-                .map(|w| {
-                    (
-                        w.name().to_string(),
-                        self.skipped[*w as usize].load(Relaxed),
-                    )
-                })
-                .collect(),
-            rejected: sync::Rejected::ALL
-                .iter()
-                .map(|w| {
-                    (
-                        w.name().to_string(),
-                        self.rejected[*w as usize].load(Relaxed),
-                    )
-                })
-                .collect(),
+            skipped: by_reason(
+                directory::Skip::ALL.iter().map(|w| (w.name(), *w as usize)),
+                &self.skipped,
+            ),
+            rejected: by_reason(
+                sync::Rejected::ALL.iter().map(|w| (w.name(), *w as usize)),
+                &self.rejected,
+            ),
         }
     }
+}
+
+/// Each reason's name with its count, `reasons` giving the name and index of each.
+fn by_reason(
+    reasons: impl Iterator<Item = (&'static str, usize)>,
+    counts: &[std::sync::atomic::AtomicU64],
+) -> std::collections::BTreeMap<String, u64> {
+    let count = |i: usize| counts[i].load(std::sync::atomic::Ordering::Relaxed);
+    reasons
+        .map(|(name, i)| (name.to_string(), count(i)))
+        .collect()
 }
 
 /// The running agent's counters (none while it shares nothing), for metrics and `lb stats`.

@@ -102,68 +102,85 @@ impl<'de> Deserialize<'de> for CheckKind {
     }
 }
 
-/// A check and its timing, per VIP (and overridable per backend).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckSpec {
-    #[serde(default)]
-    pub check: CheckKind,
-    #[serde(default = "defaults::interval_ms")]
-    pub interval_ms: u64,
-    #[serde(default = "defaults::timeout_ms")]
-    pub timeout_ms: u64,
-    /// Consecutive good checks that bring a down backend up.
-    #[serde(default = "defaults::rise")]
-    pub rise: u32,
-    /// Consecutive failed checks that take an up backend down.
-    #[serde(default = "defaults::fall")]
-    pub fall: u32,
-    /// HTTP status codes that count as healthy, inclusive.
-    #[serde(default = "defaults::expect")]
-    pub expect: [u16; 2],
-    /// Verify the backend's TLS certificate against this CA (PEM); unverified otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_ca: Option<PathBuf>,
-    /// The name a `tls` check sends (SNI) and verifies the certificate for; the backend's
-    /// IP address otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_name: Option<String>,
-    /// The check user's credentials for `mysql*` and `pgsql` checks (see `credentials`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials: Option<PathBuf>,
-    /// `mysql-replica`: the most replication lag, in seconds, that still counts as up.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_lag_s: Option<u64>,
+/// Declares [`CheckSpec`] and [`CheckPatch`] from one list of a check's settings, so each
+/// is described once: first those every check has (`name: Type`; a patch gives an
+/// `Option` of it), then, after a `;`, those a check may go without (`name: Option<Type>`;
+/// a patch gives one or leaves it as it was).
+macro_rules! check_settings {
+    (
+        $( $(#[$doc:meta])* $field:ident: $ty:ty, )*
+        ;
+        $( $(#[$odoc:meta])* $opt:ident: Option<$oty:ty>, )*
+    ) => {
+        /// A check and its timing, per VIP (and overridable per backend). A setting the
+        /// file leaves out is [`CheckSpec::default`]'s.
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct CheckSpec {
+            $( $(#[$doc])* pub $field: $ty, )*
+            $(
+                $(#[$odoc])*
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $opt: Option<$oty>,
+            )*
+        }
+
+        /// The check settings a command gives; the rest stay as they were.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct CheckPatch {
+            $(
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $field: Option<$ty>,
+            )*
+            $(
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $opt: Option<$oty>,
+            )*
+        }
+
+        impl CheckPatch {
+            /// Puts every setting this patch gives over `spec`.
+            fn overlay(&self, spec: &mut CheckSpec) {
+                $( if let Some(v) = &self.$field { spec.$field = v.clone(); } )*
+                $( if let Some(v) = &self.$opt { spec.$opt = Some(v.clone()); } )*
+            }
+        }
+    };
 }
 
-mod defaults {
-    // HAProxy's defaults: inter 2s, rise 2, fall 3; a timeout below the interval.
-    pub fn interval_ms() -> u64 {
-        2000
-    }
-    pub fn timeout_ms() -> u64 {
-        1000
-    }
-    pub fn rise() -> u32 {
-        2
-    }
-    pub fn fall() -> u32 {
-        3
-    }
-    pub fn expect() -> [u16; 2] {
-        [200, 399]
-    }
+check_settings! {
+    check: CheckKind,
+    interval_ms: u64,
+    timeout_ms: u64,
+    /// Consecutive good checks that bring a down backend up.
+    rise: u32,
+    /// Consecutive failed checks that take an up backend down.
+    fall: u32,
+    /// HTTP status codes that count as healthy, inclusive.
+    expect: [u16; 2],
+    ;
+    /// Verify the backend's TLS certificate against this CA (PEM); unverified otherwise.
+    tls_ca: Option<PathBuf>,
+    /// The name a `tls` check sends (SNI) and verifies the certificate for; the backend's
+    /// IP address otherwise.
+    tls_name: Option<String>,
+    /// The check user's credentials for `mysql*` and `pgsql` checks (see `credentials`).
+    credentials: Option<PathBuf>,
+    /// `mysql-replica`: the most replication lag, in seconds, that still counts as up.
+    max_lag_s: Option<u64>,
 }
 
 impl Default for CheckSpec {
     fn default() -> Self {
+        // HAProxy's defaults: inter 2s, rise 2, fall 3; a timeout below the interval.
         Self {
             check: CheckKind::None,
-            interval_ms: defaults::interval_ms(),
-            timeout_ms: defaults::timeout_ms(),
-            rise: defaults::rise(),
-            fall: defaults::fall(),
-            expect: defaults::expect(),
+            interval_ms: 2000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+            expect: [200, 399],
             tls_ca: None,
             tls_name: None,
             credentials: None,
@@ -214,32 +231,6 @@ impl CheckSpec {
     }
 }
 
-/// The check settings a command gives; the rest stay as they were.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CheckPatch {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub check: Option<CheckKind>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interval_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rise: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fall: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expect: Option<[u16; 2]>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_ca: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub credentials: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_lag_s: Option<u64>,
-}
-
 impl CheckPatch {
     pub fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -248,40 +239,11 @@ impl CheckPatch {
     /// `base` with this patch applied, validated.
     pub fn apply(&self, base: &CheckSpec) -> Result<CheckSpec> {
         let mut spec = base.clone();
-        if let Some(c) = &self.check {
-            spec.check = c.clone();
+        // A timeout left as it was follows a shorter interval down.
+        if let (Some(interval), None) = (self.interval_ms, self.timeout_ms) {
+            spec.timeout_ms = spec.timeout_ms.min(interval);
         }
-        if let Some(v) = self.interval_ms {
-            spec.interval_ms = v;
-            // A timeout left at its default follows a shorter interval down.
-            if self.timeout_ms.is_none() && spec.timeout_ms > v {
-                spec.timeout_ms = v;
-            }
-        }
-        if let Some(v) = self.timeout_ms {
-            spec.timeout_ms = v;
-        }
-        if let Some(v) = self.rise {
-            spec.rise = v;
-        }
-        if let Some(v) = self.fall {
-            spec.fall = v;
-        }
-        if let Some(v) = self.expect {
-            spec.expect = v;
-        }
-        if let Some(v) = &self.tls_ca {
-            spec.tls_ca = Some(v.clone());
-        }
-        if let Some(v) = &self.tls_name {
-            spec.tls_name = Some(v.clone());
-        }
-        if let Some(v) = &self.credentials {
-            spec.credentials = Some(v.clone());
-        }
-        if let Some(v) = self.max_lag_s {
-            spec.max_lag_s = Some(v);
-        }
+        self.overlay(&mut spec);
         spec.validate()?;
         Ok(spec)
     }
@@ -681,6 +643,56 @@ mod tests {
             }
             .validate()
             .is_err()
+        );
+    }
+
+    /// What the one list of settings declares: a patch changes what it gives (a shorter
+    /// interval takes the timeout down with it unless the patch gives one), and a spec
+    /// read from a file or a request takes the defaults for what it leaves out.
+    #[test]
+    fn a_patch_changes_only_what_it_gives_and_a_spec_defaults_the_rest() {
+        let base = CheckSpec {
+            check: CheckKind::Tcp,
+            tls_name: Some("backend.example".into()),
+            ..Default::default()
+        };
+        // (interval, timeout, max_lag_s) given -> (interval, timeout, max_lag_s) after.
+        for (given, after) in [
+            ((Some(500), None, None), (500, 500, None)),
+            ((Some(500), Some(200), Some(5)), (500, 200, Some(5))),
+            ((None, Some(200), None), (2000, 200, None)),
+        ] {
+            let patch = CheckPatch {
+                interval_ms: given.0,
+                timeout_ms: given.1,
+                max_lag_s: given.2,
+                ..Default::default()
+            };
+            let expected = CheckSpec {
+                interval_ms: after.0,
+                timeout_ms: after.1,
+                max_lag_s: after.2,
+                ..base.clone()
+            };
+            assert_eq!(patch.apply(&base).unwrap(), expected, "{patch:?}");
+        }
+        let read: CheckSpec = serde_json::from_str(r#"{"check": "tcp", "rise": 5}"#).unwrap();
+        assert_eq!(
+            read,
+            CheckSpec {
+                check: CheckKind::Tcp,
+                rise: 5,
+                ..Default::default()
+            }
+        );
+        assert!(serde_json::from_str::<CheckSpec>(r#"{"rize": 5}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&CheckPatch {
+                rise: Some(5),
+                ..Default::default()
+            })
+            .unwrap(),
+            r#"{"rise":5}"#
         );
     }
 

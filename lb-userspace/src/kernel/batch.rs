@@ -47,45 +47,30 @@ unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<
 /// map's key and value types (for per-CPU maps the value is not this shape: not for them).
 pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, keys: &[K], values: &[V]) -> std::io::Result<()> {
     assert_eq!(keys.len(), values.len(), "one value per key");
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: fd.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    // SAFETY: `count` keys and values of the map's types, alive across the call; the
-    // kernel only reads them (and writes back `count` into `attr`).
-    unsafe { bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr) }
+    let (keys_raw, values_raw) = (bytemuck::cast_slice(keys), bytemuck::cast_slice(values));
+    // BPF_ANY (0): a key there or not.
+    update_raw(fd, keys_raw, values_raw, keys.len(), 0).1
 }
+
+/// What a batch lookup hands over after each syscall: the keys and values the kernel
+/// wrote, entry after entry.
+pub type EachBatch<'a, K, V> = dyn FnMut(&[K], &[V]) -> std::io::Result<()> + 'a;
 
 /// Reads a whole map, `chunk` entries a syscall, handing each batch's values to `each`.
 /// `token` is the type of the map's batch cursor: `u32` for arrays (the next index) and
 /// for hash maps (a bucket number). Values of per-CPU maps come as `ncpus` consecutive
 /// `V`s per key (each rounded up to 8 bytes by the kernel: `V` must be a multiple of 8).
-pub fn lookup<K: Pod + Default, V: Pod + Default>(
+pub fn lookup<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     chunk: usize,
     values_per_key: usize,
     max_rounds: usize,
     each: &mut dyn FnMut(&[K], &[V]),
 ) -> std::io::Result<()> {
-    let mut keys = vec![K::default(); chunk];
-    let mut values = vec![V::default(); chunk * values_per_key];
-    lookup_rounds(
-        fd,
-        &mut keys,
-        &mut values,
-        chunk,
-        max_rounds,
-        &mut |k, v, n| {
-            each(&k[..n], &v[..n * values_per_key]);
-            Ok(())
-        },
-    )
+    lookup_rounds(fd, chunk, 1, values_per_key, max_rounds, &mut |k, v| {
+        each(k, v);
+        Ok(())
+    })
 }
 
 /// Like [`lookup`] for a map whose key and value sizes are known only at run time (copying
@@ -97,32 +82,24 @@ pub fn lookup_raw(
     value_len: usize,
     chunk: usize,
     max_rounds: usize,
-    each: &mut dyn FnMut(&[u8], &[u8]) -> std::io::Result<()>,
+    each: &mut EachBatch<'_, u8, u8>,
 ) -> std::io::Result<()> {
-    let mut keys = vec![0u8; chunk * key_size];
-    let mut values = vec![0u8; chunk * value_len];
-    lookup_rounds(
-        fd,
-        &mut keys,
-        &mut values,
-        chunk,
-        max_rounds,
-        &mut |k, v, n| each(&k[..n * key_size], &v[..n * value_len]),
-    )
+    lookup_rounds(fd, chunk, key_size, value_len, max_rounds, each)
 }
 
 /// The batch walk both lookups share: at most `max_rounds` BPF_MAP_LOOKUP_BATCH calls of
-/// `chunk` entries into `keys` and `values` (room for `chunk` keys and their values, in
-/// elements of any Pod type), calling `batch(keys, values, n)` after each with the number
-/// of entries the kernel wrote.
+/// `chunk` entries, an entry being `key_elems` `K`s and `value_elems` `V`s (elements of
+/// any Pod type), handing `batch` the entries the kernel wrote after each.
 fn lookup_rounds<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
-    keys: &mut [K],
-    values: &mut [V],
     chunk: usize,
+    key_elems: usize,
+    value_elems: usize,
     max_rounds: usize,
-    batch: &mut dyn FnMut(&[K], &[V], usize) -> std::io::Result<()>,
+    batch: &mut EachBatch<'_, K, V>,
 ) -> std::io::Result<()> {
+    let mut keys = vec![K::zeroed(); chunk * key_elems];
+    let mut values = vec![V::zeroed(); chunk * value_elems];
     let (mut token, mut next) = (0u32, 0u32);
     for round in 0..max_rounds {
         let mut attr = BatchAttr {
@@ -139,7 +116,7 @@ fn lookup_rounds<K: Pod, V: Pod>(
             ..Default::default()
         };
         // SAFETY: the kernel writes at most `count` keys and values of the map's sizes
-        // into buffers the callers size for that many, and a u32 into `next`; all are
+        // into buffers sized above for that many, and a u32 into `next`; all are
         // borrowed mutably here across the call.
         let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let done = match result {
@@ -147,7 +124,8 @@ fn lookup_rounds<K: Pod, V: Pod>(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => return Err(e),
         };
-        batch(keys, values, (attr.count as usize).min(chunk))?;
+        let n = (attr.count as usize).min(chunk);
+        batch(&keys[..n * key_elems], &values[..n * value_elems])?;
         if done {
             return Ok(());
         }

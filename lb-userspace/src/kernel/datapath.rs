@@ -100,6 +100,21 @@ pub(crate) fn xdp_mode(generic: bool) -> XdpMode {
 /// Every map of the program, for pinning.
 const ALL_MAPS: [&str; maps::ALL.len()] = maps::ALL;
 
+/// The embedded object loaded with `loader` (its maps created), and its XDP program
+/// `program` through the verifier; `what` names the program in errors.
+pub(crate) fn load_object(loader: &mut EbpfLoader<'_>, program: &str, what: &str) -> Result<Ebpf> {
+    let mut ebpf = loader
+        .load(crate::EBPF_OBJECT)
+        .with_context(|| format!("loading {what} (root or CAP_BPF needed)"))?;
+    let xdp: &mut Xdp = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("program {program} missing from the object"))?
+        .try_into()?;
+    xdp.load()
+        .with_context(|| format!("the kernel verifier rejected {what}"))?;
+    Ok(ebpf)
+}
+
 /// Takes map `name` out of `ebpf` as the map type `T`.
 pub(crate) fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
@@ -120,16 +135,7 @@ impl Datapath {
     /// Loads with a caller-prepared loader (map sizes, pin paths).
     pub fn load_with(loader: &mut EbpfLoader<'_>) -> Result<Self> {
         raise_memlock_limit();
-        let mut ebpf = loader
-            .load(crate::EBPF_OBJECT)
-            .context("loading the XDP program into the kernel (root or CAP_BPF needed)")?;
-        let program: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
-            .try_into()?;
-        program
-            .load()
-            .context("the kernel verifier rejected the XDP program")?;
+        let mut ebpf = load_object(loader, PROGRAM_NAME, "the XDP program")?;
         Ok(Self {
             vips: take(&mut ebpf, maps::VIPS)?,
             vip_addrs: take(&mut ebpf, maps::VIP_ADDRS)?,

@@ -538,7 +538,6 @@ fn flow_table(s: &Scrape<'_>, out: &mut Families) -> Result<()> {
     Ok(())
 }
 
-/// Flow sharing with peer balancers (`crate::flowsync`); zero while it is off.
 /// Full NAT (`crate::nat`): zeros until the agent's first sweep.
 fn nat(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
     let s = crate::nat::agent_stats()
@@ -572,6 +571,7 @@ fn nat(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
     Ok(())
 }
 
+/// Flow sharing with peer balancers (`crate::flowsync`); zero while it is off.
 fn flow_sync(_: &Scrape<'_>, out: &mut Families) -> Result<()> {
     use crate::flowsync::{directory::Skip, sync::Rejected};
     use std::sync::atomic::Ordering::Relaxed;
@@ -638,64 +638,59 @@ mod tests {
     use super::*;
     use crate::{
         model::{Algo, Proto},
-        monitor::status::{Count, LastCheck},
+        monitor::status::{
+            Count, LastCheck,
+            fixtures::{backend, vip},
+        },
     };
     use std::time::Duration;
 
     fn scrape_text(flows: bool) -> (String, Vec<String>) {
         let b = |addr: &str, id, state, backup, n| BackendSnapshot {
-            active: 0,
-            addr: addr.parse().unwrap(),
             id,
-            generation: 1,
-            state,
-            healthy: state != "down",
             weight: 2,
             backup,
-            drain: state == "draining",
             in_rotation: state == "up" && !backup,
-            check: "tcp".into(),
             last_check: Some(LastCheck {
                 ok: state != "down",
                 latency_us: 1500,
                 detail: "connected".into(),
             }),
-            note: None,
             counters: Count {
                 packets: n,
                 bytes: n * 60,
                 new_flows: n / 5,
             },
+            ..backend(addr, state)
         };
         let snapshot = Snapshot {
             time: 1.0,
             vips: vec![
                 VipSnapshot {
-                    persisted: 0,
-                    addr: "10.99.1.1:80".parse().unwrap(),
-                    proto: Proto::Tcp,
-                    algo: Algo::Rr,
-                    check: "tcp".into(),
                     counters: Count {
                         packets: 30,
                         bytes: 1800,
                         new_flows: 6,
                     },
-                    backends: vec![
-                        b("10.99.0.11", 1, "up", false, 10),
-                        b("10.99.0.12", 2, "draining", false, 20),
-                        b("10.99.0.13", 3, "up", true, 0),
-                    ],
+                    ..vip(
+                        "10.99.1.1:80",
+                        Proto::Tcp,
+                        Algo::Rr,
+                        "tcp",
+                        vec![
+                            b("10.99.0.11", 1, "up", false, 10),
+                            b("10.99.0.12", 2, "draining", false, 20),
+                            b("10.99.0.13", 3, "up", true, 0),
+                        ],
+                    )
                 },
-                VipSnapshot {
-                    persisted: 0,
-                    addr: "[fd00:99:1::1]:53".parse().unwrap(),
-                    proto: Proto::Udp,
-                    algo: Algo::Maglev,
-                    check: "none".into(),
-                    counters: Count::default(),
-                    backends: vec![b("fd00:99::11", 4, "down", false, 0)],
-                },
+                vip(
+                    "[fd00:99:1::1]:53",
+                    Proto::Udp,
+                    Algo::Maglev,
+                    "none",
+                    vec![b("fd00:99::11", 4, "down", false, 0)],
+                ),
             ],
             reasons: (0..Reason::ALL.len() as u64)
                 .map(|i| Count {

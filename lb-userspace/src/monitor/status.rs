@@ -422,37 +422,14 @@ impl History {
                 let r = Rate::between(&now.actions[a], &before.actions[a], dt);
                 totals[2 + i].push(json!(round1(r.pps)));
             }
-            let same = Arc::ptr_eq(&now.keys, &before.keys);
-            let find = |keys: &[String], key: &str, i: usize| -> Option<usize> {
-                if same {
-                    Some(i)
-                } else {
-                    keys.iter().position(|k| k == key)
-                }
-            };
-            for (i, key) in now.keys.vips.iter().enumerate() {
-                let entry = vips
-                    .entry(key.as_str())
-                    .or_insert_with(|| std::array::from_fn(|_| vec![Value::Null; n]));
-                let rate = find(&before.keys.vips, key, i)
-                    .map(|j| Rate::between(&now.vips[i], &before.vips[j], dt));
-                push_rate(entry, rate, true);
-            }
-            for (i, key) in now.keys.backends.iter().enumerate() {
-                let entry = backends
-                    .entry(key.as_str())
-                    .or_insert_with(|| std::array::from_fn(|_| vec![Value::Null; n]));
-                let rate = find(&before.keys.backends, key, i)
-                    .map(|j| Rate::between(&now.backends[i], &before.backends[j], dt));
-                push_rate(entry, rate, false);
-            }
-            // Series of VIPs and backends gone by now keep their length.
-            for s in vips.values_mut().flat_map(|s| s.iter_mut()) {
-                s.resize(n + 1, Value::Null);
-            }
-            for s in backends.values_mut().flat_map(|s| s.iter_mut()) {
-                s.resize(n + 1, Value::Null);
-            }
+            let at = (n, dt, Arc::ptr_eq(&now.keys, &before.keys));
+            let (keys, old) = (&now.keys, &before.keys);
+            let now_vips = (&keys.vips[..], &now.vips[..]);
+            let before_vips = (&old.vips[..], &before.vips[..]);
+            push_rates(&mut vips, now_vips, before_vips, at);
+            let now_backends = (&keys.backends[..], &now.backends[..]);
+            let before_backends = (&old.backends[..], &before.backends[..]);
+            push_rates(&mut backends, now_backends, before_backends, at);
         }
         let [fwd_pps, fwd_bps, pass_pps, drop_pps, reply_pps] =
             <[Vec<Value>; 5]>::try_from(totals).expect("five totals");
@@ -472,6 +449,33 @@ impl History {
                 (k.to_string(), json!({"pps": pps, "bps": bps}))
             }).collect::<serde_json::Map<_, _>>(),
         })
+    }
+}
+
+/// Adds interval `n` (of `dt` seconds) to the rate series of each VIP or each backend, by
+/// key: `N` series a key (pps, bps, and new flows/s when 3); a key new by now gets nulls
+/// for the intervals before, one gone by now a null. `same`: both samples have the same
+/// keys, so a key's index is the same in both.
+fn push_rates<'k, const N: usize>(
+    series: &mut HashMap<&'k str, [Vec<Value>; N]>,
+    now: (&'k [String], &[Count]),
+    before: (&[String], &[Count]),
+    (n, dt, same): (usize, f64, bool),
+) {
+    for (i, key) in now.0.iter().enumerate() {
+        let entry = series
+            .entry(key.as_str())
+            .or_insert_with(|| std::array::from_fn(|_| vec![Value::Null; n]));
+        let j = if same {
+            Some(i)
+        } else {
+            before.0.iter().position(|k| k == key)
+        };
+        let rate = j.map(|j| Rate::between(&now.1[i], &before.1[j], dt));
+        push_rate(entry, rate, N == 3);
+    }
+    for s in series.values_mut().flat_map(|s| s.iter_mut()) {
+        s.resize(n + 1, Value::Null);
     }
 }
 
@@ -583,30 +587,65 @@ pub fn status_json(
     })
 }
 
+/// Snapshots for the tests of what is made from them (views, metrics, the web page).
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A backend in `state` (`up`, `down`, `draining`, ...) with a TCP check, no result
+    /// yet and no counts.
+    pub fn backend(addr: &str, state: &'static str) -> BackendSnapshot {
+        BackendSnapshot {
+            active: 0,
+            addr: addr.parse().unwrap(),
+            id: 1,
+            generation: 1,
+            state,
+            healthy: state != "down",
+            weight: 1,
+            backup: false,
+            drain: state == "draining",
+            in_rotation: state == "up",
+            check: "tcp".into(),
+            last_check: None,
+            note: None,
+            counters: Count::default(),
+        }
+    }
+
+    /// A VIP with `backends` and no counts of its own.
+    pub fn vip(
+        addr: &str,
+        proto: Proto,
+        algo: Algo,
+        check: &str,
+        backends: Vec<BackendSnapshot>,
+    ) -> VipSnapshot {
+        VipSnapshot {
+            persisted: 0,
+            addr: addr.parse().unwrap(),
+            proto,
+            algo,
+            check: check.into(),
+            counters: Count::default(),
+            backends,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn backend(addr: &str, packets: u64) -> BackendSnapshot {
         BackendSnapshot {
-            active: 0,
-            addr: addr.parse().unwrap(),
-            id: 1,
-            generation: 1,
-            state: "up",
-            healthy: true,
-            weight: 1,
-            backup: false,
-            drain: false,
-            in_rotation: true,
             check: "none".into(),
-            last_check: None,
-            note: None,
             counters: Count {
                 packets,
                 bytes: packets * 100,
                 new_flows: packets / 10,
             },
+            ..fixtures::backend(addr, "up")
         }
     }
 
@@ -619,17 +658,12 @@ mod tests {
         Arc::new(Snapshot {
             time,
             vips: vec![VipSnapshot {
-                persisted: 0,
-                addr: "10.99.1.1:80".parse().unwrap(),
-                proto: Proto::Tcp,
-                algo: Algo::Rr,
-                check: "none".into(),
                 counters: Count {
                     packets: total,
                     bytes: total * 100,
                     new_flows: total / 10,
                 },
-                backends,
+                ..fixtures::vip("10.99.1.1:80", Proto::Tcp, Algo::Rr, "none", backends)
             }],
             reasons,
             firewall: Vec::new(),

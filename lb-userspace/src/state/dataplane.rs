@@ -7,12 +7,27 @@ use anyhow::Result;
 use ipnet::IpNet;
 use lb_common::{Backend, Counters, VipAddr, VipKey, VipMeta};
 
+use crate::model::IdPool;
+
 /// Which per-CPU counters `reset_counters` zeroes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CounterId {
     Vip(u32),
     Backend(u32),
     FirewallRule(u32),
+}
+
+/// An unused id and its generation from `pool`, with its counters zeroed for what takes
+/// it; `full` is the error when the pool has none left.
+pub(super) fn fresh_id(
+    dp: &mut impl Dataplane,
+    pool: &mut IdPool,
+    counters: fn(u32) -> CounterId,
+    full: impl FnOnce() -> anyhow::Error,
+) -> Result<(u32, u32)> {
+    let (id, generation) = pool.take().ok_or_else(full)?;
+    dp.reset_counters(counters(id))?;
+    Ok((id, generation))
 }
 
 /// Every counter, by id (VIPs, backends, drop rules) and by reason (`Reason::ALL` order).

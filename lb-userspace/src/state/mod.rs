@@ -26,6 +26,7 @@ use lb_common::{
 use tokio::{sync::mpsc, task::JoinHandle};
 
 pub use apply::{Change, Plan};
+use dataplane::fresh_id;
 pub use dataplane::{AllCounters, CounterId, Dataplane, Fake, InUse, Pinned};
 pub use undo::Undo;
 
@@ -623,12 +624,8 @@ impl<D: Dataplane> State<D> {
         let id = match adopted {
             Some(meta) => meta.vip_id,
             None => {
-                let (id, _) = self
-                    .vip_ids
-                    .take()
-                    .ok_or_else(|| anyhow!("VIP table full ({MAX_VIPS})"))?;
-                self.dp.reset_counters(CounterId::Vip(id))?;
-                id
+                let full = || anyhow!("VIP table full ({MAX_VIPS})");
+                fresh_id(&mut self.dp, &mut self.vip_ids, CounterId::Vip, full)?.0
             }
         };
         let Some(rings) = RingRegions::alloc(&mut self.slab, ring_capacity(algo, 0)) else {
@@ -737,10 +734,9 @@ impl<D: Dataplane> State<D> {
                 (id, b.generation, b.flags & BACKEND_F_KEEP_FLOWS == 0)
             }
             None => {
-                let taken = self.backend_ids.take();
-                let (id, generation) =
-                    taken.ok_or_else(|| anyhow!("backend table full ({MAX_BACKENDS})"))?;
-                self.dp.reset_counters(CounterId::Backend(id))?;
+                let full = || anyhow!("backend table full ({MAX_BACKENDS})");
+                let ids = &mut self.backend_ids;
+                let (id, generation) = fresh_id(&mut self.dp, ids, CounterId::Backend, full)?;
                 (id, generation, false)
             }
         };
@@ -1094,12 +1090,14 @@ impl<D: Dataplane> State<D> {
         let id = match self.adoption.rules.remove(&net) {
             Some(id) => id,
             None => {
-                let (id, _) = self
-                    .rule_ids
-                    .take()
-                    .ok_or_else(|| anyhow!("drop list full ({MAX_FIREWALL_RULES} rules)"))?;
-                self.dp.reset_counters(CounterId::FirewallRule(id))?;
-                id
+                let full = || anyhow!("drop list full ({MAX_FIREWALL_RULES} rules)");
+                fresh_id(
+                    &mut self.dp,
+                    &mut self.rule_ids,
+                    CounterId::FirewallRule,
+                    full,
+                )?
+                .0
             }
         };
         self.dp.set_firewall_rule(&net, id)?;

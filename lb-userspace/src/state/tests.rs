@@ -32,31 +32,15 @@ fn reached(i: u32) -> Reach {
 }
 
 fn backend(i: u32) -> BackendConfig {
-    BackendConfig {
-        address: addr(i),
-        weight: 1,
-        backup: false,
-        drain: false,
-        leaving_until: None,
-        check: None,
-    }
+    BackendConfig::new(addr(i))
 }
 
 fn vip(port: u16, algo: Algo, backends: impl IntoIterator<Item = u32>) -> VipConfig {
-    VipConfig {
-        address: service(port).addr,
-        proto: Proto::Tcp,
+    VipConfig::new(
+        service(port).addr,
         algo,
-        mode: Default::default(),
-        check: CheckSpec::default(),
-        rate_limit: 0,
-        burst: 0,
-        max_new_flows: 0,
-        new_flow_burst: 0,
-        persist: 0,
-        persist_prefix6: 64,
-        backends: backends.into_iter().map(backend).collect(),
-    }
+        backends.into_iter().map(backend).collect(),
+    )
 }
 
 fn reach_all(config: &Config) -> HashMap<IpAddr, Reach> {
@@ -78,6 +62,66 @@ fn state() -> State<Fake> {
     State::new(Fake::default(), None)
 }
 
+/// Applies a configuration of `vips` (nothing else), every backend resolved.
+fn apply_vips(s: &mut State<Fake>, vips: Vec<VipConfig>) -> Plan {
+    let config = Config {
+        vips,
+        ..Default::default()
+    };
+    s.apply(&config, &reach_all(&config)).unwrap()
+}
+
+/// Adds a VIP on `svc` with `algo`, no check or limits, and backends `backends`, resolved.
+fn add_plain_vip(
+    s: &mut State<Fake>,
+    svc: Service,
+    algo: Algo,
+    backends: impl IntoIterator<Item = u32>,
+) {
+    s.add_vip(svc, algo, CheckSpec::default(), RateLimit::default())
+        .unwrap();
+    for i in backends {
+        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
+    }
+}
+
+/// A round-robin VIP on port 80 with a TCP check of `rise` and `fall`, and backends
+/// `1..=n`, all resolved.
+fn checked_vip(s: &mut State<Fake>, rise: u32, fall: u32, n: u32) -> Service {
+    let svc = service(80);
+    let check = CheckSpec {
+        check: crate::health::CheckKind::Tcp,
+        rise,
+        fall,
+        ..Default::default()
+    };
+    s.add_vip(svc, Algo::Rr, check, RateLimit::default())
+        .unwrap();
+    for i in 1..=n {
+        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
+    }
+    svc
+}
+
+/// A check result for backend id `backend_id` of `generation`.
+fn result_for(backend_id: u32, generation: u32, ok: bool) -> Report {
+    Report {
+        backend_id,
+        generation,
+        outcome: Outcome {
+            ok,
+            latency_us: 5,
+            detail: String::new(),
+        },
+    }
+}
+
+/// A check result for the backend `addr(i)` of `svc` as it is now.
+fn report(s: &State<Fake>, svc: &Service, i: u32, ok: bool) -> Report {
+    let b = s.backend(svc, addr(i)).unwrap();
+    result_for(b.id, b.generation, ok)
+}
+
 fn ring_addrs(s: &State<Fake>, svc: &Service) -> Vec<IpAddr> {
     let ids: HashMap<u32, IpAddr> = s
         .vip(svc)
@@ -97,9 +141,7 @@ fn ring_addrs(s: &State<Fake>, svc: &Service) -> Vec<IpAddr> {
 fn only_resolved_backends_enter_the_ring() {
     let mut s = state();
     let svc = service(80);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr, [1]);
     s.add_backend(&svc, &backend(2), Reach::default()).unwrap();
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1)]);
     let b2 = s.backend(&svc, addr(2)).unwrap().id;
@@ -116,54 +158,23 @@ fn only_resolved_backends_enter_the_ring() {
 #[test]
 fn a_failed_backend_leaves_the_ring_and_its_flows_move() {
     let mut s = state();
-    let svc = service(80);
-    let check = CheckSpec {
-        check: crate::health::CheckKind::Tcp,
-        rise: 1,
-        fall: 1,
-        ..Default::default()
-    };
-    s.add_vip(svc, Algo::Rr, check, RateLimit::default())
-        .unwrap();
-    for i in 1..=3 {
-        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
-    }
+    let svc = checked_vip(&mut s, 1, 1, 3);
     let b2 = s.backend(&svc, addr(2)).unwrap();
     let (id, generation) = (b2.id, b2.generation);
-    let failed = Report {
-        backend_id: id,
-        generation,
-        outcome: Outcome {
-            ok: false,
-            latency_us: 5,
-            detail: "refused".into(),
-        },
-    };
-    assert!(s.on_report(failed).unwrap());
+    assert!(s.on_report(result_for(id, generation, false)).unwrap());
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1), addr(3)]);
     let entry = s.dataplane().backends[&id];
     assert_eq!(entry.flags & BACKEND_F_KEEP_FLOWS, 0, "its flows move");
     assert_ne!(entry.flags & BACKEND_F_IN_USE, 0);
     // A result for an older generation of the id changes nothing.
-    let stale = Report {
-        backend_id: id,
-        generation: generation + 1,
-        outcome: Outcome {
-            ok: true,
-            latency_us: 5,
-            detail: String::new(),
-        },
-    };
-    assert!(!s.on_report(stale).unwrap());
+    assert!(!s.on_report(result_for(id, generation + 1, true)).unwrap());
 }
 
 #[test]
 fn backups_take_over_only_when_no_primary_can() {
     let mut s = state();
     let svc = service(80);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr, [1]);
     let spare = BackendConfig {
         backup: true,
         ..backend(2)
@@ -178,10 +189,7 @@ fn backups_take_over_only_when_no_primary_can() {
 fn a_removed_backend_is_out_of_the_ring_and_out_of_use() {
     let mut s = state();
     let svc = service(80);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
-    s.add_backend(&svc, &backend(2), reached(2)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr, [1, 2]);
     let id = s.backend(&svc, addr(2)).unwrap().id;
     s.del_backend(&svc, addr(2)).unwrap();
     assert_eq!(ring_addrs(&s, &svc), vec![addr(1)]);
@@ -193,11 +201,7 @@ fn a_removed_backend_is_out_of_the_ring_and_out_of_use() {
 #[test]
 fn maglev_changes_write_few_slots() {
     let mut s = state();
-    let config = Config {
-        vips: vec![vip(80, Algo::Maglev, 0..1000)],
-        ..Default::default()
-    };
-    s.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut s, vec![vip(80, Algo::Maglev, 0..1000)]);
     let svc = service(80);
     assert_eq!(
         s.dataplane().ring(&svc.key()).len(),
@@ -306,11 +310,10 @@ fn apply_that_does_not_fit_changes_nothing() {
 fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
     // An earlier agent's maps: VIP 80 with backends 1 and 2, VIP 81, one rule.
     let mut old = state();
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, 1..3), vip(81, Algo::Rr, [])],
-        ..Default::default()
-    };
-    old.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(
+        &mut old,
+        vec![vip(80, Algo::Rr, 1..3), vip(81, Algo::Rr, [])],
+    );
     old.add_rule("192.0.2.0/24".parse().unwrap()).unwrap();
     let svc = service(80);
     let id1 = old.backend(&svc, addr(1)).unwrap().id;
@@ -325,11 +328,7 @@ fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
 
     let mut new = State::new(dp, None);
     new.prepare_adoption(pinned);
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, [2])],
-        ..Default::default()
-    };
-    new.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut new, vec![vip(80, Algo::Rr, [2])]);
     new.finish_adoption().unwrap();
     assert_eq!(new.backend(&svc, addr(2)).unwrap().id, id2, "id kept");
     assert_eq!(
@@ -349,14 +348,7 @@ fn adoption_keeps_ids_and_removes_what_is_not_claimed() {
 fn least_connections_writes_id_weight_pairs_and_flags_its_backends() {
     let mut s = state();
     let svc = service(3306);
-    s.add_vip(
-        svc,
-        Algo::Leastconn,
-        CheckSpec::default(),
-        RateLimit::default(),
-    )
-    .unwrap();
-    s.add_backend(&svc, &backend(1), reached(1)).unwrap();
+    add_plain_vip(&mut s, svc, Algo::Leastconn, [1]);
     let heavy = BackendConfig {
         weight: 3,
         ..backend(2)
@@ -394,8 +386,7 @@ fn least_connections_writes_id_weight_pairs_and_flags_its_backends() {
 fn persistence_is_written_saved_and_applied() {
     let mut s = state();
     let svc = service(443);
-    s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-        .unwrap();
+    add_plain_vip(&mut s, svc, Algo::Rr, []);
     let p = Persist {
         seconds: 300,
         prefix6: 48,
@@ -421,36 +412,12 @@ fn persistence_is_written_saved_and_applied() {
         .is_err()
     );
 }
-fn report(s: &State<Fake>, svc: &Service, i: u32, ok: bool) -> Report {
-    let b = s.backend(svc, addr(i)).unwrap();
-    Report {
-        backend_id: b.id,
-        generation: b.generation,
-        outcome: Outcome {
-            ok,
-            latency_us: 5,
-            detail: String::new(),
-        },
-    }
-}
-
 /// A changed check (the VIP's or the backend's own) starts counting afresh but does not
 /// bring a down backend back: it stays out of the ring until `rise` good checks.
 #[test]
 fn a_changed_check_keeps_a_down_backend_down_until_rise() {
     let mut s = state();
-    let svc = service(80);
-    let check = CheckSpec {
-        check: crate::health::CheckKind::Tcp,
-        rise: 2,
-        fall: 1,
-        ..Default::default()
-    };
-    s.add_vip(svc, Algo::Rr, check, RateLimit::default())
-        .unwrap();
-    for i in 1..=2 {
-        s.add_backend(&svc, &backend(i), reached(i)).unwrap();
-    }
+    let svc = checked_vip(&mut s, 2, 1, 2);
     assert!(s.on_report(report(&s, &svc, 2, false)).unwrap());
     let down = |s: &State<Fake>| {
         let b = s.backend(&svc, addr(2)).unwrap();
@@ -714,11 +681,7 @@ fn an_undone_change_restores_memory_and_maps() {
 fn a_leaving_backend_keeps_its_flows_and_its_state_in_the_config() {
     let mut s = state();
     let svc = service(80);
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, 1..3)],
-        ..Default::default()
-    };
-    s.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut s, vec![vip(80, Algo::Rr, 1..3)]);
     s.leave_backend(&svc, addr(2), 1000).unwrap();
     let b2 = s.backend(&svc, addr(2)).unwrap();
     assert_eq!(b2.state(), "leaving");
@@ -759,11 +722,7 @@ fn pinned_of(mut old: State<Fake>) -> (Fake, Pinned) {
 fn adopted_ids_are_reserved_before_new_entries_whatever_the_order() {
     // An earlier agent: VIP 81 with backend 2 (VIP id 0, backend id 0), one rule.
     let mut old = state();
-    let first = Config {
-        vips: vec![vip(81, Algo::Rr, [2])],
-        ..Default::default()
-    };
-    old.apply(&first, &reach_all(&first)).unwrap();
+    apply_vips(&mut old, vec![vip(81, Algo::Rr, [2])]);
     old.add_rule("192.0.2.0/24".parse().unwrap()).unwrap();
     let (vip_id, backend) = {
         let v = old.vip(&service(81)).unwrap();
@@ -807,11 +766,7 @@ fn adopted_ids_are_reserved_before_new_entries_whatever_the_order() {
 #[test]
 fn a_backend_being_re_resolved_keeps_its_last_mac_and_its_place() {
     let mut s = state();
-    let config = Config {
-        vips: vec![vip(80, Algo::Rr, [1, 2])],
-        ..Default::default()
-    };
-    s.apply(&config, &reach_all(&config)).unwrap();
+    apply_vips(&mut s, vec![vip(80, Algo::Rr, [1, 2])]);
     let svc = service(80);
     let resolving = Reach {
         note: Some("MAC address being resolved (interface 2)".into()),
@@ -887,8 +842,7 @@ fn a_routed_backend_serves_only_a_vip_whose_mode_takes_routed_backends() {
     let mut s = state();
     let (dsr, routed_vip) = (service(80), service(81));
     for svc in [dsr, routed_vip] {
-        s.add_vip(svc, Algo::Rr, CheckSpec::default(), RateLimit::default())
-            .unwrap();
+        add_plain_vip(&mut s, svc, Algo::Rr, []);
     }
     let vi = s.vip_index(&routed_vip).unwrap();
     s.vips[vi].mode = Mode::Tunnel;

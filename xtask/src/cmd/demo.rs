@@ -6,7 +6,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use xtask::testbed::{self, Config, HTTP_PORT, Testbed, VIP4};
+use xtask::{
+    testbed::{self, Config, HTTP_PORT, Testbed, VIP4},
+    traffic::Tally,
+};
 
 pub fn run(requests: u32) -> Result<()> {
     in_two_backend_bed(false, |bed, vip| show(bed, vip, requests))
@@ -74,31 +77,63 @@ pub fn stack() -> Result<()> {
 }
 
 fn show(bed: &Testbed, vip: SocketAddr, requests: u32) -> Result<()> {
+    let story = Story {
+        vip_step: "configuring a VIP with two backends",
+        vip_args: &[],
+        requests,
+        requests_step: format!(
+            "sending {requests} requests, each on a new connection, from the client to {vip}"
+        ),
+    };
+    tell(bed, vip, story, |lb, tally| {
+        println!("  per backend: {:?}", tally.counts);
+        step("what the agent counted");
+        lb(&["backend", "list"])?;
+        lb(&["stats"])
+    })
+}
+
+/// What a two-backend demo says in its own words (see [`tell`]).
+pub(super) struct Story<'a> {
+    /// The step that adds the VIP, and what `lb vip add VIP --proto tcp` gets besides.
+    pub vip_step: &'a str,
+    pub vip_args: &'a [&'a str],
+    /// How many requests the client sends, and the step that sends them.
+    pub requests: u32,
+    pub requests_step: String,
+}
+
+/// The part of the story every two-backend demo tells: the backends and the agent
+/// started, a VIP with both backends, the requests sent and where each went; then what
+/// only this demo shows (`middle`, given `lb` commands that print as typed), and the
+/// agent stopped. An error if a request failed, so the demo's exit status says so.
+pub(super) fn tell(
+    bed: &Testbed,
+    vip: SocketAddr,
+    story: Story<'_>,
+    middle: impl FnOnce(&dyn Fn(&[&str]) -> Result<()>, &Tally) -> Result<()>,
+) -> Result<()> {
     step("starting the backends");
     let _backends = bed.start_backends()?;
-
     step("starting the agent: lb run --iface eth0 (in the balancer namespace)");
     let config = bed.dir().join("lb.toml");
     let socket = bed.dir().join("lb.sock");
     let mut agent = bed.start_agent(&config, &socket)?;
-
     let lb = |args: &[&str]| -> Result<()> {
         println!("$ lb {}", args.join(" "));
-        let out = bed.lb_cli_ok(&socket, args)?;
-        print!("{}", indent(&out));
+        print!("{}", indent(&bed.lb_cli_ok(&socket, args)?));
         Ok(())
     };
-    step("configuring a VIP with two backends");
+    step(story.vip_step);
     let vip_s = vip.to_string();
-    lb(&["vip", "add", &vip_s, "--proto", "tcp"])?;
+    lb(&[&["vip", "add", &vip_s, "--proto", "tcp"], story.vip_args].concat())?;
     for b in &bed.backends {
         lb(&["backend", "add", &vip_s, &b.ipv4.to_string()])?;
     }
     lb(&["vip", "list"])?;
 
-    step(&format!(
-        "sending {requests} requests, each on a new connection, from the client to {vip}"
-    ));
+    step(&story.requests_step);
+    let requests = story.requests;
     let tally = bed.requests(vip, requests)?;
     for (i, name) in tally.sequence.iter().enumerate() {
         println!("  request {:>3} -> {name}", i + 1);
@@ -106,15 +141,9 @@ fn show(bed: &Testbed, vip: SocketAddr, requests: u32) -> Result<()> {
     for e in &tally.errors {
         println!("  FAILED: {e}");
     }
-    println!("  per backend: {:?}", tally.counts);
-
-    step("what the agent counted");
-    lb(&["backend", "list"])?;
-    lb(&["stats"])?;
-
+    middle(&lb, &tally)?;
     step("stopping the agent (SIGTERM)");
-    let status = agent.stop(Duration::from_secs(10))?;
-    println!("  agent exited: {status}");
+    println!("  agent exited: {}", agent.stop(Duration::from_secs(10))?);
     if !tally.errors.is_empty() {
         bail!("{} of {requests} requests failed", tally.errors.len());
     }
