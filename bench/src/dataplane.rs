@@ -474,50 +474,49 @@ fn lb_cases<'a>(
 
 /// The two lookup references (`Baselines::lookup40`, `lookup16`), for the first phase.
 fn lookup_cases<'a>(b: &'a Baselines, config: &'static str) -> Vec<Case<'a>> {
-    let frame = Template::new(est4(), ONE.tcp4.0, PROTO_TCP).frame;
-    [
-        (CASE_LOOKUP40, b.lookup40.as_fd()),
-        (CASE_LOOKUP16, b.lookup16.as_fd()),
-    ]
-    .into_iter()
-    .map(|(name, prog)| Case {
-        name,
+    programs_on_one_frame(
         config,
-        prog,
-        frames: Frames::Fixed(frame.clone()),
-        expect: XDP_PASS,
-        vip_id: None,
-        check: FlowCheck::NotAVip,
-        rounds: Vec::new(),
-        repeatable: true,
-        amortized: Vec::new(),
-        surprises: 0,
-    })
-    .collect()
+        [
+            (CASE_LOOKUP40, b.lookup40.as_fd(), XDP_PASS),
+            (CASE_LOOKUP16, b.lookup16.as_fd(), XDP_PASS),
+        ],
+    )
 }
 
 fn baseline_cases<'a>(b: &'a Baselines, config: &'static str) -> Vec<Case<'a>> {
-    let frame = Template::new(est4(), ONE.tcp4.0, PROTO_TCP).frame;
-    [
-        (CASE_PASS, b.pass.as_fd(), XDP_PASS),
-        (CASE_DROP, b.drop.as_fd(), XDP_DROP),
-        (CASE_TX, b.tx.as_fd(), XDP_TX),
-    ]
-    .into_iter()
-    .map(|(name, prog, expect)| Case {
-        name,
+    programs_on_one_frame(
         config,
-        prog,
-        frames: Frames::Fixed(frame.clone()),
-        expect,
-        vip_id: None,
-        check: FlowCheck::NotAVip,
-        rounds: Vec::new(),
-        repeatable: true,
-        amortized: Vec::new(),
-        surprises: 0,
-    })
-    .collect()
+        [
+            (CASE_PASS, b.pass.as_fd(), XDP_PASS),
+            (CASE_DROP, b.drop.as_fd(), XDP_DROP),
+            (CASE_TX, b.tx.as_fd(), XDP_TX),
+        ],
+    )
+}
+
+/// Cases of trivial programs (name, program, expected action), each run on the same
+/// established IPv4 frame, which none of them needs a flow for.
+fn programs_on_one_frame<'a>(
+    config: &'static str,
+    programs: impl IntoIterator<Item = (&'static str, BorrowedFd<'a>, u32)>,
+) -> Vec<Case<'a>> {
+    let frame = Template::new(est4(), ONE.tcp4.0, PROTO_TCP).frame;
+    programs
+        .into_iter()
+        .map(|(name, prog, expect)| Case {
+            name,
+            config,
+            prog,
+            frames: Frames::Fixed(frame.clone()),
+            expect,
+            vip_id: None,
+            check: FlowCheck::NotAVip,
+            rounds: Vec::new(),
+            repeatable: true,
+            amortized: Vec::new(),
+            surprises: 0,
+        })
+        .collect()
 }
 
 /// Runs every case `opts.rounds` times (plus a warm-up), taking turns.
