@@ -133,7 +133,7 @@ pub fn lookup_pass(map: BorrowedFd<'_>, key: &[u8]) -> Vec<u64> {
     const JEQ_K: u8 = 0x15;
     const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
     assert!(
-        key.len() % 4 == 0 && key.len() <= 64,
+        key.len().is_multiple_of(4) && key.len() <= 64,
         "a key of whole words"
     );
     let base = -(key.len() as i16);
