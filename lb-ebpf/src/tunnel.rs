@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_GUE, Backend, FAMILY_V4, GUE_OVERHEAD, GUE_SPORT_BASE, GUE_SPORT_MASK, PROTO_UDP,
-    Reason, TUNNEL_V4_OVERHEAD, TUNNEL_V6_OVERHEAD, flow_hash,
+    Addr, BACKEND_F_GUE, Backend, FAMILY_V4, GUE_OVERHEAD, GUE_SPORT_BASE, GUE_SPORT_MASK,
+    PROTO_UDP, Reason, TUNNEL_V4_OVERHEAD, TUNNEL_V6_OVERHEAD, flow_hash,
 };
 
 use crate::{
@@ -136,15 +136,7 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Result<
     let [p_hi, p_lo] = ((inner_len + overhead - ip_hlen) as u16).to_be_bytes();
     w(l3, w0)?;
     w(l3 + 4, u32::from_ne_bytes([p_hi, p_lo, next, OUTER_TTL]))?;
-    let (src, dst) = (config.src_v6, backend.addr);
-    let mut sum = 0;
-    let mut i = 0;
-    while i < 4 {
-        w(l3 + 8 + 4 * i, src[i])?;
-        w(l3 + 24 + 4 * i, dst[i])?;
-        sum = add_word(add_word(sum, src[i]), dst[i]);
-        i += 1;
-    }
+    let mut sum = write_addrs6(ctx, l3, &config.src_v6, &backend.addr, 0)?;
     if gue {
         let len_word = u32::from_ne_bytes([pl_hi, pl_lo, 0, 0]);
         // UDP over IPv6 needs a checksum over the whole datagram. The inner packet's own
@@ -267,13 +259,7 @@ fn answer_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> Result<(), Reason
         l3 + 4,
         u32::from_ne_bytes([p_hi, p_lo, PROTO_ICMPV6, OUTER_TTL]),
     )?;
-    let mut i = 0;
-    while i < 4 {
-        w(l3 + 8 + 4 * i, src[i])?;
-        w(l3 + 24 + 4 * i, dst[i])?;
-        sum = add_word(add_word(sum, src[i]), dst[i]);
-        i += 1;
-    }
+    sum = write_addrs6(ctx, l3, &src, &dst, sum)?;
     let kind = u32::from_ne_bytes([ICMPV6_PKT_TOOBIG, 0, 0, 0]);
     let mtu_word = u32::from_ne_bytes([m0, m1, m2, m3]);
     sum = add_word(sum, plen.to_be());
@@ -282,4 +268,24 @@ fn answer_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> Result<(), Reason
     let [c0, c1] = fold(sum).to_ne_bytes();
     w(icmp, u32::from_ne_bytes([ICMPV6_PKT_TOOBIG, 0, c0, c1]))?;
     w(icmp + 4, mtu_word)
+}
+
+/// Writes the source and destination addresses of the IPv6 header at `l3` and adds them
+/// to `sum`: the pseudo-header's share of an outer UDP or ICMPv6 checksum.
+#[inline(always)]
+fn write_addrs6(
+    ctx: &XdpContext,
+    l3: usize,
+    src: &Addr,
+    dst: &Addr,
+    mut sum: u32,
+) -> Result<u32, Reason> {
+    let mut i = 0;
+    while i < 4 {
+        store(ctx, l3 + 8 + 4 * i, src[i]).ok_or(Reason::DropTruncatedL3)?;
+        store(ctx, l3 + 24 + 4 * i, dst[i]).ok_or(Reason::DropTruncatedL3)?;
+        sum = add_word(add_word(sum, src[i]), dst[i]);
+        i += 1;
+    }
+    Ok(sum)
 }
